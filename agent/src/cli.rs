@@ -1,0 +1,140 @@
+//! The agent's command line (SPEC §9). Flags override environment variables, which override the
+//! config file.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Runs scripts on this endpoint and streams what they did to kanade-ingest.
+///
+/// NOTE: this build only parses the command line. Running jobs, the outbox and the sender arrive
+/// with the agent issue; every command currently exits with status 125 and says so.
+#[derive(Debug, Parser)]
+#[command(name = "kanade-agent", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// The daemon: runs scheduled jobs from the config file and streams events to ingest
+    /// (not yet implemented).
+    Run {
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// Runs one command now through the outbox and exits with the command's exit code
+    /// (not yet implemented).
+    Exec(ExecArgs),
+    /// Shows outbox depth, oldest pending event, dead letters and connection state
+    /// (not yet implemented).
+    Status {
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// Lists, retries or purges events ingest refused (not yet implemented).
+    DeadLetters {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(subcommand)]
+        action: DeadLetterAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeadLetterAction {
+    /// Lists dead-lettered events with the reason they were refused.
+    List,
+    /// Puts one dead-lettered event back into the outbox.
+    Retry { id: u64 },
+    /// Deletes one dead-lettered event for good.
+    Purge { id: u64 },
+}
+
+/// Settings shared by every command.
+#[derive(Debug, Args)]
+pub struct CommonArgs {
+    /// TOML config file.
+    #[arg(long, env = "KANADE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Ingest URL (http://host:port or https://host:port).
+    #[arg(long, env = "KANADE_INGEST")]
+    pub ingest: Option<String>,
+    /// This endpoint's id [default: the hostname].
+    #[arg(long, env = "KANADE_PC_ID")]
+    pub pc_id: Option<String>,
+    /// Directory holding the outbox and locks.
+    #[arg(long, env = "KANADE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// CA certificate (PEM) that signed ingest's certificate.
+    #[arg(long, env = "KANADE_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+    /// Client certificate (PEM) for mTLS.
+    #[arg(long, env = "KANADE_CLIENT_CERT")]
+    pub client_cert: Option<PathBuf>,
+    /// Client private key (PEM) for mTLS.
+    #[arg(long, env = "KANADE_CLIENT_KEY")]
+    pub client_key: Option<PathBuf>,
+    /// File holding the bearer token (never pass a token as a flag value).
+    #[arg(long, env = "KANADE_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Also wait until both events of the run are acknowledged by ingest.
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait waits before exiting with status 75 (e.g. 30s, 5m).
+    #[arg(long, default_value = "60s")]
+    pub wait_timeout: String,
+    /// Manifest id the run is reported under.
+    #[arg(long)]
+    pub manifest: String,
+    /// Manifest version the run is reported under.
+    #[arg(long, default_value = "")]
+    pub version: String,
+    /// Kill the command's process group after this long (e.g. 30s, 5m).
+    #[arg(long)]
+    pub timeout: Option<String>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn exec_takes_its_command_after_double_dash() {
+        let cli = Cli::try_parse_from([
+            "kanade-agent",
+            "exec",
+            "--manifest",
+            "m",
+            "--version",
+            "2",
+            "--",
+            "sh",
+            "-c",
+            "exit 3",
+        ])
+        .unwrap();
+        let Command::Exec(exec) = cli.command else {
+            panic!("parsed as {:?}", cli.command)
+        };
+        assert_eq!(exec.version, "2");
+        assert_eq!(exec.command, ["sh", "-c", "exit 3"]);
+    }
+}

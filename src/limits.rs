@@ -1,0 +1,35 @@
+//! Sizes the agent and ingest must agree on. Everything that bounds wire input lives here, so the
+//! validation in [`crate::wire`], the agent's output cutting and ingest's gRPC limits cannot drift
+//! apart.
+
+/// Largest encoded `Event` ingest accepts by default; the agent cuts outputs so an event fits.
+pub const MAX_EVENT_BYTES: usize = 4 * 1024 * 1024;
+
+/// Ingest's gRPC decoding limit: a little above [`MAX_EVENT_BYTES`] so that the envelope around
+/// a maximal event (`AgentMessage`, field tags, lengths) still decodes.
+pub const MAX_DECODING_MESSAGE_BYTES: usize = MAX_EVENT_BYTES + 64 * 1024;
+
+/// Longest id (`result_id`, `request_id`, `exec_id`, `pc_id`, `manifest_id`, `version`), in bytes.
+pub const MAX_ID_BYTES: usize = 128;
+
+/// Most entries in an event's `trace_context`.
+pub const MAX_TRACE_CONTEXT_ENTRIES: usize = 16;
+
+/// Longest key or value in an event's `trace_context`, in bytes.
+pub const MAX_TRACE_CONTEXT_ENTRY_BYTES: usize = 256;
+
+/// Default cap on each captured output stream of a run (head and tail kept).
+pub const DEFAULT_OUTPUT_CAP_BYTES: usize = 1024 * 1024;
+
+/// Outputs in an `Activity/ListExecutions` page are cut to this many bytes each.
+pub const LIST_OUTPUT_BYTES: usize = 4 * 1024;
+
+/// Default and maximum `page_size` of `Activity/ListExecutions`.
+pub const DEFAULT_PAGE_SIZE: u32 = 50;
+/// See [`DEFAULT_PAGE_SIZE`].
+pub const MAX_PAGE_SIZE: u32 = 500;
+
+/// Default per-stream window: unacknowledged events an agent may have in flight.
+pub const DEFAULT_MAX_UNACKED: u32 = 512;
+/// Default per-stream window in bytes.
+pub const DEFAULT_MAX_UNACKED_BYTES: u64 = 16 * 1024 * 1024;

@@ -1,0 +1,240 @@
+//! Conversions between the serde structs and the generated protobuf messages.
+//!
+//! serde → protobuf cannot fail. protobuf → serde validates every rule of the contract (SPEC §2)
+//! and normalises what has more than one spelling: `result_id` becomes the lowercase hyphenated
+//! UUID form, timestamps are truncated to microseconds (what PostgreSQL stores).
+
+use chrono::{DateTime, Utc};
+use prost_types::Timestamp;
+
+use super::{Event, EventBody, EventStarted, ExecResult, ExecStatus, WireError};
+use crate::{limits, pb};
+
+/// 0001-01-01T00:00:00Z in Unix seconds.
+const MIN_TIMESTAMP_SECONDS: i64 = -62_135_596_800;
+/// 9999-12-31T23:59:59Z in Unix seconds.
+const MAX_TIMESTAMP_SECONDS: i64 = 253_402_300_799;
+
+pub(crate) fn timestamp_to_proto(at: DateTime<Utc>) -> Timestamp {
+    // chrono encodes a leap second as nanos ≥ 1e9; protobuf has no leap seconds.
+    let nanos = at.timestamp_subsec_nanos().min(999_999_999);
+    Timestamp {
+        seconds: at.timestamp(),
+        nanos: nanos as i32,
+    }
+}
+
+fn timestamp_from_proto(
+    field: &'static str,
+    at: Option<Timestamp>,
+) -> Result<DateTime<Utc>, WireError> {
+    let at = at.ok_or(WireError::Missing { field })?;
+    let out_of_range = WireError::TimestampOutOfRange {
+        field,
+        seconds: at.seconds,
+        nanos: at.nanos,
+    };
+    if !(MIN_TIMESTAMP_SECONDS..=MAX_TIMESTAMP_SECONDS).contains(&at.seconds)
+        || !(0..1_000_000_000).contains(&at.nanos)
+    {
+        return Err(out_of_range);
+    }
+    let micros_as_nanos = (at.nanos / 1_000) * 1_000;
+    DateTime::from_timestamp(at.seconds, micros_as_nanos as u32).ok_or(out_of_range)
+}
+
+fn id(field: &'static str, value: String) -> Result<String, WireError> {
+    if value.len() > limits::MAX_ID_BYTES {
+        return Err(WireError::TooLong {
+            field,
+            len: value.len(),
+            max: limits::MAX_ID_BYTES,
+        });
+    }
+    Ok(value)
+}
+
+fn required_id(field: &'static str, value: String) -> Result<String, WireError> {
+    if value.is_empty() {
+        return Err(WireError::Empty { field });
+    }
+    id(field, value)
+}
+
+fn result_id(value: String) -> Result<String, WireError> {
+    let field = "result_id";
+    let value = required_id(field, value)?;
+    match uuid::Uuid::try_parse(&value) {
+        Ok(uuid) => Ok(uuid.hyphenated().to_string()),
+        Err(_) => Err(WireError::NotAUuid { field, value }),
+    }
+}
+
+impl From<ExecStatus> for pb::ExecStatus {
+    fn from(status: ExecStatus) -> Self {
+        match status {
+            ExecStatus::Succeeded => pb::ExecStatus::Succeeded,
+            ExecStatus::Failed => pb::ExecStatus::Failed,
+            ExecStatus::TimedOut => pb::ExecStatus::TimedOut,
+            ExecStatus::Killed => pb::ExecStatus::Killed,
+            ExecStatus::SpawnFailed => pb::ExecStatus::SpawnFailed,
+            ExecStatus::Interrupted => pb::ExecStatus::Interrupted,
+        }
+    }
+}
+
+impl ExecStatus {
+    /// Reads the protobuf enum's number; `field` names it in the error.
+    pub fn from_proto(field: &'static str, value: i32) -> Result<ExecStatus, WireError> {
+        match pb::ExecStatus::try_from(value) {
+            Ok(pb::ExecStatus::Unspecified) => Err(WireError::Unspecified { field }),
+            Ok(pb::ExecStatus::Succeeded) => Ok(ExecStatus::Succeeded),
+            Ok(pb::ExecStatus::Failed) => Ok(ExecStatus::Failed),
+            Ok(pb::ExecStatus::TimedOut) => Ok(ExecStatus::TimedOut),
+            Ok(pb::ExecStatus::Killed) => Ok(ExecStatus::Killed),
+            Ok(pb::ExecStatus::SpawnFailed) => Ok(ExecStatus::SpawnFailed),
+            Ok(pb::ExecStatus::Interrupted) => Ok(ExecStatus::Interrupted),
+            Err(_) => Err(WireError::UnknownEnumValue { field, value }),
+        }
+    }
+}
+
+impl From<EventStarted> for pb::EventStarted {
+    fn from(e: EventStarted) -> Self {
+        pb::EventStarted {
+            result_id: e.result_id,
+            request_id: e.request_id,
+            exec_id: e.exec_id,
+            pc_id: e.pc_id,
+            started_at: Some(timestamp_to_proto(e.started_at)),
+            manifest_id: e.manifest_id,
+            version: e.version,
+            timeout_secs: e.timeout_secs,
+        }
+    }
+}
+
+impl TryFrom<pb::EventStarted> for EventStarted {
+    type Error = WireError;
+
+    fn try_from(e: pb::EventStarted) -> Result<Self, WireError> {
+        Ok(EventStarted {
+            result_id: result_id(e.result_id)?,
+            request_id: required_id("request_id", e.request_id)?,
+            exec_id: required_id("exec_id", e.exec_id)?,
+            pc_id: required_id("pc_id", e.pc_id)?,
+            started_at: timestamp_from_proto("started_at", e.started_at)?,
+            manifest_id: required_id("manifest_id", e.manifest_id)?,
+            version: id("version", e.version)?,
+            timeout_secs: e.timeout_secs,
+        })
+    }
+}
+
+impl From<ExecResult> for pb::ExecResult {
+    fn from(r: ExecResult) -> Self {
+        pb::ExecResult {
+            result_id: r.result_id,
+            request_id: r.request_id,
+            exec_id: r.exec_id,
+            pc_id: r.pc_id,
+            manifest_id: r.manifest_id,
+            version: r.version,
+            status: pb::ExecStatus::from(r.status) as i32,
+            exit_code: r.exit_code,
+            stdout: r.stdout,
+            stderr: r.stderr,
+            stdout_dropped_bytes: r.stdout_dropped_bytes,
+            stderr_dropped_bytes: r.stderr_dropped_bytes,
+            started_at: Some(timestamp_to_proto(r.started_at)),
+            finished_at: Some(timestamp_to_proto(r.finished_at)),
+        }
+    }
+}
+
+impl TryFrom<pb::ExecResult> for ExecResult {
+    type Error = WireError;
+
+    fn try_from(r: pb::ExecResult) -> Result<Self, WireError> {
+        let started_at = timestamp_from_proto("started_at", r.started_at)?;
+        let finished_at = timestamp_from_proto("finished_at", r.finished_at)?;
+        if finished_at < started_at {
+            return Err(WireError::FinishedBeforeStarted {
+                started_at: started_at.to_rfc3339(),
+                finished_at: finished_at.to_rfc3339(),
+            });
+        }
+        Ok(ExecResult {
+            result_id: result_id(r.result_id)?,
+            request_id: required_id("request_id", r.request_id)?,
+            exec_id: required_id("exec_id", r.exec_id)?,
+            pc_id: required_id("pc_id", r.pc_id)?,
+            manifest_id: required_id("manifest_id", r.manifest_id)?,
+            version: id("version", r.version)?,
+            status: ExecStatus::from_proto("status", r.status)?,
+            exit_code: r.exit_code,
+            stdout: r.stdout,
+            stderr: r.stderr,
+            stdout_dropped_bytes: r.stdout_dropped_bytes,
+            stderr_dropped_bytes: r.stderr_dropped_bytes,
+            started_at,
+            finished_at,
+        })
+    }
+}
+
+impl From<EventBody> for pb::event::Body {
+    fn from(body: EventBody) -> Self {
+        match body {
+            EventBody::Started(s) => pb::event::Body::Started(s.into()),
+            EventBody::Result(r) => pb::event::Body::Result(r.into()),
+        }
+    }
+}
+
+impl From<Event> for pb::Event {
+    fn from(e: Event) -> Self {
+        pb::Event {
+            seq: e.seq,
+            body: Some(e.body.into()),
+            trace_context: e.trace_context.into_iter().collect(),
+        }
+    }
+}
+
+impl TryFrom<pb::Event> for Event {
+    type Error = WireError;
+
+    fn try_from(e: pb::Event) -> Result<Self, WireError> {
+        let body = match e.body {
+            Some(pb::event::Body::Started(s)) => EventBody::Started(s.try_into()?),
+            Some(pb::event::Body::Result(r)) => EventBody::Result(r.try_into()?),
+            None => return Err(WireError::Missing { field: "body" }),
+        };
+        let field = "trace_context";
+        if e.trace_context.len() > limits::MAX_TRACE_CONTEXT_ENTRIES {
+            return Err(WireError::TooManyEntries {
+                field,
+                count: e.trace_context.len(),
+                max: limits::MAX_TRACE_CONTEXT_ENTRIES,
+            });
+        }
+        if let Some(len) = e
+            .trace_context
+            .iter()
+            .map(|(k, v)| k.len().max(v.len()))
+            .find(|&len| len > limits::MAX_TRACE_CONTEXT_ENTRY_BYTES)
+        {
+            return Err(WireError::TooLong {
+                field,
+                len,
+                max: limits::MAX_TRACE_CONTEXT_ENTRY_BYTES,
+            });
+        }
+        Ok(Event {
+            seq: e.seq,
+            body,
+            trace_context: e.trace_context.into_iter().collect(),
+        })
+    }
+}

@@ -1,0 +1,22 @@
+//! The serde side of the wire contract.
+//!
+//! A run produces two events that share one `result_id`. [`EventStarted`] exists apart from
+//! [`ExecResult`] because a run can take hours: the Started event is committed to the agent's
+//! outbox before the process is spawned, so "what is running right now" is known (and survives
+//! an agent crash) long before any result exists. Ingest coalesces both into one row keyed by
+//! `result_id`, in whatever order and however often they arrive — the outbox delivers at least
+//! once, across network outages and restarts, so redelivery is normal, not an error.
+//!
+//! [`EventStarted`] keeps the field names, order and types of the system it comes from, so JSON
+//! written by either reads in the other; Kanade's additions are optional and `#[serde(default)]`.
+//!
+//! Conversions: serde → protobuf is infallible (`From`); protobuf → serde is fallible
+//! (`TryFrom`, error [`WireError`]) and is the single place where wire input is validated. Both
+//! programs go through it, so the agent can never enqueue what ingest would refuse.
+
+mod convert;
+mod error;
+mod event;
+
+pub use error::WireError;
+pub use event::{Event, EventBody, EventStarted, ExecResult, ExecStatus};
