@@ -1,1 +1,22 @@
+//! kanade-ingest: receives run lifecycle events from agents, coalesces them into one row per run,
+//! acknowledges only after commit, and answers Activity queries.
+//!
+//! - [`server`]: the Ingest gRPC service (agent streams, Publish).
+//! - [`batcher`]: group commit of every stream's events into one transaction per batch.
+//! - [`store`]: `execution_results` in PostgreSQL or SQLite, behind one trait.
+//! - [`activity`]: the Activity gRPC service (listing and reading runs).
+//! - [`health`], [`retention`], [`telemetry`]: readiness, deleting old runs, logging.
+//! - [`app`]: wires it all together and shuts it down in order; [`config`]: the command line.
 
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+pub mod activity;
+pub mod app;
+pub mod batcher;
+pub mod config;
+pub mod health;
+pub mod retention;
+pub mod server;
+pub mod store;
+pub mod telemetry;

@@ -1,1 +1,66 @@
-fn main() {}
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use kanade_ingest::{
+    app,
+    config::{Cli, Command, LogFormat},
+    telemetry,
+};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("kanade-ingest: starting the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            eprintln!("kanade-ingest: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let args = match cli.command {
+        Some(Command::Migrate(args)) => {
+            telemetry::init(LogFormat::Text);
+            app::migrate(&args.database_url).await?;
+            println!("migrations applied to {}", app::redact(&args.database_url));
+            return Ok(());
+        }
+        Some(Command::Serve(args)) => *args,
+        None => cli.serve,
+    };
+    telemetry::init(args.log_format);
+    let ingest = app::start(args).await?;
+    // Scripts and tests wait for this line.
+    println!("kanade-ingest listening on {}", ingest.addr);
+    let shutdown = ingest.shutdown_token();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        shutdown.cancel();
+    });
+    ingest.wait().await.context("serving")
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -15,7 +15,8 @@ const MIN_TIMESTAMP_SECONDS: i64 = -62_135_596_800;
 /// 9999-12-31T23:59:59Z in Unix seconds.
 const MAX_TIMESTAMP_SECONDS: i64 = 253_402_300_799;
 
-pub(crate) fn timestamp_to_proto(at: DateTime<Utc>) -> Timestamp {
+/// A timestamp as protobuf has it (leap seconds folded into the last nanosecond).
+pub fn timestamp_to_proto(at: DateTime<Utc>) -> Timestamp {
     // chrono encodes a leap second as nanos ≥ 1e9; protobuf has no leap seconds.
     let nanos = at.timestamp_subsec_nanos().min(999_999_999);
     Timestamp {

@@ -18,5 +18,6 @@ mod convert;
 mod error;
 mod event;
 
+pub use convert::timestamp_to_proto;
 pub use error::WireError;
 pub use event::{Event, EventBody, EventStarted, ExecResult, ExecStatus};

@@ -1,0 +1,280 @@
+//! The Activity gRPC service: what is running now, what finished, what failed.
+//!
+//! Thin: requests become [`ListQuery`]s, rows become `Execution` messages. States are computed
+//! by the store at query time for the instant of the request, so a late real result always wins
+//! over `lost`. Pages are keyset pages: the opaque `page_token` is the last row's
+//! `(started_at, result_id)`, so paging stays correct while rows are being inserted.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Duration, SubsecRound, Utc};
+use kanade_shared::{limits, pb, wire::ExecStatus};
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::store::{Cursor, ExecutionRow, ListQuery, RunState, Store, StoreError};
+
+/// The Activity service.
+#[derive(Debug, Clone)]
+pub struct ActivityService {
+    store: Arc<dyn Store>,
+    lost_grace: Duration,
+}
+
+impl ActivityService {
+    pub fn new(store: Arc<dyn Store>, lost_grace: Duration) -> ActivityService {
+        ActivityService { store, lost_grace }
+    }
+}
+
+/// The one place store errors become gRPC statuses.
+pub fn store_status(err: StoreError) -> Status {
+    if err.is_transient() {
+        Status::unavailable(format!("{err}; retry later"))
+    } else {
+        tracing::error!(error = %err, "store error");
+        Status::internal("the store failed; see ingest's log")
+    }
+}
+
+fn state_from_proto(value: i32) -> Result<RunState, Status> {
+    use pb::ExecutionState as S;
+    Ok(match S::try_from(value) {
+        Ok(S::Running) => RunState::Running,
+        Ok(S::Lost) => RunState::Lost,
+        Ok(S::Succeeded) => RunState::Finished(ExecStatus::Succeeded),
+        Ok(S::Failed) => RunState::Finished(ExecStatus::Failed),
+        Ok(S::TimedOut) => RunState::Finished(ExecStatus::TimedOut),
+        Ok(S::Killed) => RunState::Finished(ExecStatus::Killed),
+        Ok(S::SpawnFailed) => RunState::Finished(ExecStatus::SpawnFailed),
+        Ok(S::Interrupted) => RunState::Finished(ExecStatus::Interrupted),
+        Ok(S::Unspecified) => {
+            return Err(Status::invalid_argument(
+                "states must not contain EXECUTION_STATE_UNSPECIFIED",
+            ));
+        }
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "states contains unknown value {value}"
+            )));
+        }
+    })
+}
+
+fn state_to_proto(state: RunState) -> pb::ExecutionState {
+    use pb::ExecutionState as S;
+    match state {
+        RunState::Running => S::Running,
+        RunState::Lost => S::Lost,
+        RunState::Finished(ExecStatus::Succeeded) => S::Succeeded,
+        RunState::Finished(ExecStatus::Failed) => S::Failed,
+        RunState::Finished(ExecStatus::TimedOut) => S::TimedOut,
+        RunState::Finished(ExecStatus::Killed) => S::Killed,
+        RunState::Finished(ExecStatus::SpawnFailed) => S::SpawnFailed,
+        RunState::Finished(ExecStatus::Interrupted) => S::Interrupted,
+    }
+}
+
+fn timestamp(
+    field: &str,
+    ts: Option<prost_types::Timestamp>,
+) -> Result<Option<DateTime<Utc>>, Status> {
+    ts.map(|ts| {
+        u32::try_from(ts.nanos)
+            .ok()
+            .and_then(|nanos| DateTime::from_timestamp(ts.seconds, nanos))
+            .ok_or_else(|| Status::invalid_argument(format!("{field} is not a valid timestamp")))
+    })
+    .transpose()
+}
+
+fn non_empty(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
+}
+
+/// Page tokens: 8 bytes of `started_at` microseconds and the 16 bytes of `result_id`, hex.
+fn encode_page_token(cursor: Cursor) -> String {
+    let mut bytes = cursor.started_at.timestamp_micros().to_be_bytes().to_vec();
+    bytes.extend_from_slice(cursor.result_id.as_bytes());
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_page_token(token: &str) -> Result<Cursor, Status> {
+    let invalid = || {
+        Status::invalid_argument(
+            "page_token is not one this server issued; pass next_page_token unchanged",
+        )
+    };
+    if token.len() != 48 || !token.is_ascii() {
+        return Err(invalid());
+    }
+    let bytes: Vec<u8> = (0..48)
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&token[i..i + 2], 16))
+        .collect::<Result<_, _>>()
+        .map_err(|_| invalid())?;
+    let micros = i64::from_be_bytes(bytes[..8].try_into().map_err(|_| invalid())?);
+    let result_id = Uuid::from_slice(&bytes[8..]).map_err(|_| invalid())?;
+    let started_at = DateTime::from_timestamp_micros(micros).ok_or_else(invalid)?;
+    Ok(Cursor {
+        started_at,
+        result_id,
+    })
+}
+
+/// Cuts `s` to at most `max` bytes on a character boundary; true when something was cut.
+fn cut(s: &mut String, max: usize) -> bool {
+    if s.len() <= max {
+        return false;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.truncate(end);
+    true
+}
+
+fn to_proto(row: ExecutionRow, output_limit: Option<usize>) -> pb::Execution {
+    let ts = kanade_shared::wire::timestamp_to_proto;
+    let mut e = pb::Execution {
+        result_id: row.result_id.hyphenated().to_string(),
+        request_id: row.request_id,
+        exec_id: row.exec_id,
+        pc_id: row.pc_id,
+        manifest_id: row.manifest_id,
+        version: row.version,
+        state: state_to_proto(row.state) as i32,
+        timeout_secs: row.timeout_secs,
+        started_at: Some(ts(row.started_at)),
+        received_at: Some(ts(row.received_at)),
+        ..Default::default()
+    };
+    if let Some(o) = row.outcome {
+        e.status = pb::ExecStatus::from(o.status) as i32;
+        e.exit_code = o.exit_code;
+        e.stdout = o.stdout;
+        e.stderr = o.stderr;
+        e.stdout_dropped_bytes = o.stdout_dropped_bytes;
+        e.stderr_dropped_bytes = o.stderr_dropped_bytes;
+        e.finished_at = Some(ts(o.finished_at));
+    }
+    if let Some(max) = output_limit {
+        e.stdout_truncated = cut(&mut e.stdout, max);
+        e.stderr_truncated = cut(&mut e.stderr, max);
+    }
+    e
+}
+
+fn now() -> DateTime<Utc> {
+    Utc::now().trunc_subsecs(6)
+}
+
+#[tonic::async_trait]
+impl pb::activity_server::Activity for ActivityService {
+    async fn list_executions(
+        &self,
+        request: Request<pb::ListExecutionsRequest>,
+    ) -> Result<Response<pb::ListExecutionsResponse>, Status> {
+        let r = request.into_inner();
+        let states = r
+            .states
+            .iter()
+            .map(|&s| state_from_proto(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let page_size = match r.page_size {
+            0 => limits::DEFAULT_PAGE_SIZE,
+            n => n.min(limits::MAX_PAGE_SIZE),
+        };
+        let after = non_empty(r.page_token)
+            .map(|t| decode_page_token(&t))
+            .transpose()?;
+        let query = ListQuery {
+            states,
+            pc_id: non_empty(r.pc_id),
+            manifest_id: non_empty(r.manifest_id),
+            exec_id: non_empty(r.exec_id),
+            started_after: timestamp("started_after", r.started_after)?,
+            started_before: timestamp("started_before", r.started_before)?,
+            after,
+            // One row more than the page tells whether another page follows.
+            limit: page_size + 1,
+            now: now(),
+            lost_grace: self.lost_grace,
+        };
+        let mut rows = self.store.list(&query).await.map_err(store_status)?;
+        let next_page_token = if rows.len() > page_size as usize {
+            rows.truncate(page_size as usize);
+            rows.last()
+                .map(|last| {
+                    encode_page_token(Cursor {
+                        started_at: last.started_at,
+                        result_id: last.result_id,
+                    })
+                })
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let executions = rows
+            .into_iter()
+            .map(|row| to_proto(row, Some(limits::LIST_OUTPUT_BYTES)))
+            .collect();
+        Ok(Response::new(pb::ListExecutionsResponse {
+            executions,
+            next_page_token,
+        }))
+    }
+
+    async fn get_execution(
+        &self,
+        request: Request<pb::GetExecutionRequest>,
+    ) -> Result<Response<pb::Execution>, Status> {
+        let id = request.into_inner().result_id;
+        let result_id = Uuid::try_parse(&id).map_err(|_| {
+            Status::invalid_argument(format!("result_id must be a UUID, got {id:?}"))
+        })?;
+        let row = self
+            .store
+            .get(result_id, now(), self.lost_grace)
+            .await
+            .map_err(store_status)?
+            .ok_or_else(|| Status::not_found(format!("no run has result_id {result_id}")))?;
+        Ok(Response::new(to_proto(row, None)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_tokens_round_trip_and_garbage_is_refused() {
+        let cursor = Cursor {
+            started_at: DateTime::from_timestamp_micros(-62_135_596_800_000_000).unwrap(),
+            result_id: Uuid::from_u128(0x0192_f0c4_5b1e_7cc2_9a40_3f1d_2b8e_6a01),
+        };
+        assert_eq!(
+            decode_page_token(&encode_page_token(cursor)).unwrap(),
+            cursor
+        );
+        for bad in ["", "zz", &"g".repeat(48), "é".repeat(24).as_str()] {
+            assert_eq!(
+                decode_page_token(bad).unwrap_err().code(),
+                tonic::Code::InvalidArgument
+            );
+        }
+    }
+
+    #[test]
+    fn outputs_are_cut_on_character_boundaries() {
+        let mut s = "é".repeat(3000); // 6000 bytes
+        assert!(cut(&mut s, 4096));
+        assert_eq!(s.len(), 4096);
+        let mut s = "a".repeat(10) + "€"; // 13 bytes
+        assert!(cut(&mut s, 12));
+        assert_eq!(s, "a".repeat(10));
+        let mut short = "ok".to_string();
+        assert!(!cut(&mut short, 4096));
+    }
+}

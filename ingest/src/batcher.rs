@@ -1,0 +1,355 @@
+//! Group commit: one task collects the events of every stream and Publish call into batches and
+//! writes each batch in ONE transaction; outcomes fan out to their senders only after commit.
+//!
+//! A batch closes at `max_rows` events, `max_bytes` bytes, or `linger` after its first event.
+//! Events of one run in a batch are merged in arrival order first (one upsert per run), and runs
+//! are written in `result_id` order so concurrent writers cannot deadlock. The queue in front is
+//! bounded: when the database is slow, submitters wait, streams stop being read, agents stall on
+//! their windows, and memory stays flat.
+//!
+//! Failures (SPEC §3): a transient store error retries the same batch in place with backoff,
+//! acking nothing, and turns health NOT_SERVING until a commit succeeds. When the database refuses
+//! one event's data, the batch is bisected until that event is isolated and rejected; the rest
+//! commit. The batcher never waits on a stream: acks go out with `try_send`, and a stream whose
+//! outbound queue is full is ended instead.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use chrono::{SubsecRound, Utc};
+use kanade_shared::{backoff::Backoff, pb};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use crate::{
+    health::Readiness,
+    store::{RunWrite, Store, StoreError},
+};
+
+/// Where a batch closes and how failures are retried.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchConfig {
+    pub max_rows: usize,
+    pub max_bytes: usize,
+    pub linger: Duration,
+    /// The longest pause between retries while the store is unavailable.
+    pub retry_max: Duration,
+}
+
+/// The delivery end of one agent stream, shared by its handler and the batcher.
+#[derive(Debug)]
+pub struct StreamSink {
+    outbound: mpsc::Sender<Result<pb::IngestMessage, Status>>,
+    /// Cancelled when the client stopped reading: its stream is ended with UNAVAILABLE.
+    overflow: CancellationToken,
+}
+
+impl StreamSink {
+    pub fn new(
+        outbound: mpsc::Sender<Result<pb::IngestMessage, Status>>,
+        overflow: CancellationToken,
+    ) -> StreamSink {
+        StreamSink { outbound, overflow }
+    }
+
+    /// Queues a message without waiting; a client that does not read its stream is cut off.
+    pub fn send(&self, msg: pb::ingest_message::Msg) {
+        if self
+            .outbound
+            .try_send(Ok(pb::IngestMessage { msg: Some(msg) }))
+            .is_err()
+            && !self.overflow.is_cancelled()
+        {
+            tracing::warn!("agent is not reading its acks: ending its stream");
+            self.overflow.cancel();
+        }
+    }
+
+    pub fn reject(&self, seq: u64, reason: String) {
+        self.send(pb::ingest_message::Msg::Reject(pb::Reject { seq, reason }));
+    }
+}
+
+/// What became of a submitted event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Durably committed.
+    Committed,
+    /// The run belongs to another endpoint; nothing was written.
+    NotOwner,
+    /// The database refused the event's data; nothing was written.
+    Refused(String),
+}
+
+impl Outcome {
+    /// The reason sent in a `Reject`, in words a person can act on.
+    pub fn reject_reason(&self, result_id: &str) -> Option<String> {
+        match self {
+            Outcome::Committed => None,
+            Outcome::NotOwner => Some(format!(
+                "run {result_id} was first reported by another pc_id; an endpoint may only write \
+                 its own runs (check that result_ids are minted per run)"
+            )),
+            Outcome::Refused(why) => Some(format!("the database refused this event: {why}")),
+        }
+    }
+}
+
+/// Who is waiting for an event's outcome.
+#[derive(Debug)]
+pub enum Reply {
+    /// An event of an agent stream, with the window permits it holds until it is answered.
+    Stream {
+        sink: Arc<StreamSink>,
+        seq: u64,
+        permits: Vec<OwnedSemaphorePermit>,
+    },
+    /// A Publish call.
+    Once(oneshot::Sender<Outcome>),
+}
+
+/// One validated event on its way to the store.
+#[derive(Debug)]
+pub struct Submission {
+    pub write: RunWrite,
+    pub bytes: usize,
+    pub reply: Reply,
+}
+
+/// The batcher's end of the queue; runs until every submitter is gone, flushing what is queued.
+pub async fn run(
+    mut queue: mpsc::Receiver<Submission>,
+    store: Arc<dyn Store>,
+    config: BatchConfig,
+    readiness: Readiness,
+    hard_stop: CancellationToken,
+) {
+    while let Some(first) = queue.recv().await {
+        let mut bytes = first.bytes;
+        let mut batch = vec![first];
+        let linger = tokio::time::sleep(config.linger);
+        tokio::pin!(linger);
+        while batch.len() < config.max_rows && bytes < config.max_bytes {
+            let next = match queue.try_recv() {
+                Ok(s) => Some(s),
+                Err(mpsc::error::TryRecvError::Disconnected) => None,
+                Err(mpsc::error::TryRecvError::Empty) => tokio::select! {
+                    s = queue.recv() => s,
+                    _ = &mut linger => None,
+                },
+            };
+            let Some(s) = next else { break };
+            bytes += s.bytes;
+            batch.push(s);
+        }
+        if !commit(batch, store.as_ref(), &config, &readiness, &hard_stop).await {
+            return;
+        }
+    }
+    tracing::debug!("batcher: queue closed and flushed");
+}
+
+/// Merges a batch into one write per (run, endpoint), in arrival order; returns the writes sorted
+/// by `result_id` and, for each submission, the index of the write that carries it.
+fn merge(batch: &[Submission]) -> (Vec<RunWrite>, Vec<usize>) {
+    let mut writes: Vec<RunWrite> = Vec::new();
+    let mut index: HashMap<(uuid::Uuid, &str), usize> = HashMap::new();
+    let mut carrier = Vec::with_capacity(batch.len());
+    for s in batch {
+        let key = (s.write.result_id, s.write.pc_id.as_str());
+        match index.get(&key) {
+            Some(&i) => {
+                writes[i].absorb(s.write.clone());
+                carrier.push(i);
+            }
+            None => {
+                index.insert(key, writes.len());
+                carrier.push(writes.len());
+                writes.push(s.write.clone());
+            }
+        }
+    }
+    let mut order: Vec<usize> = (0..writes.len()).collect();
+    order.sort_by_key(|&i| writes[i].result_id);
+    let mut position = vec![0; writes.len()];
+    for (pos, &i) in order.iter().enumerate() {
+        position[i] = pos;
+    }
+    let sorted = order.iter().map(|&i| writes[i].clone()).collect();
+    (sorted, carrier.into_iter().map(|i| position[i]).collect())
+}
+
+/// Writes one batch and answers every submission in it. Returns false when the hard stop came
+/// first (nothing more can be committed).
+async fn commit(
+    batch: Vec<Submission>,
+    store: &dyn Store,
+    config: &BatchConfig,
+    readiness: &Readiness,
+    hard_stop: &CancellationToken,
+) -> bool {
+    let (writes, carrier) = merge(&batch);
+    let Some(outcomes) = write_isolating(&writes, store, config, readiness, hard_stop).await else {
+        return false;
+    };
+    deliver(batch, &carrier, &outcomes);
+    true
+}
+
+/// Applies `writes` in one transaction, retrying transient failures; when the database refuses
+/// the data, bisects so that only the refused writes fail. `None`: hard stop.
+async fn write_isolating(
+    writes: &[RunWrite],
+    store: &dyn Store,
+    config: &BatchConfig,
+    readiness: &Readiness,
+    hard_stop: &CancellationToken,
+) -> Option<Vec<Outcome>> {
+    let backoff = Backoff {
+        base: Duration::from_millis(50),
+        cap: config.retry_max,
+    };
+    let mut attempt = 0;
+    loop {
+        let received_at = Utc::now().trunc_subsecs(6);
+        match store.apply(writes, received_at).await {
+            Ok(applied) => {
+                readiness.set_store_ok(true).await;
+                return Some(
+                    applied
+                        .into_iter()
+                        .map(|ok| {
+                            if ok {
+                                Outcome::Committed
+                            } else {
+                                Outcome::NotOwner
+                            }
+                        })
+                        .collect(),
+                );
+            }
+            Err(StoreError::Refused(err)) => {
+                readiness.set_store_ok(true).await;
+                if writes.len() == 1 {
+                    tracing::warn!(result_id = %writes[0].result_id, error = %err, "database refused an event");
+                    return Some(vec![Outcome::Refused(database_message(&err))]);
+                }
+                let (left, right) = writes.split_at(writes.len() / 2);
+                let mut outcomes =
+                    Box::pin(write_isolating(left, store, config, readiness, hard_stop)).await?;
+                outcomes.extend(
+                    Box::pin(write_isolating(right, store, config, readiness, hard_stop)).await?,
+                );
+                return Some(outcomes);
+            }
+            Err(err) => {
+                if err.is_transient() {
+                    readiness.set_store_ok(false).await;
+                    tracing::warn!(error = %err, rows = writes.len(), attempt, "batch not committed; retrying");
+                } else {
+                    tracing::error!(error = %err, rows = writes.len(), attempt, "batch failed unexpectedly; retrying");
+                }
+                let delay = backoff.next_delay(attempt);
+                attempt = attempt.saturating_add(1);
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = hard_stop.cancelled() => return None,
+                }
+            }
+        }
+    }
+}
+
+fn database_message(err: &sqlx::Error) -> String {
+    match err {
+        sqlx::Error::Database(db) => db.message().to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// Answers every submission: one Ack message per stream for the whole batch, a Reject per
+/// refused event, and each Publish caller its outcome. Dropping the submissions releases the
+/// window permits, so their streams are read again.
+fn deliver(batch: Vec<Submission>, carrier: &[usize], outcomes: &[Outcome]) {
+    let mut acks: HashMap<*const StreamSink, (Arc<StreamSink>, Vec<u64>)> = HashMap::new();
+    for (s, &w) in batch.into_iter().zip(carrier) {
+        let outcome = &outcomes[w];
+        match s.reply {
+            Reply::Stream { sink, seq, permits } => {
+                match outcome.reject_reason(&s.write.result_id.to_string()) {
+                    None => {
+                        acks.entry(Arc::as_ptr(&sink))
+                            .or_insert_with(|| (sink.clone(), Vec::new()))
+                            .1
+                            .push(seq);
+                    }
+                    Some(reason) => sink.reject(seq, reason),
+                }
+                drop(permits);
+            }
+            Reply::Once(tx) => {
+                // The caller may have given up (deadline); the commit stands either way.
+                let _ = tx.send(outcome.clone());
+            }
+        }
+    }
+    for (_, (sink, seqs)) in acks {
+        sink.send(pb::ingest_message::Msg::Ack(pb::Ack { seqs }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kanade_shared::wire::ExecStatus;
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::store::RunOutcome;
+
+    fn submission(id: u128, pc: &str, finished: bool) -> Submission {
+        let (tx, _rx) = oneshot::channel();
+        Submission {
+            write: RunWrite {
+                result_id: Uuid::from_u128(id),
+                pc_id: pc.into(),
+                request_id: "r".into(),
+                exec_id: "e".into(),
+                manifest_id: "m".into(),
+                version: "1".into(),
+                timeout_secs: (!finished).then_some(60),
+                started_at: Utc::now(),
+                outcome: finished.then(|| RunOutcome {
+                    status: ExecStatus::Succeeded,
+                    exit_code: Some(0),
+                    stdout: String::new(),
+                    stderr: String::new(),
+                    stdout_dropped_bytes: 0,
+                    stderr_dropped_bytes: 0,
+                    finished_at: Utc::now(),
+                }),
+            },
+            bytes: 1,
+            reply: Reply::Once(tx),
+        }
+    }
+
+    #[test]
+    fn events_of_one_run_merge_and_runs_are_sorted_by_result_id() {
+        let batch = vec![
+            submission(9, "a", false),
+            submission(3, "a", false),
+            submission(9, "a", true),
+            submission(9, "b", true),
+        ];
+        let (writes, carrier) = merge(&batch);
+        let ids: Vec<(u128, &str)> = writes
+            .iter()
+            .map(|w| (w.result_id.as_u128(), w.pc_id.as_str()))
+            .collect();
+        assert_eq!(ids, [(3, "a"), (9, "a"), (9, "b")]);
+        assert_eq!(carrier, [1, 0, 1, 2]);
+        // Started then Result of run 9 on pc a: one running-then-finished write.
+        assert_eq!(writes[1].timeout_secs, Some(60));
+        assert!(writes[1].outcome.is_some());
+    }
+}

@@ -1,0 +1,206 @@
+//! The ingest command line (SPEC §9): every flag has an environment variable and a visible
+//! default, so the same settings work from a shell, a systemd unit or a Kubernetes ConfigMap.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use kanade_shared::limits;
+
+fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
+    humantime::parse_duration(s)
+}
+
+/// Receives run lifecycle events from kanade agents, stores one row per run, and answers
+/// Activity queries. Without a subcommand it serves.
+#[derive(Debug, Parser)]
+#[command(
+    name = "kanade-ingest",
+    version,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serves the Ingest and Activity gRPC services (the default).
+    Serve(Box<ServeArgs>),
+    /// Applies the database migrations and exits.
+    Migrate(MigrateArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    /// Database: postgres://USER@HOST/DB or sqlite://PATH (created when missing).
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "sqlite://kanade-ingest.db"
+    )]
+    pub database_url: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address the gRPC services listen on (port 0 picks a free port).
+    #[arg(long, env = "KANADE_INGEST_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// Database: postgres://USER@HOST/DB or sqlite://PATH (created when missing).
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "sqlite://kanade-ingest.db"
+    )]
+    pub database_url: String,
+
+    /// Also serve grpc.health.v1.Health alone on this plaintext address (for Kubernetes probes).
+    #[arg(long, env = "KANADE_INGEST_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
+
+    /// Log line format; filter with RUST_LOG (e.g. RUST_LOG=kanade_ingest=debug).
+    #[arg(long, env = "KANADE_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Delete runs first received longer ago than this.
+    #[arg(long, env = "KANADE_INGEST_RETENTION", default_value = "90d", value_parser = duration)]
+    pub retention: Duration,
+
+    /// How often the retention sweep runs.
+    #[arg(long, env = "KANADE_INGEST_RETENTION_EVERY", default_value = "10m", value_parser = duration)]
+    pub retention_every: Duration,
+
+    /// A run without a result counts as lost this long after its timeout would have ended it.
+    #[arg(long, env = "KANADE_INGEST_LOST_GRACE", default_value = "5m", value_parser = duration)]
+    pub lost_grace: Duration,
+
+    /// Most concurrent agent streams on this replica; more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "KANADE_INGEST_MAX_STREAMS", default_value_t = 20_000)]
+    pub max_streams: usize,
+
+    /// Most concurrent streams of one pc_id; more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "KANADE_INGEST_MAX_STREAMS_PER_PC", default_value_t = 4)]
+    pub max_streams_per_pc: usize,
+
+    /// Streams older than this (±10 % jitter) are ended cleanly so agents spread over replicas.
+    #[arg(long, env = "KANADE_INGEST_MAX_STREAM_AGE", default_value = "30m", value_parser = duration)]
+    pub max_stream_age: Duration,
+
+    /// A stream that sends no Hello within this long is ended with DEADLINE_EXCEEDED.
+    #[arg(long, env = "KANADE_INGEST_HELLO_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub hello_timeout: Duration,
+
+    /// On SIGTERM/SIGINT, stop after at most this long even if batches are still pending.
+    #[arg(long, env = "KANADE_INGEST_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = duration)]
+    pub shutdown_timeout: Duration,
+
+    /// How long Publish waits for its commit when the caller sets no deadline.
+    #[arg(long, env = "KANADE_INGEST_PUBLISH_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub publish_timeout: Duration,
+
+    /// How often the store is probed for the health service.
+    #[arg(long, env = "KANADE_INGEST_HEALTH_CHECK_EVERY", default_value = "5s", value_parser = duration)]
+    pub health_check_every: Duration,
+
+    /// Largest encoded event accepted; larger ones are rejected with the size in the reason.
+    #[arg(long, env = "KANADE_INGEST_MAX_EVENT_BYTES", default_value_t = limits::MAX_EVENT_BYTES)]
+    pub max_event_bytes: usize,
+
+    /// Per-stream window: unacknowledged events held for one stream before ingest stops reading it.
+    #[arg(long, env = "KANADE_INGEST_MAX_UNACKED", default_value_t = limits::DEFAULT_MAX_UNACKED)]
+    pub max_unacked: u32,
+
+    /// Per-stream window in bytes of unacknowledged events.
+    #[arg(long, env = "KANADE_INGEST_MAX_UNACKED_BYTES", default_value_t = limits::DEFAULT_MAX_UNACKED_BYTES)]
+    pub max_unacked_bytes: u64,
+
+    /// A batch closes at this many events.
+    #[arg(long, env = "KANADE_INGEST_BATCH_MAX_ROWS", default_value_t = 1000)]
+    pub batch_max_rows: usize,
+
+    /// A batch closes at this many bytes of events.
+    #[arg(long, env = "KANADE_INGEST_BATCH_MAX_BYTES", default_value_t = 8 * 1024 * 1024)]
+    pub batch_max_bytes: usize,
+
+    /// A batch closes this long after its first event arrived.
+    #[arg(long, env = "KANADE_INGEST_BATCH_LINGER", default_value = "5ms", value_parser = duration)]
+    pub batch_linger: Duration,
+
+    /// Events waiting for the batcher across all streams; when full, streams stop being read.
+    #[arg(long, env = "KANADE_INGEST_QUEUE_CAPACITY", default_value_t = 8192)]
+    pub queue_capacity: usize,
+
+    /// Longest pause between retries of a batch while the database is unavailable.
+    #[arg(long, env = "KANADE_INGEST_RETRY_MAX", default_value = "5s", value_parser = duration)]
+    pub retry_max: Duration,
+}
+
+impl ServeArgs {
+    /// Checks what clap cannot: relations between values.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_event_bytes > limits::MAX_DECODING_MESSAGE_BYTES - 64 * 1024 {
+            return Err(format!(
+                "--max-event-bytes {} is above the largest supported value {}",
+                self.max_event_bytes,
+                limits::MAX_DECODING_MESSAGE_BYTES - 64 * 1024
+            ));
+        }
+        for (flag, value) in [
+            ("--max-streams", self.max_streams),
+            ("--max-streams-per-pc", self.max_streams_per_pc),
+            ("--batch-max-rows", self.batch_max_rows),
+            ("--batch-max-bytes", self.batch_max_bytes),
+            ("--queue-capacity", self.queue_capacity),
+            ("--max-unacked", self.max_unacked as usize),
+        ] {
+            if value == 0 {
+                return Err(format!("{flag} must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn bare_invocation_serves_with_the_documented_defaults() {
+        let cli = Cli::try_parse_from(["kanade-ingest"]).unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.serve.listen.to_string(), "127.0.0.1:50051");
+        assert_eq!(cli.serve.database_url, "sqlite://kanade-ingest.db");
+        assert_eq!(cli.serve.retention, Duration::from_secs(90 * 86_400));
+        assert_eq!(cli.serve.max_stream_age, Duration::from_secs(30 * 60));
+        assert!(cli.serve.validate().is_ok());
+    }
+
+    #[test]
+    fn zero_limits_are_refused_with_the_flag_name() {
+        let cli = Cli::try_parse_from(["kanade-ingest", "--max-streams", "0"]).unwrap();
+        assert_eq!(
+            cli.serve.validate().unwrap_err(),
+            "--max-streams must be at least 1"
+        );
+    }
+}

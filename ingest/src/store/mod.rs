@@ -1,0 +1,499 @@
+//! Where runs are kept: one `execution_results` row per run, behind one small trait with two
+//! implementations — PostgreSQL for production, SQLite as the embedded default.
+//!
+//! Both implement the same coalescing rules (SPEC §3) and answer the same queries byte for byte;
+//! `tests/conformance.rs` runs one suite against both. Rules that do not depend on SQL (how the
+//! events of one run merge inside a batch, NUL replacement, the list query's shape) live here,
+//! once.
+
+mod postgres;
+mod sqlite;
+
+use std::{fmt, sync::Arc};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Duration, Utc};
+use kanade_shared::wire::{EventBody, ExecStatus};
+use thiserror::Error;
+use uuid::Uuid;
+
+pub use postgres::PostgresStore;
+pub use sqlite::SqliteStore;
+
+/// Runs without a timeout count as lost this long after ingest first saw them.
+pub const LOST_AFTER_WITHOUT_TIMEOUT: Duration = Duration::hours(24);
+
+/// The store's view of one run's events, merged: what one upsert writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunWrite {
+    pub result_id: Uuid,
+    pub pc_id: String,
+    pub request_id: String,
+    pub exec_id: String,
+    pub manifest_id: String,
+    pub version: String,
+    pub timeout_secs: Option<u32>,
+    pub started_at: DateTime<Utc>,
+    /// Present once a result is known; the first one wins.
+    pub outcome: Option<RunOutcome>,
+}
+
+/// The result part of a run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunOutcome {
+    pub status: ExecStatus,
+    pub exit_code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub stdout_dropped_bytes: u64,
+    pub stderr_dropped_bytes: u64,
+    pub finished_at: DateTime<Utc>,
+}
+
+/// PostgreSQL `text` cannot hold U+0000, so no stored string ever does (SPEC §3).
+fn storable(s: &str) -> String {
+    s.replace('\0', "\u{FFFD}")
+}
+
+impl RunWrite {
+    /// The write one validated event asks for. `result_id` was validated as a UUID by the wire
+    /// conversion; `None` means the caller skipped that conversion.
+    pub fn from_event(body: &EventBody) -> Option<RunWrite> {
+        let result_id = Uuid::try_parse(body.result_id()).ok()?;
+        Some(match body {
+            EventBody::Started(s) => RunWrite {
+                result_id,
+                pc_id: storable(&s.pc_id),
+                request_id: storable(&s.request_id),
+                exec_id: storable(&s.exec_id),
+                manifest_id: storable(&s.manifest_id),
+                version: storable(&s.version),
+                timeout_secs: s.timeout_secs,
+                started_at: s.started_at,
+                outcome: None,
+            },
+            EventBody::Result(r) => RunWrite {
+                result_id,
+                pc_id: storable(&r.pc_id),
+                request_id: storable(&r.request_id),
+                exec_id: storable(&r.exec_id),
+                manifest_id: storable(&r.manifest_id),
+                version: storable(&r.version),
+                timeout_secs: None,
+                started_at: r.started_at,
+                outcome: Some(RunOutcome {
+                    status: r.status,
+                    exit_code: r.exit_code,
+                    stdout: storable(&r.stdout),
+                    stderr: storable(&r.stderr),
+                    stdout_dropped_bytes: r.stdout_dropped_bytes,
+                    stderr_dropped_bytes: r.stderr_dropped_bytes,
+                    finished_at: r.finished_at,
+                }),
+            },
+        })
+    }
+
+    /// Folds a later write for the same run and endpoint into this one, with exactly the rules
+    /// the stores' upserts apply to a stored row: columns already set stay, missing ones are
+    /// filled, and the first result wins.
+    pub fn absorb(&mut self, later: RunWrite) {
+        debug_assert_eq!(
+            (self.result_id, &self.pc_id),
+            (later.result_id, &later.pc_id)
+        );
+        if self.timeout_secs.is_none() {
+            self.timeout_secs = later.timeout_secs;
+        }
+        if self.outcome.is_none() {
+            self.outcome = later.outcome;
+        }
+    }
+
+    /// Bytes this write carries, for batch sizing.
+    pub fn approx_bytes(&self) -> usize {
+        let outputs = self
+            .outcome
+            .as_ref()
+            .map_or(0, |o| o.stdout.len() + o.stderr.len());
+        256 + self.pc_id.len()
+            + self.request_id.len()
+            + self.exec_id.len()
+            + self.manifest_id.len()
+            + self.version.len()
+            + outputs
+    }
+}
+
+/// What a run is doing, as the Activity view shows it. Computed when a row is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RunState {
+    Running,
+    Finished(ExecStatus),
+    Lost,
+}
+
+impl RunState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Running => "running",
+            RunState::Lost => "lost",
+            RunState::Finished(status) => status.as_str(),
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<RunState> {
+        match name {
+            "running" => Some(RunState::Running),
+            "lost" => Some(RunState::Lost),
+            other => ExecStatus::from_name(other).map(RunState::Finished),
+        }
+    }
+}
+
+/// One stored run with its computed state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecutionRow {
+    pub result_id: Uuid,
+    pub request_id: String,
+    pub exec_id: String,
+    pub pc_id: String,
+    pub manifest_id: String,
+    pub version: String,
+    pub timeout_secs: Option<u32>,
+    pub state: RunState,
+    pub outcome: Option<RunOutcome>,
+    pub started_at: DateTime<Utc>,
+    pub received_at: DateTime<Utc>,
+}
+
+/// Where a page of a listing starts: strictly after this row in listing order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    pub started_at: DateTime<Utc>,
+    pub result_id: Uuid,
+}
+
+/// A listing of runs, newest first by `(started_at, result_id)`. Every filter given must match.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListQuery {
+    /// Empty: every state.
+    pub states: Vec<RunState>,
+    pub pc_id: Option<String>,
+    pub manifest_id: Option<String>,
+    pub exec_id: Option<String>,
+    /// Inclusive.
+    pub started_after: Option<DateTime<Utc>>,
+    /// Exclusive.
+    pub started_before: Option<DateTime<Utc>>,
+    pub after: Option<Cursor>,
+    pub limit: u32,
+    /// The instant states are computed for.
+    pub now: DateTime<Utc>,
+    /// How long past its timeout a run without a result still counts as running.
+    pub lost_grace: Duration,
+}
+
+impl ListQuery {
+    /// Every run, newest first, `limit` at a time.
+    pub fn all(now: DateTime<Utc>, lost_grace: Duration, limit: u32) -> ListQuery {
+        ListQuery {
+            states: Vec::new(),
+            pc_id: None,
+            manifest_id: None,
+            exec_id: None,
+            started_after: None,
+            started_before: None,
+            after: None,
+            limit,
+            now,
+            lost_grace,
+        }
+    }
+}
+
+/// Why the store could not do what was asked, sorted by what the caller should do about it.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// The store cannot commit now (connection refused or lost, shutting down, serialization
+    /// failure, deadlock, timeout). Retry later; nothing was applied, or the retry is harmless.
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    /// The database refused the data itself (SQLSTATE class 22 or 23). Retrying the same data
+    /// fails the same way; isolate the event and reject it.
+    #[error("database refused the data: {0}")]
+    Refused(#[source] sqlx::Error),
+    /// Anything else: a bug or a misconfigured database.
+    #[error("database error: {0}")]
+    Other(#[source] sqlx::Error),
+    /// Migrations could not be applied.
+    #[error("applying migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The database URL names no store Kanade knows.
+    #[error(
+        "unsupported database URL {0:?}: use postgres://… (or postgresql://…) or sqlite://PATH"
+    )]
+    UnsupportedUrl(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(err: sqlx::Error) -> Self {
+        use sqlx::Error as E;
+        match &err {
+            E::Io(_) | E::Tls(_) | E::PoolTimedOut | E::PoolClosed | E::WorkerCrashed => {
+                StoreError::Unavailable(err)
+            }
+            E::Protocol(_) => StoreError::Unavailable(err),
+            E::Database(db) => {
+                let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+                if is_transient_sqlstate(&code) || is_transient_sqlite(db.message()) {
+                    StoreError::Unavailable(err)
+                } else if code.starts_with("22") || code.starts_with("23") {
+                    StoreError::Refused(err)
+                } else {
+                    StoreError::Other(err)
+                }
+            }
+            _ => StoreError::Other(err),
+        }
+    }
+}
+
+/// SQLSTATEs that mean "not now" rather than "never" (SPEC §3).
+fn is_transient_sqlstate(code: &str) -> bool {
+    code.starts_with("08")
+        || code.starts_with("53")
+        || code.starts_with("57P")
+        || code == "40001"
+        || code == "40P01"
+}
+
+/// SQLite reports a busy or locked database by message (its numeric codes come through as
+/// strings such as "5" and "6" on some versions).
+fn is_transient_sqlite(message: &str) -> bool {
+    message.contains("database is locked") || message.contains("database is busy")
+}
+
+impl StoreError {
+    /// True when retrying the same operation later can succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+/// The operations ingest needs from a store. Implementations must be safe to share across tasks.
+#[async_trait]
+pub trait Store: Send + Sync + fmt::Debug {
+    /// Applies the embedded migrations; safe when several replicas start at once.
+    async fn migrate(&self) -> Result<(), StoreError>;
+
+    /// Applies `writes` in ONE transaction, in the given order, with the coalescing rules of
+    /// SPEC §3; `received_at` is recorded on rows this inserts. A `result_id` may appear more than
+    /// once only with different `pc_id`s. Returns, for each write, whether it was applied
+    /// (`false`: the run belongs to another endpoint and was left untouched).
+    async fn apply(
+        &self,
+        writes: &[RunWrite],
+        received_at: DateTime<Utc>,
+    ) -> Result<Vec<bool>, StoreError>;
+
+    /// One run, with outputs whole.
+    async fn get(
+        &self,
+        result_id: Uuid,
+        now: DateTime<Utc>,
+        lost_grace: Duration,
+    ) -> Result<Option<ExecutionRow>, StoreError>;
+
+    /// A page of runs.
+    async fn list(&self, query: &ListQuery) -> Result<Vec<ExecutionRow>, StoreError>;
+
+    /// Deletes at most `limit` rows first received before `cutoff`; returns how many went.
+    async fn delete_received_before(
+        &self,
+        cutoff: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<u64, StoreError>;
+
+    /// Answers when the store is reachable.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Opens the store a database URL names: `postgres://…`/`postgresql://…` or `sqlite://PATH`
+/// (created when missing).
+pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(PostgresStore::connect(url).await?))
+    } else if url.starts_with("sqlite:") {
+        Ok(Arc::new(SqliteStore::open(url).await?))
+    } else {
+        Err(StoreError::UnsupportedUrl(url.to_string()))
+    }
+}
+
+// ---------------------------------------------------------------- the list query, both dialects
+
+/// A bind value of the list query; each store binds it in its own column types.
+#[derive(Debug, Clone)]
+enum Param {
+    Text(String),
+    Time(DateTime<Utc>),
+    Id(Uuid),
+    Micros(i64),
+    Limit(i64),
+}
+
+/// The state of a row as SQL, identical in both stores because timestamps compare as
+/// microseconds: PostgreSQL via `interval '1 microsecond'`, SQLite natively. `{now}` and
+/// `{grace}` are placeholders.
+fn state_sql(time_plus_micros: impl Fn(&str, &str) -> String, now: &str, grace: &str) -> String {
+    let deadline = time_plus_micros(
+        "received_at",
+        &format!(
+            "COALESCE(timeout_secs * 1000000 + {grace}, {})",
+            LOST_AFTER_WITHOUT_TIMEOUT
+                .num_microseconds()
+                .unwrap_or(i64::MAX)
+        ),
+    );
+    format!(
+        "CASE WHEN status IS NOT NULL THEN status WHEN {deadline} < {now} THEN 'lost' ELSE 'running' END"
+    )
+}
+
+/// Builds the listing SQL from static fragments and numbered placeholders only; every value is
+/// a bind parameter.
+fn list_sql(
+    query: &ListQuery,
+    placeholder: impl Fn(usize) -> String,
+    time_plus_micros: impl Fn(&str, &str) -> String,
+    columns: &str,
+) -> (String, Vec<Param>) {
+    let mut params = Vec::new();
+    let next = |p: Param, params: &mut Vec<Param>| {
+        params.push(p);
+        placeholder(params.len())
+    };
+    let now = next(Param::Time(query.now), &mut params);
+    let grace = next(
+        Param::Micros(query.lost_grace.num_microseconds().unwrap_or(i64::MAX)),
+        &mut params,
+    );
+    let state = state_sql(time_plus_micros, &now, &grace);
+
+    let mut filters = Vec::new();
+    for (column, value) in [
+        ("pc_id", &query.pc_id),
+        ("manifest_id", &query.manifest_id),
+        ("exec_id", &query.exec_id),
+    ] {
+        if let Some(value) = value {
+            let p = next(Param::Text(storable(value)), &mut params);
+            filters.push(format!("{column} = {p}"));
+        }
+    }
+    if let Some(after) = query.started_after {
+        let p = next(Param::Time(after), &mut params);
+        filters.push(format!("started_at >= {p}"));
+    }
+    if let Some(before) = query.started_before {
+        let p = next(Param::Time(before), &mut params);
+        filters.push(format!("started_at < {p}"));
+    }
+    if let Some(cursor) = query.after {
+        let t = next(Param::Time(cursor.started_at), &mut params);
+        let id = next(Param::Id(cursor.result_id), &mut params);
+        filters.push(format!(
+            "(started_at < {t} OR (started_at = {t} AND result_id < {id}))"
+        ));
+    }
+    if !query.states.is_empty() {
+        let unfinished = |s: &RunState| matches!(s, RunState::Running | RunState::Lost);
+        // Lets the partial index on running rows serve "what is running now".
+        if query.states.iter().all(unfinished) {
+            filters.push("status IS NULL".to_string());
+        } else if !query.states.iter().any(unfinished) {
+            filters.push("status IS NOT NULL".to_string());
+        }
+        let names: Vec<String> = query
+            .states
+            .iter()
+            .map(|s| next(Param::Text(s.as_str().to_string()), &mut params))
+            .collect();
+        filters.push(format!("({state}) IN ({})", names.join(", ")));
+    }
+    let limit = next(Param::Limit(i64::from(query.limit)), &mut params);
+    let where_clause = if filters.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", filters.join(" AND "))
+    };
+    let sql = format!(
+        "SELECT {columns}, {state} AS state FROM execution_results {where_clause} \
+         ORDER BY started_at DESC, result_id DESC LIMIT {limit}"
+    );
+    (sql, params)
+}
+
+/// Builds the row of one run from its stored columns.
+#[allow(clippy::too_many_arguments)]
+fn execution_row(
+    result_id: Uuid,
+    request_id: String,
+    exec_id: String,
+    pc_id: String,
+    manifest_id: String,
+    version: String,
+    timeout_secs: Option<i64>,
+    state: &str,
+    status: Option<String>,
+    exit_code: Option<i32>,
+    stdout: Option<String>,
+    stderr: Option<String>,
+    stdout_dropped_bytes: Option<i64>,
+    stderr_dropped_bytes: Option<i64>,
+    started_at: DateTime<Utc>,
+    finished_at: Option<DateTime<Utc>>,
+    received_at: DateTime<Utc>,
+) -> Result<ExecutionRow, StoreError> {
+    let corrupt = |what: String| StoreError::Other(sqlx::Error::Decode(what.into()));
+    let state = RunState::from_name(state)
+        .ok_or_else(|| corrupt(format!("unknown state {state:?} for run {result_id}")))?;
+    let outcome = match (status, finished_at) {
+        (Some(status), Some(finished_at)) => Some(RunOutcome {
+            status: ExecStatus::from_name(&status)
+                .ok_or_else(|| corrupt(format!("unknown status {status:?} for run {result_id}")))?,
+            exit_code,
+            stdout: stdout.unwrap_or_default(),
+            stderr: stderr.unwrap_or_default(),
+            stdout_dropped_bytes: stdout_dropped_bytes.unwrap_or(0).max(0) as u64,
+            stderr_dropped_bytes: stderr_dropped_bytes.unwrap_or(0).max(0) as u64,
+            finished_at,
+        }),
+        _ => None,
+    };
+    Ok(ExecutionRow {
+        result_id,
+        request_id,
+        exec_id,
+        pc_id,
+        manifest_id,
+        version,
+        timeout_secs: timeout_secs.and_then(|t| u32::try_from(t).ok()),
+        state,
+        outcome,
+        started_at,
+        received_at,
+    })
+}
+
+/// Dropped byte counts are `u64` on the wire and `bigint` in the table; counts past `i64::MAX`
+/// (which no real output reaches) are stored saturated.
+fn dropped_bytes(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// The stored columns, in the order `execution_row` takes them (state aside).
+const COLUMNS: &str = "result_id, request_id, exec_id, pc_id, manifest_id, version, timeout_secs, \
+     status, exit_code, stdout, stderr, stdout_dropped_bytes, stderr_dropped_bytes, \
+     started_at, finished_at, received_at";

@@ -1,0 +1,296 @@
+//! The production store: PostgreSQL through sqlx's runtime query API.
+//!
+//! A batch is one transaction of `INSERT … SELECT FROM UNNEST(arrays) ON CONFLICT DO UPDATE`: one
+//! statement whatever the batch size (no bind-parameter limit, one prepared plan), rows in the
+//! order given (the batcher sorts by `result_id`, so concurrent batches lock rows in one order
+//! and cannot deadlock).
+
+use std::{str::FromStr, time::Duration as StdDuration};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Duration, Utc};
+use sqlx::{
+    AssertSqlSafe, Row,
+    postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow},
+};
+use uuid::Uuid;
+
+use super::{
+    COLUMNS, ExecutionRow, ListQuery, Param, RunWrite, Store, StoreError, dropped_bytes,
+    execution_row, list_sql,
+};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// Connections in the pool: the batcher writes one transaction at a time; the rest serve
+/// Activity queries, health and retention.
+const POOL_SIZE: u32 = 8;
+/// How long a caller waits for a pooled connection before the store counts as unavailable.
+const ACQUIRE_TIMEOUT: StdDuration = StdDuration::from_secs(5);
+
+const UPSERT: &str = "\
+INSERT INTO execution_results AS r (result_id, request_id, exec_id, pc_id, manifest_id, version,
+    timeout_secs, status, exit_code, stdout, stderr, stdout_dropped_bytes, stderr_dropped_bytes,
+    started_at, finished_at, received_at)
+SELECT u.result_id, u.request_id, u.exec_id, u.pc_id, u.manifest_id, u.version, u.timeout_secs,
+    u.status, u.exit_code, u.stdout, u.stderr, u.stdout_dropped_bytes, u.stderr_dropped_bytes,
+    u.started_at, u.finished_at, $16
+FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int8[],
+    $8::text[], $9::int4[], $10::text[], $11::text[], $12::int8[], $13::int8[],
+    $14::timestamptz[], $15::timestamptz[]) WITH ORDINALITY
+    AS u(result_id, request_id, exec_id, pc_id, manifest_id, version, timeout_secs, status,
+    exit_code, stdout, stderr, stdout_dropped_bytes, stderr_dropped_bytes, started_at,
+    finished_at, ord)
+ORDER BY u.ord
+ON CONFLICT (result_id) DO UPDATE SET
+    timeout_secs = COALESCE(r.timeout_secs, EXCLUDED.timeout_secs),
+    status = COALESCE(r.status, EXCLUDED.status),
+    exit_code = CASE WHEN r.status IS NULL THEN EXCLUDED.exit_code ELSE r.exit_code END,
+    stdout = CASE WHEN r.status IS NULL THEN EXCLUDED.stdout ELSE r.stdout END,
+    stderr = CASE WHEN r.status IS NULL THEN EXCLUDED.stderr ELSE r.stderr END,
+    stdout_dropped_bytes = CASE WHEN r.status IS NULL THEN EXCLUDED.stdout_dropped_bytes
+        ELSE r.stdout_dropped_bytes END,
+    stderr_dropped_bytes = CASE WHEN r.status IS NULL THEN EXCLUDED.stderr_dropped_bytes
+        ELSE r.stderr_dropped_bytes END,
+    finished_at = CASE WHEN r.status IS NULL THEN EXCLUDED.finished_at ELSE r.finished_at END
+WHERE r.pc_id = EXCLUDED.pc_id
+RETURNING r.result_id";
+
+/// `execution_results` in PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+impl PostgresStore {
+    /// Connects lazily: the store exists even while the database is down, and health reports it.
+    pub async fn connect(url: &str) -> Result<PostgresStore, StoreError> {
+        let options = PgConnectOptions::from_str(url)?.application_name("kanade-ingest");
+        let pool = PgPoolOptions::new()
+            .max_connections(POOL_SIZE)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_lazy_with(options);
+        Ok(PostgresStore { pool })
+    }
+
+    /// The pool, for tests and the benchmark.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+/// Splits writes into rounds in which every `result_id` appears once: PostgreSQL refuses to
+/// touch one row twice in a statement. Almost every batch is a single round.
+fn rounds(writes: &[RunWrite]) -> Vec<Vec<usize>> {
+    let mut rounds: Vec<Vec<usize>> = Vec::new();
+    let mut seen: std::collections::HashMap<Uuid, usize> = Default::default();
+    for (i, w) in writes.iter().enumerate() {
+        let round = seen.entry(w.result_id).or_insert(0);
+        if rounds.len() <= *round {
+            rounds.push(Vec::new());
+        }
+        rounds[*round].push(i);
+        *round += 1;
+    }
+    rounds
+}
+
+fn read_row(row: &PgRow) -> Result<ExecutionRow, StoreError> {
+    let state: String = row.try_get("state")?;
+    execution_row(
+        row.try_get("result_id")?,
+        row.try_get("request_id")?,
+        row.try_get("exec_id")?,
+        row.try_get("pc_id")?,
+        row.try_get("manifest_id")?,
+        row.try_get("version")?,
+        row.try_get("timeout_secs")?,
+        &state,
+        row.try_get("status")?,
+        row.try_get("exit_code")?,
+        row.try_get("stdout")?,
+        row.try_get("stderr")?,
+        row.try_get("stdout_dropped_bytes")?,
+        row.try_get("stderr_dropped_bytes")?,
+        row.try_get("started_at")?,
+        row.try_get("finished_at")?,
+        row.try_get("received_at")?,
+    )
+}
+
+fn placeholder(n: usize) -> String {
+    format!("${n}")
+}
+
+fn time_plus_micros(time: &str, micros: &str) -> String {
+    format!("{time} + ({micros}) * interval '1 microsecond'")
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn migrate(&self) -> Result<(), StoreError> {
+        // sqlx holds a PostgreSQL advisory lock while it migrates, so replicas starting together
+        // take turns and all but the first find nothing to do.
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn apply(
+        &self,
+        writes: &[RunWrite],
+        received_at: DateTime<Utc>,
+    ) -> Result<Vec<bool>, StoreError> {
+        let mut applied = vec![false; writes.len()];
+        let mut tx = self.pool.begin().await?;
+        for round in rounds(writes) {
+            let rows: Vec<&RunWrite> = round.iter().map(|&i| &writes[i]).collect();
+            let outcome =
+                |f: &dyn Fn(&super::RunOutcome) -> Option<String>| -> Vec<Option<String>> {
+                    rows.iter()
+                        .map(|w| w.outcome.as_ref().and_then(f))
+                        .collect()
+                };
+            let returned: Vec<Uuid> = sqlx::query_scalar(UPSERT)
+                .bind(rows.iter().map(|w| w.result_id).collect::<Vec<_>>())
+                .bind(
+                    rows.iter()
+                        .map(|w| w.request_id.as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(rows.iter().map(|w| w.exec_id.as_str()).collect::<Vec<_>>())
+                .bind(rows.iter().map(|w| w.pc_id.as_str()).collect::<Vec<_>>())
+                .bind(
+                    rows.iter()
+                        .map(|w| w.manifest_id.as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(rows.iter().map(|w| w.version.as_str()).collect::<Vec<_>>())
+                .bind(
+                    rows.iter()
+                        .map(|w| w.timeout_secs.map(i64::from))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(outcome(&|o| Some(o.status.as_str().to_string())))
+                .bind(
+                    rows.iter()
+                        .map(|w| w.outcome.as_ref().and_then(|o| o.exit_code))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(outcome(&|o| Some(o.stdout.clone())))
+                .bind(outcome(&|o| Some(o.stderr.clone())))
+                .bind(
+                    rows.iter()
+                        .map(|w| {
+                            w.outcome
+                                .as_ref()
+                                .map(|o| dropped_bytes(o.stdout_dropped_bytes))
+                        })
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    rows.iter()
+                        .map(|w| {
+                            w.outcome
+                                .as_ref()
+                                .map(|o| dropped_bytes(o.stderr_dropped_bytes))
+                        })
+                        .collect::<Vec<_>>(),
+                )
+                .bind(rows.iter().map(|w| w.started_at).collect::<Vec<_>>())
+                .bind(
+                    rows.iter()
+                        .map(|w| w.outcome.as_ref().map(|o| o.finished_at))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(received_at)
+                .fetch_all(&mut *tx)
+                .await?;
+            let returned: std::collections::HashSet<Uuid> = returned.into_iter().collect();
+            for &i in &round {
+                applied[i] = returned.contains(&writes[i].result_id);
+            }
+        }
+        tx.commit().await?;
+        Ok(applied)
+    }
+
+    async fn get(
+        &self,
+        result_id: Uuid,
+        now: DateTime<Utc>,
+        lost_grace: Duration,
+    ) -> Result<Option<ExecutionRow>, StoreError> {
+        let state = super::state_sql(time_plus_micros, "$2", "$3");
+        let sql = format!(
+            "SELECT {COLUMNS}, {state} AS state FROM execution_results WHERE result_id = $1"
+        );
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(result_id)
+            .bind(now)
+            .bind(lost_grace.num_microseconds().unwrap_or(i64::MAX))
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(read_row).transpose()
+    }
+
+    async fn list(&self, query: &ListQuery) -> Result<Vec<ExecutionRow>, StoreError> {
+        let (sql, params) = list_sql(query, placeholder, time_plus_micros, COLUMNS);
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for p in params {
+            q = match p {
+                Param::Text(s) => q.bind(s),
+                Param::Time(t) => q.bind(t),
+                Param::Id(id) => q.bind(id),
+                Param::Micros(n) | Param::Limit(n) => q.bind(n),
+            };
+        }
+        let rows = q.fetch_all(&self.pool).await?;
+        rows.iter().map(read_row).collect()
+    }
+
+    async fn delete_received_before(
+        &self,
+        cutoff: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "DELETE FROM execution_results WHERE result_id IN \
+             (SELECT result_id FROM execution_results WHERE received_at < $1 LIMIT $2)",
+        )
+        .bind(cutoff)
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(id: u128, pc: &str) -> RunWrite {
+        RunWrite {
+            result_id: Uuid::from_u128(id),
+            pc_id: pc.into(),
+            request_id: "r".into(),
+            exec_id: "e".into(),
+            manifest_id: "m".into(),
+            version: String::new(),
+            timeout_secs: None,
+            started_at: Utc::now(),
+            outcome: None,
+        }
+    }
+
+    #[test]
+    fn a_run_written_by_two_endpoints_goes_into_two_rounds() {
+        let writes = [write(1, "a"), write(2, "a"), write(1, "b"), write(3, "a")];
+        assert_eq!(rounds(&writes), vec![vec![0, 1, 3], vec![2]]);
+    }
+}

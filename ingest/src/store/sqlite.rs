@@ -1,0 +1,215 @@
+//! The embedded store: one SQLite file in WAL mode with `synchronous=FULL`, so an acknowledged
+//! event survives power loss here too.
+//!
+//! Timestamps are INTEGER microseconds since the Unix epoch and ids lowercase hyphenated text,
+//! which sort exactly like PostgreSQL's `timestamptz` and `uuid`. A batch is one transaction of
+//! single-row upserts: statements are cheap in-process, and a row may be touched twice.
+
+use std::{str::FromStr, time::Duration as StdDuration};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Duration, Utc};
+use sqlx::{
+    AssertSqlSafe, Row,
+    sqlite::{
+        SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+        SqliteSynchronous,
+    },
+};
+use uuid::Uuid;
+
+use super::{
+    COLUMNS, ExecutionRow, ListQuery, Param, RunWrite, Store, StoreError, dropped_bytes,
+    execution_row, list_sql,
+};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+const POOL_SIZE: u32 = 4;
+/// How long a statement waits for another connection's write lock.
+const BUSY_TIMEOUT: StdDuration = StdDuration::from_secs(5);
+
+const UPSERT: &str = "\
+INSERT INTO execution_results AS r (result_id, request_id, exec_id, pc_id, manifest_id, version,
+    timeout_secs, status, exit_code, stdout, stderr, stdout_dropped_bytes, stderr_dropped_bytes,
+    started_at, finished_at, received_at)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
+ON CONFLICT (result_id) DO UPDATE SET
+    timeout_secs = COALESCE(r.timeout_secs, excluded.timeout_secs),
+    status = COALESCE(r.status, excluded.status),
+    exit_code = CASE WHEN r.status IS NULL THEN excluded.exit_code ELSE r.exit_code END,
+    stdout = CASE WHEN r.status IS NULL THEN excluded.stdout ELSE r.stdout END,
+    stderr = CASE WHEN r.status IS NULL THEN excluded.stderr ELSE r.stderr END,
+    stdout_dropped_bytes = CASE WHEN r.status IS NULL THEN excluded.stdout_dropped_bytes
+        ELSE r.stdout_dropped_bytes END,
+    stderr_dropped_bytes = CASE WHEN r.status IS NULL THEN excluded.stderr_dropped_bytes
+        ELSE r.stderr_dropped_bytes END,
+    finished_at = CASE WHEN r.status IS NULL THEN excluded.finished_at ELSE r.finished_at END
+WHERE r.pc_id = excluded.pc_id
+RETURNING result_id";
+
+/// `execution_results` in an SQLite file.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating when missing) the database a `sqlite://PATH` URL names.
+    pub async fn open(url: &str) -> Result<SqliteStore, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(BUSY_TIMEOUT);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(POOL_SIZE)
+            .connect_with(options)
+            .await?;
+        Ok(SqliteStore { pool })
+    }
+}
+
+fn micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+fn from_micros(us: i64) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::from_timestamp_micros(us).ok_or_else(|| {
+        StoreError::Other(sqlx::Error::Decode(
+            format!("timestamp {us} µs is out of range").into(),
+        ))
+    })
+}
+
+fn read_row(row: &SqliteRow) -> Result<ExecutionRow, StoreError> {
+    let result_id: String = row.try_get("result_id")?;
+    let result_id = Uuid::try_parse(&result_id)
+        .map_err(|e| StoreError::Other(sqlx::Error::Decode(Box::new(e))))?;
+    let state: String = row.try_get("state")?;
+    let finished_at: Option<i64> = row.try_get("finished_at")?;
+    execution_row(
+        result_id,
+        row.try_get("request_id")?,
+        row.try_get("exec_id")?,
+        row.try_get("pc_id")?,
+        row.try_get("manifest_id")?,
+        row.try_get("version")?,
+        row.try_get("timeout_secs")?,
+        &state,
+        row.try_get("status")?,
+        row.try_get("exit_code")?,
+        row.try_get("stdout")?,
+        row.try_get("stderr")?,
+        row.try_get("stdout_dropped_bytes")?,
+        row.try_get("stderr_dropped_bytes")?,
+        from_micros(row.try_get("started_at")?)?,
+        finished_at.map(from_micros).transpose()?,
+        from_micros(row.try_get("received_at")?)?,
+    )
+}
+
+fn placeholder(n: usize) -> String {
+    format!("?{n}")
+}
+
+fn time_plus_micros(time: &str, micros: &str) -> String {
+    format!("{time} + ({micros})")
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn apply(
+        &self,
+        writes: &[RunWrite],
+        received_at: DateTime<Utc>,
+    ) -> Result<Vec<bool>, StoreError> {
+        let mut applied = Vec::with_capacity(writes.len());
+        let mut tx = self.pool.begin().await?;
+        for w in writes {
+            let o = w.outcome.as_ref();
+            let returned = sqlx::query(UPSERT)
+                .bind(w.result_id.hyphenated().to_string())
+                .bind(&w.request_id)
+                .bind(&w.exec_id)
+                .bind(&w.pc_id)
+                .bind(&w.manifest_id)
+                .bind(&w.version)
+                .bind(w.timeout_secs.map(i64::from))
+                .bind(o.map(|o| o.status.as_str()))
+                .bind(o.and_then(|o| o.exit_code))
+                .bind(o.map(|o| o.stdout.as_str()))
+                .bind(o.map(|o| o.stderr.as_str()))
+                .bind(o.map(|o| dropped_bytes(o.stdout_dropped_bytes)))
+                .bind(o.map(|o| dropped_bytes(o.stderr_dropped_bytes)))
+                .bind(micros(w.started_at))
+                .bind(o.map(|o| micros(o.finished_at)))
+                .bind(micros(received_at))
+                .fetch_optional(&mut *tx)
+                .await?;
+            applied.push(returned.is_some());
+        }
+        tx.commit().await?;
+        Ok(applied)
+    }
+
+    async fn get(
+        &self,
+        result_id: Uuid,
+        now: DateTime<Utc>,
+        lost_grace: Duration,
+    ) -> Result<Option<ExecutionRow>, StoreError> {
+        let state = super::state_sql(time_plus_micros, "?2", "?3");
+        let sql = format!(
+            "SELECT {COLUMNS}, {state} AS state FROM execution_results WHERE result_id = ?1"
+        );
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(result_id.hyphenated().to_string())
+            .bind(micros(now))
+            .bind(lost_grace.num_microseconds().unwrap_or(i64::MAX))
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(read_row).transpose()
+    }
+
+    async fn list(&self, query: &ListQuery) -> Result<Vec<ExecutionRow>, StoreError> {
+        let (sql, params) = list_sql(query, placeholder, time_plus_micros, COLUMNS);
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for p in params {
+            q = match p {
+                Param::Text(s) => q.bind(s),
+                Param::Time(t) => q.bind(micros(t)),
+                Param::Id(id) => q.bind(id.hyphenated().to_string()),
+                Param::Micros(n) | Param::Limit(n) => q.bind(n),
+            };
+        }
+        let rows = q.fetch_all(&self.pool).await?;
+        rows.iter().map(read_row).collect()
+    }
+
+    async fn delete_received_before(
+        &self,
+        cutoff: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "DELETE FROM execution_results WHERE result_id IN \
+             (SELECT result_id FROM execution_results WHERE received_at < ?1 LIMIT ?2)",
+        )
+        .bind(micros(cutoff))
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}
