@@ -1,0 +1,472 @@
+//! The store conformance suite: every coalescing and query rule of SPEC §3, run against both
+//! stores. `conformance!` instantiates each scenario once per backend.
+
+use chrono::Duration;
+use kanade_ingest::store::{Cursor, ExecutionRow, ListQuery, RunState, RunWrite, Store};
+use kanade_shared::wire::{EventBody, ExecStatus};
+use uuid::Uuid;
+
+use crate::helpers::{Backend, Run, TestDb, now};
+
+fn started(run: &Run) -> RunWrite {
+    RunWrite::from_event(&EventBody::Started(run.started())).unwrap()
+}
+
+fn result(run: &Run, status: ExecStatus, exit_code: Option<i32>) -> RunWrite {
+    RunWrite::from_event(&EventBody::Result(run.result(status, exit_code))).unwrap()
+}
+
+fn id(run: &Run) -> Uuid {
+    Uuid::parse_str(&run.result_id).unwrap()
+}
+
+const GRACE: Duration = Duration::minutes(5);
+
+async fn get(store: &dyn Store, run: &Run) -> ExecutionRow {
+    store
+        .get(id(run), now(), GRACE)
+        .await
+        .unwrap()
+        .expect("row exists")
+}
+
+async fn count(store: &dyn Store) -> usize {
+    store
+        .list(&ListQuery::all(now(), GRACE, 500))
+        .await
+        .unwrap()
+        .len()
+}
+
+macro_rules! conformance {
+    ($($scenario:ident),* $(,)?) => {
+        mod postgres {
+            $(#[tokio::test] async fn $scenario() { super::$scenario(super::Backend::Postgres).await })*
+        }
+        mod sqlite {
+            $(#[tokio::test] async fn $scenario() { super::$scenario(super::Backend::Sqlite).await })*
+        }
+    };
+}
+
+conformance!(
+    started_then_result_finishes_one_row,
+    result_then_late_started_fills_only_missing_columns,
+    duplicates_are_no_ops,
+    first_committed_result_wins,
+    another_pc_can_never_modify_a_run,
+    nul_bytes_and_any_unicode_are_stored,
+    a_run_without_result_turns_lost_after_timeout_and_grace,
+    a_late_real_result_wins_over_lost,
+    listing_filters_orders_newest_first_and_pages_by_keyset,
+    unknown_run_is_none,
+    retention_deletes_only_old_rows_in_batches,
+    migrations_are_idempotent,
+);
+
+async fn started_then_result_finishes_one_row(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.store().await;
+    let run = Run::new("pc-a");
+    assert_eq!(store.apply(&[started(&run)], now()).await.unwrap(), [true]);
+    let row = get(store.as_ref(), &run).await;
+    assert_eq!(row.state, RunState::Running);
+    assert_eq!(row.timeout_secs, Some(60));
+    assert!(row.outcome.is_none());
+
+    let res = result(&run, ExecStatus::Failed, Some(2));
+    assert_eq!(store.apply(&[res.clone()], now()).await.unwrap(), [true]);
+    let row = get(store.as_ref(), &run).await;
+    assert_eq!(row.state, RunState::Finished(ExecStatus::Failed));
+    assert_eq!(row.outcome, res.outcome);
+    assert_eq!(row.timeout_secs, Some(60));
+    assert_eq!(count(store.as_ref()).await, 1);
+}
+
+async fn result_then_late_started_fills_only_missing_columns(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.store().await;
+    let run = Run::new("pc-a");
+    let res = result(&run, ExecStatus::Succeeded, Some(0));
+    store.apply(&[res.clone()], now()).await.unwrap();
+    let row = get(store.as_ref(), &run).await;
+    assert_eq!(row.state, RunState::Finished(ExecStatus::Succeeded));
+    assert_eq!(row.timeout_secs, None);
+
+    let mut late = started(&run);
+    late.version = "a different version".into();
+    assert_eq!(store.apply(&[late], now()).await.unwrap(), [true]);
+    let row = get(store.as_ref(), &run).await;
+    assert_eq!(
+        row.state,
+        RunState::Finished(ExecStatus::Succeeded),
+        "never un-finished"
+    );
+    assert_eq!(row.outcome, res.outcome);
+    assert_eq!(row.timeout_secs, Some(60), "the NULL column was filled");
+    assert_eq!(row.version, "3", "a set column is never overwritten");
+}
+
+async fn duplicates_are_no_ops(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.store().await;
+    let run = Run::new("pc-a");
+    let first_seen = now() - Duration::seconds(10);
+    store.apply(&[started(&run)], first_seen).await.unwrap();
+    store
+        .apply(&[result(&run, ExecStatus::Succeeded, Some(0))], first_seen)
+        .await
+        .unwrap();
+    let before = get(store.as_ref(), &run).await;
+    for _ in 0..3 {
+        let applied = store.apply(&[started(&run)], now()).await.unwrap();
+        assert_eq!(applied, [true], "a redelivery is acknowledged");
+        store
+            .apply(&[result(&run, ExecStatus::Succeeded, Some(0))], now())
+            .await
+            .unwrap();
+    }
+    assert_eq!(get(store.as_ref(), &run).await, before);
+    assert_eq!(
+        before.received_at, first_seen,
+        "received_at is the first insert's"
+    );
+    assert_eq!(count(store.as_ref()).await, 1);
+}
+
+async fn first_committed_result_wins(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.store().await;
+    let run = Run::new("pc-a");
+    store.apply(&[started(&run)], now()).await.unwrap();
+    let first = result(&run, ExecStatus::TimedOut, None);
+    store.apply(&[first.clone()], now()).await.unwrap();
+    let other = result(&run, ExecStatus::Succeeded, Some(0));
+    assert_eq!(
+        store.apply(&[other], now()).await.unwrap(),
+        [true],
+        "acked as a no-op"
+    );
+    let row = get(store.as_ref(), &run).await;
+    assert_eq!(row.outcome, first.outcome);
+    assert_eq!(row.state, RunState::Finished(ExecStatus::TimedOut));
+}
+
+async fn another_pc_can_never_modify_a_run(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.store().await;
+    let run = Run::new("pc-a");
+    store.apply(&[started(&run)], now()).await.unwrap();
+    let before = get(store.as_ref(), &run).await;
+
+    let intruder = Run {
+        pc_id: "pc-b".into(),
+        ..run.clone()
+    };
+    let other = Run::new("pc-b");
+    let applied = store
+        .apply(
+            &[
+                result(&intruder, ExecStatus::Succeeded, Some(0)),
+                started(&other),
+            ],
+            now(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(applied, [false, true], "only the foreign write is refused");
+    assert_eq!(get(store.as_ref(), &run).await, before);
+
+    // Both endpoints in one batch, owner first: the owner's write lands, the intruder's not.
+    let fresh = Run::new("pc-a");
+    let fresh_intruder = Run {
+        pc_id: "pc-b".into(),
+        ..fresh.clone()
+    };
+    let applied = store
+        .apply(
+            &[
+                started(&fresh),
+                result(&fresh_intruder, ExecStatus::Failed, Some(1)),
+            ],
+            now(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(applied, [true, false]);
+    let row = get(store.as_ref(), &fresh).await;
+    assert_eq!(row.pc_id, "pc-a");
+    assert_eq!(row.state, RunState::Running);
+}
+
+async fn nul_bytes_and_any_unicode_are_stored(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.store().await;
+    let run = Run::new("pc-ü");
+    let mut res = run.result(ExecStatus::Failed, Some(1));
+    res.stdout = "a\0b — ✓ 日本語 🎉 \u{7f}\r\n".into();
+    res.stderr = "\0\0".into();
+    let write = RunWrite::from_event(&EventBody::Result(res)).unwrap();
+    store.apply(&[write], now()).await.unwrap();
+    let out = get(store.as_ref(), &run).await.outcome.unwrap();
+    assert_eq!(out.stdout, "a\u{FFFD}b — ✓ 日本語 🎉 \u{7f}\r\n");
+    assert_eq!(out.stderr, "\u{FFFD}\u{FFFD}");
+}
+
+async fn a_run_without_result_turns_lost_after_timeout_and_grace(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.store().await;
+    let received = now();
+    let with_timeout = Run::new("pc-a"); // timeout 60 s
+    let mut no_timeout = started(&Run::new("pc-a"));
+    no_timeout.timeout_secs = None;
+    store
+        .apply(&[started(&with_timeout), no_timeout.clone()], received)
+        .await
+        .unwrap();
+    let state_at = |secs: i64, id: Uuid| {
+        let store = store.clone();
+        async move {
+            store
+                .get(id, received + Duration::seconds(secs), GRACE)
+                .await
+                .unwrap()
+                .unwrap()
+                .state
+        }
+    };
+    let timed = id(&with_timeout);
+    assert_eq!(state_at(60 + 300, timed).await, RunState::Running);
+    assert_eq!(state_at(60 + 301, timed).await, RunState::Lost);
+    assert_eq!(
+        state_at(86_400, no_timeout.result_id).await,
+        RunState::Running
+    );
+    assert_eq!(state_at(86_401, no_timeout.result_id).await, RunState::Lost);
+
+    let lost_now = ListQuery {
+        states: vec![RunState::Lost],
+        ..ListQuery::all(received + Duration::seconds(400), GRACE, 50)
+    };
+    let lost: Vec<Uuid> = store
+        .list(&lost_now)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.result_id)
+        .collect();
+    assert_eq!(lost, [timed]);
+    let running = ListQuery {
+        states: vec![RunState::Running],
+        ..lost_now
+    };
+    let running: Vec<Uuid> = store
+        .list(&running)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.result_id)
+        .collect();
+    assert_eq!(running, [no_timeout.result_id]);
+}
+
+async fn a_late_real_result_wins_over_lost(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.store().await;
+    let run = Run::new("pc-a");
+    let received = now() - Duration::days(2);
+    store.apply(&[started(&run)], received).await.unwrap();
+    assert_eq!(get(store.as_ref(), &run).await.state, RunState::Lost);
+    store
+        .apply(&[result(&run, ExecStatus::Succeeded, Some(0))], now())
+        .await
+        .unwrap();
+    assert_eq!(
+        get(store.as_ref(), &run).await.state,
+        RunState::Finished(ExecStatus::Succeeded)
+    );
+}
+
+async fn listing_filters_orders_newest_first_and_pages_by_keyset(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.store().await;
+    let base = now() - Duration::hours(1);
+    // 30 runs on two endpoints; pairs share a started_at so the result_id tie-break matters.
+    let runs: Vec<Run> = (0..30)
+        .map(|i| {
+            Run::at(
+                if i % 3 == 0 { "pc-b" } else { "pc-a" },
+                base + Duration::seconds(i / 2),
+            )
+        })
+        .collect();
+    let mut writes = Vec::new();
+    for (i, run) in runs.iter().enumerate() {
+        writes.push(started(run));
+        if i % 2 == 0 {
+            writes.push(result(run, ExecStatus::Failed, Some(1)));
+        }
+    }
+    // The batcher hands stores writes sorted by result_id, one per run and endpoint.
+    let mut merged: Vec<RunWrite> = Vec::new();
+    for w in writes {
+        match merged.iter_mut().find(|m| m.result_id == w.result_id) {
+            Some(m) => m.absorb(w),
+            None => merged.push(w),
+        }
+    }
+    merged.sort_by_key(|w| w.result_id);
+    store.apply(&merged, now()).await.unwrap();
+
+    let mut expected: Vec<&Run> = runs.iter().collect();
+    expected.sort_by_key(|r| std::cmp::Reverse((r.started_at, id(r))));
+
+    // Page through everything, 7 at a time.
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store
+            .list(&ListQuery {
+                after,
+                ..ListQuery::all(now(), GRACE, 7)
+            })
+            .await
+            .unwrap();
+        if page.is_empty() {
+            break;
+        }
+        after = page.last().map(|r| Cursor {
+            started_at: r.started_at,
+            result_id: r.result_id,
+        });
+        seen.extend(page.into_iter().map(|r| r.result_id));
+    }
+    assert_eq!(seen, expected.iter().map(|r| id(r)).collect::<Vec<_>>());
+
+    // Filters combine.
+    let failed_on_b = ListQuery {
+        states: vec![RunState::Finished(ExecStatus::Failed)],
+        pc_id: Some("pc-b".into()),
+        started_after: Some(base + Duration::seconds(2)),
+        started_before: Some(base + Duration::seconds(12)),
+        ..ListQuery::all(now(), GRACE, 500)
+    };
+    let got: Vec<Uuid> = store
+        .list(&failed_on_b)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.result_id)
+        .collect();
+    let want: Vec<Uuid> = expected
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| {
+            let i = runs
+                .iter()
+                .position(|x| x.result_id == r.result_id)
+                .unwrap();
+            r.pc_id == "pc-b"
+                && i % 2 == 0
+                && r.started_at >= base + Duration::seconds(2)
+                && r.started_at < base + Duration::seconds(12)
+        })
+        .map(|(_, r)| id(r))
+        .collect();
+    assert!(!want.is_empty());
+    assert_eq!(got, want);
+
+    let by_manifest = ListQuery {
+        manifest_id: Some("nothing-like-this".into()),
+        ..ListQuery::all(now(), GRACE, 500)
+    };
+    assert!(store.list(&by_manifest).await.unwrap().is_empty());
+    let by_exec = ListQuery {
+        exec_id: Some("exec-1".into()),
+        states: vec![RunState::Running, RunState::Finished(ExecStatus::Failed)],
+        ..ListQuery::all(now(), GRACE, 500)
+    };
+    assert_eq!(store.list(&by_exec).await.unwrap().len(), 30);
+}
+
+async fn unknown_run_is_none(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.store().await;
+    assert!(
+        store
+            .get(Uuid::now_v7(), now(), GRACE)
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+async fn retention_deletes_only_old_rows_in_batches(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.store().await;
+    let old: Vec<RunWrite> = (0..25).map(|_| started(&Run::new("pc-a"))).collect();
+    let mut old_sorted = old.clone();
+    old_sorted.sort_by_key(|w| w.result_id);
+    store
+        .apply(&old_sorted, now() - Duration::days(100))
+        .await
+        .unwrap();
+    let young = Run::new("pc-a");
+    store.apply(&[started(&young)], now()).await.unwrap();
+    let cutoff = now() - Duration::days(90);
+    assert_eq!(store.delete_received_before(cutoff, 10).await.unwrap(), 10);
+    assert_eq!(store.delete_received_before(cutoff, 10).await.unwrap(), 10);
+    assert_eq!(store.delete_received_before(cutoff, 10).await.unwrap(), 5);
+    assert_eq!(store.delete_received_before(cutoff, 10).await.unwrap(), 0);
+    assert_eq!(count(store.as_ref()).await, 1);
+    get(store.as_ref(), &young).await;
+}
+
+async fn migrations_are_idempotent(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.store().await;
+    store.migrate().await.unwrap();
+    let other = db.store().await;
+    other.migrate().await.unwrap();
+    other.ping().await.unwrap();
+}
+
+/// One scenario, both stores: every answer identical, byte for byte.
+#[tokio::test]
+async fn both_stores_give_identical_answers() {
+    let pg = TestDb::postgres().await;
+    let lite = TestDb::sqlite();
+    let (pg, lite) = (pg.store().await, lite.store().await);
+    let received = now() - Duration::minutes(30);
+    let mut writes = Vec::new();
+    for i in 0..40 {
+        let run = Run::at("pc-a", received - Duration::milliseconds(i * 250));
+        writes.push(started(&run));
+        let status = ExecStatus::ALL[i as usize % ExecStatus::ALL.len()];
+        if i % 4 != 0 {
+            let mut r = run.result(status, (i % 2 == 0).then_some(i as i32));
+            r.stdout = format!("line {i}\0 ünïcödé\n").repeat(i as usize);
+            r.stdout_dropped_bytes = i as u64 * 1000;
+            let w = RunWrite::from_event(&EventBody::Result(r)).unwrap();
+            writes.last_mut().unwrap().absorb(w);
+        }
+    }
+    writes.sort_by_key(|w| w.result_id);
+    assert_eq!(
+        pg.apply(&writes, received).await.unwrap(),
+        lite.apply(&writes, received).await.unwrap()
+    );
+    for states in [
+        vec![],
+        vec![RunState::Running],
+        vec![RunState::Lost],
+        vec![RunState::Finished(ExecStatus::Killed), RunState::Running],
+    ] {
+        let q = ListQuery {
+            states,
+            ..ListQuery::all(now(), Duration::seconds(1), 500)
+        };
+        let (a, b) = (pg.list(&q).await.unwrap(), lite.list(&q).await.unwrap());
+        assert_eq!(format!("{a:?}"), format!("{b:?}"));
+    }
+}

@@ -1,0 +1,468 @@
+//! The harness every ingest test uses: fresh databases, the real `kanade-ingest` binary started
+//! on an ephemeral port, gRPC clients, event builders, and a TCP proxy that can cut connections.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use chrono::{DateTime, SubsecRound, Utc};
+use kanade_ingest::store::{self, Store};
+use kanade_shared::{
+    pb::{self, activity_client::ActivityClient, ingest_client::IngestClient},
+    wire::{self, EventBody, EventStarted, ExecResult, ExecStatus},
+};
+use tokio::{
+    io::copy_bidirectional,
+    net::{TcpListener, TcpStream},
+    sync::Notify,
+};
+use tonic::transport::Channel;
+use uuid::Uuid;
+
+/// The PostgreSQL server tests create their databases on.
+pub fn postgres_admin_url() -> String {
+    std::env::var("KANADE_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
+}
+
+/// A database of its own for one test: a fresh PostgreSQL database (dropped afterwards) or a
+/// fresh SQLite file in a temporary directory.
+pub struct TestDb {
+    pub url: String,
+    pg_name: Option<String>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+impl TestDb {
+    pub async fn new(backend: Backend) -> TestDb {
+        match backend {
+            Backend::Postgres => TestDb::postgres().await,
+            Backend::Sqlite => TestDb::sqlite(),
+        }
+    }
+
+    pub async fn postgres() -> TestDb {
+        let admin = postgres_admin_url();
+        let name = format!("kanade_test_{}", Uuid::new_v4().simple());
+        let pool = sqlx::PgPool::connect(&admin)
+            .await
+            .unwrap_or_else(|e| panic!("tests need PostgreSQL at {admin}: {e}"));
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&pool)
+            .await
+            .expect("creating a test database");
+        pool.close().await;
+        let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
+        TestDb {
+            url: format!("{base}/{name}"),
+            pg_name: Some(name),
+            _dir: None,
+        }
+    }
+
+    pub fn sqlite() -> TestDb {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}", dir.path().join("ingest.db").display());
+        TestDb {
+            url,
+            pg_name: None,
+            _dir: Some(dir),
+        }
+    }
+
+    /// The store itself, migrated, for direct inspection.
+    pub async fn store(&self) -> Arc<dyn Store> {
+        let store = store::open(&self.url).await.expect("opening the store");
+        store.migrate().await.expect("migrating");
+        store
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some(name) = self.pg_name.take() else {
+            return;
+        };
+        // Drop runs outside any runtime guarantee: use a small one of its own.
+        let admin = postgres_admin_url();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                if let Ok(pool) = sqlx::PgPool::connect(&admin).await {
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                    )))
+                    .execute(&pool)
+                    .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// The real `kanade-ingest` binary, started on an ephemeral port. Killed (SIGKILL) when dropped.
+pub struct TestIngest {
+    pub addr: SocketAddr,
+    pub child: Child,
+    pub stderr_log: std::path::PathBuf,
+    _log_dir: tempfile::TempDir,
+}
+
+impl TestIngest {
+    pub async fn start(database_url: &str) -> TestIngest {
+        TestIngest::start_with(database_url, &[]).await
+    }
+
+    /// Starts ingest with extra flags; waits for its "listening on" line.
+    pub async fn start_with(database_url: &str, args: &[&str]) -> TestIngest {
+        let log_dir = tempfile::tempdir().expect("temp dir");
+        let stderr_log = log_dir.path().join("stderr.log");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kanade-ingest"))
+            .args(["--listen", "127.0.0.1:0", "--database-url", database_url])
+            .args(["--health-check-every", "200ms", "--retry-max", "300ms"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr_log).expect("log file"))
+            .spawn()
+            .expect("starting kanade-ingest");
+        let stdout = child.stdout.take().expect("stdout");
+        let addr = tokio::task::spawn_blocking(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let line = lines
+                .next()
+                .expect("kanade-ingest exited before listening")
+                .expect("reading stdout");
+            // Keep draining stdout so the child never blocks on a full pipe.
+            std::thread::spawn(move || for _ in lines {});
+            line.rsplit_once("listening on ")
+                .map(|(_, a)| a.trim().parse::<SocketAddr>().expect("address"))
+                .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        })
+        .await
+        .expect("reading the listening line");
+        TestIngest {
+            addr,
+            child,
+            stderr_log,
+            _log_dir: log_dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn ingest(&self) -> IngestClient<Channel> {
+        IngestClient::connect(self.url()).await.expect("connecting")
+    }
+
+    pub async fn activity(&self) -> ActivityClient<Channel> {
+        ActivityClient::connect(self.url())
+            .await
+            .expect("connecting")
+    }
+
+    /// What ingest logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the process to exit; returns whether it exited successfully.
+    pub async fn terminate(&mut self) -> bool {
+        let pid = self.child.id().to_string();
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status.success();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "ingest ignored SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for TestIngest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Health of one service as seen through gRPC.
+pub async fn health(addr: SocketAddr, service: &str) -> i32 {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connecting");
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    client
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.to_string(),
+        })
+        .await
+        .map(|r| r.into_inner().status)
+        .unwrap_or(-1)
+}
+
+pub const SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+pub const NOT_SERVING: i32 =
+    tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+
+/// Polls `check` until it holds or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// ---------------------------------------------------------------- events
+
+pub fn now() -> DateTime<Utc> {
+    Utc::now().trunc_subsecs(6)
+}
+
+/// One run's two events, for building test traffic.
+#[derive(Debug, Clone)]
+pub struct Run {
+    pub result_id: String,
+    pub pc_id: String,
+    pub started_at: DateTime<Utc>,
+}
+
+impl Run {
+    pub fn new(pc_id: &str) -> Run {
+        Run {
+            result_id: Uuid::now_v7().to_string(),
+            pc_id: pc_id.to_string(),
+            started_at: now(),
+        }
+    }
+
+    pub fn at(pc_id: &str, started_at: DateTime<Utc>) -> Run {
+        Run {
+            started_at,
+            ..Run::new(pc_id)
+        }
+    }
+
+    pub fn started(&self) -> EventStarted {
+        EventStarted {
+            result_id: self.result_id.clone(),
+            request_id: "req-1".into(),
+            exec_id: "exec-1".into(),
+            pc_id: self.pc_id.clone(),
+            started_at: self.started_at,
+            manifest_id: "inventory".into(),
+            version: "3".into(),
+            timeout_secs: Some(60),
+        }
+    }
+
+    pub fn result(&self, status: ExecStatus, exit_code: Option<i32>) -> ExecResult {
+        ExecResult {
+            result_id: self.result_id.clone(),
+            request_id: "req-1".into(),
+            exec_id: "exec-1".into(),
+            pc_id: self.pc_id.clone(),
+            manifest_id: "inventory".into(),
+            version: "3".into(),
+            status,
+            exit_code,
+            stdout: format!("output of {}\n", self.result_id),
+            stderr: String::new(),
+            stdout_dropped_bytes: 0,
+            stderr_dropped_bytes: 0,
+            started_at: self.started_at,
+            finished_at: self.started_at + chrono::Duration::milliseconds(1500),
+        }
+    }
+
+    pub fn started_event(&self, seq: u64) -> pb::Event {
+        wire::Event {
+            seq,
+            body: EventBody::Started(self.started()),
+            trace_context: Default::default(),
+        }
+        .into()
+    }
+
+    pub fn result_event(&self, seq: u64) -> pb::Event {
+        wire::Event {
+            seq,
+            body: EventBody::Result(self.result(ExecStatus::Succeeded, Some(0))),
+            trace_context: Default::default(),
+        }
+        .into()
+    }
+}
+
+// ---------------------------------------------------------------- agent streams
+
+/// A raw agent stream driven by a test: send messages, read answers.
+pub struct AgentStream {
+    pub tx: tokio::sync::mpsc::Sender<pb::AgentMessage>,
+    pub rx: tonic::Streaming<pb::IngestMessage>,
+}
+
+pub fn hello(pc_id: &str) -> pb::AgentMessage {
+    pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
+            pc_id: pc_id.to_string(),
+            agent_version: "test".into(),
+        })),
+    }
+}
+
+pub fn event_msg(e: pb::Event) -> pb::AgentMessage {
+    pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::Event(e)),
+    }
+}
+
+impl AgentStream {
+    /// Opens a stream whose first message is `first` (normally a Hello).
+    pub async fn open_with(
+        client: &mut IngestClient<Channel>,
+        first: Option<pb::AgentMessage>,
+    ) -> Result<AgentStream, tonic::Status> {
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        if let Some(first) = first {
+            tx.send(first).await.unwrap();
+        }
+        let response = client
+            .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?;
+        Ok(AgentStream {
+            tx,
+            rx: response.into_inner(),
+        })
+    }
+
+    /// Opens a stream for `pc_id` and reads its Welcome.
+    pub async fn open(client: &mut IngestClient<Channel>, pc_id: &str) -> AgentStream {
+        let mut stream = AgentStream::open_with(client, Some(hello(pc_id)))
+            .await
+            .expect("opening a stream");
+        match stream.next().await {
+            Some(pb::ingest_message::Msg::Welcome(_)) => stream,
+            other => panic!("expected Welcome, got {other:?}"),
+        }
+    }
+
+    pub async fn send(&self, e: pb::Event) {
+        self.tx.send(event_msg(e)).await.expect("stream open");
+    }
+
+    /// The next message, or None when the stream ended (panics after 20 s of silence).
+    pub async fn next(&mut self) -> Option<pb::ingest_message::Msg> {
+        self.try_next().await.expect("stream failed")
+    }
+
+    pub async fn try_next(&mut self) -> Result<Option<pb::ingest_message::Msg>, tonic::Status> {
+        match tokio::time::timeout(Duration::from_secs(20), self.rx.message()).await {
+            Ok(r) => r.map(|m| m.and_then(|m| m.msg)),
+            Err(_) => panic!("no message from ingest within 20 s"),
+        }
+    }
+
+    /// Reads until `count` seqs were acked or rejected; returns (acked, rejected with reasons).
+    pub async fn answers(&mut self, count: usize) -> (Vec<u64>, Vec<(u64, String)>) {
+        let mut acked = Vec::new();
+        let mut rejected = Vec::new();
+        while acked.len() + rejected.len() < count {
+            match self.next().await {
+                Some(pb::ingest_message::Msg::Ack(a)) => acked.extend(a.seqs),
+                Some(pb::ingest_message::Msg::Reject(r)) => rejected.push((r.seq, r.reason)),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        acked.sort_unstable();
+        (acked, rejected)
+    }
+}
+
+// ---------------------------------------------------------------- fault injection
+
+/// A TCP proxy between a client and a server that a test can cut: `cut()` drops every open
+/// connection and refuses new ones until `heal()`.
+pub struct FaultProxy {
+    pub addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+    cut_now: Arc<Notify>,
+}
+
+impl FaultProxy {
+    pub async fn start(upstream: SocketAddr) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let cut_now = Arc::new(Notify::new());
+        let (c, n) = (cut.clone(), cut_now.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if c.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let n = n.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = n.notified() => {}
+                    }
+                });
+            }
+        });
+        FaultProxy { addr, cut, cut_now }
+    }
+
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        self.cut_now.notify_waiters();
+    }
+
+    pub fn heal(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}

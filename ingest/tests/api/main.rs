@@ -1,0 +1,5 @@
+//! kanade-ingest's integration tests: one binary, one module per concern, all driving the real
+//! server (or the real stores) through `helpers`.
+
+mod conformance;
+mod helpers;
