@@ -283,8 +283,10 @@ impl StreamHandler {
                 }
                 Ok(None) => break End::ClientDone,
                 Err(status) => {
-                    tracing::debug!(pc_id = %self.pc_id, %status, "stream read failed");
-                    break End::ClientDone;
+                    // A message over the decoding limit lands here too: answer with the
+                    // reason, so the agent can tell a refusal from a network failure.
+                    tracing::info!(pc_id = %self.pc_id, %status, "stream read failed");
+                    break End::Violation(status);
                 }
             };
             let event = match msg {

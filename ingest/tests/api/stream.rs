@@ -1,0 +1,358 @@
+//! Ingest/Stream and Ingest/Publish over real gRPC against the real binary.
+
+use std::time::Duration;
+
+use kanade_ingest::store::{ListQuery, RunState};
+use kanade_shared::{pb, wire::ExecStatus};
+use tonic::Code;
+
+use crate::helpers::{AgentStream, Run, TestDb, TestIngest, event_msg, hello, now};
+
+async fn rows(db: &TestDb) -> Vec<kanade_ingest::store::ExecutionRow> {
+    db.store()
+        .await
+        .list(&ListQuery::all(now(), chrono::Duration::minutes(5), 500))
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn every_valid_event_is_acked_after_commit() {
+    let db = TestDb::postgres().await;
+    let ingest = TestIngest::start(&db.url).await;
+    let mut client = ingest.ingest().await;
+    let mut stream = AgentStream::open(&mut client, "pc-a").await;
+    let runs: Vec<Run> = (0..50).map(|_| Run::new("pc-a")).collect();
+    for (i, run) in runs.iter().enumerate() {
+        stream.send(run.started_event(2 * i as u64 + 1)).await;
+        stream.send(run.result_event(2 * i as u64 + 2)).await;
+    }
+    let (acked, rejected) = stream.answers(100).await;
+    assert!(rejected.is_empty(), "{rejected:?}");
+    assert_eq!(acked, (1..=100).collect::<Vec<u64>>());
+    let rows = rows(&db).await;
+    assert_eq!(rows.len(), 50);
+    assert!(
+        rows.iter()
+            .all(|r| r.state == RunState::Finished(ExecStatus::Succeeded))
+    );
+}
+
+#[tokio::test]
+async fn invalid_events_are_rejected_with_reasons_and_the_stream_carries_on() {
+    let db = TestDb::sqlite();
+    let ingest = TestIngest::start(&db.url).await;
+    let mut client = ingest.ingest().await;
+    let mut stream = AgentStream::open(&mut client, "pc-a").await;
+
+    let mut bad_id = Run::new("pc-a").started_event(1);
+    if let Some(pb::event::Body::Started(s)) = &mut bad_id.body {
+        s.result_id = "run-17".into();
+    }
+    stream.send(bad_id).await;
+    let mut no_body = Run::new("pc-a").started_event(2);
+    no_body.body = None;
+    stream.send(no_body).await;
+    stream.send(Run::new("pc-b").started_event(3)).await;
+    let good = Run::new("pc-a");
+    stream.send(good.started_event(4)).await;
+
+    let (acked, mut rejected) = stream.answers(4).await;
+    rejected.sort();
+    assert_eq!(acked, [4]);
+    assert_eq!(rejected.len(), 3);
+    assert_eq!(rejected[0].0, 1);
+    assert!(
+        rejected[0].1.contains("result_id must be a UUID"),
+        "{}",
+        rejected[0].1
+    );
+    assert_eq!(rejected[1].0, 2);
+    assert!(
+        rejected[1].1.contains("body is missing"),
+        "{}",
+        rejected[1].1
+    );
+    assert_eq!(rejected[2].0, 3);
+    assert!(
+        rejected[2].1.contains("does not match this stream's pc_id"),
+        "{}",
+        rejected[2].1
+    );
+    assert_eq!(rows(&db).await.len(), 1);
+}
+
+#[tokio::test]
+async fn redelivered_events_are_acked_again_without_duplicate_rows() {
+    let db = TestDb::postgres().await;
+    let ingest = TestIngest::start(&db.url).await;
+    let mut client = ingest.ingest().await;
+    let runs: Vec<Run> = (0..10).map(|_| Run::new("pc-a")).collect();
+    for _ in 0..3 {
+        // Each delivery on a fresh stream, as after a reconnect.
+        let mut stream = AgentStream::open(&mut client, "pc-a").await;
+        for (i, run) in runs.iter().enumerate() {
+            stream.send(run.result_event(2 * i as u64 + 1)).await;
+            stream.send(run.started_event(2 * i as u64 + 2)).await;
+        }
+        let (acked, rejected) = stream.answers(20).await;
+        assert_eq!(acked.len(), 20);
+        assert!(rejected.is_empty());
+    }
+    let rows = rows(&db).await;
+    assert_eq!(rows.len(), 10);
+    assert!(
+        rows.iter()
+            .all(|r| r.timeout_secs == Some(60) && r.outcome.is_some())
+    );
+}
+
+#[tokio::test]
+async fn a_stream_must_start_with_hello() {
+    let db = TestDb::sqlite();
+    let ingest = TestIngest::start_with(&db.url, &["--hello-timeout", "300ms"]).await;
+    let mut client = ingest.ingest().await;
+
+    let first_event = AgentStream::open_with(
+        &mut client,
+        Some(event_msg(Run::new("pc-a").started_event(1))),
+    )
+    .await
+    .err()
+    .expect("refused");
+    assert_eq!(first_event.code(), Code::InvalidArgument);
+    assert!(first_event.message().contains("must be Hello"));
+
+    let silent = AgentStream::open_with(&mut client, None)
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(silent.code(), Code::DeadlineExceeded);
+
+    let empty_pc = AgentStream::open_with(&mut client, Some(hello("")))
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(empty_pc.code(), Code::InvalidArgument);
+
+    // A second Hello on an open stream ends it.
+    let mut stream = AgentStream::open(&mut client, "pc-a").await;
+    stream.tx.send(hello("pc-a")).await.unwrap();
+    let err = stream.try_next().await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn two_streams_of_one_pc_work_concurrently_and_acks_go_to_their_sender() {
+    let db = TestDb::postgres().await;
+    let ingest = TestIngest::start(&db.url).await;
+    let mut client = ingest.ingest().await;
+    let mut one = AgentStream::open(&mut client, "pc-a").await;
+    let mut two = AgentStream::open(&mut client, "pc-a").await;
+    let runs: Vec<Run> = (0..20).map(|_| Run::new("pc-a")).collect();
+    for (i, run) in runs.iter().enumerate() {
+        let seq = i as u64 + 1;
+        if i % 2 == 0 {
+            one.send(run.started_event(seq)).await;
+        } else {
+            two.send(run.started_event(seq)).await;
+        }
+    }
+    let (a, _) = one.answers(10).await;
+    let (b, _) = two.answers(10).await;
+    assert_eq!(a, (1..=20).step_by(2).collect::<Vec<u64>>());
+    assert_eq!(b, (2..=20).step_by(2).collect::<Vec<u64>>());
+    assert_eq!(rows(&db).await.len(), 20);
+}
+
+#[tokio::test]
+async fn stream_limits_answer_resource_exhausted() {
+    let db = TestDb::sqlite();
+    let ingest = TestIngest::start_with(
+        &db.url,
+        &["--max-streams", "3", "--max-streams-per-pc", "2"],
+    )
+    .await;
+    let mut client = ingest.ingest().await;
+    let _a1 = AgentStream::open(&mut client, "pc-a").await;
+    let _a2 = AgentStream::open(&mut client, "pc-a").await;
+    let third = AgentStream::open_with(&mut client, Some(hello("pc-a")))
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(third.code(), Code::ResourceExhausted);
+    assert!(third.message().contains("--max-streams-per-pc"));
+
+    let b = AgentStream::open(&mut client, "pc-b").await;
+    let over = AgentStream::open_with(&mut client, Some(hello("pc-c")))
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(over.code(), Code::ResourceExhausted);
+    assert!(over.message().contains("--max-streams"));
+
+    // A closed stream frees its place.
+    drop(b);
+    crate::helpers::eventually(Duration::from_secs(5), "a freed stream slot", || {
+        let mut client = client.clone();
+        async move {
+            AgentStream::open_with(&mut client, Some(hello("pc-c")))
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_window_bounds_unacked_events_held_for_a_stream() {
+    let db = TestDb::sqlite();
+    let ingest =
+        TestIngest::start_with(&db.url, &["--max-unacked", "4", "--batch-linger", "400ms"]).await;
+    let mut client = ingest.ingest().await;
+    let mut stream = AgentStream::open_with(&mut client, Some(hello("pc-a")))
+        .await
+        .unwrap();
+    match stream.next().await {
+        Some(pb::ingest_message::Msg::Welcome(w)) => assert_eq!(w.max_unacked, 4),
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+    // A client that ignores the window is slowed, never failed.
+    for i in 0..12u64 {
+        stream.send(Run::new("pc-a").started_event(i + 1)).await;
+    }
+    let mut acked = Vec::new();
+    while acked.len() < 12 {
+        match stream.next().await {
+            Some(pb::ingest_message::Msg::Ack(a)) => {
+                assert!(
+                    a.seqs.len() <= 4,
+                    "one batch held {} events of a 4-event window",
+                    a.seqs.len()
+                );
+                acked.extend(a.seqs);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    acked.sort_unstable();
+    assert_eq!(acked, (1..=12).collect::<Vec<u64>>());
+}
+
+#[tokio::test]
+async fn oversized_events_get_a_clear_error_and_nothing_accepted_is_lost() {
+    let db = TestDb::sqlite();
+    let ingest = TestIngest::start_with(&db.url, &["--max-event-bytes", "2000"]).await;
+    let mut client = ingest.ingest().await;
+    let mut stream = AgentStream::open(&mut client, "pc-a").await;
+    let first = Run::new("pc-a");
+    stream.send(first.started_event(1)).await;
+    let big = Run::new("pc-a");
+    let mut e = big.result_event(2);
+    if let Some(pb::event::Body::Result(r)) = &mut e.body {
+        r.stdout = "x".repeat(5000);
+    }
+    stream.send(e).await;
+    stream.send(big.started_event(3)).await;
+    let (acked, rejected) = stream.answers(3).await;
+    assert_eq!(acked, [1, 3]);
+    assert_eq!(rejected.len(), 1);
+    assert!(
+        rejected[0]
+            .1
+            .contains("larger than this ingest's limit of 2000 bytes"),
+        "{}",
+        rejected[0].1
+    );
+
+    // Over the transport limit the stream fails; the server keeps serving.
+    let mut huge = Run::new("pc-a").result_event(4);
+    if let Some(pb::event::Body::Result(r)) = &mut huge.body {
+        r.stdout = "y".repeat(kanade_shared::limits::MAX_DECODING_MESSAGE_BYTES + 1);
+    }
+    stream.send(huge).await;
+    let err = loop {
+        match stream.try_next().await {
+            Err(status) => break status,
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("stream ended cleanly"),
+        }
+    };
+    assert!(
+        matches!(
+            err.code(),
+            Code::OutOfRange | Code::ResourceExhausted | Code::Internal
+        ),
+        "{err:?}"
+    );
+    let mut again = AgentStream::open(&mut client, "pc-a").await;
+    again.send(Run::new("pc-a").started_event(1)).await;
+    assert_eq!(again.answers(1).await.0, [1]);
+    assert_eq!(rows(&db).await.len(), 3);
+}
+
+#[tokio::test]
+async fn streams_past_their_maximum_age_end_cleanly_after_their_acks() {
+    let db = TestDb::sqlite();
+    let ingest = TestIngest::start_with(&db.url, &["--max-stream-age", "1s"]).await;
+    let mut client = ingest.ingest().await;
+    let mut stream = AgentStream::open(&mut client, "pc-a").await;
+    stream.send(Run::new("pc-a").started_event(1)).await;
+    assert_eq!(stream.answers(1).await.0, [1]);
+    let started = std::time::Instant::now();
+    assert!(
+        stream
+            .try_next()
+            .await
+            .expect("ends without error")
+            .is_none()
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test]
+async fn publish_commits_before_answering_and_refuses_bad_input() {
+    let db = TestDb::postgres().await;
+    let ingest = TestIngest::start(&db.url).await;
+    let mut client = ingest.ingest().await;
+    let run = Run::new("pc-a");
+    let answer = client
+        .publish(run.started_event(0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.result_id, run.result_id);
+    let row = db
+        .store()
+        .await
+        .get(
+            run.result_id.parse().unwrap(),
+            now(),
+            chrono::Duration::minutes(5),
+        )
+        .await
+        .unwrap()
+        .expect("committed before the answer");
+    assert_eq!(row.state, RunState::Running);
+
+    let mut bad = run.result_event(0);
+    if let Some(pb::event::Body::Result(r)) = &mut bad.body {
+        r.status = 0;
+    }
+    let err = client.publish(bad).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("status must be set"),
+        "{}",
+        err.message()
+    );
+
+    let intruder = Run {
+        pc_id: "pc-b".into(),
+        ..run.clone()
+    };
+    let err = client.publish(intruder.result_event(0)).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("another pc_id"));
+    assert_eq!(rows(&db).await[0].state, RunState::Running);
+}
