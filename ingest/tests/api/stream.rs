@@ -356,3 +356,86 @@ async fn publish_commits_before_answering_and_refuses_bad_input() {
     assert!(err.message().contains("another pc_id"));
     assert_eq!(rows(&db).await[0].state, RunState::Running);
 }
+
+#[tokio::test]
+async fn one_batch_commits_events_of_many_streams_and_acks_each_its_own() {
+    let db = TestDb::postgres().await;
+    let ingest = TestIngest::start_with(&db.url, &["--batch-linger", "500ms"]).await;
+    let mut client = ingest.ingest().await;
+    let mut streams = Vec::new();
+    for pc in ["pc-a", "pc-b", "pc-c"] {
+        streams.push((pc, AgentStream::open(&mut client, pc).await));
+    }
+    for (pc, stream) in &streams {
+        for seq in 1..=5 {
+            stream.send(Run::new(pc).started_event(seq)).await;
+        }
+    }
+    // All fifteen events were in one batch: each stream gets ONE Ack with its own five seqs.
+    for (_, stream) in &mut streams {
+        match stream.next().await {
+            Some(pb::ingest_message::Msg::Ack(a)) => {
+                let mut seqs = a.seqs;
+                seqs.sort_unstable();
+                assert_eq!(seqs, [1, 2, 3, 4, 5]);
+            }
+            other => panic!("expected one Ack, got {other:?}"),
+        }
+    }
+    assert_eq!(rows(&db).await.len(), 15);
+}
+
+#[tokio::test]
+async fn retention_deletes_old_runs_in_the_background() {
+    let db = TestDb::sqlite();
+    let ingest = TestIngest::start_with(
+        &db.url,
+        &["--retention", "1s", "--retention-every", "200ms"],
+    )
+    .await;
+    let mut client = ingest.ingest().await;
+    client
+        .publish(Run::new("pc-a").started_event(0))
+        .await
+        .unwrap();
+    assert_eq!(rows(&db).await.len(), 1);
+    crate::helpers::eventually(Duration::from_secs(10), "the old run deleted", || async {
+        rows(&db).await.is_empty()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn migrate_command_prepares_a_database_and_replicas_can_migrate_together() {
+    let db = TestDb::postgres().await;
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kanade-ingest"))
+        .args(["migrate", "--database-url", &db.url])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stdout).contains("migrations applied"));
+
+    // Several replicas starting together on a fresh database all come up.
+    let fresh = TestDb::postgres().await;
+    let (a, b, c) = tokio::join!(
+        TestIngest::start(&fresh.url),
+        TestIngest::start(&fresh.url),
+        TestIngest::start(&fresh.url)
+    );
+    for ingest in [&a, &b, &c] {
+        ingest
+            .ingest()
+            .await
+            .publish(Run::new("pc-a").started_event(0))
+            .await
+            .unwrap();
+    }
+    assert_eq!(rows(&fresh).await.len(), 3);
+
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_kanade-ingest"))
+        .args(["migrate", "--database-url", "mysql://localhost/x"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unsupported database URL"));
+}
