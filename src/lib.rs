@@ -12,4 +12,5 @@
 pub mod backoff;
 pub mod limits;
 pub mod pb;
+pub mod telemetry;
 pub mod wire;

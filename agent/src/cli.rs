@@ -1,39 +1,46 @@
 //! The agent's command line (SPEC §9). Flags override environment variables, which override the
 //! config file.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
+use kanade_shared::telemetry::LogFormat;
 
-/// Runs scripts on this endpoint and streams what they did to kanade-ingest.
-///
-/// NOTE: this build only parses the command line. Running jobs, the outbox and the sender arrive
-/// with the agent issue; every command currently exits with status 125 and says so.
+/// Runs scripts on this endpoint and streams what they did to kanade-ingest, through a durable
+/// outbox in the data dir.
 #[derive(Debug, Parser)]
 #[command(name = "kanade-agent", version)]
 pub struct Cli {
+    /// Log line format; filter with RUST_LOG (e.g. RUST_LOG=kanade_agent=debug).
+    #[arg(
+        long,
+        global = true,
+        env = "KANADE_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// The daemon: runs scheduled jobs from the config file and streams events to ingest
-    /// (not yet implemented).
+    /// The daemon: runs scheduled jobs from the config file and streams events to ingest.
     Run {
         #[command(flatten)]
         common: CommonArgs,
     },
-    /// Runs one command now through the outbox and exits with the command's exit code
-    /// (not yet implemented).
+    /// Runs one command now through the outbox and exits with the command's exit code (128+N
+    /// when it died of signal N; 127 not found, 126 not executable, 125 agent error, 75 when
+    /// --wait timed out).
     Exec(ExecArgs),
-    /// Shows outbox depth, oldest pending event, dead letters and connection state
-    /// (not yet implemented).
+    /// Shows outbox depth, oldest pending event, dead letters, connection state and last ack.
     Status {
         #[command(flatten)]
         common: CommonArgs,
     },
-    /// Lists, retries or purges events ingest refused (not yet implemented).
+    /// Lists, retries or purges events ingest refused.
     DeadLetters {
         #[command(flatten)]
         common: CommonArgs,
@@ -47,9 +54,9 @@ pub enum DeadLetterAction {
     /// Lists dead-lettered events with the reason they were refused.
     List,
     /// Puts one dead-lettered event back into the outbox.
-    Retry { id: u64 },
+    Retry { id: i64 },
     /// Deletes one dead-lettered event for good.
-    Purge { id: u64 },
+    Purge { id: i64 },
 }
 
 /// Settings shared by every command.
@@ -89,8 +96,8 @@ pub struct ExecArgs {
     #[arg(long)]
     pub wait: bool,
     /// How long --wait waits before exiting with status 75 (e.g. 30s, 5m).
-    #[arg(long, default_value = "60s")]
-    pub wait_timeout: String,
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub wait_timeout: Duration,
     /// Manifest id the run is reported under.
     #[arg(long)]
     pub manifest: String,
@@ -98,8 +105,14 @@ pub struct ExecArgs {
     #[arg(long, default_value = "")]
     pub version: String,
     /// Kill the command's process group after this long (e.g. 30s, 5m).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub timeout: Option<Duration>,
+    /// The request this run answers [default: a fresh UUIDv7].
     #[arg(long)]
-    pub timeout: Option<String>,
+    pub request_id: Option<String>,
+    /// The deployment this run belongs to [default: a fresh UUIDv7].
+    #[arg(long)]
+    pub exec_id: Option<String>,
     /// The command and its arguments.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,

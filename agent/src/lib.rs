@@ -1,22 +1,238 @@
 //! kanade-agent: runs scripts on an endpoint and streams their lifecycle events to ingest.
 //!
-//! Only the command line exists so far; the runner, outbox and sender are the agent issue's work.
+//! - [`cli`], [`config`]: the command line and the settings merged from file, env and flags.
+//! - [`runner`]: spawns a run's process group, enforces its timeout, captures its output.
+//! - [`outbox`]: the durable SQLite queue every event goes through, and the run journal.
+//! - [`execution`]: one run from Started to Result through the outbox.
+//! - [`sender`]: the stream to ingest: window, acks, rejects, reconnects.
+//! - [`schedule`], [`daemon`]: scheduled jobs and the long-running process.
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
 pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod execution;
+pub mod outbox;
+pub mod runner;
+pub mod schedule;
+pub mod sender;
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::{
+    cli::{Command, CommonArgs, DeadLetterAction, ExecArgs},
+    config::{Program, Settings},
+    execution::RunRequest,
+    outbox::Outbox,
+};
 
 /// Exit status for an agent error (SPEC §4).
 pub const EXIT_AGENT_ERROR: u8 = 125;
+/// Exit status when `exec --wait` gave up with events still pending.
+pub const EXIT_WAIT_TIMED_OUT: u8 = 75;
 
-/// Runs one parsed command line.
-pub fn run(cli: cli::Cli) -> anyhow::Result<u8> {
-    let name = match cli.command {
-        cli::Command::Run { .. } => "run",
-        cli::Command::Exec(_) => "exec",
-        cli::Command::Status { .. } => "status",
-        cli::Command::DeadLetters { .. } => "dead-letters",
+/// Cancelled on SIGTERM or SIGINT.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(err) => {
+                    tracing::error!(error = %err, "cannot watch SIGTERM");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        t.cancel();
+    });
+    token
+}
+
+async fn open_outbox(settings: &Settings) -> anyhow::Result<Outbox> {
+    Outbox::open(
+        &settings.data_dir,
+        settings.outbox_synchronous,
+        settings.outbox_cap_bytes,
+    )
+    .await
+}
+
+/// Runs one parsed command line; returns the process exit code.
+pub async fn run(command: Command) -> anyhow::Result<u8> {
+    match command {
+        Command::Run { common } => {
+            let settings = Settings::load(&common)?;
+            daemon::run(settings, shutdown_on_signal()).await?;
+            Ok(0)
+        }
+        Command::Exec(args) => exec(args).await,
+        Command::Status { common } => status(&common).await,
+        Command::DeadLetters { common, action } => dead_letters(&common, action).await,
+    }
+}
+
+async fn exec(args: ExecArgs) -> anyhow::Result<u8> {
+    let settings = Settings::load(&args.common)?;
+    let outbox = open_outbox(&settings).await?;
+    outbox.recover_interrupted().await?;
+    let mint = || Uuid::now_v7().hyphenated().to_string();
+    let request = RunRequest {
+        manifest_id: args.manifest,
+        version: args.version,
+        program: Program::Command(args.command),
+        timeout: args.timeout,
+        request_id: args.request_id.unwrap_or_else(mint),
+        exec_id: args.exec_id.unwrap_or_else(mint),
     };
-    anyhow::bail!("`kanade-agent {name}` is not implemented in this build yet")
+    let finished = execution::execute(&outbox, &settings, request, &shutdown_on_signal()).await?;
+    if let Some(failure) = finished.outcome.spawn_failure {
+        eprintln!("kanade-agent: {} ({failure:?})", finished.result.stderr);
+    }
+    let code = finished.outcome.shell_exit_code();
+    if args.wait {
+        let seqs = [finished.started_seq, finished.result_seq];
+        if let Some(code) = wait_for_acks(&outbox, &settings, &seqs, args.wait_timeout).await? {
+            return Ok(code);
+        }
+    }
+    Ok(code)
+}
+
+/// Waits until `seqs` left the outbox. Sends them itself when no daemon holds the sender lock.
+/// Returns an exit code that overrides the script's when waiting failed.
+async fn wait_for_acks(
+    outbox: &Outbox,
+    settings: &Settings,
+    seqs: &[u64],
+    timeout: Duration,
+) -> anyhow::Result<Option<u8>> {
+    let stop = CancellationToken::new();
+    let own_sender = match daemon::try_sender_lock(outbox)? {
+        Some(lock) => {
+            let (outbox, config, stop) = (
+                outbox.clone(),
+                daemon::sender_config(settings),
+                stop.clone(),
+            );
+            Some(tokio::spawn(async move {
+                let _lock = lock;
+                sender::run(outbox, config, stop).await;
+            }))
+        }
+        None => None,
+    };
+    let deadline = tokio::time::Instant::now() + timeout;
+    let verdict = loop {
+        let mut pending = 0;
+        for &seq in seqs {
+            if outbox.is_pending(seq).await? {
+                pending += 1;
+            }
+        }
+        if pending == 0 {
+            break None;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            eprintln!(
+                "kanade-agent: {pending} event(s) of this run still wait for ingest's ack after {}; \
+                 they stay in the outbox and will be sent by the daemon",
+                humantime::format_duration(timeout)
+            );
+            break Some(EXIT_WAIT_TIMED_OUT);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    stop.cancel();
+    if let Some(task) = own_sender {
+        let _ = task.await;
+    }
+    for &seq in seqs {
+        if outbox.is_dead(seq).await? {
+            eprintln!(
+                "kanade-agent: ingest refused an event of this run; see `kanade-agent dead-letters list`"
+            );
+            return Ok(Some(EXIT_AGENT_ERROR));
+        }
+    }
+    Ok(verdict)
+}
+
+async fn status(common: &CommonArgs) -> anyhow::Result<u8> {
+    let settings = Settings::load(common)?;
+    let outbox = open_outbox(&settings).await?;
+    let s = outbox.status().await?;
+    let oldest = match s.oldest_pending {
+        Some(t) => format!(
+            ", oldest {} ago",
+            humantime::format_duration(Duration::from_secs(
+                (chrono::Utc::now() - t).num_seconds().max(0) as u64
+            ))
+        ),
+        None => String::new(),
+    };
+    let sending = if daemon::try_sender_lock(&outbox)?.is_some() {
+        "no process is sending (start `kanade-agent run`)"
+    } else {
+        "a kanade-agent process holds the sender lock"
+    };
+    println!("data dir:      {}", settings.data_dir.display());
+    println!(
+        "pending:       {} event(s), {} bytes{oldest}",
+        s.pending_events, s.pending_bytes
+    );
+    println!("dead letters:  {}", s.dead_letters);
+    println!("running runs:  {}", s.running_runs);
+    println!("sender:        {sending}");
+    println!(
+        "connection:    {}",
+        s.connection.as_deref().unwrap_or("never connected")
+    );
+    println!(
+        "last ack:      {}",
+        s.last_ack.as_deref().unwrap_or("never")
+    );
+    Ok(0)
+}
+
+async fn dead_letters(common: &CommonArgs, action: DeadLetterAction) -> anyhow::Result<u8> {
+    let settings = Settings::load(common)?;
+    let outbox = open_outbox(&settings).await?;
+    match action {
+        DeadLetterAction::List => {
+            let letters = outbox.dead_letters().await?;
+            if letters.is_empty() {
+                println!("no dead letters");
+            }
+            for d in letters {
+                println!(
+                    "{}\t{}\t{}\tseq {}\t{}\t{}",
+                    d.id,
+                    d.dead_at.to_rfc3339(),
+                    d.kind,
+                    d.seq,
+                    d.result_id,
+                    d.reason
+                );
+            }
+        }
+        DeadLetterAction::Retry { id } => {
+            outbox.retry_dead_letter(id).await?;
+            println!("dead letter {id} is queued again");
+        }
+        DeadLetterAction::Purge { id } => {
+            outbox.purge_dead_letter(id).await?;
+            println!("dead letter {id} deleted");
+        }
+    }
+    Ok(0)
 }

@@ -2,9 +2,23 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use kanade_agent::{EXIT_AGENT_ERROR, cli::Cli};
+use kanade_shared::telemetry;
 
 fn main() -> ExitCode {
-    match kanade_agent::run(Cli::parse()) {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("kanade-agent: starting the async runtime: {err}");
+            return ExitCode::from(EXIT_AGENT_ERROR);
+        }
+    };
+    match runtime.block_on(kanade_agent::run(cli.command)) {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
             eprintln!("kanade-agent: {err:#}");

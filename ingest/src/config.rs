@@ -3,8 +3,8 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
-use kanade_shared::limits;
+use clap::{Args, Parser, Subcommand};
+use kanade_shared::{limits, telemetry::LogFormat};
 
 fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
     humantime::parse_duration(s)
@@ -31,14 +31,6 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Applies the database migrations and exits.
     Migrate(MigrateArgs),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
 }
 
 #[derive(Debug, Clone, Args)]

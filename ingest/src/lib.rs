@@ -5,7 +5,7 @@
 //! - [`batcher`]: group commit of every stream's events into one transaction per batch.
 //! - [`store`]: `execution_results` in PostgreSQL or SQLite, behind one trait.
 //! - [`activity`]: the Activity gRPC service (listing and reading runs).
-//! - [`health`], [`retention`], [`telemetry`]: readiness, deleting old runs, logging.
+//! - [`health`], [`retention`]: readiness, deleting old runs.
 //! - [`app`]: wires it all together and shuts it down in order; [`config`]: the command line.
 
 #![forbid(unsafe_code)]
@@ -19,4 +19,3 @@ pub mod health;
 pub mod retention;
 pub mod server;
 pub mod store;
-pub mod telemetry;

@@ -4,9 +4,9 @@ use anyhow::Context;
 use clap::Parser;
 use kanade_ingest::{
     app,
-    config::{Cli, Command, LogFormat},
-    telemetry,
+    config::{Cli, Command},
 };
+use kanade_shared::telemetry::{self, LogFormat};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

@@ -1,9 +1,17 @@
-//! Logging: human-readable lines by default, JSON with `--log-format json`, filtered by
-//! `RUST_LOG` (default `info`).
+//! Logging setup shared by both programs: human-readable lines by default, JSON on request,
+//! filtered by `RUST_LOG` (default `info`), always on stderr so stdout stays for answers.
 
 use tracing_subscriber::{EnvFilter, fmt};
 
-use crate::config::LogFormat;
+/// How log lines look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
 
 /// Installs the global subscriber. Call once, at start.
 pub fn init(format: LogFormat) {

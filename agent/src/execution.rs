@@ -1,0 +1,112 @@
+//! One run, start to finish: mint its ids, commit `EventStarted` (and the run's journal entry)
+//! before spawning, run the process, commit `ExecResult` before forgetting the run.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use chrono::{SubsecRound, Utc};
+use kanade_shared::wire::{EventStarted, ExecResult};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::{
+    config::{Program, Settings},
+    outbox::Outbox,
+    runner::{self, ProcessOutcome},
+};
+
+/// What to run and under which names.
+#[derive(Debug, Clone)]
+pub struct RunRequest {
+    pub manifest_id: String,
+    pub version: String,
+    pub program: Program,
+    pub timeout: Option<Duration>,
+    /// The request that caused the run.
+    pub request_id: String,
+    /// The deployment or schedule firing.
+    pub exec_id: String,
+}
+
+/// A finished run.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    pub result: ExecResult,
+    pub outcome: ProcessOutcome,
+    /// Outbox seqs of the run's two events.
+    pub started_seq: u64,
+    pub result_seq: u64,
+}
+
+/// Runs `request` through the outbox. `cancel` ends the process (reported KILLED).
+pub async fn execute(
+    outbox: &Outbox,
+    settings: &Settings,
+    request: RunRequest,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Finished> {
+    let result_id = Uuid::now_v7().hyphenated().to_string();
+    let started = EventStarted {
+        result_id: result_id.clone(),
+        request_id: request.request_id.clone(),
+        exec_id: request.exec_id.clone(),
+        pc_id: settings.pc_id.clone(),
+        started_at: Utc::now().trunc_subsecs(6),
+        manifest_id: request.manifest_id.clone(),
+        version: request.version.clone(),
+        timeout_secs: request
+            .timeout
+            .map(|t| u32::try_from(t.as_secs().max(1)).unwrap_or(u32::MAX)),
+    };
+    let trace_context = BTreeMap::new();
+    let (lock, started_seq) = outbox.begin_run(&started, &trace_context).await?;
+    tracing::info!(%result_id, manifest_id = %request.manifest_id, "run started");
+
+    let env = [
+        ("KANADE_RESULT_ID".to_string(), result_id.clone()),
+        (
+            "KANADE_MANIFEST_ID".to_string(),
+            request.manifest_id.clone(),
+        ),
+    ];
+    let outcome = runner::run_process(
+        &request.program.argv(),
+        &env,
+        request.timeout,
+        settings.output_cap_bytes,
+        settings.kill_grace,
+        cancel,
+    )
+    .await;
+    let elapsed = chrono::Duration::from_std(outcome.elapsed).unwrap_or(chrono::Duration::MAX);
+    let finished_at = started
+        .started_at
+        .checked_add_signed(elapsed)
+        .unwrap_or(started.started_at)
+        .trunc_subsecs(6);
+    let result = ExecResult {
+        result_id: result_id.clone(),
+        request_id: request.request_id,
+        exec_id: request.exec_id,
+        pc_id: settings.pc_id.clone(),
+        manifest_id: request.manifest_id,
+        version: request.version,
+        status: outcome.status,
+        exit_code: outcome.exit_code,
+        stdout: outcome.stdout.text.clone(),
+        stderr: outcome.stderr.text.clone(),
+        stdout_dropped_bytes: outcome.stdout.dropped_bytes,
+        stderr_dropped_bytes: outcome.stderr.dropped_bytes,
+        started_at: started.started_at,
+        finished_at,
+    };
+    let result_seq = outbox
+        .finish_run(lock, result.clone(), &trace_context)
+        .await?;
+    tracing::info!(%result_id, status = result.status.as_str(), exit_code = ?result.exit_code, "run finished");
+    Ok(Finished {
+        result,
+        outcome,
+        started_seq,
+        result_seq,
+    })
+}

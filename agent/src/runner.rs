@@ -1,0 +1,354 @@
+//! Spawns a run's process and watches it: timeout, process-group kill, output capture.
+//!
+//! Every run gets a process group of its own, so a timeout (or the daemon's shutdown) ends the
+//! whole tree — TERM first, KILL after a grace period — including grandchildren that ignore
+//! TERM. stdout and stderr are captured as lossy UTF-8 under a per-stream cap: the head and the
+//! tail are kept, the bytes dropped from the middle are counted. The child's environment loses
+//! the agent's own configuration and secrets (`KANADE_*`, `OTEL_*`).
+
+use std::{
+    collections::VecDeque,
+    io,
+    os::unix::process::ExitStatusExt,
+    process::{ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use kanade_shared::wire::ExecStatus;
+use nix::{sys::signal::Signal, unistd::Pid};
+use tokio::{io::AsyncReadExt, process::Command};
+use tokio_util::sync::CancellationToken;
+
+/// How long output is still read after the process exited, for grandchildren holding the pipes.
+const OUTPUT_DRAIN: Duration = Duration::from_secs(1);
+
+/// Environment prefixes a child never inherits.
+const WITHHELD_ENV_PREFIXES: [&str; 2] = ["KANADE_", "OTEL_"];
+
+/// Why a process could not be started, mapped to the shell's exit codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpawnFailure {
+    /// 127.
+    NotFound,
+    /// 126.
+    NotExecutable,
+    /// Anything else (125).
+    Other,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessOutcome {
+    pub status: ExecStatus,
+    /// The exit code when the process exited by itself.
+    pub exit_code: Option<i32>,
+    /// The signal that ended it, if one did.
+    pub signal: Option<i32>,
+    pub spawn_failure: Option<SpawnFailure>,
+    pub stdout: Captured,
+    pub stderr: Captured,
+    /// From just before spawn to the end, on a monotonic clock.
+    pub elapsed: Duration,
+}
+
+/// One captured output stream.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Captured {
+    pub text: String,
+    pub dropped_bytes: u64,
+}
+
+/// Keeps the first and last bytes of a stream within a cap, counting what falls out between.
+#[derive(Debug)]
+struct HeadTail {
+    head: Vec<u8>,
+    tail: VecDeque<u8>,
+    head_cap: usize,
+    tail_cap: usize,
+    dropped: u64,
+}
+
+impl HeadTail {
+    fn new(cap: usize) -> HeadTail {
+        let head_cap = cap / 2;
+        HeadTail {
+            head: Vec::new(),
+            tail: VecDeque::new(),
+            head_cap,
+            tail_cap: cap - head_cap,
+            dropped: 0,
+        }
+    }
+
+    fn push(&mut self, mut bytes: &[u8]) {
+        let to_head = bytes.len().min(self.head_cap - self.head.len());
+        self.head.extend_from_slice(&bytes[..to_head]);
+        bytes = &bytes[to_head..];
+        if bytes.len() >= self.tail_cap {
+            self.dropped += (self.tail.len() + bytes.len() - self.tail_cap) as u64;
+            self.tail.clear();
+            self.tail.extend(&bytes[bytes.len() - self.tail_cap..]);
+            return;
+        }
+        let overflow = (self.tail.len() + bytes.len()).saturating_sub(self.tail_cap);
+        self.tail.drain(..overflow);
+        self.dropped += overflow as u64;
+        self.tail.extend(bytes);
+    }
+
+    fn finish(self) -> Captured {
+        let mut text = String::from_utf8_lossy(&self.head).into_owned();
+        let tail: Vec<u8> = self.tail.into_iter().collect();
+        text.push_str(&String::from_utf8_lossy(&tail));
+        Captured {
+            text,
+            dropped_bytes: self.dropped,
+        }
+    }
+}
+
+/// Cuts text to at most `max` bytes, keeping its head and tail on character boundaries; returns
+/// the kept text and how many bytes were cut.
+pub fn keep_head_and_tail(text: &str, max: usize) -> (String, u64) {
+    if text.len() <= max {
+        return (text.to_string(), 0);
+    }
+    let mut head_end = max / 2;
+    while !text.is_char_boundary(head_end) {
+        head_end -= 1;
+    }
+    let mut tail_start = text.len() - (max - max / 2);
+    while !text.is_char_boundary(tail_start) {
+        tail_start += 1;
+    }
+    let kept = format!("{}{}", &text[..head_end], &text[tail_start..]);
+    let cut = (text.len() - kept.len()) as u64;
+    (kept, cut)
+}
+
+async fn capture(mut pipe: impl tokio::io::AsyncRead + Unpin, cap: usize) -> Captured {
+    let mut buffer = HeadTail::new(cap);
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        match pipe.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buffer.push(&chunk[..n]),
+        }
+    }
+    buffer.finish()
+}
+
+fn signal_group(pid: u32, signal: Signal) {
+    if let Ok(pid) = i32::try_from(pid) {
+        // The group may be gone already; that is the outcome we wanted.
+        let _ = nix::sys::signal::killpg(Pid::from_raw(pid), signal);
+    }
+}
+
+/// Why the agent ended a process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    ByItself,
+    TimedOut,
+    Cancelled,
+}
+
+/// Runs `argv` to completion (or timeout, or cancellation) and reports how it ended.
+///
+/// `env` is added to the inherited environment minus the withheld prefixes.
+pub async fn run_process(
+    argv: &[String],
+    env: &[(String, String)],
+    timeout: Option<Duration>,
+    output_cap: usize,
+    kill_grace: Duration,
+    cancel: &CancellationToken,
+) -> ProcessOutcome {
+    let started = Instant::now();
+    let Some((program, args)) = argv.split_first() else {
+        return spawn_failed(SpawnFailure::Other, "empty command".into(), started);
+    };
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    for (key, _) in std::env::vars_os() {
+        if let Some(k) = key.to_str()
+            && WITHHELD_ENV_PREFIXES.iter().any(|p| k.starts_with(p))
+        {
+            command.env_remove(&key);
+        }
+    }
+    command.envs(env.iter().map(|(k, v)| (k, v)));
+
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(err) => {
+            let failure = match err.kind() {
+                io::ErrorKind::NotFound => SpawnFailure::NotFound,
+                io::ErrorKind::PermissionDenied => SpawnFailure::NotExecutable,
+                _ => SpawnFailure::Other,
+            };
+            return spawn_failed(failure, format!("cannot run {program:?}: {err}"), started);
+        }
+    };
+    let pid = child.id().unwrap_or(0);
+    let stdout = tokio::spawn(capture(child.stdout.take().expect("piped"), output_cap));
+    let stderr = tokio::spawn(capture(child.stderr.take().expect("piped"), output_cap));
+
+    let deadline = async {
+        match timeout {
+            Some(t) => tokio::time::sleep(t).await,
+            None => std::future::pending().await,
+        }
+    };
+    let (exit, ending) = tokio::select! {
+        exit = child.wait() => (exit, Ending::ByItself),
+        _ = deadline => (terminate(&mut child, pid, kill_grace).await, Ending::TimedOut),
+        _ = cancel.cancelled() => (terminate(&mut child, pid, kill_grace).await, Ending::Cancelled),
+    };
+    if ending != Ending::ByItself {
+        // Whatever of the tree survived TERM goes now.
+        signal_group(pid, Signal::SIGKILL);
+    }
+    let elapsed = started.elapsed();
+    let drain = tokio::time::sleep(OUTPUT_DRAIN);
+    tokio::pin!(drain);
+    let stdout = collect(stdout, &mut drain).await;
+    let stderr = collect(stderr, &mut drain).await;
+    outcome(exit, ending, stdout, stderr, elapsed)
+}
+
+async fn collect(
+    task: tokio::task::JoinHandle<Captured>,
+    drain: &mut std::pin::Pin<&mut tokio::time::Sleep>,
+) -> Captured {
+    let abort = task.abort_handle();
+    tokio::select! {
+        captured = task => captured.unwrap_or_default(),
+        _ = drain.as_mut() => {
+            abort.abort();
+            Captured::default()
+        }
+    }
+}
+
+/// TERM to the whole group, KILL after the grace period; returns the child's exit.
+async fn terminate(
+    child: &mut tokio::process::Child,
+    pid: u32,
+    kill_grace: Duration,
+) -> io::Result<ExitStatus> {
+    signal_group(pid, Signal::SIGTERM);
+    match tokio::time::timeout(kill_grace, child.wait()).await {
+        Ok(exit) => exit,
+        Err(_) => {
+            signal_group(pid, Signal::SIGKILL);
+            child.wait().await
+        }
+    }
+}
+
+fn spawn_failed(failure: SpawnFailure, message: String, started: Instant) -> ProcessOutcome {
+    ProcessOutcome {
+        status: ExecStatus::SpawnFailed,
+        exit_code: None,
+        signal: None,
+        spawn_failure: Some(failure),
+        stdout: Captured::default(),
+        stderr: Captured {
+            text: message,
+            dropped_bytes: 0,
+        },
+        elapsed: started.elapsed(),
+    }
+}
+
+fn outcome(
+    exit: io::Result<ExitStatus>,
+    ending: Ending,
+    stdout: Captured,
+    stderr: Captured,
+    elapsed: Duration,
+) -> ProcessOutcome {
+    let (code, signal) = match &exit {
+        Ok(status) => (status.code(), status.signal()),
+        Err(_) => (None, None),
+    };
+    let status = match (ending, code) {
+        (Ending::TimedOut, _) => ExecStatus::TimedOut,
+        (Ending::Cancelled, _) => ExecStatus::Killed,
+        (Ending::ByItself, Some(0)) => ExecStatus::Succeeded,
+        (Ending::ByItself, Some(_)) => ExecStatus::Failed,
+        (Ending::ByItself, None) => ExecStatus::Killed,
+    };
+    ProcessOutcome {
+        status,
+        exit_code: if ending == Ending::ByItself {
+            code
+        } else {
+            None
+        },
+        signal,
+        spawn_failure: None,
+        stdout,
+        stderr,
+        elapsed,
+    }
+}
+
+impl ProcessOutcome {
+    /// The exit code `kanade-agent exec` returns for this outcome (SPEC §4).
+    pub fn shell_exit_code(&self) -> u8 {
+        match (self.spawn_failure, self.exit_code, self.signal) {
+            (Some(SpawnFailure::NotFound), _, _) => 127,
+            (Some(SpawnFailure::NotExecutable), _, _) => 126,
+            (Some(SpawnFailure::Other), _, _) => 125,
+            (None, Some(code), _) => (code & 0xff) as u8,
+            (None, None, Some(signal)) => 128u8.saturating_add(signal as u8),
+            (None, None, None) => 125,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_and_tail_are_kept_and_the_middle_counted() {
+        let mut b = HeadTail::new(10);
+        b.push(b"0123");
+        b.push(b"456789abcdef");
+        b.push(b"XYZ");
+        let c = b.finish();
+        assert_eq!(c.text, "01234efXYZ");
+        assert_eq!(c.dropped_bytes, 19 - 10);
+    }
+
+    #[test]
+    fn small_outputs_are_kept_whole() {
+        let mut b = HeadTail::new(100);
+        b.push(b"hello ");
+        b.push(b"world");
+        assert_eq!(
+            b.finish(),
+            Captured {
+                text: "hello world".into(),
+                dropped_bytes: 0
+            }
+        );
+    }
+
+    #[test]
+    fn text_cut_keeps_characters_whole() {
+        let (kept, cut) = keep_head_and_tail(&"é".repeat(100), 11);
+        assert!(kept.len() <= 11 && kept.chars().all(|c| c == 'é'));
+        assert_eq!(cut as usize, 200 - kept.len());
+        assert_eq!(keep_head_and_tail("short", 10), ("short".to_string(), 0));
+    }
+}

@@ -1,0 +1,260 @@
+//! The sender: one bidirectional stream to ingest carrying the outbox, in order.
+//!
+//! `Hello` first, then the `Welcome` limits are honoured: at most `window` events (and
+//! `window_bytes` bytes) are unacknowledged at once. An Ack deletes events from the outbox; a
+//! Reject dead-letters its event. Any stream error reconnects over a fresh connection with
+//! exponential backoff and full jitter, and everything unacknowledged is sent again; ingest
+//! ignores duplicates. A stream the server ended cleanly (drain, stream age) reconnects at once.
+//! HTTP/2 keepalive notices a dead connection within `keepalive + keepalive_timeout`. The sender
+//! sleeps until an event is enqueued (in this process, or another one through the wake socket).
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::Duration,
+};
+
+use kanade_shared::{
+    backoff::Backoff,
+    limits,
+    pb::{self, ingest_client::IngestClient},
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, transport::Endpoint};
+
+use crate::outbox::Outbox;
+
+/// How the sender connects and paces itself.
+#[derive(Debug, Clone)]
+pub struct SenderConfig {
+    pub ingest: String,
+    pub pc_id: String,
+    pub window: u32,
+    pub window_bytes: u64,
+    pub keepalive: Duration,
+    pub keepalive_timeout: Duration,
+    pub reconnect: Backoff,
+}
+
+/// Refusals at the transport level (e.g. over ingest's message size limit) of the same event
+/// after which it is dead-lettered.
+const TRANSPORT_REFUSALS_BEFORE_DEAD_LETTER: u32 = 3;
+
+/// How a stream session ended.
+enum SessionEnd {
+    /// The server ended the stream cleanly: reconnect at once.
+    Clean,
+    /// Something failed; `progressed` says whether any ack arrived first.
+    Failed {
+        error: String,
+        progressed: bool,
+    },
+    Shutdown,
+}
+
+/// Runs until `shutdown`, delivering the outbox.
+pub async fn run(outbox: Outbox, config: SenderConfig, shutdown: CancellationToken) {
+    let mut attempt = 0u32;
+    let mut refusals: HashMap<u64, u32> = HashMap::new();
+    loop {
+        let end = session(&outbox, &config, &shutdown, &mut refusals).await;
+        let delay = match end {
+            SessionEnd::Shutdown => {
+                let _ = outbox
+                    .set_connection(&format!(
+                        "not connected: the sender stopped at {}",
+                        chrono::Utc::now().to_rfc3339()
+                    ))
+                    .await;
+                return;
+            }
+            SessionEnd::Clean => {
+                attempt = 0;
+                tracing::info!("ingest ended the stream cleanly; reconnecting");
+                Duration::ZERO
+            }
+            SessionEnd::Failed { error, progressed } => {
+                if progressed {
+                    attempt = 0;
+                }
+                let delay = config.reconnect.next_delay(attempt);
+                attempt = attempt.saturating_add(1);
+                tracing::warn!(%error, retry_in = ?delay, "stream to ingest failed");
+                let _ = outbox
+                    .set_connection(&format!(
+                        "disconnected from {} at {}: {error}",
+                        config.ingest,
+                        chrono::Utc::now().to_rfc3339()
+                    ))
+                    .await;
+                delay
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+fn hello(pc_id: &str) -> pb::AgentMessage {
+    pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
+            pc_id: pc_id.to_string(),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        })),
+    }
+}
+
+async fn session(
+    outbox: &Outbox,
+    config: &SenderConfig,
+    shutdown: &CancellationToken,
+    refusals: &mut HashMap<u64, u32>,
+) -> SessionEnd {
+    let failed = |error: String| SessionEnd::Failed {
+        error,
+        progressed: false,
+    };
+    let endpoint = match Endpoint::from_shared(config.ingest.clone()) {
+        Ok(e) => e,
+        Err(e) => return failed(format!("bad ingest URL {}: {e}", config.ingest)),
+    }
+    .connect_timeout(Duration::from_secs(10))
+    .http2_keep_alive_interval(config.keepalive)
+    .keep_alive_timeout(config.keepalive_timeout)
+    .keep_alive_while_idle(true)
+    .tcp_nodelay(true);
+    let channel = tokio::select! {
+        c = endpoint.connect() => match c {
+            Ok(c) => c,
+            Err(e) => return failed(format!("connecting to {}: {e}", config.ingest)),
+        },
+        _ = shutdown.cancelled() => return SessionEnd::Shutdown,
+    };
+    let mut client =
+        IngestClient::new(channel).max_decoding_message_size(limits::MAX_DECODING_MESSAGE_BYTES);
+    let (tx, rx) = mpsc::channel(64);
+    let _ = tx.send(hello(&config.pc_id)).await;
+    let mut inbound = match client.stream(ReceiverStream::new(rx)).await {
+        Ok(r) => r.into_inner(),
+        Err(status) => return failed(format!("opening the stream: {status}")),
+    };
+    let (window, window_bytes) = match inbound.message().await {
+        Ok(Some(pb::IngestMessage {
+            msg: Some(pb::ingest_message::Msg::Welcome(w)),
+        })) => (
+            config.window.min(w.max_unacked.max(1)),
+            config.window_bytes.min(w.max_unacked_bytes.max(1)),
+        ),
+        Ok(other) => return failed(format!("expected Welcome, got {other:?}")),
+        Err(status) => return failed(format!("waiting for Welcome: {status}")),
+    };
+    tracing::info!(ingest = %config.ingest, window, window_bytes, "connected to ingest");
+    let _ = outbox
+        .set_connection(&format!(
+            "connected to {} since {}",
+            config.ingest,
+            chrono::Utc::now().to_rfc3339()
+        ))
+        .await;
+
+    let mut inflight: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut inflight_bytes = 0u64;
+    let mut cursor = 0u64;
+    let mut progressed = false;
+    loop {
+        // Fill the window from the outbox.
+        while (inflight.len() as u32) < window && inflight_bytes < window_bytes {
+            let room = (window as usize) - inflight.len();
+            let batch = match outbox.pending(cursor, room).await {
+                Ok(b) => b,
+                Err(e) => {
+                    return SessionEnd::Failed {
+                        error: format!("reading the outbox: {e:#}"),
+                        progressed,
+                    };
+                }
+            };
+            if batch.is_empty() {
+                break;
+            }
+            for p in batch {
+                if !inflight.is_empty() && inflight_bytes + p.bytes > window_bytes {
+                    break;
+                }
+                cursor = p.seq;
+                inflight.insert(p.seq, p.bytes);
+                inflight_bytes += p.bytes;
+                let msg = pb::AgentMessage {
+                    msg: Some(pb::agent_message::Msg::Event(p.event)),
+                };
+                if tx.send(msg).await.is_err() {
+                    break;
+                }
+            }
+        }
+
+        let message = tokio::select! {
+            m = inbound.message() => m,
+            _ = outbox.wake.notified() => continue,
+            _ = shutdown.cancelled() => return SessionEnd::Shutdown,
+        };
+        match message {
+            Ok(Some(pb::IngestMessage { msg: Some(msg) })) => match msg {
+                pb::ingest_message::Msg::Ack(ack) => {
+                    if let Err(e) = outbox.ack(&ack.seqs).await {
+                        return SessionEnd::Failed {
+                            error: format!("recording acks: {e:#}"),
+                            progressed,
+                        };
+                    }
+                    for seq in ack.seqs {
+                        if let Some(bytes) = inflight.remove(&seq) {
+                            inflight_bytes -= bytes;
+                        }
+                        refusals.remove(&seq);
+                    }
+                    progressed = true;
+                }
+                pb::ingest_message::Msg::Reject(reject) => {
+                    tracing::warn!(seq = reject.seq, reason = %reject.reason, "ingest rejected an event; dead-lettered");
+                    if let Err(e) = outbox.dead_letter(reject.seq, &reject.reason).await {
+                        return SessionEnd::Failed {
+                            error: format!("dead-lettering: {e:#}"),
+                            progressed,
+                        };
+                    }
+                    if let Some(bytes) = inflight.remove(&reject.seq) {
+                        inflight_bytes -= bytes;
+                    }
+                }
+                pb::ingest_message::Msg::Welcome(_) => {}
+            },
+            Ok(Some(pb::IngestMessage { msg: None })) => {}
+            Ok(None) => return SessionEnd::Clean,
+            Err(status) => {
+                if matches!(status.code(), Code::OutOfRange | Code::ResourceExhausted)
+                    && let Some((&seq, _)) = inflight.first_key_value()
+                {
+                    let n = refusals.entry(seq).or_insert(0);
+                    *n += 1;
+                    if *n >= TRANSPORT_REFUSALS_BEFORE_DEAD_LETTER {
+                        let reason = format!(
+                            "refused by ingest {n} times in a row at the transport level: {}",
+                            status.message()
+                        );
+                        tracing::error!(seq, %reason, "dead-lettering an event ingest will not take");
+                        let _ = outbox.dead_letter(seq, &reason).await;
+                        refusals.remove(&seq);
+                    }
+                }
+                return SessionEnd::Failed {
+                    error: format!("{}: {}", status.code(), status.message()),
+                    progressed,
+                };
+            }
+        }
+    }
+}
