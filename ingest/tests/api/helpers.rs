@@ -1,3 +1,5 @@
+#![allow(dead_code)] // Shared by the ingest and agent test binaries; each uses a part.
+
 //! The harness every ingest test uses: fresh databases, the real `kanade-ingest` binary started
 //! on an ephemeral port, gRPC clients, event builders, and a TCP proxy that can cut connections.
 
@@ -5,10 +7,7 @@ use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
     process::{Child, Command, Stdio},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::Arc,
     time::Duration,
 };
 
@@ -117,6 +116,30 @@ impl Drop for TestDb {
     }
 }
 
+/// A binary of this workspace: cargo says where for the package under test; the others sit next
+/// to it in the target directory (`cargo test --workspace` builds them all).
+pub fn workspace_binary(name: &str) -> std::path::PathBuf {
+    let path = std::env::current_exe()
+        .expect("test executable path")
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target directory")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is not built; run the tests with `cargo test --workspace` (or `cargo build -p {name}` first)",
+        path.display()
+    );
+    path
+}
+
+/// A free loopback address, for a server that must come back on the same port.
+pub fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+}
+
 /// The real `kanade-ingest` binary, started on an ephemeral port. Killed (SIGKILL) when dropped.
 pub struct TestIngest {
     pub addr: SocketAddr,
@@ -132,10 +155,15 @@ impl TestIngest {
 
     /// Starts ingest with extra flags; waits for its "listening on" line.
     pub async fn start_with(database_url: &str, args: &[&str]) -> TestIngest {
+        TestIngest::start_on("127.0.0.1:0", database_url, args).await
+    }
+
+    /// Starts ingest on a given address (to restart one where agents expect it).
+    pub async fn start_on(listen: &str, database_url: &str, args: &[&str]) -> TestIngest {
         let log_dir = tempfile::tempdir().expect("temp dir");
         let stderr_log = log_dir.path().join("stderr.log");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kanade-ingest"))
-            .args(["--listen", "127.0.0.1:0", "--database-url", database_url])
+        let mut child = Command::new(workspace_binary("kanade-ingest"))
+            .args(["--listen", listen, "--database-url", database_url])
             .args(["--health-check-every", "200ms", "--retry-max", "300ms"])
             .args(args)
             .env("RUST_LOG", "info")
@@ -418,51 +446,88 @@ impl AgentStream {
 
 // ---------------------------------------------------------------- fault injection
 
-/// A TCP proxy between a client and a server that a test can cut: `cut()` drops every open
-/// connection and refuses new ones until `heal()`.
+/// A TCP proxy between a client and a server that a test can break: `cut()` drops every open
+/// connection and refuses new ones; `blackhole()` silently stops forwarding on every connection,
+/// open and new (like a dead network path: no FIN, no RST); `heal()` lets NEW connections through
+/// again — connections broken before stay broken, so only a client that notices and reconnects
+/// recovers.
 pub struct FaultProxy {
     pub addr: SocketAddr,
-    cut: Arc<AtomicBool>,
-    cut_now: Arc<Notify>,
+    state: Arc<std::sync::Mutex<ProxyState>>,
+    break_now: Arc<Notify>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProxyState {
+    Forwarding,
+    Cut,
+    Blackhole,
 }
 
 impl FaultProxy {
     pub async fn start(upstream: SocketAddr) -> FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().unwrap();
-        let cut = Arc::new(AtomicBool::new(false));
-        let cut_now = Arc::new(Notify::new());
-        let (c, n) = (cut.clone(), cut_now.clone());
+        let state = Arc::new(std::sync::Mutex::new(ProxyState::Forwarding));
+        let break_now = Arc::new(Notify::new());
+        let (st, brk) = (state.clone(), break_now.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((mut inbound, _)) = listener.accept().await else {
                     return;
                 };
-                if c.load(Ordering::SeqCst) {
-                    drop(inbound);
-                    continue;
+                let now = *st.lock().unwrap();
+                match now {
+                    ProxyState::Cut => continue,
+                    ProxyState::Blackhole => {
+                        // Accept and hold: bytes go nowhere.
+                        tokio::spawn(async move {
+                            let _held = inbound;
+                            std::future::pending::<()>().await;
+                        });
+                        continue;
+                    }
+                    ProxyState::Forwarding => {}
                 }
-                let n = n.clone();
+                let (st, brk) = (st.clone(), brk.clone());
                 tokio::spawn(async move {
                     let Ok(mut outbound) = TcpStream::connect(upstream).await else {
                         return;
                     };
                     tokio::select! {
-                        _ = copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = n.notified() => {}
+                        _ = copy_bidirectional(&mut inbound, &mut outbound) => return,
+                        _ = brk.notified() => {}
+                    }
+                    if *st.lock().unwrap() == ProxyState::Blackhole {
+                        let _held = (inbound, outbound);
+                        std::future::pending::<()>().await;
                     }
                 });
             }
         });
-        FaultProxy { addr, cut, cut_now }
+        FaultProxy {
+            addr,
+            state,
+            break_now,
+        }
+    }
+
+    fn set(&self, state: ProxyState) {
+        *self.state.lock().unwrap() = state;
+        if state != ProxyState::Forwarding {
+            self.break_now.notify_waiters();
+        }
     }
 
     pub fn cut(&self) {
-        self.cut.store(true, Ordering::SeqCst);
-        self.cut_now.notify_waiters();
+        self.set(ProxyState::Cut);
+    }
+
+    pub fn blackhole(&self) {
+        self.set(ProxyState::Blackhole);
     }
 
     pub fn heal(&self) {
-        self.cut.store(false, Ordering::SeqCst);
+        self.set(ProxyState::Forwarding);
     }
 }

@@ -1,5 +1,9 @@
 //! kanade-ingest's integration tests: one binary, one module per concern, all driving the real
 //! server (or the real stores) through `helpers`.
 
+mod activity;
 mod conformance;
+mod faults;
+mod grpcurl;
 mod helpers;
+mod stream;
