@@ -165,6 +165,7 @@ async fn serve(
         max_bytes: args.batch_max_bytes,
         linger: args.batch_linger,
         retry_max: args.retry_max,
+        commit_timeout: args.commit_timeout,
     };
     let batcher = tokio::spawn(batcher::run(
         queue_rx,

@@ -34,6 +34,10 @@ pub struct BatchConfig {
     pub linger: Duration,
     /// The longest pause between retries while the store is unavailable.
     pub retry_max: Duration,
+    /// How long one attempt to commit a batch may take. A connection that went silent (no FIN,
+    /// no RST) would otherwise hold the batch forever; past this the outcome is unknown, and the
+    /// batch is retried on another connection (the upserts are idempotent).
+    pub commit_timeout: Duration,
 }
 
 /// The delivery end of one agent stream, shared by its handler and the batcher.
@@ -212,7 +216,11 @@ async fn write_isolating(
     let mut attempt = 0;
     loop {
         let received_at = Utc::now().trunc_subsecs(6);
-        match store.apply(writes, received_at).await {
+        let attempt_result =
+            tokio::time::timeout(config.commit_timeout, store.apply(writes, received_at))
+                .await
+                .unwrap_or(Err(StoreError::CommitTimedOut(config.commit_timeout)));
+        match attempt_result {
             Ok(applied) => {
                 readiness.set_store_ok(true).await;
                 return Some(

@@ -130,6 +130,11 @@ pub struct ServeArgs {
     #[arg(long, env = "KANADE_INGEST_BATCH_LINGER", default_value = "5ms", value_parser = duration)]
     pub batch_linger: Duration,
 
+    /// One attempt to commit a batch may take this long before it counts as failed and is
+    /// retried on another connection.
+    #[arg(long, env = "KANADE_INGEST_COMMIT_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub commit_timeout: Duration,
+
     /// Events waiting for the batcher across all streams; when full, streams stop being read.
     #[arg(long, env = "KANADE_INGEST_QUEUE_CAPACITY", default_value_t = 8192)]
     pub queue_capacity: usize,

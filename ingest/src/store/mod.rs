@@ -219,6 +219,9 @@ pub enum StoreError {
     /// failure, deadlock, timeout). Retry later; nothing was applied, or the retry is harmless.
     #[error("database unavailable: {0}")]
     Unavailable(#[source] sqlx::Error),
+    /// A commit did not answer in time; its outcome is unknown.
+    #[error("no answer from the database within {0:?}")]
+    CommitTimedOut(std::time::Duration),
     /// The database refused the data itself (SQLSTATE class 22 or 23). Retrying the same data
     /// fails the same way; isolate the event and reject it.
     #[error("database refused the data: {0}")]
@@ -277,7 +280,10 @@ fn is_transient_sqlite(message: &str) -> bool {
 impl StoreError {
     /// True when retrying the same operation later can succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Unavailable(_))
+        matches!(
+            self,
+            StoreError::Unavailable(_) | StoreError::CommitTimedOut(_)
+        )
     }
 }
 

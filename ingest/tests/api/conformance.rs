@@ -75,7 +75,13 @@ async fn started_then_result_finishes_one_row(backend: Backend) {
     assert!(row.outcome.is_none());
 
     let res = result(&run, ExecStatus::Failed, Some(2));
-    assert_eq!(store.apply(std::slice::from_ref(&res), now()).await.unwrap(), [true]);
+    assert_eq!(
+        store
+            .apply(std::slice::from_ref(&res), now())
+            .await
+            .unwrap(),
+        [true]
+    );
     let row = get(store.as_ref(), &run).await;
     assert_eq!(row.state, RunState::Finished(ExecStatus::Failed));
     assert_eq!(row.outcome, res.outcome);
@@ -88,7 +94,10 @@ async fn result_then_late_started_fills_only_missing_columns(backend: Backend) {
     let store = db.store().await;
     let run = Run::new("pc-a");
     let res = result(&run, ExecStatus::Succeeded, Some(0));
-    store.apply(std::slice::from_ref(&res), now()).await.unwrap();
+    store
+        .apply(std::slice::from_ref(&res), now())
+        .await
+        .unwrap();
     let row = get(store.as_ref(), &run).await;
     assert_eq!(row.state, RunState::Finished(ExecStatus::Succeeded));
     assert_eq!(row.timeout_secs, None);
@@ -140,7 +149,10 @@ async fn first_committed_result_wins(backend: Backend) {
     let run = Run::new("pc-a");
     store.apply(&[started(&run)], now()).await.unwrap();
     let first = result(&run, ExecStatus::TimedOut, None);
-    store.apply(std::slice::from_ref(&first), now()).await.unwrap();
+    store
+        .apply(std::slice::from_ref(&first), now())
+        .await
+        .unwrap();
     let other = result(&run, ExecStatus::Succeeded, Some(0));
     assert_eq!(
         store.apply(&[other], now()).await.unwrap(),

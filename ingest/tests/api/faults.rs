@@ -393,3 +393,51 @@ async fn sigkill_of_ingest_loses_nothing_acked() {
     assert_eq!((acked, rejected), (seqs(&all), vec![]));
     assert_exactly_once_and_finished(&db, &runs).await;
 }
+
+/// A database connection that goes silent (no FIN, no RST) while a batch waits for its commit
+/// must not hold that batch forever: the attempt times out, the batch is retried on a fresh
+/// connection, and its events are acked once.
+#[tokio::test]
+async fn a_connection_that_goes_silent_mid_commit_is_abandoned_and_the_batch_retried() {
+    let (db, proxy, ingest) = ingest_behind_proxy(&["--commit-timeout", "1s"]).await;
+    let mut client = ingest.ingest().await;
+    let mut stream = AgentStream::open(&mut client, PC).await;
+    let first = Run::new(PC);
+    stream.send(first.started_event(1)).await;
+    assert_eq!(stream.answers(1).await.0, [1]);
+
+    // Hold the table so the next upsert waits inside its transaction on the proxied connection.
+    use sqlx::Connection;
+    let mut locker = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let mut tx = locker.begin().await.unwrap();
+    sqlx::query("LOCK TABLE execution_results IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let second = Run::new(PC);
+    stream.send(second.started_event(2)).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    proxy.blackhole();
+    tx.commit().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.heal();
+
+    let healed = Instant::now();
+    assert_eq!(stream.answers(1).await.0, [2]);
+    assert!(
+        healed.elapsed() < Duration::from_secs(8),
+        "took {:?}",
+        healed.elapsed()
+    );
+    let row = db
+        .store()
+        .await
+        .get(
+            second.result_id.parse().unwrap(),
+            crate::helpers::now(),
+            chrono::Duration::minutes(5),
+        )
+        .await
+        .unwrap();
+    assert!(row.is_some(), "the acked event is committed");
+}

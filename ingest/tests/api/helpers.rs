@@ -20,7 +20,6 @@ use kanade_shared::{
 use tokio::{
     io::copy_bidirectional,
     net::{TcpListener, TcpStream},
-    sync::Notify,
 };
 use tonic::transport::Channel;
 use uuid::Uuid;
@@ -453,8 +452,7 @@ impl AgentStream {
 /// recovers.
 pub struct FaultProxy {
     pub addr: SocketAddr,
-    state: Arc<std::sync::Mutex<ProxyState>>,
-    break_now: Arc<Notify>,
+    state: Arc<tokio::sync::watch::Sender<ProxyState>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -464,59 +462,48 @@ enum ProxyState {
     Blackhole,
 }
 
+/// Holds a connection open without ever moving a byte again.
+async fn hold<T>(held: T) {
+    let _held = held;
+    std::future::pending::<()>().await
+}
+
 impl FaultProxy {
     pub async fn start(upstream: SocketAddr) -> FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().unwrap();
-        let state = Arc::new(std::sync::Mutex::new(ProxyState::Forwarding));
-        let break_now = Arc::new(Notify::new());
-        let (st, brk) = (state.clone(), break_now.clone());
+        let state = Arc::new(tokio::sync::watch::Sender::new(ProxyState::Forwarding));
+        let states = state.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((mut inbound, _)) = listener.accept().await else {
                     return;
                 };
-                let now = *st.lock().unwrap();
-                match now {
-                    ProxyState::Cut => continue,
-                    ProxyState::Blackhole => {
-                        // Accept and hold: bytes go nowhere.
-                        tokio::spawn(async move {
-                            let _held = inbound;
-                            std::future::pending::<()>().await;
-                        });
-                        continue;
-                    }
-                    ProxyState::Forwarding => {}
-                }
-                let (st, brk) = (st.clone(), brk.clone());
+                // Subscribed before anything else, so no state change can slip past.
+                let mut state = states.subscribe();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(upstream).await else {
-                        return;
+                    let now = *state.borrow_and_update();
+                    let outbound = match now {
+                        ProxyState::Cut => return,
+                        ProxyState::Blackhole => return hold(inbound).await,
+                        ProxyState::Forwarding => TcpStream::connect(upstream).await,
                     };
-                    tokio::select! {
+                    let Ok(mut outbound) = outbound else { return };
+                    let broken = tokio::select! {
                         _ = copy_bidirectional(&mut inbound, &mut outbound) => return,
-                        _ = brk.notified() => {}
-                    }
-                    if *st.lock().unwrap() == ProxyState::Blackhole {
-                        let _held = (inbound, outbound);
-                        std::future::pending::<()>().await;
+                        broken = state.wait_for(|s| *s != ProxyState::Forwarding) => broken.map(|s| *s),
+                    };
+                    if matches!(broken, Ok(ProxyState::Blackhole)) {
+                        hold((inbound, outbound)).await;
                     }
                 });
             }
         });
-        FaultProxy {
-            addr,
-            state,
-            break_now,
-        }
+        FaultProxy { addr, state }
     }
 
     fn set(&self, state: ProxyState) {
-        *self.state.lock().unwrap() = state;
-        if state != ProxyState::Forwarding {
-            self.break_now.notify_waiters();
-        }
+        self.state.send_replace(state);
     }
 
     pub fn cut(&self) {
