@@ -345,6 +345,15 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_config_is_valid() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.toml");
+        let s = Settings::load(&args(Some(example))).unwrap();
+        assert_eq!(s.pc_id, "web-01");
+        assert_eq!(s.jobs.len(), 2);
+        assert_eq!(s.outbox_synchronous, Synchronous::Full);
+    }
+
+    #[test]
     fn a_bad_config_names_the_file_the_line_and_the_key() {
         let f = file_with("pc_id = \"a\"\n\nkeepalive = \"soon\"\n");
         let err = format!(

@@ -48,6 +48,7 @@ pub const WAKE_SOCKET: &str = "wake.sock";
 /// The lock the one sending process holds.
 pub const SENDER_LOCK: &str = "sender.lock";
 const RUNS_DIR: &str = "runs";
+const MIGRATE_LOCK: &str = "migrate.lock";
 /// How long a statement waits for another process's write lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 /// When the outbox is over its cap, queued outputs are cut to this many bytes each.
@@ -158,10 +159,27 @@ impl Outbox {
             .connect_with(options)
             .await
             .with_context(|| format!("opening the outbox {}", db.display()))?;
+        // Several processes may open a fresh data dir at once; sqlx does not lock SQLite
+        // migrations across processes, so a lock file does.
+        let migrate_lock = dir.join(MIGRATE_LOCK);
+        let lock = tokio::task::spawn_blocking(move || -> anyhow::Result<File> {
+            let file = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(0o600)
+                .open(&migrate_lock)
+                .with_context(|| format!("opening {}", migrate_lock.display()))?;
+            file.lock()
+                .with_context(|| format!("locking {}", migrate_lock.display()))?;
+            Ok(file)
+        })
+        .await??;
         MIGRATOR
             .run(&pool)
             .await
             .with_context(|| format!("migrating the outbox {}", db.display()))?;
+        drop(lock);
         Ok(Outbox {
             pool,
             dir: dir.to_path_buf(),
