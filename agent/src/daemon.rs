@@ -7,8 +7,7 @@
 //! their process groups are killed (reported KILLED); their results are committed before exit.
 
 use std::{
-    fs::{File, OpenOptions},
-    os::unix::fs::OpenOptionsExt,
+    fs::File,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -32,13 +31,7 @@ use crate::{
 /// process holds it.
 pub fn try_sender_lock(outbox: &Outbox) -> anyhow::Result<Option<File>> {
     let path = outbox.dir().join(outbox::SENDER_LOCK);
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
+    let file = outbox::lock_file(&path)?;
     Ok(file.try_lock().is_ok().then_some(file))
 }
 

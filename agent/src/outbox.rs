@@ -117,6 +117,17 @@ pub fn private_dir(dir: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("restricting {} to its owner", dir.display()))
 }
 
+/// Opens (creating, 0600) a file that exists to be locked; its content is never used.
+pub fn lock_file(path: &Path) -> anyhow::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("opening the lock file {}", path.display()))
+}
+
 fn kind(body: &EventBody) -> &'static str {
     match body {
         EventBody::Started(_) => "started",
@@ -163,13 +174,7 @@ impl Outbox {
         // migrations across processes, so a lock file does.
         let migrate_lock = dir.join(MIGRATE_LOCK);
         let lock = tokio::task::spawn_blocking(move || -> anyhow::Result<File> {
-            let file = OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .mode(0o600)
-                .open(&migrate_lock)
-                .with_context(|| format!("opening {}", migrate_lock.display()))?;
+            let file = lock_file(&migrate_lock)?;
             file.lock()
                 .with_context(|| format!("locking {}", migrate_lock.display()))?;
             Ok(file)
@@ -213,13 +218,7 @@ impl Outbox {
         trace_context: &BTreeMap<String, String>,
     ) -> anyhow::Result<(RunLock, u64)> {
         let path = self.lock_path(&started.result_id);
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&path)
-            .with_context(|| format!("creating the run lock {}", path.display()))?;
+        let file = lock_file(&path)?;
         file.try_lock()
             .with_context(|| format!("locking {} (result_id reused?)", path.display()))?;
         let event = Event {
@@ -452,13 +451,7 @@ impl Outbox {
         for row in rows {
             let result_id: String = row.try_get("result_id")?;
             let path = self.lock_path(&result_id);
-            let Ok(file) = OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .mode(0o600)
-                .open(&path)
-            else {
+            let Ok(file) = lock_file(&path) else {
                 continue;
             };
             if file.try_lock().is_err() {
