@@ -48,7 +48,7 @@ pub const WAKE_SOCKET: &str = "wake.sock";
 /// The lock the one sending process holds.
 pub const SENDER_LOCK: &str = "sender.lock";
 const RUNS_DIR: &str = "runs";
-const MIGRATE_LOCK: &str = "migrate.lock";
+const OPEN_LOCK: &str = "open.lock";
 /// How long a statement waits for another process's write lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 /// When the outbox is over its cap, queued outputs are cut to this many bytes each.
@@ -156,6 +156,18 @@ impl Outbox {
             .open(&db)
             .with_context(|| format!("creating {}", db.display()))?;
         fs::set_permissions(&db, fs::Permissions::from_mode(0o600))?;
+        // Several processes may open a fresh data dir at once. Switching it to WAL and migrating
+        // are not safe to race (sqlx does not lock SQLite migrations across processes, and a
+        // journal-mode switch does not wait for a busy database), so opening is serialised by a
+        // lock file.
+        let open_lock = dir.join(OPEN_LOCK);
+        let lock = tokio::task::spawn_blocking(move || -> anyhow::Result<File> {
+            let file = lock_file(&open_lock)?;
+            file.lock()
+                .with_context(|| format!("locking {}", open_lock.display()))?;
+            Ok(file)
+        })
+        .await??;
         let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", db.display()))?
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(match synchronous {
@@ -170,16 +182,6 @@ impl Outbox {
             .connect_with(options)
             .await
             .with_context(|| format!("opening the outbox {}", db.display()))?;
-        // Several processes may open a fresh data dir at once; sqlx does not lock SQLite
-        // migrations across processes, so a lock file does.
-        let migrate_lock = dir.join(MIGRATE_LOCK);
-        let lock = tokio::task::spawn_blocking(move || -> anyhow::Result<File> {
-            let file = lock_file(&migrate_lock)?;
-            file.lock()
-                .with_context(|| format!("locking {}", migrate_lock.display()))?;
-            Ok(file)
-        })
-        .await??;
         MIGRATOR
             .run(&pool)
             .await
@@ -358,32 +360,39 @@ impl Outbox {
     }
 
     /// Up to `limit` events after `after_seq`, in order. Rows that cannot be decoded are moved
-    /// to the dead letters on the way.
-    pub async fn pending(&self, after_seq: u64, limit: usize) -> anyhow::Result<Vec<Pending>> {
-        let rows = sqlx::query(
-            "SELECT seq, payload, bytes FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-        )
-        .bind(after_seq as i64)
-        .bind(limit as i64)
-        .fetch_all(&self.pool)
-        .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in rows {
-            let seq: i64 = row.try_get("seq")?;
-            let payload: String = row.try_get("payload")?;
-            match serde_json::from_str::<Event>(&payload) {
-                Ok(mut event) => {
-                    event.seq = seq as u64;
-                    out.push(Pending {
-                        seq: seq as u64,
-                        event: event.into(),
-                        bytes: row.try_get::<i64, _>("bytes")? as u64,
-                    });
-                }
-                Err(err) => {
-                    let reason = format!("undecodable outbox row: {err}");
-                    tracing::error!(seq, %reason, "moving an outbox row to the dead letters");
-                    self.dead_letter(seq as u64, &reason).await?;
+    /// to the dead letters on the way, and never make the answer look empty while valid events
+    /// follow them.
+    pub async fn pending(&self, mut after_seq: u64, limit: usize) -> anyhow::Result<Vec<Pending>> {
+        let mut out = Vec::with_capacity(limit.min(1024));
+        while out.is_empty() {
+            let rows = sqlx::query(
+                "SELECT seq, payload, bytes FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )
+            .bind(after_seq as i64)
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await?;
+            if rows.is_empty() {
+                break;
+            }
+            for row in rows {
+                let seq: i64 = row.try_get("seq")?;
+                after_seq = seq as u64;
+                let payload: String = row.try_get("payload")?;
+                match serde_json::from_str::<Event>(&payload) {
+                    Ok(mut event) => {
+                        event.seq = seq as u64;
+                        out.push(Pending {
+                            seq: seq as u64,
+                            event: event.into(),
+                            bytes: row.try_get::<i64, _>("bytes")? as u64,
+                        });
+                    }
+                    Err(err) => {
+                        let reason = format!("undecodable outbox row: {err}");
+                        tracing::error!(seq, %reason, "moving an outbox row to the dead letters");
+                        self.dead_letter(seq as u64, &reason).await?;
+                    }
                 }
             }
         }
@@ -585,7 +594,7 @@ impl Outbox {
         let mut tx = self.pool.begin().await?;
         let moved = sqlx::query(
             "INSERT INTO outbox (result_id, kind, payload, bytes, enqueued_at) \
-             SELECT result_id, kind, payload, length(payload), ?2 FROM dead_letters WHERE id = ?1",
+             SELECT result_id, kind, payload, length(CAST(payload AS BLOB)), ?2 FROM dead_letters WHERE id = ?1",
         )
         .bind(id)
         .bind(micros_now())

@@ -97,14 +97,56 @@ impl HeadTail {
     }
 
     fn finish(self) -> Captured {
-        let mut text = String::from_utf8_lossy(&self.head).into_owned();
-        let tail: Vec<u8> = self.tail.into_iter().collect();
+        let mut head = self.head;
+        let mut tail: Vec<u8> = self.tail.into_iter().collect();
+        if self.dropped == 0 {
+            // Nothing was cut: the bytes are the output, in order, decoded as one.
+            head.extend_from_slice(&tail);
+            return Captured {
+                text: String::from_utf8_lossy(&head).into_owned(),
+                dropped_bytes: 0,
+            };
+        }
+        // The cut may have split characters at both of its edges: those partial characters
+        // count as dropped rather than turning into replacement characters.
+        let head_partial = incomplete_suffix(&head);
+        head.truncate(head.len() - head_partial);
+        let tail_partial = tail
+            .iter()
+            .take(3)
+            .take_while(|b| is_continuation(**b))
+            .count();
+        tail.drain(..tail_partial);
+        let mut text = String::from_utf8_lossy(&head).into_owned();
         text.push_str(&String::from_utf8_lossy(&tail));
         Captured {
             text,
-            dropped_bytes: self.dropped,
+            dropped_bytes: self.dropped + (head_partial + tail_partial) as u64,
         }
     }
+}
+
+fn is_continuation(byte: u8) -> bool {
+    byte & 0b1100_0000 == 0b1000_0000
+}
+
+/// How many bytes at the end of `bytes` are the start of a UTF-8 character whose remaining bytes
+/// are missing.
+fn incomplete_suffix(bytes: &[u8]) -> usize {
+    for back in 1..=bytes.len().min(3) {
+        let byte = bytes[bytes.len() - back];
+        if is_continuation(byte) {
+            continue;
+        }
+        let needed = match byte {
+            b if b >= 0b1111_0000 => 4,
+            b if b >= 0b1110_0000 => 3,
+            b if b >= 0b1100_0000 => 2,
+            _ => 1,
+        };
+        return if needed > back { back } else { 0 };
+    }
+    0
 }
 
 /// Cuts text to at most `max` bytes, keeping its head and tail on character boundaries; returns
