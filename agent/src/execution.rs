@@ -4,8 +4,12 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use chrono::{SubsecRound, Utc};
-use kanade_shared::wire::{EventStarted, ExecResult};
+use kanade_shared::{
+    telemetry,
+    wire::{EventStarted, ExecResult},
+};
 use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, field::Empty};
 use uuid::Uuid;
 
 use crate::{
@@ -57,17 +61,47 @@ pub async fn execute(
             .timeout
             .map(|t| u32::try_from(t.as_secs().max(1)).unwrap_or(u32::MAX)),
     };
-    let trace_context = BTreeMap::new();
-    let (lock, started_seq) = outbox.begin_run(&started, &trace_context).await?;
-    tracing::info!(%result_id, manifest_id = %request.manifest_id, "run started");
+    // The run's span: its context travels with both events, so ingest's spans join this trace,
+    // and into the script's environment as TRACEPARENT.
+    let span = tracing::info_span!(
+        "run",
+        otel.name = %format!("run {}", request.manifest_id),
+        manifest_id = %request.manifest_id,
+        result_id = %result_id,
+        exec_id = %request.exec_id,
+        status = Empty,
+        exit_code = Empty,
+        trace_id = Empty,
+    );
+    telemetry::record_trace_id(&span);
+    let trace_context = telemetry::inject(&span);
+    run(outbox, settings, request, cancel, started, trace_context)
+        .instrument(span)
+        .await
+}
 
-    let env = [
+async fn run(
+    outbox: &Outbox,
+    settings: &Settings,
+    request: RunRequest,
+    cancel: &CancellationToken,
+    started: EventStarted,
+    trace_context: BTreeMap<String, String>,
+) -> anyhow::Result<Finished> {
+    let result_id = started.result_id.clone();
+    let (lock, started_seq) = outbox.begin_run(&started, &trace_context).await?;
+    tracing::info!("run started");
+
+    let mut env = vec![
         ("KANADE_RESULT_ID".to_string(), result_id.clone()),
         (
             "KANADE_MANIFEST_ID".to_string(),
             request.manifest_id.clone(),
         ),
     ];
+    if let Some(traceparent) = trace_context.get("traceparent") {
+        env.push(("TRACEPARENT".to_string(), traceparent.clone()));
+    }
     let outcome = runner::run_process(
         &request.program.argv(),
         &env,
@@ -102,7 +136,12 @@ pub async fn execute(
     let result_seq = outbox
         .finish_run(lock, result.clone(), &trace_context)
         .await?;
-    tracing::info!(%result_id, status = result.status.as_str(), exit_code = ?result.exit_code, "run finished");
+    let span = tracing::Span::current();
+    span.record("status", result.status.as_str());
+    if let Some(code) = result.exit_code {
+        span.record("exit_code", code);
+    }
+    tracing::info!(status = result.status.as_str(), exit_code = ?result.exit_code, "run finished");
     Ok(Finished {
         result,
         outcome,

@@ -6,7 +6,6 @@ use kanade_shared::telemetry;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -18,7 +17,14 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_AGENT_ERROR);
         }
     };
-    match runtime.block_on(kanade_agent::run(cli.command)) {
+    let outcome = runtime.block_on(async {
+        let telemetry = telemetry::init(cli.log_format, "kanade-agent");
+        let outcome = kanade_agent::run(cli.command).await;
+        // Flushing blocks; the exporter needs the runtime's other threads meanwhile.
+        let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+        outcome
+    });
+    match outcome {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
             eprintln!("kanade-agent: {err:#}");

@@ -214,6 +214,7 @@ impl Outbox {
     }
 
     /// Journals a run and commits its Started event: call before spawning.
+    #[tracing::instrument(name = "outbox.begin_run", skip_all)]
     pub async fn begin_run(
         &self,
         started: &EventStarted,
@@ -242,6 +243,7 @@ impl Outbox {
     }
 
     /// Commits a run's result and forgets the run: call when it ended.
+    #[tracing::instrument(name = "outbox.finish_run", skip_all)]
     pub async fn finish_run(
         &self,
         lock: RunLock,

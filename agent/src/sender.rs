@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, transport::Endpoint};
+use tracing::Instrument;
 
 use crate::outbox::Outbox;
 
@@ -58,7 +59,10 @@ pub async fn run(outbox: Outbox, config: SenderConfig, shutdown: CancellationTok
     let mut attempt = 0u32;
     let mut refusals: HashMap<u64, u32> = HashMap::new();
     loop {
-        let end = session(&outbox, &config, &shutdown, &mut refusals).await;
+        let span = tracing::info_span!("ingest.stream", ingest = %config.ingest, attempt);
+        let end = session(&outbox, &config, &shutdown, &mut refusals)
+            .instrument(span)
+            .await;
         let delay = match end {
             SessionEnd::Shutdown => {
                 let _ = outbox

@@ -5,7 +5,7 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use kanade_shared::{backoff::Backoff, limits, pb};
+use kanade_shared::{backoff::Backoff, limits, pb, telemetry};
 use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -16,6 +16,7 @@ use crate::{
     batcher::{self, BatchConfig},
     config::ServeArgs,
     health::Readiness,
+    metrics::{self, Metrics},
     retention,
     server::{IngestLimits, IngestService},
     store::{self, Store},
@@ -27,6 +28,8 @@ pub struct RunningIngest {
     pub addr: SocketAddr,
     /// Where the health-only listener is, when one was asked for.
     pub health_addr: Option<SocketAddr>,
+    /// Where `/metrics` is served, when it was asked for.
+    pub metrics_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -47,6 +50,33 @@ impl RunningIngest {
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
     }
+}
+
+/// The sockets ingest serves on.
+struct Listeners {
+    grpc: TcpListener,
+    health: Option<TcpListener>,
+    metrics: Option<TcpListener>,
+}
+
+/// The span of one gRPC call. A `traceparent` header makes it part of the caller's trace, so
+/// `grpcurl -H 'traceparent: …'` shows up in Jaeger next to the caller's spans.
+fn request_span(request: &http::Request<()>) -> tracing::Span {
+    let span = tracing::info_span!(
+        "grpc",
+        otel.name = %request.uri().path(),
+        otel.kind = "server",
+        rpc.system = "grpc",
+        trace_id = tracing::field::Empty,
+    );
+    telemetry::continue_trace(
+        &span,
+        request
+            .headers()
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?))),
+    );
+    span
 }
 
 /// Opens the store and applies migrations, retrying while the database is unreachable.
@@ -122,6 +152,18 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<RunningIngest> {
         .as_ref()
         .map(TcpListener::local_addr)
         .transpose()?;
+    let metrics_listener = match args.metrics_listen {
+        Some(a) => Some(
+            metrics::bind(a)
+                .await
+                .with_context(|| format!("listening on {a} (--metrics-listen)"))?,
+        ),
+        None => None,
+    };
+    let metrics_addr = metrics_listener
+        .as_ref()
+        .map(TcpListener::local_addr)
+        .transpose()?;
 
     let store = open_store(&args.database_url, &shutdown).await?;
     let (reporter, health_service) = tonic_health::server::health_reporter();
@@ -133,13 +175,17 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<RunningIngest> {
         store,
         readiness,
         health_service,
-        listener,
-        health_listener,
+        Listeners {
+            grpc: listener,
+            health: health_listener,
+            metrics: metrics_listener,
+        },
         shutdown.clone(),
     ));
     Ok(RunningIngest {
         addr,
         health_addr,
+        metrics_addr,
         shutdown,
         task,
     })
@@ -153,12 +199,17 @@ async fn serve(
     health_service: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
-    listener: TcpListener,
-    health_listener: Option<TcpListener>,
+    listeners: Listeners,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let Listeners {
+        grpc: listener,
+        health: health_listener,
+        metrics: metrics_listener,
+    } = listeners;
     let hard_stop = CancellationToken::new();
     let background = CancellationToken::new();
+    let metrics = Arc::new(Metrics::default());
     let (queue, queue_rx) = mpsc::channel(args.queue_capacity);
     let batch_config = BatchConfig {
         max_rows: args.batch_max_rows,
@@ -172,6 +223,7 @@ async fn serve(
         store.clone(),
         batch_config,
         readiness.clone(),
+        metrics.clone(),
         hard_stop.clone(),
     ));
     let lost_grace =
@@ -179,6 +231,7 @@ async fn serve(
     let stream_tasks = TaskTracker::new();
     let ingest = IngestService::new(
         queue,
+        metrics.clone(),
         IngestLimits {
             max_streams: args.max_streams,
             max_streams_per_pc: args.max_streams_per_pc,
@@ -211,6 +264,13 @@ async fn serve(
         args.health_check_every,
         background.clone(),
     ));
+    if let Some(listener) = metrics_listener {
+        background_tasks.spawn(metrics::serve(
+            metrics.clone(),
+            listener,
+            background.clone(),
+        ));
+    }
     if let Some(health_listener) = health_listener {
         let health_only = health_service.clone();
         let stop = background.clone();
@@ -229,6 +289,7 @@ async fn serve(
     }
 
     let grpc = Server::builder()
+        .trace_fn(request_span)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .tcp_nodelay(true)

@@ -16,13 +16,17 @@
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use chrono::{SubsecRound, Utc};
-use kanade_shared::{backoff::Backoff, pb};
+use kanade_shared::{backoff::Backoff, pb, telemetry};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
 use crate::{
     health::Readiness,
+    metrics::{Metrics, reject},
     store::{RunWrite, Store, StoreError},
 };
 
@@ -118,6 +122,9 @@ pub struct Submission {
     pub write: RunWrite,
     pub bytes: usize,
     pub reply: Reply,
+    /// The event's span (a child of the agent's run span): it ends when the event is answered,
+    /// and the batch span links to it.
+    pub span: tracing::Span,
 }
 
 /// The batcher's end of the queue; runs until every submitter is gone, flushing what is queued.
@@ -126,6 +133,7 @@ pub async fn run(
     store: Arc<dyn Store>,
     config: BatchConfig,
     readiness: Readiness,
+    metrics: Arc<Metrics>,
     hard_stop: CancellationToken,
 ) {
     while let Some(first) = queue.recv().await {
@@ -146,7 +154,15 @@ pub async fn run(
             bytes += s.bytes;
             batch.push(s);
         }
-        if !commit(batch, store.as_ref(), &config, &readiness, &hard_stop).await {
+        metrics.queue_depth.set(queue.len() as i64);
+        let batcher = Batcher {
+            store: store.as_ref(),
+            config: &config,
+            readiness: &readiness,
+            metrics: &metrics,
+            hard_stop: &hard_stop,
+        };
+        if !batcher.commit(batch).await {
             return;
         }
     }
@@ -183,85 +199,117 @@ fn merge(batch: &[Submission]) -> (Vec<RunWrite>, Vec<usize>) {
     (sorted, carrier.into_iter().map(|i| position[i]).collect())
 }
 
-/// Writes one batch and answers every submission in it. Returns false when the hard stop came
-/// first (nothing more can be committed).
-async fn commit(
-    batch: Vec<Submission>,
-    store: &dyn Store,
-    config: &BatchConfig,
-    readiness: &Readiness,
-    hard_stop: &CancellationToken,
-) -> bool {
-    let (writes, carrier) = merge(&batch);
-    let Some(outcomes) = write_isolating(&writes, store, config, readiness, hard_stop).await else {
-        return false;
-    };
-    deliver(batch, &carrier, &outcomes);
-    true
+/// What committing a batch needs.
+struct Batcher<'a> {
+    store: &'a dyn Store,
+    config: &'a BatchConfig,
+    readiness: &'a Readiness,
+    metrics: &'a Metrics,
+    hard_stop: &'a CancellationToken,
 }
 
-/// Applies `writes` in one transaction, retrying transient failures; when the database refuses
-/// the data, bisects so that only the refused writes fail. `None`: hard stop.
-async fn write_isolating(
-    writes: &[RunWrite],
-    store: &dyn Store,
-    config: &BatchConfig,
-    readiness: &Readiness,
-    hard_stop: &CancellationToken,
-) -> Option<Vec<Outcome>> {
-    let backoff = Backoff {
-        base: Duration::from_millis(50),
-        cap: config.retry_max,
-    };
-    let mut attempt = 0;
-    loop {
-        let received_at = Utc::now().trunc_subsecs(6);
-        let attempt_result =
-            tokio::time::timeout(config.commit_timeout, store.apply(writes, received_at))
-                .await
-                .unwrap_or(Err(StoreError::CommitTimedOut(config.commit_timeout)));
-        match attempt_result {
-            Ok(applied) => {
-                readiness.set_store_ok(true).await;
-                return Some(
-                    applied
-                        .into_iter()
-                        .map(|ok| {
-                            if ok {
-                                Outcome::Committed
-                            } else {
-                                Outcome::NotOwner
-                            }
-                        })
-                        .collect(),
-                );
+impl Batcher<'_> {
+    /// Writes one batch and answers every submission in it. Returns false when the hard stop
+    /// came first (nothing more can be committed).
+    async fn commit(&self, batch: Vec<Submission>) -> bool {
+        let span = tracing::info_span!(
+            "ingest.batch",
+            batch.size = batch.len(),
+            commit_ms = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        );
+        if telemetry::exporting() {
+            use opentelemetry::trace::TraceContextExt;
+            for s in &batch {
+                span.add_link(s.span.context().span().span_context().clone());
             }
-            Err(StoreError::Refused(err)) => {
-                readiness.set_store_ok(true).await;
-                if writes.len() == 1 {
-                    tracing::warn!(result_id = %writes[0].result_id, error = %err, "database refused an event");
-                    return Some(vec![Outcome::Refused(database_message(&err))]);
-                }
-                let (left, right) = writes.split_at(writes.len() / 2);
-                let mut outcomes =
-                    Box::pin(write_isolating(left, store, config, readiness, hard_stop)).await?;
-                outcomes.extend(
-                    Box::pin(write_isolating(right, store, config, readiness, hard_stop)).await?,
-                );
-                return Some(outcomes);
+            telemetry::record_trace_id(&span);
+        }
+        let (writes, carrier) = merge(&batch);
+        let started = std::time::Instant::now();
+        let Some(outcomes) = self.write_isolating(&writes).instrument(span.clone()).await else {
+            return false;
+        };
+        let elapsed = started.elapsed();
+        span.record("commit_ms", elapsed.as_secs_f64() * 1000.0);
+        self.metrics.commit_seconds.observe(elapsed.as_secs_f64());
+        self.metrics.batch_size.observe(batch.len() as f64);
+        deliver(batch, &carrier, &outcomes, self.metrics);
+        true
+    }
+
+    /// Applies `writes` in one transaction, retrying transient failures; when the database
+    /// refuses the data, bisects so that only the refused writes fail. `None`: hard stop.
+    async fn write_isolating(&self, writes: &[RunWrite]) -> Option<Vec<Outcome>> {
+        let backoff = Backoff {
+            base: Duration::from_millis(50),
+            cap: self.config.retry_max,
+        };
+        let mut attempt = 0;
+        loop {
+            let received_at = Utc::now().trunc_subsecs(6);
+            // Named and attributed after the OpenTelemetry database conventions.
+            let db_span = tracing::info_span!(
+                "UPSERT execution_results",
+                otel.kind = "client",
+                db.system.name = self.store.system(),
+                db.operation.name = "UPSERT",
+                db.collection.name = "execution_results",
+                db.operation.batch.size = writes.len(),
+                error.type = tracing::field::Empty,
+            );
+            let attempt_result = tokio::time::timeout(
+                self.config.commit_timeout,
+                self.store.apply(writes, received_at),
+            )
+            .instrument(db_span.clone())
+            .await
+            .unwrap_or(Err(StoreError::CommitTimedOut(self.config.commit_timeout)));
+            if let Err(err) = &attempt_result {
+                db_span.record("error.type", err.kind());
+                self.metrics.store_error(err.kind());
             }
-            Err(err) => {
-                if err.is_transient() {
-                    readiness.set_store_ok(false).await;
-                    tracing::warn!(error = %err, rows = writes.len(), attempt, "batch not committed; retrying");
-                } else {
-                    tracing::error!(error = %err, rows = writes.len(), attempt, "batch failed unexpectedly; retrying");
+            drop(db_span);
+            match attempt_result {
+                Ok(applied) => {
+                    self.readiness.set_store_ok(true).await;
+                    return Some(
+                        applied
+                            .into_iter()
+                            .map(|ok| {
+                                if ok {
+                                    Outcome::Committed
+                                } else {
+                                    Outcome::NotOwner
+                                }
+                            })
+                            .collect(),
+                    );
                 }
-                let delay = backoff.next_delay(attempt);
-                attempt = attempt.saturating_add(1);
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = hard_stop.cancelled() => return None,
+                Err(StoreError::Refused(err)) => {
+                    self.readiness.set_store_ok(true).await;
+                    if writes.len() == 1 {
+                        tracing::warn!(result_id = %writes[0].result_id, error = %err, "database refused an event");
+                        return Some(vec![Outcome::Refused(database_message(&err))]);
+                    }
+                    let (left, right) = writes.split_at(writes.len() / 2);
+                    let mut outcomes = Box::pin(self.write_isolating(left)).await?;
+                    outcomes.extend(Box::pin(self.write_isolating(right)).await?);
+                    return Some(outcomes);
+                }
+                Err(err) => {
+                    if err.is_transient() {
+                        self.readiness.set_store_ok(false).await;
+                        tracing::warn!(error = %err, rows = writes.len(), attempt, "batch not committed; retrying");
+                    } else {
+                        tracing::error!(error = %err, rows = writes.len(), attempt, "batch failed unexpectedly; retrying");
+                    }
+                    let delay = backoff.next_delay(attempt);
+                    attempt = attempt.saturating_add(1);
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.hard_stop.cancelled() => return None,
+                    }
                 }
             }
         }
@@ -278,10 +326,17 @@ fn database_message(err: &sqlx::Error) -> String {
 /// Answers every submission: one Ack message per stream for the whole batch, a Reject per
 /// refused event, and each Publish caller its outcome. Dropping the submissions releases the
 /// window permits, so their streams are read again.
-fn deliver(batch: Vec<Submission>, carrier: &[usize], outcomes: &[Outcome]) {
+fn deliver(batch: Vec<Submission>, carrier: &[usize], outcomes: &[Outcome], metrics: &Metrics) {
     let mut acks: HashMap<*const StreamSink, (Arc<StreamSink>, Vec<u64>)> = HashMap::new();
     for (s, &w) in batch.into_iter().zip(carrier) {
         let outcome = &outcomes[w];
+        match outcome {
+            Outcome::Committed => {
+                metrics.events_committed.inc();
+            }
+            Outcome::NotOwner => metrics.rejected(reject::NOT_OWNER),
+            Outcome::Refused(_) => metrics.rejected(reject::REFUSED_BY_DATABASE),
+        };
         match s.reply {
             Reply::Stream { sink, seq, permits } => {
                 match outcome.reject_reason(&s.write.result_id.to_string()) {
@@ -338,6 +393,7 @@ mod tests {
             },
             bytes: 1,
             reply: Reply::Once(tx),
+            span: tracing::Span::none(),
         }
     }
 

@@ -62,6 +62,10 @@ pub struct ServeArgs {
     #[arg(long, env = "KANADE_INGEST_HEALTH_LISTEN")]
     pub health_listen: Option<SocketAddr>,
 
+    /// Serve Prometheus metrics on this address at /metrics.
+    #[arg(long, env = "KANADE_INGEST_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// Log line format; filter with RUST_LOG (e.g. RUST_LOG=kanade_ingest=debug).
     #[arg(long, env = "KANADE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

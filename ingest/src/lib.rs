@@ -16,6 +16,7 @@ pub mod app;
 pub mod batcher;
 pub mod config;
 pub mod health;
+pub mod metrics;
 pub mod retention;
 pub mod server;
 pub mod store;

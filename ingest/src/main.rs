@@ -30,7 +30,7 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let args = match cli.command {
         Some(Command::Migrate(args)) => {
-            telemetry::init(LogFormat::Text);
+            let _telemetry = telemetry::init(LogFormat::Text, SERVICE_NAME);
             app::migrate(&args.database_url).await?;
             println!("migrations applied to {}", app::redact(&args.database_url));
             return Ok(());
@@ -38,7 +38,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Serve(args)) => *args,
         None => cli.serve,
     };
-    telemetry::init(args.log_format);
+    let telemetry = telemetry::init(args.log_format, SERVICE_NAME);
+    let served = serve(args).await;
+    // Flushing blocks; the exporter needs the runtime's other threads meanwhile.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    served
+}
+
+/// The default OpenTelemetry service name.
+const SERVICE_NAME: &str = "kanade-ingest";
+
+async fn serve(args: kanade_ingest::config::ServeArgs) -> anyhow::Result<()> {
     let ingest = app::start(args).await?;
     // Scripts and tests wait for this line.
     println!("kanade-ingest listening on {}", ingest.addr);

@@ -19,7 +19,7 @@ use std::{
 
 use futures::Stream;
 use kanade_shared::{
-    limits, pb,
+    limits, pb, telemetry,
     wire::{self, WireError},
 };
 use prost::Message;
@@ -30,6 +30,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::{
     batcher::{Outcome, Reply, StreamSink, Submission},
     health::Readiness,
+    metrics::{Metrics, reject},
     store::RunWrite,
 };
 
@@ -60,10 +61,12 @@ struct StreamCounts {
 struct StreamSlot {
     counts: Arc<Mutex<StreamCounts>>,
     pc_id: Option<String>,
+    metrics: Arc<Metrics>,
 }
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
+        self.metrics.open_streams.dec();
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         counts.total -= 1;
         if let Some(pc) = &self.pc_id
@@ -81,6 +84,7 @@ impl Drop for StreamSlot {
 #[derive(Clone)]
 pub struct IngestService {
     batcher: mpsc::Sender<Submission>,
+    metrics: Arc<Metrics>,
     limits: Arc<IngestLimits>,
     counts: Arc<Mutex<StreamCounts>>,
     readiness: Readiness,
@@ -91,6 +95,7 @@ pub struct IngestService {
 impl IngestService {
     pub fn new(
         batcher: mpsc::Sender<Submission>,
+        metrics: Arc<Metrics>,
         limits: IngestLimits,
         readiness: Readiness,
         shutdown: CancellationToken,
@@ -98,6 +103,7 @@ impl IngestService {
     ) -> IngestService {
         IngestService {
             batcher,
+            metrics,
             limits: Arc::new(limits),
             counts: Default::default(),
             readiness,
@@ -116,9 +122,11 @@ impl IngestService {
             )));
         }
         counts.total += 1;
+        self.metrics.open_streams.inc();
         Ok(StreamSlot {
             counts: self.counts.clone(),
             pc_id: None,
+            metrics: self.metrics.clone(),
         })
     }
 
@@ -148,33 +156,69 @@ impl IngestService {
     }
 }
 
+/// Why an event was refused: a reason class for metrics and words for the agent.
+struct Rejection {
+    class: &'static str,
+    reason: String,
+}
+
 /// Validates one wire event for `pc_id` (the stream's, when there is one).
 fn admit(
     event: pb::Event,
     pc_id: Option<&str>,
     max_event_bytes: usize,
-) -> Result<(RunWrite, usize), String> {
+) -> Result<(RunWrite, usize), Rejection> {
     let size = event.encoded_len();
     if size > max_event_bytes {
-        return Err(format!(
-            "event is {size} bytes, larger than this ingest's limit of {max_event_bytes} bytes \
-             (cut the outputs further)"
-        ));
+        return Err(Rejection {
+            class: reject::TOO_LARGE,
+            reason: format!(
+                "event is {size} bytes, larger than this ingest's limit of {max_event_bytes} \
+                 bytes (cut the outputs further)"
+            ),
+        });
     }
-    let event =
-        wire::Event::try_from(event).map_err(|e: WireError| format!("invalid event: {e}"))?;
+    let invalid = |e: WireError| Rejection {
+        class: reject::INVALID,
+        reason: format!("invalid event: {e}"),
+    };
+    let event = wire::Event::try_from(event).map_err(invalid)?;
     if let Some(pc_id) = pc_id
         && event.body.pc_id() != pc_id
     {
-        return Err(format!(
-            "event pc_id {:?} does not match this stream's pc_id {pc_id:?}; an agent may only \
-             report its own runs",
-            event.body.pc_id()
-        ));
+        return Err(Rejection {
+            class: reject::WRONG_PC,
+            reason: format!(
+                "event pc_id {:?} does not match this stream's pc_id {pc_id:?}; an agent may \
+                 only report its own runs",
+                event.body.pc_id()
+            ),
+        });
     }
-    let write = RunWrite::from_event(&event.body)
-        .ok_or_else(|| "invalid event: result_id must be a UUID".to_string())?;
+    let write = RunWrite::from_event(&event.body).ok_or_else(|| {
+        invalid(WireError::NotAUuid {
+            field: "result_id",
+            value: event.body.result_id().to_string(),
+        })
+    })?;
     Ok((write, size))
+}
+
+/// The span of one event, continuing the trace its agent carried.
+fn event_span(event: &pb::Event) -> tracing::Span {
+    let span = tracing::info_span!(
+        "ingest.event",
+        seq = event.seq,
+        trace_id = tracing::field::Empty,
+    );
+    telemetry::continue_trace(
+        &span,
+        event
+            .trace_context
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str())),
+    );
+    span
 }
 
 fn hello_pc_id(hello: &pb::Hello) -> Result<String, Status> {
@@ -298,16 +342,20 @@ impl StreamHandler {
                 }
             };
             let seq = event.seq;
+            self.service.metrics.events_received.inc();
+            let span = event_span(&event);
             match admit(
                 event,
                 Some(&self.pc_id),
                 self.service.limits.max_event_bytes,
             ) {
-                Err(reason) => {
-                    tracing::info!(pc_id = %self.pc_id, seq, %reason, "event rejected");
+                Err(Rejection { class, reason }) => {
+                    tracing::info!(parent: &span, pc_id = %self.pc_id, seq, %reason, "event rejected");
+                    self.service.metrics.rejected(class);
                     self.sink.reject(seq, reason);
                 }
                 Ok((write, bytes)) => {
+                    tracing::debug!(parent: &span, result_id = %write.result_id, "event accepted");
                     let wanted = u32::try_from(bytes)
                         .unwrap_or(u32::MAX)
                         .min(self.max_window_bytes);
@@ -325,6 +373,7 @@ impl StreamHandler {
                             seq,
                             permits: vec![count_permit, bytes_permit],
                         },
+                        span,
                     };
                     if self.service.batcher.send(submission).await.is_err() {
                         break End::Shutdown;
@@ -443,14 +492,31 @@ impl pb::ingest_server::Ingest for IngestService {
             return Err(Status::unavailable("ingest is shutting down"));
         }
         let deadline = caller_deadline(&request, self.limits.publish_timeout);
-        let (write, bytes) = admit(request.into_inner(), None, self.limits.max_event_bytes)
-            .map_err(Status::invalid_argument)?;
+        let event = request.into_inner();
+        self.metrics.events_received.inc();
+        // Without a carried context the event joins the call's own trace (its traceparent).
+        let span = if event.trace_context.is_empty() {
+            tracing::info_span!(
+                "ingest.event",
+                seq = event.seq,
+                trace_id = tracing::field::Empty
+            )
+        } else {
+            event_span(&event)
+        };
+        let (write, bytes) =
+            admit(event, None, self.limits.max_event_bytes).map_err(|rejection| {
+                self.metrics.rejected(rejection.class);
+                Status::invalid_argument(rejection.reason)
+            })?;
         let result_id = write.result_id.hyphenated().to_string();
+        tracing::debug!(parent: &span, %result_id, "event accepted");
         let (tx, rx) = oneshot::channel();
         let submission = Submission {
             write,
             bytes,
             reply: Reply::Once(tx),
+            span,
         };
         let answered = tokio::time::timeout(deadline, async {
             self.batcher

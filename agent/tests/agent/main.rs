@@ -9,3 +9,4 @@ mod delivery;
 mod harness;
 mod outbox;
 mod runner;
+mod traces;

@@ -278,6 +278,18 @@ fn is_transient_sqlite(message: &str) -> bool {
 }
 
 impl StoreError {
+    /// A short name of the error's kind, for metrics and span attributes.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreError::Unavailable(_) => "unavailable",
+            StoreError::CommitTimedOut(_) => "timeout",
+            StoreError::Refused(_) => "refused",
+            StoreError::Other(_) => "other",
+            StoreError::Migrate(_) => "migrate",
+            StoreError::UnsupportedUrl(_) => "unsupported_url",
+        }
+    }
+
     /// True when retrying the same operation later can succeed.
     pub fn is_transient(&self) -> bool {
         matches!(
@@ -290,6 +302,9 @@ impl StoreError {
 /// The operations ingest needs from a store. Implementations must be safe to share across tasks.
 #[async_trait]
 pub trait Store: Send + Sync + fmt::Debug {
+    /// The database system, as OpenTelemetry's `db.system.name` names it.
+    fn system(&self) -> &'static str;
+
     /// Applies the embedded migrations; safe when several replicas start at once.
     async fn migrate(&self) -> Result<(), StoreError>;
 

@@ -128,6 +128,10 @@ fn time_plus_micros(time: &str, micros: &str) -> String {
 
 #[async_trait]
 impl Store for PostgresStore {
+    fn system(&self) -> &'static str {
+        "postgresql"
+    }
+
     async fn migrate(&self) -> Result<(), StoreError> {
         // sqlx holds a PostgreSQL advisory lock while it migrates, so replicas starting together
         // take turns and all but the first find nothing to do.

@@ -119,6 +119,10 @@ fn time_plus_micros(time: &str, micros: &str) -> String {
 
 #[async_trait]
 impl Store for SqliteStore {
+    fn system(&self) -> &'static str {
+        "sqlite"
+    }
+
     async fn migrate(&self) -> Result<(), StoreError> {
         MIGRATOR.run(&self.pool).await?;
         Ok(())

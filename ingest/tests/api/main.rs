@@ -7,3 +7,4 @@ mod faults;
 mod grpcurl;
 mod helpers;
 mod stream;
+mod telemetry;
