@@ -24,7 +24,65 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Code, transport::Endpoint};
 use tracing::Instrument;
 
-use crate::outbox::Outbox;
+use crate::outbox::{Outbox, Pending};
+
+/// What the sender delivers: the outbox in the agent; an in-memory queue in the benchmark.
+pub trait Queue: Send + Sync + 'static {
+    /// Up to `limit` events after `after_seq`, in order.
+    fn pending(
+        &self,
+        after_seq: u64,
+        limit: usize,
+    ) -> impl Future<Output = anyhow::Result<Vec<Pending>>> + Send;
+    /// Forgets acknowledged events.
+    fn ack(&self, seqs: &[u64]) -> impl Future<Output = anyhow::Result<()>> + Send;
+    /// Sets aside an event ingest will never accept.
+    fn dead_letter(
+        &self,
+        seq: u64,
+        reason: &str,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send;
+    /// Records the connection state for operators.
+    fn set_connection(&self, state: &str) -> impl Future<Output = anyhow::Result<()>> + Send;
+    /// Notified when events are enqueued.
+    fn wake(&self) -> &tokio::sync::Notify;
+}
+
+impl<Q: Queue> Queue for std::sync::Arc<Q> {
+    async fn pending(&self, after_seq: u64, limit: usize) -> anyhow::Result<Vec<Pending>> {
+        Q::pending(self, after_seq, limit).await
+    }
+    async fn ack(&self, seqs: &[u64]) -> anyhow::Result<()> {
+        Q::ack(self, seqs).await
+    }
+    async fn dead_letter(&self, seq: u64, reason: &str) -> anyhow::Result<()> {
+        Q::dead_letter(self, seq, reason).await
+    }
+    async fn set_connection(&self, state: &str) -> anyhow::Result<()> {
+        Q::set_connection(self, state).await
+    }
+    fn wake(&self) -> &tokio::sync::Notify {
+        Q::wake(self)
+    }
+}
+
+impl Queue for Outbox {
+    async fn pending(&self, after_seq: u64, limit: usize) -> anyhow::Result<Vec<Pending>> {
+        Outbox::pending(self, after_seq, limit).await
+    }
+    async fn ack(&self, seqs: &[u64]) -> anyhow::Result<()> {
+        Outbox::ack(self, seqs).await
+    }
+    async fn dead_letter(&self, seq: u64, reason: &str) -> anyhow::Result<()> {
+        Outbox::dead_letter(self, seq, reason).await
+    }
+    async fn set_connection(&self, state: &str) -> anyhow::Result<()> {
+        Outbox::set_connection(self, state).await
+    }
+    fn wake(&self) -> &tokio::sync::Notify {
+        &self.wake
+    }
+}
 
 /// How the sender connects and paces itself.
 #[derive(Debug, Clone)]
@@ -55,7 +113,7 @@ enum SessionEnd {
 }
 
 /// Runs until `shutdown`, delivering the outbox.
-pub async fn run(outbox: Outbox, config: SenderConfig, shutdown: CancellationToken) {
+pub async fn run<Q: Queue>(outbox: Q, config: SenderConfig, shutdown: CancellationToken) {
     let mut attempt = 0u32;
     let mut refusals: HashMap<u64, u32> = HashMap::new();
     loop {
@@ -111,8 +169,8 @@ fn hello(pc_id: &str) -> pb::AgentMessage {
     }
 }
 
-async fn session(
-    outbox: &Outbox,
+async fn session<Q: Queue>(
+    outbox: &Q,
     config: &SenderConfig,
     shutdown: &CancellationToken,
     refusals: &mut HashMap<u64, u32>,
@@ -202,7 +260,7 @@ async fn session(
 
         let message = tokio::select! {
             m = inbound.message() => m,
-            _ = outbox.wake.notified() => continue,
+            _ = outbox.wake().notified() => continue,
             _ = shutdown.cancelled() => return SessionEnd::Shutdown,
         };
         match message {

@@ -1,0 +1,49 @@
+//! kanade-bench: Kanade's benchmarks. Each mode prints human-readable figures and, as its final
+//! line, one machine-readable `key=value …` summary. Build with `cargo build --release
+//! --workspace` first: the benchmark runs the real binaries next to it.
+
+#![forbid(unsafe_code)]
+
+mod ceiling;
+mod load;
+mod process;
+mod report;
+mod throughput;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "kanade-bench", version)]
+struct Cli {
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Debug, Subcommand)]
+enum Mode {
+    /// Events/s through the real ingest from N agents, against PostgreSQL's own ceiling.
+    Throughput(throughput::ThroughputArgs),
+    /// Draws throughput and p99 latency against agents from a throughput CSV.
+    Plot {
+        /// CSV written by `throughput --csv`.
+        #[arg(long)]
+        csv: PathBuf,
+        /// PNG to write.
+        #[arg(long)]
+        png: PathBuf,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().mode {
+        Mode::Throughput(args) => throughput::run(args).await,
+        Mode::Plot { csv, png } => {
+            report::plot(&csv, &png)?;
+            println!("mode=plot png={}", png.display());
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! The real `kanade-ingest` binary as a child process, and what /proc says about it.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+};
+
+use anyhow::{Context, bail};
+
+/// A binary of this workspace, built next to the benchmark (`cargo build --release --workspace`).
+pub fn workspace_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe
+        .parent()
+        .context("benchmark executable has no directory")?
+        .join(name);
+    if !path.exists() {
+        bail!(
+            "{} is missing: build everything first with `cargo build --release --workspace`",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A running ingest process.
+pub struct IngestProcess {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl IngestProcess {
+    /// Starts ingest and waits for its "listening on" line.
+    pub fn start(
+        database_url: &str,
+        listen: &str,
+        extra: &[String],
+    ) -> anyhow::Result<IngestProcess> {
+        let mut child = Command::new(workspace_binary("kanade-ingest")?)
+            .args(["--listen", listen, "--database-url", database_url])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting kanade-ingest")?;
+        let stdout = child.stdout.take().context("ingest stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let line = lines
+            .next()
+            .context("kanade-ingest exited before listening")??;
+        std::thread::spawn(move || for _ in lines {});
+        let addr = line
+            .rsplit_once("listening on ")
+            .context("unexpected first line from kanade-ingest")?
+            .1
+            .trim()
+            .parse()?;
+        Ok(IngestProcess { child, addr })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// CPU time (user + system) the process used so far.
+    pub fn cpu_seconds(&self) -> f64 {
+        cpu_seconds(self.pid())
+    }
+
+    /// Resident memory now.
+    pub fn rss_bytes(&self) -> u64 {
+        status_kib(self.pid(), "VmRSS:") * 1024
+    }
+
+    /// Highest resident memory so far.
+    pub fn peak_rss_bytes(&self) -> u64 {
+        status_kib(self.pid(), "VmHWM:") * 1024
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for IngestProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// CPU seconds of a process from /proc/PID/stat (clock ticks of 1/100 s on Linux).
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is parenthesised and may hold spaces.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// A `VmXXX:` line of /proc/PID/status, in KiB.
+pub fn status_kib(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A database of its own for one measurement: a fresh PostgreSQL database on the server the URL
+/// names, or a fresh SQLite file.
+pub struct BenchDb {
+    pub url: String,
+    admin: Option<(String, String)>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl BenchDb {
+    pub async fn fresh(url: &str) -> anyhow::Result<BenchDb> {
+        if url.starts_with("sqlite:") {
+            let dir = tempfile::tempdir()?;
+            let url = format!("sqlite://{}", dir.path().join("bench.db").display());
+            return Ok(BenchDb {
+                url,
+                admin: None,
+                _dir: Some(dir),
+            });
+        }
+        let name = format!("kanade_bench_{}", uuid::Uuid::new_v4().simple());
+        let pool = sqlx::PgPool::connect(url)
+            .await
+            .with_context(|| format!("connecting to {url}"))?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&pool)
+            .await?;
+        pool.close().await;
+        let base = url.rsplit_once('/').map_or(url, |(b, _)| b);
+        Ok(BenchDb {
+            url: format!("{base}/{name}"),
+            admin: Some((url.to_string(), name)),
+            _dir: None,
+        })
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        self.admin.is_some()
+    }
+
+    /// Drops the PostgreSQL database (call when done).
+    pub async fn drop_database(self) {
+        if let Some((admin, name)) = &self.admin
+            && let Ok(pool) = sqlx::PgPool::connect(admin).await
+        {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+            )))
+            .execute(&pool)
+            .await;
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! Machine-readable output: `key=value` summaries, appended to CSV files, and the plot of
+//! throughput and p99 latency against the number of agents drawn from such a CSV.
+
+use std::{collections::BTreeMap, io::Write, path::Path};
+
+use anyhow::Context;
+use plotters::prelude::*;
+
+/// Parses a `key=value …` summary line.
+pub fn parse_summary(line: &str) -> BTreeMap<String, String> {
+    line.split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Appends a summary as a CSV row (writing the header first when the file is new).
+pub fn append_csv(path: &Path, summary: &str) -> anyhow::Result<()> {
+    let fields = parse_summary(summary);
+    let new = !path.exists() || std::fs::metadata(path)?.len() == 0;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    if new {
+        writeln!(
+            file,
+            "{}",
+            fields.keys().cloned().collect::<Vec<_>>().join(",")
+        )?;
+    }
+    writeln!(
+        file,
+        "{}",
+        fields.values().cloned().collect::<Vec<_>>().join(",")
+    )?;
+    Ok(())
+}
+
+/// Reads a CSV written by [`append_csv`].
+pub fn read_csv(path: &Path) -> anyhow::Result<Vec<BTreeMap<String, String>>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().context("empty CSV")?.split(',').collect();
+    Ok(lines
+        .map(|l| {
+            header
+                .iter()
+                .map(|h| h.to_string())
+                .zip(l.split(',').map(str::to_string))
+                .collect()
+        })
+        .collect())
+}
+
+/// A font plotters can draw text with: DejaVu Sans from the system.
+fn font() -> anyhow::Result<&'static [u8]> {
+    const CANDIDATES: [&str; 2] = [
+        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+        "/usr/share/fonts/TTF/DejaVuSans.ttf",
+    ];
+    for path in CANDIDATES {
+        if let Ok(bytes) = std::fs::read(path) {
+            return Ok(Box::leak(bytes.into_boxed_slice()));
+        }
+    }
+    anyhow::bail!("no DejaVu Sans font found (apt-get install fonts-dejavu-core)")
+}
+
+/// Draws events/s and p99 ack latency against agents (log scale) from throughput rows.
+pub fn plot(csv: &Path, png: &Path) -> anyhow::Result<()> {
+    let rows = read_csv(csv)?;
+    let mut points: Vec<(f64, f64, f64)> = rows
+        .iter()
+        .filter(|r| r.get("mode").map(String::as_str) == Some("throughput"))
+        .filter_map(|r| {
+            Some((
+                r.get("agents")?.parse().ok()?,
+                r.get("events_per_s")?.parse().ok()?,
+                r.get("p99_ms")?.parse().ok()?,
+            ))
+        })
+        .collect();
+    anyhow::ensure!(
+        !points.is_empty(),
+        "no throughput rows in {}",
+        csv.display()
+    );
+    points.sort_by(|a, b| a.0.total_cmp(&b.0));
+    plotters::style::register_font("sans-serif", FontStyle::Normal, font()?)
+        .map_err(|_| anyhow::anyhow!("registering the font"))?;
+
+    let root = BitMapBackend::new(png, (1000, 420)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (left, right) = root.split_horizontally(500);
+    let max_x = points.last().map_or(1.0, |p| p.0) * 1.5;
+    let max_tp = points.iter().map(|p| p.1).fold(0.0, f64::max) * 1.2;
+    let max_p99 = points.iter().map(|p| p.2).fold(0.0, f64::max) * 1.2;
+
+    let mut chart = ChartBuilder::on(&left)
+        .caption("Events/s committed and acked", ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d((0.7f64..max_x).log_scale(), 0f64..max_tp)?;
+    chart
+        .configure_mesh()
+        .x_desc("agents")
+        .y_desc("events/s")
+        .draw()?;
+    chart.draw_series(LineSeries::new(points.iter().map(|p| (p.0, p.1)), &BLUE))?;
+    chart.draw_series(
+        points
+            .iter()
+            .map(|p| Circle::new((p.0, p.1), 4, BLUE.filled())),
+    )?;
+
+    let mut chart = ChartBuilder::on(&right)
+        .caption("p99 ack latency", ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d((0.7f64..max_x).log_scale(), 0f64..max_p99.max(1.0))?;
+    chart
+        .configure_mesh()
+        .x_desc("agents")
+        .y_desc("ms")
+        .draw()?;
+    chart.draw_series(LineSeries::new(points.iter().map(|p| (p.0, p.2)), &RED))?;
+    chart.draw_series(
+        points
+            .iter()
+            .map(|p| Circle::new((p.0, p.2), 4, RED.filled())),
+    )?;
+    root.present()?;
+    Ok(())
+}
