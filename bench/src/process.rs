@@ -38,10 +38,20 @@ impl IngestProcess {
         listen: &str,
         extra: &[String],
     ) -> anyhow::Result<IngestProcess> {
+        IngestProcess::start_logging(database_url, listen, extra, "warn")
+    }
+
+    /// Starts ingest with a given `RUST_LOG` (its default, `info`, is what production runs).
+    pub fn start_logging(
+        database_url: &str,
+        listen: &str,
+        extra: &[String],
+        rust_log: &str,
+    ) -> anyhow::Result<IngestProcess> {
         let mut child = Command::new(workspace_binary("kanade-ingest")?)
             .args(["--listen", listen, "--database-url", database_url])
             .args(extra)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", rust_log)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

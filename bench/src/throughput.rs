@@ -50,6 +50,10 @@ pub struct ThroughputArgs {
     /// Append the summary as a CSV row to this file.
     #[arg(long)]
     pub csv: Option<PathBuf>,
+    /// RUST_LOG for ingest: `info` is its default (spans on, not exported); `off` disables
+    /// tracing entirely, the baseline for what tracing costs.
+    #[arg(long, default_value = "info")]
+    pub ingest_rust_log: String,
     /// Extra flags for kanade-ingest (e.g. --batch-linger=2ms).
     #[arg(long = "ingest-arg", allow_hyphen_values = true)]
     pub ingest_args: Vec<String>,
@@ -59,7 +63,8 @@ pub async fn run(args: ThroughputArgs) -> anyhow::Result<()> {
     let db = BenchDb::fresh(&args.database_url).await?;
     let mut ingest_args = vec!["--max-streams".to_string(), (args.agents + 100).to_string()];
     ingest_args.extend(args.ingest_args.iter().cloned());
-    let ingest = IngestProcess::start(&db.url, "127.0.0.1:0", &ingest_args)?;
+    let ingest =
+        IngestProcess::start_logging(&db.url, "127.0.0.1:0", &ingest_args, &args.ingest_rust_log)?;
     let url = format!("http://{}", ingest.addr);
     let total_events = (2 * args.agents * args.runs) as u64;
     let latencies = Arc::new(Latencies::default());
@@ -205,17 +210,19 @@ pub async fn run(args: ThroughputArgs) -> anyhow::Result<()> {
     let fmt_opt = |v: Option<f64>| v.map_or("na".to_string(), |v| format!("{v:.0}"));
     let ratio = ceiling.map_or("na".to_string(), |c| format!("{:.3}", events_per_s / c));
     let summary = format!(
-        "mode=throughput agents={} runs={} outbox={} rate={} events={} events_per_s={:.0} p50_ms={:.2} p99_ms={:.2} max_ms={:.2} ingest_cpu_pct={:.0} ingest_peak_rss_mib={:.1} ceiling_rows_per_s={} ceiling_batch={} single_row_per_s={} ratio={}",
+        "mode=throughput agents={} runs={} outbox={} rate={} rust_log={} events={} events_per_s={:.0} p50_ms={:.2} p99_ms={:.2} max_ms={:.2} ingest_cpu_pct={:.0} ingest_cpu_us_per_event={:.2} ingest_peak_rss_mib={:.1} ceiling_rows_per_s={} ceiling_batch={} single_row_per_s={} ratio={}",
         args.agents,
         args.runs,
         args.outbox,
         args.rate.map_or("max".into(), |r| format!("{r:.0}")),
+        args.ingest_rust_log,
         total_events,
         events_per_s,
         ms(p50),
         ms(p99),
         ms(max),
         100.0 * cpu / elapsed.as_secs_f64(),
+        1e6 * cpu / total_events as f64,
         peak_rss as f64 / 1048576.0,
         fmt_opt(ceiling),
         ceiling_batch.map_or("na".into(), |b| b.to_string()),

@@ -204,8 +204,13 @@ fn admit(
     Ok((write, size))
 }
 
-/// The span of one event, continuing the trace its agent carried.
+/// The span of one event, continuing the trace its agent carried. Only while traces are
+/// exported: a span per event is the one per-event cost tracing would add, so without an
+/// endpoint there is none (batch and database spans, one per batch, stay).
 fn event_span(event: &pb::Event) -> tracing::Span {
+    if !telemetry::exporting() {
+        return tracing::Span::none();
+    }
     let span = tracing::info_span!(
         "ingest.event",
         seq = event.seq,
