@@ -10,6 +10,7 @@
 #![deny(rust_2018_idioms)]
 
 pub mod backoff;
+pub mod codec;
 pub mod limits;
 pub mod pb;
 pub mod telemetry;

@@ -4,7 +4,9 @@
 
 #![forbid(unsafe_code)]
 
+mod agent;
 mod ceiling;
+mod connections;
 mod load;
 mod process;
 mod report;
@@ -25,6 +27,11 @@ struct Cli {
 enum Mode {
     /// Events/s through the real ingest from N agents, against PostgreSQL's own ceiling.
     Throughput(throughput::ThroughputArgs),
+    /// Ingest memory per idle stream for K streams, then the reconnect storm after a SIGKILL.
+    Connections(connections::ConnectionsArgs),
+    /// The agent's footprint: idle daemon CPU, RSS and wake-ups, exec overhead, outbox enqueue
+    /// rate, binary sizes.
+    Agent(agent::AgentArgs),
     /// Draws throughput and p99 latency against agents from a throughput CSV.
     Plot {
         /// CSV written by `throughput --csv`.
@@ -40,6 +47,8 @@ enum Mode {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().mode {
         Mode::Throughput(args) => throughput::run(args).await,
+        Mode::Connections(args) => connections::run(args).await,
+        Mode::Agent(args) => agent::run(args).await,
         Mode::Plot { csv, png } => {
             report::plot(&csv, &png)?;
             println!("mode=plot png={}", png.display());

@@ -19,7 +19,6 @@ use chrono::{SubsecRound, Utc};
 use kanade_shared::{backoff::Backoff, pb, telemetry};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use tonic::Status;
 
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -47,14 +46,14 @@ pub struct BatchConfig {
 /// The delivery end of one agent stream, shared by its handler and the batcher.
 #[derive(Debug)]
 pub struct StreamSink {
-    outbound: mpsc::Sender<Result<pb::IngestMessage, Status>>,
+    outbound: mpsc::Sender<pb::ingest_message::Msg>,
     /// Cancelled when the client stopped reading: its stream is ended with UNAVAILABLE.
     overflow: CancellationToken,
 }
 
 impl StreamSink {
     pub fn new(
-        outbound: mpsc::Sender<Result<pb::IngestMessage, Status>>,
+        outbound: mpsc::Sender<pb::ingest_message::Msg>,
         overflow: CancellationToken,
     ) -> StreamSink {
         StreamSink { outbound, overflow }
@@ -62,12 +61,7 @@ impl StreamSink {
 
     /// Queues a message without waiting; a client that does not read its stream is cut off.
     pub fn send(&self, msg: pb::ingest_message::Msg) {
-        if self
-            .outbound
-            .try_send(Ok(pb::IngestMessage { msg: Some(msg) }))
-            .is_err()
-            && !self.overflow.is_cancelled()
-        {
+        if self.outbound.try_send(msg).is_err() && !self.overflow.is_cancelled() {
             tracing::warn!("agent is not reading its acks: ending its stream");
             self.overflow.cancel();
         }

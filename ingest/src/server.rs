@@ -145,14 +145,12 @@ impl IngestService {
         Ok(())
     }
 
-    fn welcome(&self) -> pb::IngestMessage {
-        pb::IngestMessage {
-            msg: Some(pb::ingest_message::Msg::Welcome(pb::Welcome {
-                max_unacked: self.limits.max_unacked,
-                max_unacked_bytes: self.limits.max_unacked_bytes,
-                max_event_bytes: self.limits.max_event_bytes as u64,
-            })),
-        }
+    fn welcome(&self) -> pb::ingest_message::Msg {
+        pb::ingest_message::Msg::Welcome(pb::Welcome {
+            max_unacked: self.limits.max_unacked,
+            max_unacked_bytes: self.limits.max_unacked_bytes,
+            max_event_bytes: self.limits.max_event_bytes as u64,
+        })
     }
 }
 
@@ -285,7 +283,8 @@ struct StreamHandler {
     service: IngestService,
     pc_id: String,
     sink: Arc<StreamSink>,
-    outbound: mpsc::Sender<Result<pb::IngestMessage, Status>>,
+    /// Set once when the stream ends with an error; sent after every queued message.
+    ending: Arc<Mutex<Option<Status>>>,
     overflow: CancellationToken,
     window_count: Arc<Semaphore>,
     window_bytes: Arc<Semaphore>,
@@ -407,9 +406,8 @@ impl StreamHandler {
             _ = drained => {}
             _ = self.overflow.cancelled() => return,
         }
-        if let Some(status) = status {
-            let _ = self.outbound.try_send(Err(status));
-        }
+        // Sent once every queued message is out: the batcher may still hold an Ack for us.
+        *self.ending.lock().unwrap_or_else(|e| e.into_inner()) = status;
         tracing::debug!(pc_id = %self.pc_id, "stream finished");
     }
 }
@@ -452,15 +450,16 @@ impl pb::ingest_server::Ingest for IngestService {
 
         let (outbound, mut outbound_rx) = mpsc::channel(OUTBOUND_CAPACITY);
         outbound
-            .try_send(Ok(self.welcome()))
+            .try_send(self.welcome())
             .expect("a fresh channel has room for Welcome");
         let overflow = CancellationToken::new();
+        let ending = Arc::new(Mutex::new(None));
         let max_window_bytes = u32::try_from(self.limits.max_unacked_bytes).unwrap_or(u32::MAX);
         let handler = StreamHandler {
             service: self.clone(),
             pc_id,
-            sink: Arc::new(StreamSink::new(outbound.clone(), overflow.clone())),
-            outbound,
+            sink: Arc::new(StreamSink::new(outbound, overflow.clone())),
+            ending: ending.clone(),
             overflow: overflow.clone(),
             window_count: Arc::new(Semaphore::new(self.limits.max_unacked as usize)),
             window_bytes: Arc::new(Semaphore::new(max_window_bytes as usize)),
@@ -474,8 +473,14 @@ impl pb::ingest_server::Ingest for IngestService {
                 tokio::select! {
                     biased;
                     msg = outbound_rx.recv() => match msg {
-                        Some(msg) => yield msg,
-                        None => break,
+                        Some(msg) => yield Ok(pb::IngestMessage { msg: Some(msg) }),
+                        None => {
+                            let ending = ending.lock().unwrap_or_else(|e| e.into_inner()).take();
+                            if let Some(status) = ending {
+                                yield Err(status);
+                            }
+                            break;
+                        }
                     },
                     _ = overflow.cancelled() => {
                         yield Err(Status::unavailable(
