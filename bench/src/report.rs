@@ -72,35 +72,53 @@ fn font() -> anyhow::Result<&'static [u8]> {
 /// Draws events/s and p99 ack latency against agents (log scale) from throughput rows.
 pub fn plot(csv: &Path, png: &Path) -> anyhow::Result<()> {
     let rows = read_csv(csv)?;
-    let mut points: Vec<(f64, f64, f64)> = rows
-        .iter()
-        .filter(|r| r.get("mode").map(String::as_str) == Some("throughput"))
-        .filter_map(|r| {
-            Some((
-                r.get("agents")?.parse().ok()?,
-                r.get("events_per_s")?.parse().ok()?,
-                r.get("p99_ms")?.parse().ok()?,
-            ))
-        })
-        .collect();
+    let series = |offered_max: bool, value: &str| -> Vec<(f64, f64)> {
+        let mut points: Vec<(f64, f64)> = rows
+            .iter()
+            .filter(|r| r.get("mode").map(String::as_str) == Some("throughput"))
+            .filter(|r| (r.get("rate").map(String::as_str) == Some("max")) == offered_max)
+            .filter_map(|r| Some((r.get("agents")?.parse().ok()?, r.get(value)?.parse().ok()?)))
+            .collect();
+        points.sort_by(|a, b| a.0.total_cmp(&b.0));
+        points
+    };
+    // Throughput at full offered load; latency at a fixed offered rate (at full load every
+    // event waits behind all the others, so its latency only says how long the queue was).
+    let throughput = series(true, "events_per_s");
+    let mut latency = series(false, "p99_ms");
+    if latency.is_empty() {
+        latency = series(true, "p99_ms");
+    }
     anyhow::ensure!(
-        !points.is_empty(),
-        "no throughput rows in {}",
+        !throughput.is_empty(),
+        "no full-load throughput rows in {}",
         csv.display()
     );
-    points.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let rate = rows
+        .iter()
+        .find(|r| r.get("rate").is_some_and(|v| v != "max"))
+        .and_then(|r| r.get("rate").cloned())
+        .map_or("full load".to_string(), |r| format!("{r} events/s offered"));
     plotters::style::register_font("sans-serif", FontStyle::Normal, font()?)
         .map_err(|_| anyhow::anyhow!("registering the font"))?;
 
     let root = BitMapBackend::new(png, (1000, 420)).into_drawing_area();
     root.fill(&WHITE)?;
     let (left, right) = root.split_horizontally(500);
-    let max_x = points.last().map_or(1.0, |p| p.0) * 1.5;
-    let max_tp = points.iter().map(|p| p.1).fold(0.0, f64::max) * 1.2;
-    let max_p99 = points.iter().map(|p| p.2).fold(0.0, f64::max) * 1.2;
+    let max_x = throughput
+        .iter()
+        .chain(&latency)
+        .map(|p| p.0)
+        .fold(1.0, f64::max)
+        * 1.5;
+    let max_tp = throughput.iter().map(|p| p.1).fold(0.0, f64::max) * 1.2;
+    let max_p99 = latency.iter().map(|p| p.1).fold(0.0, f64::max) * 1.2;
 
     let mut chart = ChartBuilder::on(&left)
-        .caption("Events/s committed and acked", ("sans-serif", 20))
+        .caption(
+            "Events/s committed and acked (full load)",
+            ("sans-serif", 18),
+        )
         .margin(15)
         .x_label_area_size(40)
         .y_label_area_size(70)
@@ -110,15 +128,11 @@ pub fn plot(csv: &Path, png: &Path) -> anyhow::Result<()> {
         .x_desc("agents")
         .y_desc("events/s")
         .draw()?;
-    chart.draw_series(LineSeries::new(points.iter().map(|p| (p.0, p.1)), &BLUE))?;
-    chart.draw_series(
-        points
-            .iter()
-            .map(|p| Circle::new((p.0, p.1), 4, BLUE.filled())),
-    )?;
+    chart.draw_series(LineSeries::new(throughput.iter().copied(), &BLUE))?;
+    chart.draw_series(throughput.iter().map(|&p| Circle::new(p, 4, BLUE.filled())))?;
 
     let mut chart = ChartBuilder::on(&right)
-        .caption("p99 ack latency", ("sans-serif", 20))
+        .caption(format!("p99 ack latency at {rate}"), ("sans-serif", 18))
         .margin(15)
         .x_label_area_size(40)
         .y_label_area_size(70)
@@ -128,12 +142,8 @@ pub fn plot(csv: &Path, png: &Path) -> anyhow::Result<()> {
         .x_desc("agents")
         .y_desc("ms")
         .draw()?;
-    chart.draw_series(LineSeries::new(points.iter().map(|p| (p.0, p.2)), &RED))?;
-    chart.draw_series(
-        points
-            .iter()
-            .map(|p| Circle::new((p.0, p.2), 4, RED.filled())),
-    )?;
+    chart.draw_series(LineSeries::new(latency.iter().copied(), &RED))?;
+    chart.draw_series(latency.iter().map(|&p| Circle::new(p, 4, RED.filled())))?;
     root.present()?;
     Ok(())
 }

@@ -1,0 +1,99 @@
+//! CI runs every benchmark mode in a short smoke configuration: it proves the modes work and
+//! print their machine-readable summary; the figures themselves are not asserted.
+
+use std::process::Command;
+
+fn run(args: &[&str]) -> std::collections::BTreeMap<String, String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_kanade-bench"))
+        .args(args)
+        .output()
+        .expect("running kanade-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "kanade-bench {args:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.lines().last().expect("a summary line");
+    last.split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn throughput_delivers_every_event_and_measures_the_ceiling() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("bench.csv");
+    let admin = std::env::var("KANADE_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string());
+    let s = run(&[
+        "throughput",
+        "--database-url",
+        &admin,
+        "--agents",
+        "3",
+        "--runs",
+        "20",
+        "--csv",
+        csv.to_str().unwrap(),
+    ]);
+    assert_eq!(s["mode"], "throughput");
+    assert_eq!(s["events"], "120");
+    assert!(s["events_per_s"].parse::<f64>().unwrap() > 0.0);
+    assert!(s["ratio"].parse::<f64>().unwrap() > 0.0, "{s:?}");
+    let s = run(&[
+        "throughput",
+        "--database-url",
+        "sqlite://x",
+        "--agents",
+        "2",
+        "--runs",
+        "10",
+        "--outbox",
+        "--csv",
+        csv.to_str().unwrap(),
+    ]);
+    assert_eq!(s["events"], "40");
+    assert_eq!(s["ratio"], "na");
+    let png = dir.path().join("plot.png");
+    let s = run(&[
+        "plot",
+        "--csv",
+        csv.to_str().unwrap(),
+        "--png",
+        png.to_str().unwrap(),
+    ]);
+    assert_eq!(s["mode"], "plot");
+    assert!(std::fs::metadata(&png).unwrap().len() > 1000);
+}
+
+#[test]
+fn connections_open_idle_streams_and_survive_a_restart() {
+    let s = run(&[
+        "connections",
+        "--streams",
+        "20",
+        "--idle",
+        "0s",
+        "--settle",
+        "100ms",
+    ]);
+    assert_eq!(s["mode"], "connections");
+    assert_eq!(s["failed"], "0");
+}
+
+#[test]
+fn agent_mode_measures_the_daemon_exec_and_outbox() {
+    let s = run(&[
+        "agent",
+        "--idle-seconds",
+        "1",
+        "--execs",
+        "2",
+        "--enqueues",
+        "5",
+    ]);
+    assert_eq!(s["mode"], "agent");
+    assert!(s["enqueue_runs_per_s"].parse::<f64>().unwrap() > 0.0);
+}
