@@ -175,8 +175,10 @@ impl Outbox {
                 Synchronous::Normal => SqliteSynchronous::Normal,
             })
             .busy_timeout(BUSY_TIMEOUT);
+        // One connection: SQLite writes one at a time anyway, and each connection costs a
+        // worker thread and a page cache on a machine where the agent should be invisible.
         let pool = SqlitePoolOptions::new()
-            .max_connections(2)
+            .max_connections(1)
             .min_connections(0)
             .idle_timeout(Some(Duration::from_secs(60)))
             .connect_with(options)
