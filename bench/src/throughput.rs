@@ -11,7 +11,7 @@ use std::{
 use anyhow::Context;
 use clap::Args;
 use kanade_ingest::store::{self, RunWrite};
-use kanade_shared::wire::EventBody;
+use kanade_shared::wire::{EventBody, EventStarted, ExecResult};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -59,6 +59,25 @@ pub struct ThroughputArgs {
     pub ingest_args: Vec<String>,
 }
 
+/// Where a simulated agent's runs go before its sender takes them.
+enum AgentQueue {
+    Memory(Arc<MemoryQueue>),
+    Outbox(Arc<TimedOutbox>),
+}
+
+impl AgentQueue {
+    async fn enqueue_run(&self, started: EventStarted, result: ExecResult) -> anyhow::Result<()> {
+        match self {
+            AgentQueue::Memory(q) => {
+                q.enqueue(EventBody::Started(started));
+                q.enqueue(EventBody::Result(result));
+                Ok(())
+            }
+            AgentQueue::Outbox(q) => q.enqueue_run(&started, result).await,
+        }
+    }
+}
+
 pub async fn run(args: ThroughputArgs) -> anyhow::Result<()> {
     let db = BenchDb::fresh(&args.database_url).await?;
     let mut ingest_args = vec!["--max-streams".to_string(), (args.agents + 100).to_string()];
@@ -89,37 +108,27 @@ pub async fn run(args: ThroughputArgs) -> anyhow::Result<()> {
         .map(|r| Duration::from_secs_f64(2.0 * args.agents as f64 / r));
     for (a, agent_runs) in runs.iter().enumerate() {
         let pc = format!("bench-{a:05}");
-        if args.outbox {
-            let queue =
-                Arc::new(TimedOutbox::open(&dir.path().join(&pc), latencies.clone()).await?);
-            senders.push(load::spawn_sender(queue.clone(), &url, &pc, &stop));
-            let agent_runs = agent_runs.clone();
-            feeders.spawn(async move {
-                let mut tick = per_agent_interval.map(tokio::time::interval);
-                for (s, r) in agent_runs {
-                    if let Some(t) = tick.as_mut() {
-                        t.tick().await;
-                    }
-                    queue.enqueue_run(&s, r).await?;
-                }
-                anyhow::Ok(())
-            });
+        let queue = if args.outbox {
+            let outbox = TimedOutbox::open(&dir.path().join(&pc), latencies.clone()).await?;
+            AgentQueue::Outbox(Arc::new(outbox))
         } else {
-            let queue = Arc::new(MemoryQueue::new(latencies.clone()));
-            senders.push(load::spawn_sender(queue.clone(), &url, &pc, &stop));
-            let agent_runs = agent_runs.clone();
-            feeders.spawn(async move {
-                let mut tick = per_agent_interval.map(tokio::time::interval);
-                for (s, r) in agent_runs {
-                    if let Some(t) = tick.as_mut() {
-                        t.tick().await;
-                    }
-                    queue.enqueue(EventBody::Started(s));
-                    queue.enqueue(EventBody::Result(r));
+            AgentQueue::Memory(Arc::new(MemoryQueue::new(latencies.clone())))
+        };
+        senders.push(match &queue {
+            AgentQueue::Outbox(q) => load::spawn_sender(q.clone(), &url, &pc, &stop),
+            AgentQueue::Memory(q) => load::spawn_sender(q.clone(), &url, &pc, &stop),
+        });
+        let agent_runs = agent_runs.clone();
+        feeders.spawn(async move {
+            let mut tick = per_agent_interval.map(tokio::time::interval);
+            for (s, r) in agent_runs {
+                if let Some(t) = tick.as_mut() {
+                    t.tick().await;
                 }
-                anyhow::Ok(())
-            });
-        }
+                queue.enqueue_run(s, r).await?;
+            }
+            anyhow::Ok(())
+        });
     }
     while let Some(fed) = feeders.join_next().await {
         fed??;
