@@ -196,8 +196,14 @@ async fn schedule_job(
             kill_runs.clone(),
             running.clone(),
         );
+        let shutdown = shutdown.clone();
         runs.spawn(async move {
-            if let Ok(_permit) = concurrency.acquire().await
+            // A firing waiting for a free slot when shutdown begins never starts.
+            let permit = tokio::select! {
+                permit = concurrency.acquire() => permit.ok(),
+                _ = shutdown.cancelled() => None,
+            };
+            if let Some(_permit) = permit
                 && let Err(err) = execution::execute(&outbox, &settings, request, &kill).await
             {
                 tracing::error!(error = %format!("{err:#}"), "run could not be recorded");

@@ -6,8 +6,9 @@ use kanade_shared::telemetry;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread: the agent waits on processes, disk and the network, never on CPU, and every
+    // extra thread costs memory on a machine where the agent should be invisible.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

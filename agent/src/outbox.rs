@@ -49,6 +49,8 @@ pub const WAKE_SOCKET: &str = "wake.sock";
 pub const SENDER_LOCK: &str = "sender.lock";
 const RUNS_DIR: &str = "runs";
 const OPEN_LOCK: &str = "open.lock";
+/// Retries of a run's result commit before the run is left to be reported INTERRUPTED.
+const FINISH_ATTEMPTS: u32 = 8;
 /// How long a statement waits for another process's write lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 /// When the outbox is over its cap, queued outputs are cut to this many bytes each.
@@ -252,6 +254,36 @@ impl Outbox {
         result: ExecResult,
         trace_context: &BTreeMap<String, String>,
     ) -> anyhow::Result<u64> {
+        // The run's lock is held until the result is committed, so no other process reports it
+        // INTERRUPTED meanwhile; a busy or briefly failing disk gets a few more tries.
+        let backoff = kanade_shared::backoff::Backoff {
+            base: Duration::from_millis(100),
+            cap: Duration::from_secs(5),
+        };
+        let mut attempt = 0;
+        let seq = loop {
+            match self.commit_result(&result, trace_context).await {
+                Ok(seq) => break seq,
+                Err(err) if attempt < FINISH_ATTEMPTS => {
+                    tracing::warn!(result_id = %result.result_id, error = %format!("{err:#}"),
+                        "committing the result failed; retrying");
+                    tokio::time::sleep(backoff.next_delay(attempt)).await;
+                    attempt += 1;
+                }
+                Err(err) => return Err(err),
+            }
+        };
+        let _ = fs::remove_file(&lock.path);
+        drop(lock.file);
+        self.wake_sender();
+        Ok(seq)
+    }
+
+    async fn commit_result(
+        &self,
+        result: &ExecResult,
+        trace_context: &BTreeMap<String, String>,
+    ) -> anyhow::Result<u64> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("DELETE FROM runs WHERE result_id = ?1")
             .bind(&result.result_id)
@@ -262,15 +294,12 @@ impl Outbox {
                 &mut tx,
                 Event {
                     seq: 0,
-                    body: EventBody::Result(result),
+                    body: EventBody::Result(result.clone()),
                     trace_context: trace_context.clone(),
                 },
             )
             .await?;
         tx.commit().await.context("committing the result")?;
-        let _ = fs::remove_file(&lock.path);
-        drop(lock.file);
-        self.wake_sender();
         Ok(seq)
     }
 

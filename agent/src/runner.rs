@@ -97,6 +97,18 @@ impl HeadTail {
     }
 
     fn finish(self) -> Captured {
+        let cap = self.head_cap + self.tail_cap;
+        let captured = self.decode();
+        // Invalid bytes decode to U+FFFD, three bytes each: binary output can grow up to
+        // threefold in decoding, so the text is cut to the cap again.
+        let (text, cut) = keep_head_and_tail(&captured.text, cap);
+        Captured {
+            text,
+            dropped_bytes: captured.dropped_bytes + cut,
+        }
+    }
+
+    fn decode(self) -> Captured {
         let mut head = self.head;
         let mut tail: Vec<u8> = self.tail.into_iter().collect();
         if self.dropped == 0 {
@@ -168,13 +180,22 @@ pub fn keep_head_and_tail(text: &str, max: usize) -> (String, u64) {
     (kept, cut)
 }
 
-async fn capture(mut pipe: impl tokio::io::AsyncRead + Unpin, cap: usize) -> Captured {
+/// Reads a pipe until its end, or until `stop` (a grandchild may hold the pipe open long after
+/// the run ended): what was read by then is kept.
+async fn capture(
+    mut pipe: impl tokio::io::AsyncRead + Unpin,
+    cap: usize,
+    stop: CancellationToken,
+) -> Captured {
     let mut buffer = HeadTail::new(cap);
     let mut chunk = vec![0u8; 64 * 1024];
     loop {
-        match pipe.read(&mut chunk).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => buffer.push(&chunk[..n]),
+        tokio::select! {
+            read = pipe.read(&mut chunk) => match read {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buffer.push(&chunk[..n]),
+            },
+            _ = stop.cancelled() => break,
         }
     }
     buffer.finish()
@@ -239,8 +260,17 @@ pub async fn run_process(
         }
     };
     let pid = child.id().unwrap_or(0);
-    let stdout = tokio::spawn(capture(child.stdout.take().expect("piped"), output_cap));
-    let stderr = tokio::spawn(capture(child.stderr.take().expect("piped"), output_cap));
+    let stop_reading = CancellationToken::new();
+    let stdout = tokio::spawn(capture(
+        child.stdout.take().expect("piped"),
+        output_cap,
+        stop_reading.clone(),
+    ));
+    let stderr = tokio::spawn(capture(
+        child.stderr.take().expect("piped"),
+        output_cap,
+        stop_reading.clone(),
+    ));
 
     let deadline = async {
         match timeout {
@@ -258,25 +288,19 @@ pub async fn run_process(
         signal_group(pid, Signal::SIGKILL);
     }
     let elapsed = started.elapsed();
-    let drain = tokio::time::sleep(OUTPUT_DRAIN);
-    tokio::pin!(drain);
-    let stdout = collect(stdout, &mut drain).await;
-    let stderr = collect(stderr, &mut drain).await;
-    outcome(exit, ending, stdout, stderr, elapsed)
-}
-
-async fn collect(
-    task: tokio::task::JoinHandle<Captured>,
-    drain: &mut std::pin::Pin<&mut tokio::time::Sleep>,
-) -> Captured {
-    let abort = task.abort_handle();
-    tokio::select! {
-        captured = task => captured.unwrap_or_default(),
-        _ = drain.as_mut() => {
-            abort.abort();
-            Captured::default()
+    let drained = async {
+        let (out, err) = tokio::join!(stdout, stderr);
+        (out.unwrap_or_default(), err.unwrap_or_default())
+    };
+    tokio::pin!(drained);
+    let (stdout, stderr) = tokio::select! {
+        both = &mut drained => both,
+        _ = tokio::time::sleep(OUTPUT_DRAIN) => {
+            stop_reading.cancel();
+            drained.await
         }
-    }
+    };
+    outcome(exit, ending, stdout, stderr, elapsed)
 }
 
 /// TERM to the whole group, KILL after the grace period; returns the child's exit.

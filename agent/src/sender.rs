@@ -227,8 +227,8 @@ async fn session<Q: Queue>(
     let mut cursor = 0u64;
     let mut progressed = false;
     loop {
-        // Fill the window from the outbox.
-        while (inflight.len() as u32) < window && inflight_bytes < window_bytes {
+        // Fill the window from the outbox; stop at the first event that does not fit.
+        'fill: while (inflight.len() as u32) < window && inflight_bytes < window_bytes {
             let room = (window as usize) - inflight.len();
             let batch = match outbox.pending(cursor, room).await {
                 Ok(b) => b,
@@ -244,7 +244,7 @@ async fn session<Q: Queue>(
             }
             for p in batch {
                 if !inflight.is_empty() && inflight_bytes + p.bytes > window_bytes {
-                    break;
+                    break 'fill;
                 }
                 cursor = p.seq;
                 inflight.insert(p.seq, p.bytes);
@@ -253,7 +253,7 @@ async fn session<Q: Queue>(
                     msg: Some(pb::agent_message::Msg::Event(p.event)),
                 };
                 if tx.send(msg).await.is_err() {
-                    break;
+                    break 'fill;
                 }
             }
         }

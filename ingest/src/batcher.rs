@@ -292,8 +292,9 @@ impl Batcher<'_> {
                     return Some(outcomes);
                 }
                 Err(err) => {
+                    // Nothing commits while this lasts: not ready, whatever the cause.
+                    self.readiness.set_store_ok(false).await;
                     if err.is_transient() {
-                        self.readiness.set_store_ok(false).await;
                         tracing::warn!(error = %err, rows = writes.len(), attempt, "batch not committed; retrying");
                     } else {
                         tracing::error!(error = %err, rows = writes.len(), attempt, "batch failed unexpectedly; retrying");

@@ -400,3 +400,28 @@ every = "200ms"
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_backlog_larger_than_the_byte_window_is_delivered() {
+    let db = TestDb::sqlite();
+    let addr = free_addr();
+    // Each result is ~8 KB: the window holds two of them at a time.
+    let home = AgentHome::new(&format!("http://{addr}"), "send_window_bytes = 20000\n");
+    for i in 0..6 {
+        exec_ok(
+            &home,
+            &format!("big-{i}"),
+            &["sh", "-c", "head -c 8000 /dev/zero | tr '\\0' x"],
+        );
+    }
+    let _ingest = TestIngest::start_on(&addr.to_string(), &db.url, &[]).await;
+    let _daemon = home.daemon();
+    let store = db.store().await;
+    eventually(
+        Duration::from_secs(15),
+        "the whole backlog delivered",
+        || async { home.outbox().await.status().await.unwrap().pending_events == 0 },
+    )
+    .await;
+    assert_eq!(rows(store.as_ref()).await.len(), 6);
+}

@@ -357,3 +357,43 @@ async fn the_script_sees_its_run_ids_but_not_the_agents_secrets() {
     }
     assert!(!result.stdout.contains("s3cret"));
 }
+
+#[tokio::test]
+async fn binary_output_stays_within_the_cap_after_decoding() {
+    // Every byte is invalid UTF-8 and decodes to a 3-byte U+FFFD.
+    let out = run(
+        &[
+            "python3",
+            "-c",
+            "import sys; sys.stdout.buffer.write(bytes([0xff]) * 5000)",
+        ],
+        None,
+        1000,
+    )
+    .await;
+    assert_eq!(out.status, ExecStatus::Succeeded);
+    assert!(
+        out.stdout.text.len() <= 1000,
+        "{} bytes",
+        out.stdout.text.len()
+    );
+    assert!(out.stdout.text.chars().all(|c| c == '\u{FFFD}'));
+    assert!(out.stdout.dropped_bytes > 0);
+}
+
+#[tokio::test]
+async fn output_read_before_a_grandchild_holds_the_pipe_is_kept() {
+    let started = std::time::Instant::now();
+    let out = run(
+        &["sh", "-c", "echo before; sleep 5 & echo after"],
+        None,
+        CAP,
+    )
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "waited for the grandchild"
+    );
+    assert_eq!(out.status, ExecStatus::Succeeded);
+    assert_eq!(out.stdout.text, "before\nafter\n");
+}

@@ -249,12 +249,15 @@ impl From<sqlx::Error> for StoreError {
             E::Protocol(_) => StoreError::Unavailable(err),
             E::Database(db) => {
                 let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
-                if is_transient_sqlstate(&code) || is_transient_sqlite(db.message()) {
-                    StoreError::Unavailable(err)
-                } else if code.starts_with("22") || code.starts_with("23") {
-                    StoreError::Refused(err)
+                let class = if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+                    sqlite_class(&code)
                 } else {
-                    StoreError::Other(err)
+                    sqlstate_class(&code)
+                };
+                match class {
+                    ErrorClass::Transient => StoreError::Unavailable(err),
+                    ErrorClass::Data => StoreError::Refused(err),
+                    ErrorClass::Other => StoreError::Other(err),
                 }
             }
             _ => StoreError::Other(err),
@@ -262,19 +265,45 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
-/// SQLSTATEs that mean "not now" rather than "never" (SPEC §3).
-fn is_transient_sqlstate(code: &str) -> bool {
-    code.starts_with("08")
+/// What a database error says about retrying.
+enum ErrorClass {
+    /// Not now: retry later.
+    Transient,
+    /// Never, for this data: isolate and reject it.
+    Data,
+    /// Neither: a bug or a misconfigured database.
+    Other,
+}
+
+/// PostgreSQL's SQLSTATE classes (SPEC §3).
+fn sqlstate_class(code: &str) -> ErrorClass {
+    if code.starts_with("08")
         || code.starts_with("53")
         || code.starts_with("57P")
         || code == "40001"
         || code == "40P01"
+    {
+        ErrorClass::Transient
+    } else if code.starts_with("22") || code.starts_with("23") {
+        ErrorClass::Data
+    } else {
+        ErrorClass::Other
+    }
 }
 
-/// SQLite reports a busy or locked database by message (its numeric codes come through as
-/// strings such as "5" and "6" on some versions).
-fn is_transient_sqlite(message: &str) -> bool {
-    message.contains("database is locked") || message.contains("database is busy")
+/// SQLite's result codes (extended codes carry the primary one in their low byte).
+fn sqlite_class(code: &str) -> ErrorClass {
+    const BUSY: i32 = 5;
+    const LOCKED: i32 = 6;
+    const IOERR: i32 = 10;
+    const FULL: i32 = 13;
+    const CONSTRAINT: i32 = 19;
+    const TOOBIG: i32 = 18;
+    match code.parse::<i32>().map(|c| c & 0xff) {
+        Ok(BUSY | LOCKED | IOERR | FULL) => ErrorClass::Transient,
+        Ok(CONSTRAINT | TOOBIG) => ErrorClass::Data,
+        _ => ErrorClass::Other,
+    }
 }
 
 impl StoreError {
