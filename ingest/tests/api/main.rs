@@ -3,6 +3,7 @@
 
 mod activity;
 mod conformance;
+mod deploy;
 mod faults;
 mod grpcurl;
 mod helpers;
