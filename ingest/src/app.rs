@@ -135,6 +135,13 @@ pub async fn migrate(url: &str) -> anyhow::Result<()> {
 /// Starts ingest: returns once it listens.
 pub async fn start(args: ServeArgs) -> anyhow::Result<RunningIngest> {
     args.validate().map_err(anyhow::Error::msg)?;
+    if args.allow_insecure && !args.listen.ip().is_loopback() {
+        tracing::warn!(
+            listen = %args.listen,
+            "SERVING PLAINTEXT WITHOUT AUTHENTICATION (--allow-insecure): anyone who can reach this \
+             port can write runs for any endpoint and read every output"
+        );
+    }
     let shutdown = CancellationToken::new();
     let listener = TcpListener::bind(args.listen)
         .await

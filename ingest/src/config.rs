@@ -58,6 +58,12 @@ pub struct ServeArgs {
     )]
     pub database_url: String,
 
+    /// Accept plaintext connections without authentication on a non-loopback --listen address.
+    /// Anyone who can reach the port can then write runs for any pc_id and read every output:
+    /// only on a network you trust completely.
+    #[arg(long, env = "KANADE_INGEST_ALLOW_INSECURE")]
+    pub allow_insecure: bool,
+
     /// Also serve grpc.health.v1.Health alone on this plaintext address (for Kubernetes probes).
     #[arg(long, env = "KANADE_INGEST_HEALTH_LISTEN")]
     pub health_listen: Option<SocketAddr>,
@@ -151,6 +157,15 @@ pub struct ServeArgs {
 impl ServeArgs {
     /// Checks what clap cannot: relations between values.
     pub fn validate(&self) -> Result<(), String> {
+        if !self.listen.ip().is_loopback() && !self.allow_insecure {
+            return Err(format!(
+                "refusing to serve plaintext without authentication on {}: anyone who can reach \
+                 it could write runs for any endpoint and read every output. Listen on a loopback \
+                 address (e.g. --listen 127.0.0.1:50051), or pass --allow-insecure if this \
+                 network is fully trusted (TLS and tokens are not available in this build yet)",
+                self.listen
+            ));
+        }
         if self.max_event_bytes > limits::MAX_DECODING_MESSAGE_BYTES - 64 * 1024 {
             return Err(format!(
                 "--max-event-bytes {} is above the largest supported value {}",
@@ -194,6 +209,26 @@ mod tests {
         assert_eq!(cli.serve.retention, Duration::from_secs(90 * 86_400));
         assert_eq!(cli.serve.max_stream_age, Duration::from_secs(30 * 60));
         assert!(cli.serve.validate().is_ok());
+    }
+
+    #[test]
+    fn plaintext_beyond_loopback_needs_allow_insecure() {
+        let open = Cli::try_parse_from(["kanade-ingest", "--listen", "0.0.0.0:50051"]).unwrap();
+        let err = open.serve.validate().unwrap_err();
+        assert!(
+            err.contains("--allow-insecure") && err.contains("0.0.0.0:50051"),
+            "{err}"
+        );
+        let allowed = Cli::try_parse_from([
+            "kanade-ingest",
+            "--listen",
+            "[::]:50051",
+            "--allow-insecure",
+        ])
+        .unwrap();
+        assert!(allowed.serve.validate().is_ok());
+        let v6_loopback = Cli::try_parse_from(["kanade-ingest", "--listen", "[::1]:0"]).unwrap();
+        assert!(v6_loopback.serve.validate().is_ok());
     }
 
     #[test]

@@ -439,3 +439,27 @@ async fn migrate_command_prepares_a_database_and_replicas_can_migrate_together()
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unsupported database URL"));
 }
+
+#[tokio::test]
+async fn plaintext_on_a_non_loopback_address_is_refused_unless_allowed() {
+    let db = TestDb::sqlite();
+    let refused = std::process::Command::new(crate::helpers::workspace_binary("kanade-ingest"))
+        .args(["--listen", "0.0.0.0:0", "--database-url", &db.url])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("refusing to serve plaintext") && stderr.contains("--allow-insecure"),
+        "{stderr}"
+    );
+
+    let allowed = TestIngest::start_on("0.0.0.0:0", &db.url, &["--allow-insecure"]).await;
+    assert!(
+        allowed
+            .log()
+            .contains("SERVING PLAINTEXT WITHOUT AUTHENTICATION"),
+        "{}",
+        allowed.log()
+    );
+}
