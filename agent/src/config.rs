@@ -129,6 +129,8 @@ pub struct Job {
 pub struct Settings {
     pub pc_id: String,
     pub ingest: String,
+    /// The bearer token, read from `token_file`.
+    pub token: Option<Secret>,
     pub data_dir: PathBuf,
     pub output_cap_bytes: usize,
     pub outbox_cap_bytes: u64,
@@ -143,6 +145,36 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     pub max_concurrent_runs: usize,
     pub jobs: Vec<Job>,
+}
+
+/// A secret value: its `Debug` never shows it, so settings can be logged safely.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Reads a token file: the token is its content without surrounding whitespace.
+fn read_token(path: &Path) -> anyhow::Result<Secret> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the token file {}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() || token.contains(char::is_whitespace) {
+        bail!(
+            "the token file {} must hold exactly one token",
+            path.display()
+        );
+    }
+    Ok(Secret(token.to_string()))
 }
 
 pub const DEFAULT_INGEST: &str = "http://127.0.0.1:50051";
@@ -219,17 +251,19 @@ impl Settings {
         if args.ca_cert.is_some()
             || args.client_cert.is_some()
             || args.client_key.is_some()
-            || args.token_file.is_some()
             || file.ca_cert.is_some()
             || file.client_cert.is_some()
             || file.client_key.is_some()
-            || file.token_file.is_some()
         {
             bail!(
-                "TLS and token settings (ca_cert, client_cert, client_key, token_file) are not \
-                 supported by this build yet; connect over plaintext on a trusted network"
+                "TLS settings (ca_cert, client_cert, client_key) are not supported by this build \
+                 yet; connect over plaintext on a trusted network"
             );
         }
+        let token = match args.token_file.clone().or(file.token_file) {
+            Some(path) => Some(read_token(&path)?),
+            None => None,
+        };
         let ingest = args
             .ingest
             .clone()
@@ -254,6 +288,7 @@ impl Settings {
         let settings = Settings {
             pc_id,
             ingest,
+            token,
             data_dir: args
                 .data_dir
                 .clone()
@@ -351,6 +386,16 @@ mod tests {
         assert_eq!(s.pc_id, "web-01");
         assert_eq!(s.jobs.len(), 2);
         assert_eq!(s.outbox_synchronous, Synchronous::Full);
+    }
+
+    #[test]
+    fn the_token_is_read_from_its_file_and_never_shown() {
+        let token = file_with("  s3cret-token\n");
+        let mut a = args(None);
+        a.token_file = Some(token.path().to_path_buf());
+        let s = Settings::load(&a).unwrap();
+        assert_eq!(s.token.as_ref().map(Secret::expose), Some("s3cret-token"));
+        assert!(!format!("{s:?}").contains("s3cret"));
     }
 
     #[test]

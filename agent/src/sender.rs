@@ -21,10 +21,17 @@ use kanade_shared::{
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::{Code, transport::Endpoint};
+use tonic::{
+    Code,
+    metadata::{Ascii, MetadataValue},
+    transport::Endpoint,
+};
 use tracing::Instrument;
 
-use crate::outbox::{Outbox, Pending};
+use crate::{
+    config::Secret,
+    outbox::{Outbox, Pending},
+};
 
 /// What the sender delivers: the outbox in the agent; an in-memory queue in the benchmark.
 pub trait Queue: Send + Sync + 'static {
@@ -89,6 +96,8 @@ impl Queue for Outbox {
 pub struct SenderConfig {
     pub ingest: String,
     pub pc_id: String,
+    /// Sent as `authorization: Bearer …` when set.
+    pub token: Option<Secret>,
     pub window: u32,
     pub window_bytes: u64,
     pub keepalive: Duration,
@@ -195,8 +204,23 @@ async fn session<Q: Queue>(
         },
         _ = shutdown.cancelled() => return SessionEnd::Shutdown,
     };
+    let authorization = match &config.token {
+        Some(token) => match format!("Bearer {}", token.expose()).parse::<MetadataValue<Ascii>>() {
+            Ok(value) => Some(value),
+            Err(_) => return failed("the token holds characters a header cannot carry".into()),
+        },
+        None => None,
+    };
     let mut client =
-        IngestClient::new(channel).max_decoding_message_size(limits::MAX_DECODING_MESSAGE_BYTES);
+        IngestClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
+            if let Some(value) = &authorization {
+                request
+                    .metadata_mut()
+                    .insert("authorization", value.clone());
+            }
+            Ok(request)
+        })
+        .max_decoding_message_size(limits::MAX_DECODING_MESSAGE_BYTES);
     let (tx, rx) = mpsc::channel(64);
     let _ = tx.send(hello(&config.pc_id)).await;
     let mut inbound = match client.stream(ReceiverStream::new(rx)).await {

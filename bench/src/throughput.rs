@@ -169,9 +169,9 @@ pub async fn run(args: ThroughputArgs) -> anyhow::Result<()> {
             .map(|(_, r)| to_writes(EventBody::Result(r.clone())))
             .collect();
         let (best, batch) =
-            ceiling::best_batched(store.pool(), &started_rows, &result_rows).await?;
+            ceiling::best_batched(&store.pool(), &started_rows, &result_rows).await?;
         let single =
-            ceiling::single_rows_per_second(store.pool(), &started_rows, &result_rows, 1500)
+            ceiling::single_rows_per_second(&store.pool(), &started_rows, &result_rows, 1500)
                 .await?;
         store.pool().close().await;
         baseline.drop_database().await;

@@ -11,8 +11,11 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::transport::Server;
 
+use tonic::service::interceptor::InterceptedService;
+
 use crate::{
     activity::ActivityService,
+    auth::{Authenticator, Tokens},
     batcher::{self, BatchConfig},
     config::ServeArgs,
     health::Readiness,
@@ -135,7 +138,14 @@ pub async fn migrate(url: &str) -> anyhow::Result<()> {
 /// Starts ingest: returns once it listens.
 pub async fn start(args: ServeArgs) -> anyhow::Result<RunningIngest> {
     args.validate().map_err(anyhow::Error::msg)?;
-    if args.allow_insecure && !args.listen.ip().is_loopback() {
+    let tokens = match &args.tokens_file {
+        Some(path) => Some(Arc::new(Tokens::load(path)?)),
+        None => None,
+    };
+    if tokens.is_some() && !args.listen.ip().is_loopback() {
+        tracing::warn!(listen = %args.listen, "tokens travel in plaintext without TLS: anyone on the path can read and reuse them");
+    }
+    if args.allow_insecure && tokens.is_none() && !args.listen.ip().is_loopback() {
         tracing::warn!(
             listen = %args.listen,
             "SERVING PLAINTEXT WITHOUT AUTHENTICATION (--allow-insecure): anyone who can reach this \
@@ -179,6 +189,7 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<RunningIngest> {
 
     let task = tokio::spawn(serve(
         args,
+        tokens,
         store,
         readiness,
         health_service,
@@ -201,6 +212,7 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<RunningIngest> {
 #[allow(clippy::too_many_arguments)]
 async fn serve(
     args: ServeArgs,
+    tokens: Option<Arc<Tokens>>,
     store: Arc<dyn Store>,
     readiness: Readiness,
     health_service: tonic_health::pb::health_server::HealthServer<
@@ -303,11 +315,21 @@ async fn serve(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(
+        .add_service(InterceptedService::new(
             pb::ingest_server::IngestServer::new(ingest)
                 .max_decoding_message_size(limits::MAX_DECODING_MESSAGE_BYTES),
-        )
-        .add_service(pb::activity_server::ActivityServer::new(activity))
+            {
+                let auth = Authenticator::new(tokens.clone(), false);
+                move |request| auth.check(request)
+            },
+        ))
+        .add_service(InterceptedService::new(
+            pb::activity_server::ActivityServer::new(activity),
+            {
+                let auth = Authenticator::new(tokens, true);
+                move |request| auth.check(request)
+            },
+        ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), {
             let shutdown = shutdown.clone();
             let readiness = readiness.clone();
@@ -366,7 +388,14 @@ async fn watch_store(
             _ = tokio::time::sleep(every) => {}
             _ = stop.cancelled() => return,
         }
-        let ok = matches!(tokio::time::timeout(every, store.ping()).await, Ok(Ok(())));
+        let ok = match tokio::time::timeout(every, store.ping()).await {
+            Ok(answer) => answer.is_ok(),
+            Err(_) => {
+                // No answer at all: the connection may have gone silent; do not reuse it.
+                store.discard_connections();
+                false
+            }
+        };
         readiness.set_store_ok(ok).await;
     }
 }

@@ -262,6 +262,9 @@ impl Batcher<'_> {
             if let Err(err) = &attempt_result {
                 db_span.record("error.type", err.kind());
                 self.metrics.store_error(err.kind());
+                if matches!(err, StoreError::CommitTimedOut(_)) {
+                    self.store.discard_connections();
+                }
             }
             drop(db_span);
             match attempt_result {

@@ -1,7 +1,7 @@
 //! The ingest command line (SPEC §9): every flag has an environment variable and a visible
 //! default, so the same settings work from a shell, a systemd unit or a Kubernetes ConfigMap.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use kanade_shared::{limits, telemetry::LogFormat};
@@ -31,6 +31,28 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Applies the database migrations and exits.
     Migrate(MigrateArgs),
+    /// Manages bearer tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Creates a token, prints it once, and stores only its SHA-256 in the tokens file.
+    Add(TokenAddArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TokenAddArgs {
+    /// The endpoint the token may write for (omit with --reader).
+    #[arg(required_unless_present = "reader", conflicts_with = "reader")]
+    pub pc_id: Option<String>,
+    /// A token that may read Activity instead.
+    #[arg(long)]
+    pub reader: bool,
+    /// The tokens file (created 0600 when missing).
+    #[arg(long, env = "KANADE_INGEST_TOKENS_FILE")]
+    pub tokens_file: PathBuf,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -57,6 +79,11 @@ pub struct ServeArgs {
         default_value = "sqlite://kanade-ingest.db"
     )]
     pub database_url: String,
+
+    /// Require bearer tokens (TOML `[[token]]` entries of SHA-256 hashes bound to a pc_id or to
+    /// role = "reader"; create them with `kanade-ingest token add`).
+    #[arg(long, env = "KANADE_INGEST_TOKENS_FILE")]
+    pub tokens_file: Option<PathBuf>,
 
     /// Accept plaintext connections without authentication on a non-loopback --listen address.
     /// Anyone who can reach the port can then write runs for any pc_id and read every output:
@@ -157,12 +184,12 @@ pub struct ServeArgs {
 impl ServeArgs {
     /// Checks what clap cannot: relations between values.
     pub fn validate(&self) -> Result<(), String> {
-        if !self.listen.ip().is_loopback() && !self.allow_insecure {
+        if !self.listen.ip().is_loopback() && !self.allow_insecure && self.tokens_file.is_none() {
             return Err(format!(
                 "refusing to serve plaintext without authentication on {}: anyone who can reach \
                  it could write runs for any endpoint and read every output. Listen on a loopback \
                  address (e.g. --listen 127.0.0.1:50051), or pass --allow-insecure if this \
-                 network is fully trusted (TLS and tokens are not available in this build yet)",
+                 network is fully trusted, or require tokens with --tokens-file",
                 self.listen
             ));
         }

@@ -13,6 +13,7 @@
 
 pub mod activity;
 pub mod app;
+pub mod auth;
 pub mod batcher;
 pub mod config;
 pub mod health;

@@ -4,7 +4,8 @@ use anyhow::Context;
 use clap::Parser;
 use kanade_ingest::{
     app,
-    config::{Cli, Command},
+    auth::{Identity, add_token},
+    config::{Cli, Command, TokenCommand},
 };
 use kanade_shared::telemetry::{self, LogFormat};
 
@@ -33,6 +34,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let _telemetry = telemetry::init(LogFormat::Text, SERVICE_NAME);
             app::migrate(&args.database_url).await?;
             println!("migrations applied to {}", app::redact(&args.database_url));
+            return Ok(());
+        }
+        Some(Command::Token(TokenCommand::Add(args))) => {
+            let identity = match args.pc_id {
+                Some(pc_id) => Identity::Agent { pc_id },
+                None => Identity::Reader,
+            };
+            let token = add_token(&args.tokens_file, &identity)?;
+            eprintln!(
+                "added a {} token to {}; it is shown once, here:",
+                match &identity {
+                    Identity::Agent { pc_id } => format!("pc_id {pc_id:?}"),
+                    Identity::Reader => "reader".to_string(),
+                },
+                args.tokens_file.display()
+            );
+            println!("{token}");
             return Ok(());
         }
         Some(Command::Serve(args)) => *args,

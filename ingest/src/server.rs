@@ -28,6 +28,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
+    auth,
     batcher::{Outcome, Reply, StreamSink, Submission},
     health::Readiness,
     metrics::{Metrics, reject},
@@ -423,6 +424,7 @@ impl pb::ingest_server::Ingest for IngestService {
         if self.readiness.is_draining() {
             return Err(Status::unavailable("ingest is shutting down"));
         }
+        let token_pc_id = auth::writer_pc_id(&request)?;
         let mut slot = self.open_slot()?;
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(self.limits.hello_timeout, inbound.message())
@@ -445,6 +447,13 @@ impl pb::ingest_server::Ingest for IngestService {
             None => return Err(Status::cancelled("stream closed before Hello")),
         };
         let pc_id = hello_pc_id(&hello)?;
+        if let Some(allowed) = token_pc_id
+            && allowed != pc_id
+        {
+            return Err(Status::permission_denied(format!(
+                "this token belongs to pc_id {allowed:?}, but Hello says {pc_id:?}"
+            )));
+        }
         self.claim_pc(&mut slot, &pc_id)?;
         tracing::info!(%pc_id, agent_version = %hello.agent_version, "agent stream opened");
 
@@ -502,6 +511,7 @@ impl pb::ingest_server::Ingest for IngestService {
             return Err(Status::unavailable("ingest is shutting down"));
         }
         let deadline = caller_deadline(&request, self.limits.publish_timeout);
+        let token_pc_id = auth::writer_pc_id(&request)?;
         let event = request.into_inner();
         self.metrics.events_received.inc();
         // Without a carried context the event joins the call's own trace (its traceparent).
@@ -514,8 +524,12 @@ impl pb::ingest_server::Ingest for IngestService {
         } else {
             event_span(&event)
         };
-        let (write, bytes) =
-            admit(event, None, self.limits.max_event_bytes).map_err(|rejection| {
+        let (write, bytes) = admit(event, token_pc_id.as_deref(), self.limits.max_event_bytes)
+            .map_err(|rejection| {
+                if rejection.class == reject::WRONG_PC {
+                    self.metrics.rejected(rejection.class);
+                    return Status::permission_denied(rejection.reason);
+                }
                 self.metrics.rejected(rejection.class);
                 Status::invalid_argument(rejection.reason)
             })?;

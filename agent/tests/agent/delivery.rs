@@ -425,3 +425,50 @@ async fn a_backlog_larger_than_the_byte_window_is_delivered() {
     .await;
     assert_eq!(rows(store.as_ref()).await.len(), 6);
 }
+
+#[tokio::test]
+async fn an_agent_sends_its_token_and_one_without_waits() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.toml");
+    let out = std::process::Command::new(crate::helpers::workspace_binary("kanade-ingest"))
+        .args([
+            "token",
+            "add",
+            "pc-test",
+            "--tokens-file",
+            tokens.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let token_file = dir.path().join("agent.token");
+    std::fs::write(&token_file, &out.stdout).unwrap();
+    let db = TestDb::sqlite();
+    let ingest =
+        TestIngest::start_with(&db.url, &["--tokens-file", tokens.to_str().unwrap()]).await;
+
+    let without = AgentHome::new(&ingest.url(), "");
+    let waited = without.exec(&["--wait", "--wait-timeout", "1s"], "m", &["true"]);
+    assert_eq!(waited.status.code(), Some(75), "{waited:?}");
+    assert!(
+        String::from_utf8_lossy(&waited.stderr).contains("token"),
+        "{waited:?}"
+    );
+
+    let with = AgentHome::new(
+        &ingest.url(),
+        &format!("token_file = \"{}\"\n", token_file.display()),
+    );
+    let out = with.exec(
+        &["--wait", "--wait-timeout", "10s", "--exec-id", "t-1"],
+        "m",
+        &["true"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let secret = std::fs::read_to_string(&token_file).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains(secret.trim()),
+        "the token is never logged"
+    );
+    assert_eq!(by_exec(db.store().await.as_ref()).await["t-1"].len(), 1);
+}

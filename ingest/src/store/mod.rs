@@ -367,6 +367,10 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     /// Answers when the store is reachable.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Drops every pooled connection: called when a commit got no answer in time, because a
+    /// connection that went silent would otherwise be handed out again.
+    fn discard_connections(&self) {}
 }
 
 /// Opens the store a database URL names: `postgres://…`/`postgresql://…` or `sqlite://PATH`

@@ -27,6 +27,8 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 const POOL_SIZE: u32 = 8;
 /// How long a caller waits for a pooled connection before the store counts as unavailable.
 const ACQUIRE_TIMEOUT: StdDuration = StdDuration::from_secs(5);
+/// How long the server keeps a transaction of ours that stopped talking (see `connect`).
+const IDLE_IN_TRANSACTION_TIMEOUT_MS: u64 = 5_000;
 
 const UPSERT: &str = "\
 INSERT INTO execution_results AS r (result_id, request_id, exec_id, pc_id, manifest_id, version,
@@ -57,25 +59,42 @@ WHERE r.pc_id = EXCLUDED.pc_id
 RETURNING r.result_id";
 
 /// `execution_results` in PostgreSQL.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct PostgresStore {
-    pool: PgPool,
+    /// Replaced wholesale by [`Store::discard_connections`].
+    pool: std::sync::RwLock<PgPool>,
+    options: PgConnectOptions,
+}
+
+fn lazy_pool(options: &PgConnectOptions) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(POOL_SIZE)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .connect_lazy_with(options.clone())
 }
 
 impl PostgresStore {
     /// Connects lazily: the store exists even while the database is down, and health reports it.
     pub async fn connect(url: &str) -> Result<PostgresStore, StoreError> {
-        let options = PgConnectOptions::from_str(url)?.application_name("kanade-ingest");
-        let pool = PgPoolOptions::new()
-            .max_connections(POOL_SIZE)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_lazy_with(options);
-        Ok(PostgresStore { pool })
+        let options = PgConnectOptions::from_str(url)?
+            .application_name("kanade-ingest")
+            // A transaction whose client went silent mid-commit would hold its row locks for as
+            // long as the TCP connection looks alive, blocking every retry of the same rows.
+            // Kanade's transactions never idle between statements, so the server may end any
+            // that does after a few seconds.
+            .options([(
+                "idle_in_transaction_session_timeout",
+                IDLE_IN_TRANSACTION_TIMEOUT_MS.to_string(),
+            )]);
+        Ok(PostgresStore {
+            pool: std::sync::RwLock::new(lazy_pool(&options)),
+            options,
+        })
     }
 
-    /// The pool, for tests and the benchmark.
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
+    /// The pool (a cheap handle), for the operations, tests and the benchmark.
+    pub fn pool(&self) -> PgPool {
+        self.pool.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
@@ -135,7 +154,7 @@ impl Store for PostgresStore {
     async fn migrate(&self) -> Result<(), StoreError> {
         // sqlx holds a PostgreSQL advisory lock while it migrates, so replicas starting together
         // take turns and all but the first find nothing to do.
-        MIGRATOR.run(&self.pool).await?;
+        MIGRATOR.run(&self.pool()).await?;
         Ok(())
     }
 
@@ -145,7 +164,7 @@ impl Store for PostgresStore {
         received_at: DateTime<Utc>,
     ) -> Result<Vec<bool>, StoreError> {
         let mut applied = vec![false; writes.len()];
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool().begin().await?;
         for round in rounds(writes) {
             let rows: Vec<&RunWrite> = round.iter().map(|&i| &writes[i]).collect();
             let outcome =
@@ -232,7 +251,7 @@ impl Store for PostgresStore {
             .bind(result_id)
             .bind(now)
             .bind(lost_grace.num_microseconds().unwrap_or(i64::MAX))
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.pool())
             .await?;
         row.as_ref().map(read_row).transpose()
     }
@@ -248,7 +267,7 @@ impl Store for PostgresStore {
                 Param::Micros(n) | Param::Limit(n) => q.bind(n),
             };
         }
-        let rows = q.fetch_all(&self.pool).await?;
+        let rows = q.fetch_all(&self.pool()).await?;
         rows.iter().map(read_row).collect()
     }
 
@@ -263,13 +282,20 @@ impl Store for PostgresStore {
         )
         .bind(cutoff)
         .bind(i64::from(limit))
-        .execute(&self.pool)
+        .execute(&self.pool())
         .await?;
         Ok(done.rows_affected())
     }
 
+    fn discard_connections(&self) {
+        // Connections that went silent stay "open" forever (no FIN, no RST); the pool would keep
+        // handing them out. A fresh pool connects anew; the old one's connections close as the
+        // last handles to them drop.
+        *self.pool.write().unwrap_or_else(|e| e.into_inner()) = lazy_pool(&self.options);
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        sqlx::query("SELECT 1").execute(&self.pool()).await?;
         Ok(())
     }
 }

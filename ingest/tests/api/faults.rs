@@ -423,7 +423,14 @@ async fn a_connection_that_goes_silent_mid_commit_is_abandoned_and_the_batch_ret
     proxy.heal();
 
     let healed = Instant::now();
-    assert_eq!(stream.answers(1).await.0, [2]);
+    let answered = tokio::time::timeout(Duration::from_secs(15), stream.answers(1)).await;
+    let Ok((acked, _)) = answered else {
+        panic!(
+            "no answer 15 s after the heal; ingest log:\n{}",
+            ingest.log()
+        );
+    };
+    assert_eq!(acked, [2]);
     assert!(
         healed.elapsed() < Duration::from_secs(8),
         "took {:?}",

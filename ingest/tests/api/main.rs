@@ -2,6 +2,7 @@
 //! server (or the real stores) through `helpers`.
 
 mod activity;
+mod auth;
 mod conformance;
 mod deploy;
 mod faults;

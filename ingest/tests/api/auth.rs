@@ -1,0 +1,146 @@
+//! Bearer tokens: `token add`, and what each kind of caller may do.
+
+use kanade_shared::pb;
+use tonic::{Code, Request, metadata::MetadataValue};
+
+use crate::helpers::{
+    AgentStream, Run, SERVING, TestDb, TestIngest, health, hello, workspace_binary,
+};
+
+/// `kanade-ingest token add ARGS --tokens-file FILE` → the printed token.
+fn token_add(file: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(workspace_binary("kanade-ingest"))
+        .args(["token", "add"])
+        .args(args)
+        .args(["--tokens-file", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn with_token<T>(message: T, token: &str) -> Request<T> {
+    let mut request = Request::new(message);
+    let value: MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
+    request.metadata_mut().insert("authorization", value);
+    request
+}
+
+#[tokio::test]
+async fn tokens_bind_writers_to_their_pc_and_readers_to_activity() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.toml");
+    let pc_a = token_add(&tokens, &["pc-a"]);
+    let reader = token_add(&tokens, &["--reader"]);
+    let stored = std::fs::read_to_string(&tokens).unwrap();
+    assert!(
+        !stored.contains(&pc_a) && !stored.contains(&reader),
+        "tokens are stored hashed"
+    );
+
+    let db = TestDb::sqlite();
+    let ingest =
+        TestIngest::start_with(&db.url, &["--tokens-file", tokens.to_str().unwrap()]).await;
+    let mut client = ingest.ingest().await;
+
+    // Publish: valid, missing, unknown, another pc's run, a reader's token.
+    let run = Run::new("pc-a");
+    client
+        .publish(with_token(run.started_event(0), &pc_a))
+        .await
+        .expect("its own run");
+    let missing = client
+        .publish(Request::new(run.result_event(0)))
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::Unauthenticated);
+    let unknown = client
+        .publish(with_token(run.result_event(0), "not-a-token"))
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::Unauthenticated);
+    let other = client
+        .publish(with_token(Run::new("pc-b").started_event(0), &pc_a))
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), Code::PermissionDenied);
+    let by_reader = client
+        .publish(with_token(run.result_event(0), &reader))
+        .await
+        .unwrap_err();
+    assert_eq!(by_reader.code(), Code::PermissionDenied);
+
+    // Streams: the Hello must name the token's pc.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(hello("pc-b")).await.unwrap();
+    let foreign = client
+        .stream(with_token(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            &pc_a,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(foreign.code(), Code::PermissionDenied);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(hello("pc-a")).await.unwrap();
+    tx.send(crate::helpers::event_msg(Run::new("pc-a").started_event(1)))
+        .await
+        .unwrap();
+    let mut own = AgentStream {
+        tx,
+        rx: client
+            .stream(with_token(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+                &pc_a,
+            ))
+            .await
+            .unwrap()
+            .into_inner(),
+    };
+    assert!(matches!(
+        own.next().await,
+        Some(pb::ingest_message::Msg::Welcome(_))
+    ));
+    assert_eq!(own.answers(1).await.0, [1]);
+
+    // Activity: readers only.
+    let mut activity = ingest.activity().await;
+    let listed = activity
+        .list_executions(with_token(pb::ListExecutionsRequest::default(), &reader))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.executions.len(), 2);
+    let as_writer = activity
+        .list_executions(with_token(pb::ListExecutionsRequest::default(), &pc_a))
+        .await
+        .unwrap_err();
+    assert_eq!(as_writer.code(), Code::PermissionDenied);
+    let anonymous = activity
+        .list_executions(Request::new(pb::ListExecutionsRequest::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(anonymous.code(), Code::Unauthenticated);
+
+    // Health needs no token.
+    assert_eq!(health(ingest.addr, "").await, SERVING);
+}
+
+#[tokio::test]
+async fn tokens_allow_a_non_loopback_address_without_allow_insecure() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.toml");
+    token_add(&tokens, &["pc-a"]);
+    let db = TestDb::sqlite();
+    let ingest = TestIngest::start_on(
+        "0.0.0.0:0",
+        &db.url,
+        &["--tokens-file", tokens.to_str().unwrap()],
+    )
+    .await;
+    assert!(
+        ingest.log().contains("tokens travel in plaintext"),
+        "{}",
+        ingest.log()
+    );
+}
