@@ -29,21 +29,11 @@ use crate::{
 pub struct RunningIngest {
     /// Where the gRPC services listen (with the real port when port 0 was asked for).
     pub addr: SocketAddr,
-    /// Where the health-only listener is, when one was asked for.
-    pub health_addr: Option<SocketAddr>,
-    /// Where `/metrics` is served, when it was asked for.
-    pub metrics_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
 impl RunningIngest {
-    /// Shuts down gracefully and waits until it is done.
-    pub async fn stop(self) -> anyhow::Result<()> {
-        self.shutdown.cancel();
-        self.task.await.context("ingest task panicked")?
-    }
-
     /// Waits for the ingest to end by itself (it ends only after `shutdown` was triggered).
     pub async fn wait(self) -> anyhow::Result<()> {
         self.task.await.context("ingest task panicked")?
@@ -52,6 +42,21 @@ impl RunningIngest {
     /// Cancelling this begins the graceful shutdown.
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
+    }
+}
+
+/// Binds an optional extra listener; errors name the flag that asked for it.
+async fn bind_optional(
+    addr: Option<SocketAddr>,
+    flag: &str,
+) -> anyhow::Result<Option<TcpListener>> {
+    match addr {
+        Some(a) => Ok(Some(
+            TcpListener::bind(a)
+                .await
+                .with_context(|| format!("listening on {a} ({flag})"))?,
+        )),
+        None => Ok(None),
     }
 }
 
@@ -157,30 +162,8 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<RunningIngest> {
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     let addr = listener.local_addr()?;
-    let health_listener = match args.health_listen {
-        Some(a) => Some(
-            TcpListener::bind(a)
-                .await
-                .with_context(|| format!("listening on {a} (--health-listen)"))?,
-        ),
-        None => None,
-    };
-    let health_addr = health_listener
-        .as_ref()
-        .map(TcpListener::local_addr)
-        .transpose()?;
-    let metrics_listener = match args.metrics_listen {
-        Some(a) => Some(
-            metrics::bind(a)
-                .await
-                .with_context(|| format!("listening on {a} (--metrics-listen)"))?,
-        ),
-        None => None,
-    };
-    let metrics_addr = metrics_listener
-        .as_ref()
-        .map(TcpListener::local_addr)
-        .transpose()?;
+    let health_listener = bind_optional(args.health_listen, "--health-listen").await?;
+    let metrics_listener = bind_optional(args.metrics_listen, "--metrics-listen").await?;
 
     let store = open_store(&args.database_url, &shutdown).await?;
     let (reporter, health_service) = tonic_health::server::health_reporter();
@@ -202,8 +185,6 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<RunningIngest> {
     ));
     Ok(RunningIngest {
         addr,
-        health_addr,
-        metrics_addr,
         shutdown,
         task,
     })

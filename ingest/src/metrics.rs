@@ -1,6 +1,6 @@
 //! Prometheus metrics in the text exposition format, served on `--metrics-listen` at `/metrics`.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::sync::Arc;
 
 use axum::{Router, http::header, response::IntoResponse, routing::get};
 use prometheus_client::{
@@ -160,9 +160,4 @@ pub async fn serve(metrics: Arc<Metrics>, listener: TcpListener, stop: Cancellat
     {
         tracing::error!(error = %err, "metrics listener failed");
     }
-}
-
-/// Binds the metrics address, for a clear error at start.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }
