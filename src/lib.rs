@@ -5,6 +5,7 @@
 //! - [`wire`]: the serde structs the rest of the code works with, and the conversions between
 //!   them and [`pb`]. Converting from protobuf is the one place where wire input is validated.
 //! - [`limits`]: sizes both programs must agree on.
+//! - [`tls`]: the one rustls crypto provider and PEM file reading.
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
@@ -14,4 +15,5 @@ pub mod codec;
 pub mod limits;
 pub mod pb;
 pub mod telemetry;
+pub mod tls;
 pub mod wire;

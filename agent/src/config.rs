@@ -129,6 +129,8 @@ pub struct Job {
 pub struct Settings {
     pub pc_id: String,
     pub ingest: String,
+    /// Set exactly when `ingest` is an `https://` URL.
+    pub tls: Option<ClientTls>,
     /// The bearer token, read from `token_file`.
     pub token: Option<Secret>,
     pub data_dir: PathBuf,
@@ -161,6 +163,68 @@ impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Secret(***)")
     }
+}
+
+/// How the agent speaks TLS to ingest.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientTls {
+    /// PEM of the CA(s) that signed ingest's certificate; `None` trusts the system's roots.
+    pub ca_cert: Option<String>,
+    /// This endpoint's certificate and key (PEM), presented when ingest asks (mTLS).
+    pub client_certificate: Option<ClientCertificate>,
+}
+
+/// A client certificate and its private key, both PEM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCertificate {
+    pub cert: String,
+    pub key: Secret,
+}
+
+/// Reads and checks the TLS files now, so a bad path or file fails at start with its name,
+/// not at every reconnect.
+fn client_tls(
+    ingest: &str,
+    ca_cert: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
+) -> anyhow::Result<Option<ClientTls>> {
+    use kanade_shared::tls::{read_certificates, read_private_key};
+    let read = |path: &Path| {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+    };
+    if !ingest.starts_with("https://") {
+        if ca_cert.is_some() || client_cert.is_some() || client_key.is_some() {
+            bail!(
+                "ca_cert, client_cert and client_key are for TLS, but the ingest URL {ingest:?} \
+                 is plaintext: use an https:// URL"
+            );
+        }
+        return Ok(None);
+    }
+    let ca_cert = match ca_cert {
+        Some(path) => {
+            read_certificates(&path, "ca_cert")?;
+            Some(read(&path)?)
+        }
+        None => None,
+    };
+    let client_certificate = match (client_cert, client_key) {
+        (Some(cert), Some(key)) => {
+            read_certificates(&cert, "client_cert")?;
+            read_private_key(&key, "client_key")?;
+            Some(ClientCertificate {
+                cert: read(&cert)?,
+                key: Secret(read(&key)?),
+            })
+        }
+        (None, None) => None,
+        _ => bail!("client_cert and client_key go together: give both or neither"),
+    };
+    Ok(Some(ClientTls {
+        ca_cert,
+        client_certificate,
+    }))
 }
 
 /// Reads a token file: the token is its content without surrounding whitespace.
@@ -248,18 +312,6 @@ impl Settings {
             Some(path) => (read_file(path)?, path.display().to_string()),
             None => (FileConfig::default(), "(no config file)".to_string()),
         };
-        if args.ca_cert.is_some()
-            || args.client_cert.is_some()
-            || args.client_key.is_some()
-            || file.ca_cert.is_some()
-            || file.client_cert.is_some()
-            || file.client_key.is_some()
-        {
-            bail!(
-                "TLS settings (ca_cert, client_cert, client_key) are not supported by this build \
-                 yet; connect over plaintext on a trusted network"
-            );
-        }
         let token = match args.token_file.clone().or(file.token_file) {
             Some(path) => Some(read_token(&path)?),
             None => None,
@@ -272,6 +324,12 @@ impl Settings {
         if !(ingest.starts_with("http://") || ingest.starts_with("https://")) {
             bail!("ingest URL {ingest:?} must start with http:// or https://");
         }
+        let tls = client_tls(
+            &ingest,
+            args.ca_cert.clone().or(file.ca_cert),
+            args.client_cert.clone().or(file.client_cert),
+            args.client_key.clone().or(file.client_key),
+        )?;
         let pc_id = args.pc_id.clone().or(file.pc_id).unwrap_or_else(hostname);
         if pc_id.is_empty() || pc_id.len() > limits::MAX_ID_BYTES {
             bail!(
@@ -288,6 +346,7 @@ impl Settings {
         let settings = Settings {
             pc_id,
             ingest,
+            tls,
             token,
             data_dir: args
                 .data_dir

@@ -39,6 +39,7 @@ pub fn sender_config(settings: &Settings) -> SenderConfig {
     SenderConfig {
         ingest: settings.ingest.clone(),
         pc_id: settings.pc_id.clone(),
+        tls: settings.tls.clone(),
         token: settings.token.clone(),
         window: settings.send_window,
         window_bytes: settings.send_window_bytes,

@@ -6,6 +6,7 @@ use kanade_shared::telemetry;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    kanade_shared::tls::install_crypto_provider();
     // One thread: the agent waits on processes, disk and the network, never on CPU, and every
     // extra thread costs memory on a machine where the agent should be invisible.
     let runtime = match tokio::runtime::Builder::new_current_thread()

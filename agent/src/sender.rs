@@ -24,12 +24,12 @@ use tokio_util::sync::CancellationToken;
 use tonic::{
     Code,
     metadata::{Ascii, MetadataValue},
-    transport::Endpoint,
+    transport::{Certificate, ClientTlsConfig, Endpoint, Identity},
 };
 use tracing::Instrument;
 
 use crate::{
-    config::Secret,
+    config::{ClientTls, Secret},
     outbox::{Outbox, Pending},
 };
 
@@ -96,6 +96,8 @@ impl Queue for Outbox {
 pub struct SenderConfig {
     pub ingest: String,
     pub pc_id: String,
+    /// TLS towards an `https://` ingest.
+    pub tls: Option<ClientTls>,
     /// Sent as `authorization: Bearer …` when set.
     pub token: Option<Secret>,
     pub window: u32,
@@ -169,6 +171,18 @@ pub async fn run<Q: Queue>(outbox: Q, config: SenderConfig, shutdown: Cancellati
     }
 }
 
+fn tls_config(tls: &ClientTls) -> ClientTlsConfig {
+    let config = ClientTlsConfig::new();
+    let config = match &tls.ca_cert {
+        Some(pem) => config.ca_certificate(Certificate::from_pem(pem)),
+        None => config.with_native_roots(),
+    };
+    match &tls.client_certificate {
+        Some(c) => config.identity(Identity::from_pem(&c.cert, c.key.expose())),
+        None => config,
+    }
+}
+
 fn hello(pc_id: &str) -> pb::AgentMessage {
     pb::AgentMessage {
         msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
@@ -197,6 +211,13 @@ async fn session<Q: Queue>(
     .keep_alive_timeout(config.keepalive_timeout)
     .keep_alive_while_idle(true)
     .tcp_nodelay(true);
+    let endpoint = match &config.tls {
+        Some(tls) => match endpoint.tls_config(tls_config(tls)) {
+            Ok(e) => e,
+            Err(e) => return failed(format!("TLS settings for {}: {e}", config.ingest)),
+        },
+        None => endpoint,
+    };
     let channel = tokio::select! {
         c = endpoint.connect() => match c {
             Ok(c) => c,

@@ -227,6 +227,7 @@ pub fn sender_config(ingest: &str, pc_id: &str) -> SenderConfig {
     SenderConfig {
         ingest: ingest.to_string(),
         pc_id: pc_id.to_string(),
+        tls: None,
         token: None,
         window: kanade_shared::limits::DEFAULT_MAX_UNACKED,
         window_bytes: kanade_shared::limits::DEFAULT_MAX_UNACKED_BYTES,

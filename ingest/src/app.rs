@@ -23,6 +23,7 @@ use crate::{
     retention,
     server::{IngestLimits, IngestService},
     store::{self, Store},
+    tls::{self, ServerTls, TlsFiles},
 };
 
 /// A running ingest.
@@ -147,15 +148,16 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<RunningIngest> {
         Some(path) => Some(Arc::new(Tokens::load(path)?)),
         None => None,
     };
-    if tokens.is_some() && !args.listen.ip().is_loopback() {
-        tracing::warn!(listen = %args.listen, "tokens travel in plaintext without TLS: anyone on the path can read and reuse them");
-    }
-    if args.allow_insecure && tokens.is_none() && !args.listen.ip().is_loopback() {
-        tracing::warn!(
-            listen = %args.listen,
-            "SERVING PLAINTEXT WITHOUT AUTHENTICATION (--allow-insecure): anyone who can reach this \
-             port can write runs for any endpoint and read every output"
-        );
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(ServerTls::load(TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: args.client_ca.clone(),
+        })?),
+        _ => None,
+    };
+    for warning in args.exposure_warnings() {
+        tracing::warn!(listen = %args.listen, "{warning}");
     }
     let shutdown = CancellationToken::new();
     let listener = TcpListener::bind(args.listen)
@@ -173,6 +175,7 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<RunningIngest> {
     let task = tokio::spawn(serve(
         args,
         tokens,
+        tls,
         store,
         readiness,
         health_service,
@@ -194,6 +197,7 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<RunningIngest> {
 async fn serve(
     args: ServeArgs,
     tokens: Option<Arc<Tokens>>,
+    tls: Option<Arc<ServerTls>>,
     store: Arc<dyn Store>,
     readiness: Readiness,
     health_service: tonic_health::pb::health_server::HealthServer<
@@ -271,6 +275,9 @@ async fn serve(
             background.clone(),
         ));
     }
+    if let Some(tls) = &tls {
+        background_tasks.spawn(tls.clone().watch(args.tls_reload_every, background.clone()));
+    }
     if let Some(health_listener) = health_listener {
         let health_only = health_service.clone();
         let stop = background.clone();
@@ -288,7 +295,7 @@ async fn serve(
         });
     }
 
-    let grpc = Server::builder()
+    let router = Server::builder()
         .trace_fn(request_span)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -310,16 +317,25 @@ async fn serve(
                 let auth = Authenticator::new(tokens, true);
                 move |request| auth.check(request)
             },
-        ))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), {
-            let shutdown = shutdown.clone();
-            let readiness = readiness.clone();
-            async move {
-                shutdown.cancelled().await;
-                tracing::info!("shutting down: draining streams and in-flight batches");
-                readiness.set_draining().await;
-            }
-        });
+        ));
+    let stop_accepting = {
+        let shutdown = shutdown.clone();
+        let readiness = readiness.clone();
+        async move {
+            shutdown.cancelled().await;
+            tracing::info!("shutting down: draining streams and in-flight batches");
+            readiness.set_draining().await;
+        }
+    };
+    let grpc: std::pin::Pin<Box<dyn Future<Output = _> + Send>> = match tls {
+        Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
+            tls::incoming(listener, tls, args.hello_timeout, background.clone()),
+            stop_accepting,
+        )),
+        None => Box::pin(
+            router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop_accepting),
+        ),
+    };
 
     let drained = async {
         let served = grpc.await;

@@ -1,7 +1,10 @@
-//! Bearer tokens (SPEC §7): a TOML file of `[[token]]` entries, each the SHA-256 of a token
-//! (never the token itself) bound either to one `pc_id` (that agent may write its own runs) or to
-//! `role = "reader"` (may read Activity). With no tokens file, every caller is trusted — which is
-//! why ingest then refuses non-loopback addresses unless told otherwise.
+//! Who may call what (SPEC §7).
+//!
+//! Bearer tokens: a TOML file of `[[token]]` entries, each the SHA-256 of a token (never the token
+//! itself) bound either to one `pc_id` (that agent may write its own runs) or to
+//! `role = "reader"` (may read Activity). Under mTLS the client certificate's identity binds the
+//! connection instead (see [`crate::tls`]). With neither, every caller is trusted — which is why
+//! ingest then refuses non-loopback addresses unless told otherwise.
 //!
 //! Health and reflection need no token: probes and grpcurl `list` must work without one.
 
@@ -11,6 +14,8 @@ use anyhow::{Context, bail};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tonic::{Request, Status};
+
+use crate::tls::Peer;
 
 /// Who a valid token speaks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,7 +112,14 @@ pub fn add_token(path: &Path, identity: &Identity) -> anyhow::Result<String> {
     Ok(token)
 }
 
-/// Checks the `authorization: Bearer …` metadata of calls to one service.
+/// Decides who the caller of one service is, from its client certificate (under mTLS) and its
+/// `authorization: Bearer …` metadata.
+///
+/// - Writing (Ingest): a verified client certificate binds the connection to its identity; else,
+///   with a tokens file, an agent token binds it to the token's `pc_id`; else (no authentication
+///   configured) anything goes.
+/// - Reading (Activity): with a tokens file or under mTLS only a reader token passes, so an
+///   endpoint's certificate or token never reads other endpoints' outputs.
 #[derive(Debug, Clone)]
 pub struct Authenticator {
     tokens: Option<Arc<Tokens>>,
@@ -125,8 +137,30 @@ impl Authenticator {
 
     /// A tonic interceptor: attaches the caller's [`Identity`] to the request, or refuses it.
     pub fn check(&self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let certificate = request
+            .extensions()
+            .get::<Peer>()
+            .and_then(|peer| peer.certificate_identity.clone());
+        let identity = if self.readers_only {
+            self.reader(&request, certificate.is_some())?
+        } else {
+            match certificate {
+                Some(pc_id) => Some(Identity::Agent {
+                    pc_id: pc_id.to_string(),
+                }),
+                None => self.token(&request)?,
+            }
+        };
+        if let Some(identity) = identity {
+            request.extensions_mut().insert(identity);
+        }
+        Ok(request)
+    }
+
+    /// The identity the request's token proves; `None` when no tokens file is configured.
+    fn token<T>(&self, request: &Request<T>) -> Result<Option<Identity>, Status> {
         let Some(tokens) = &self.tokens else {
-            return Ok(request);
+            return Ok(None);
         };
         let presented = request
             .metadata()
@@ -138,22 +172,39 @@ impl Authenticator {
                     "this ingest requires a token: send `authorization: Bearer TOKEN`",
                 )
             })?;
-        let identity = tokens
+        tokens
             .identify(presented.trim())
             .cloned()
-            .ok_or_else(|| Status::unauthenticated("unknown token"))?;
-        if self.readers_only && identity != Identity::Reader {
-            return Err(Status::permission_denied(
+            .map(Some)
+            .ok_or_else(|| Status::unauthenticated("unknown token"))
+    }
+
+    fn reader<T>(
+        &self,
+        request: &Request<T>,
+        has_certificate: bool,
+    ) -> Result<Option<Identity>, Status> {
+        if self.tokens.is_none() {
+            if has_certificate {
+                return Err(Status::permission_denied(
+                    "client certificates identify endpoints, which may not read Activity; \
+                     reading needs a reader token: start ingest with --tokens-file and create \
+                     one with `kanade-ingest token add --reader`",
+                ));
+            }
+            return Ok(None);
+        }
+        match self.token(request)? {
+            Some(Identity::Reader) => Ok(Some(Identity::Reader)),
+            _ => Err(Status::permission_denied(
                 "this token may only write its endpoint's runs; reading Activity needs a reader \
                  token (kanade-ingest token add --reader)",
-            ));
+            )),
         }
-        request.extensions_mut().insert(identity);
-        Ok(request)
     }
 }
 
-/// The endpoint a request's token binds it to; `Err` when the token may not write at all.
+/// The endpoint a request's token or certificate binds it to; `Err` when it may not write at all.
 pub fn writer_pc_id<T>(request: &Request<T>) -> Result<Option<String>, Status> {
     match request.extensions().get::<Identity>() {
         None => Ok(None),

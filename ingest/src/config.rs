@@ -85,6 +85,25 @@ pub struct ServeArgs {
     #[arg(long, env = "KANADE_INGEST_TOKENS_FILE")]
     pub tokens_file: Option<PathBuf>,
 
+    /// Serve TLS with this certificate chain (PEM). The files are checked every
+    /// --tls-reload-every and reloaded when they change, so certificates rotate without a restart.
+    #[arg(long, env = "KANADE_INGEST_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "KANADE_INGEST_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Require client certificates issued by these CAs (PEM) — mTLS. A certificate's identity
+    /// (its DNS subject alternative name, else its common name) is the only pc_id its
+    /// connection may write. Needs --tls-cert.
+    #[arg(long, env = "KANADE_INGEST_CLIENT_CA", requires = "tls_cert")]
+    pub client_ca: Option<PathBuf>,
+
+    /// How often the TLS files are checked for changes.
+    #[arg(long, env = "KANADE_INGEST_TLS_RELOAD_EVERY", default_value = "10s", value_parser = duration)]
+    pub tls_reload_every: Duration,
+
     /// Accept plaintext connections without authentication on a non-loopback --listen address.
     /// Anyone who can reach the port can then write runs for any pc_id and read every output:
     /// only on a network you trust completely.
@@ -127,7 +146,8 @@ pub struct ServeArgs {
     #[arg(long, env = "KANADE_INGEST_MAX_STREAM_AGE", default_value = "30m", value_parser = duration)]
     pub max_stream_age: Duration,
 
-    /// A stream that sends no Hello within this long is ended with DEADLINE_EXCEEDED.
+    /// A stream that sends no Hello within this long is ended with DEADLINE_EXCEEDED; a TLS
+    /// handshake not completed within this long is dropped.
     #[arg(long, env = "KANADE_INGEST_HELLO_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub hello_timeout: Duration,
 
@@ -182,14 +202,42 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
+    /// What an operator must know about how exposed this configuration is, loudly.
+    pub fn exposure_warnings(&self) -> Vec<&'static str> {
+        if self.listen.ip().is_loopback() {
+            return Vec::new();
+        }
+        let tokens = self.tokens_file.is_some();
+        match (&self.tls_cert, &self.client_ca) {
+            (None, _) if tokens => vec![
+                "tokens travel in plaintext without TLS: anyone on the path can read and reuse \
+                 them (serve TLS with --tls-cert and --tls-key)",
+            ],
+            (None, _) => vec![
+                "SERVING PLAINTEXT WITHOUT AUTHENTICATION (--allow-insecure): anyone who can \
+                 reach this port can write runs for any endpoint and read every output",
+            ],
+            (Some(_), None) if !tokens => vec![
+                "TLS without --client-ca or --tokens-file: connections are encrypted, but anyone \
+                 who can reach this port can write runs for any endpoint and read every output",
+            ],
+            (Some(_), _) => Vec::new(),
+        }
+    }
+
     /// Checks what clap cannot: relations between values.
     pub fn validate(&self) -> Result<(), String> {
-        if !self.listen.ip().is_loopback() && !self.allow_insecure && self.tokens_file.is_none() {
+        if !self.listen.ip().is_loopback()
+            && !self.allow_insecure
+            && self.tokens_file.is_none()
+            && self.tls_cert.is_none()
+        {
             return Err(format!(
                 "refusing to serve plaintext without authentication on {}: anyone who can reach \
-                 it could write runs for any endpoint and read every output. Listen on a loopback \
-                 address (e.g. --listen 127.0.0.1:50051), or pass --allow-insecure if this \
-                 network is fully trusted, or require tokens with --tokens-file",
+                 it could write runs for any endpoint and read every output. Serve TLS with \
+                 --tls-cert and --tls-key (add --client-ca for client certificates), or require \
+                 tokens with --tokens-file, or listen on a loopback address (e.g. --listen \
+                 127.0.0.1:50051), or pass --allow-insecure if this network is fully trusted",
                 self.listen
             ));
         }
@@ -256,6 +304,85 @@ mod tests {
         assert!(allowed.serve.validate().is_ok());
         let v6_loopback = Cli::try_parse_from(["kanade-ingest", "--listen", "[::1]:0"]).unwrap();
         assert!(v6_loopback.serve.validate().is_ok());
+    }
+
+    fn serve(args: &[&str]) -> ServeArgs {
+        Cli::try_parse_from(["kanade-ingest"].iter().chain(args))
+            .unwrap()
+            .serve
+    }
+
+    #[test]
+    fn tls_or_tokens_open_a_public_address_and_say_what_is_left_exposed() {
+        for args in [
+            &["--listen", "0.0.0.0:1", "--tokens-file", "t.toml"][..],
+            &["--listen", "0.0.0.0:1", "--tls-cert", "c", "--tls-key", "k"],
+        ] {
+            assert_eq!(serve(args).validate(), Ok(()), "{args:?}");
+        }
+        let warned = |args: &[&str], part: &str| {
+            let warnings = serve(args).exposure_warnings();
+            assert!(
+                warnings.len() == 1 && warnings[0].contains(part),
+                "{args:?}: {warnings:?}"
+            );
+        };
+        warned(
+            &["--listen", "0.0.0.0:1", "--allow-insecure"],
+            "SERVING PLAINTEXT WITHOUT AUTHENTICATION",
+        );
+        warned(
+            &["--listen", "0.0.0.0:1", "--tokens-file", "t.toml"],
+            "tokens travel in plaintext",
+        );
+        warned(
+            &["--listen", "0.0.0.0:1", "--tls-cert", "c", "--tls-key", "k"],
+            "TLS without --client-ca or --tokens-file",
+        );
+        let quiet: [&[&str]; 3] = [
+            &[],
+            &[
+                "--listen",
+                "0.0.0.0:1",
+                "--tls-cert",
+                "c",
+                "--tls-key",
+                "k",
+                "--client-ca",
+                "ca",
+            ],
+            &[
+                "--listen",
+                "0.0.0.0:1",
+                "--tls-cert",
+                "c",
+                "--tls-key",
+                "k",
+                "--tokens-file",
+                "t",
+            ],
+        ];
+        for args in quiet {
+            assert_eq!(
+                serve(args).exposure_warnings(),
+                Vec::<&str>::new(),
+                "{args:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn tls_flags_come_in_their_pairs() {
+        for args in [
+            &["--tls-cert", "c"][..],
+            &["--tls-key", "k"],
+            &["--client-ca", "ca"],
+        ] {
+            assert!(
+                Cli::try_parse_from(["kanade-ingest"].iter().chain(args)).is_err(),
+                "{args:?}"
+            );
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! - [`batcher`]: group commit of every stream's events into one transaction per batch.
 //! - [`store`]: `execution_results` in PostgreSQL or SQLite, behind one trait.
 //! - [`activity`]: the Activity gRPC service (listing and reading runs).
+//! - [`auth`], [`tls`]: tokens, TLS with reloaded certificates, mTLS identities.
 //! - [`health`], [`retention`]: readiness, deleting old runs.
 //! - [`app`]: wires it all together and shuts it down in order; [`config`]: the command line.
 
@@ -21,3 +22,4 @@ pub mod metrics;
 pub mod retention;
 pub mod server;
 pub mod store;
+pub mod tls;

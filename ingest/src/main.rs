@@ -11,6 +11,7 @@ use kanade_shared::telemetry::{self, LogFormat};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    kanade_shared::tls::install_crypto_provider();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(err) => {

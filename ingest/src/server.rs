@@ -451,7 +451,8 @@ impl pb::ingest_server::Ingest for IngestService {
             && allowed != pc_id
         {
             return Err(Status::permission_denied(format!(
-                "this token belongs to pc_id {allowed:?}, but Hello says {pc_id:?}"
+                "this caller may only write for pc_id {allowed:?} (its token or client certificate \
+                 says so), but Hello says {pc_id:?}"
             )));
         }
         self.claim_pc(&mut slot, &pc_id)?;

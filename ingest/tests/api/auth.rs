@@ -125,22 +125,3 @@ async fn tokens_bind_writers_to_their_pc_and_readers_to_activity() {
     // Health needs no token.
     assert_eq!(health(ingest.addr, "").await, SERVING);
 }
-
-#[tokio::test]
-async fn tokens_allow_a_non_loopback_address_without_allow_insecure() {
-    let dir = tempfile::tempdir().unwrap();
-    let tokens = dir.path().join("tokens.toml");
-    token_add(&tokens, &["pc-a"]);
-    let db = TestDb::sqlite();
-    let ingest = TestIngest::start_on(
-        "0.0.0.0:0",
-        &db.url,
-        &["--tokens-file", tokens.to_str().unwrap()],
-    )
-    .await;
-    assert!(
-        ingest.log().contains("tokens travel in plaintext"),
-        "{}",
-        ingest.log()
-    );
-}

@@ -441,7 +441,7 @@ async fn migrate_command_prepares_a_database_and_replicas_can_migrate_together()
 }
 
 #[tokio::test]
-async fn plaintext_on_a_non_loopback_address_is_refused_unless_allowed() {
+async fn plaintext_without_authentication_on_a_non_loopback_address_is_refused() {
     let db = TestDb::sqlite();
     let refused = std::process::Command::new(crate::helpers::workspace_binary("kanade-ingest"))
         .args(["--listen", "0.0.0.0:0", "--database-url", &db.url])
@@ -450,16 +450,11 @@ async fn plaintext_on_a_non_loopback_address_is_refused_unless_allowed() {
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(
-        stderr.contains("refusing to serve plaintext") && stderr.contains("--allow-insecure"),
+        stderr.contains("refusing to serve plaintext")
+            && stderr.contains("--allow-insecure")
+            && stderr.contains("--tls-cert"),
         "{stderr}"
     );
-
-    let allowed = TestIngest::start_on("0.0.0.0:0", &db.url, &["--allow-insecure"]).await;
-    assert!(
-        allowed
-            .log()
-            .contains("SERVING PLAINTEXT WITHOUT AUTHENTICATION"),
-        "{}",
-        allowed.log()
-    );
+    // What is allowed with --allow-insecure, tokens or TLS (and the warnings logged) is checked
+    // in the config module's tests: tests never bind beyond loopback.
 }

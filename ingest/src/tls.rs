@@ -1,0 +1,369 @@
+//! TLS on the gRPC port (SPEC §7): rustls with the shared crypto provider, certificates reloaded
+//! when their files change (rotation without restart), and optional mTLS against `--client-ca`,
+//! where the client certificate's identity (DNS SAN, else CN) becomes the only `pc_id` the
+//! connection may write.
+//!
+//! Handshakes run concurrently and each must finish within the handshake timeout, so a client
+//! that connects and sends nothing holds a socket for that long and no more.
+
+use std::{
+    io,
+    net::SocketAddr,
+    path::PathBuf,
+    pin::Pin,
+    sync::{Arc, RwLock},
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use futures::Stream;
+use kanade_shared::tls::{crypto_provider, read_certificates, read_private_key};
+use rustls::{RootCertStore, ServerConfig, server::WebPkiClientVerifier};
+use sha2::{Digest, Sha256};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::{Semaphore, mpsc},
+};
+use tokio_rustls::{TlsAcceptor, server::TlsStream};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::Connected;
+
+/// Handshakes in progress at once; beyond this, new connections wait in the listen backlog.
+const MAX_PENDING_HANDSHAKES: usize = 4096;
+
+/// The files TLS is built from.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// When set, clients must present a certificate issued by one of these CAs.
+    pub client_ca: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    /// The files' contents, hashed: a change of any of them changes this.
+    fn fingerprint(&self) -> io::Result<[u8; 32]> {
+        let mut hash = Sha256::new();
+        for path in [Some(&self.cert), Some(&self.key), self.client_ca.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            hash.update(std::fs::read(path)?);
+            hash.update([0]);
+        }
+        Ok(hash.finalize().into())
+    }
+
+    /// Builds the server configuration; errors name the flag and the file at fault.
+    fn server_config(&self) -> anyhow::Result<Arc<ServerConfig>> {
+        let provider = crypto_provider();
+        let certs = read_certificates(&self.cert, "--tls-cert")?;
+        let key = read_private_key(&self.key, "--tls-key")?;
+        let builder = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .context("the TLS provider supports no safe protocol version")?;
+        let builder = match &self.client_ca {
+            Some(path) => {
+                let mut roots = RootCertStore::empty();
+                for cert in read_certificates(path, "--client-ca")? {
+                    roots.add(cert).with_context(|| {
+                        format!(
+                            "--client-ca {}: not a usable CA certificate",
+                            path.display()
+                        )
+                    })?;
+                }
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                        .build()
+                        .with_context(|| format!("--client-ca {}", path.display()))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let mut config = builder.with_single_cert(certs, key).with_context(|| {
+            format!(
+                "--tls-cert {} and --tls-key {} do not form a usable certificate and key",
+                self.cert.display(),
+                self.key.display()
+            )
+        })?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(config))
+    }
+}
+
+/// The server's TLS configuration, swapped whole when the files change.
+pub struct ServerTls {
+    files: TlsFiles,
+    current: RwLock<Arc<ServerConfig>>,
+    /// Fingerprint of the files last loaded (or last found unusable, so a bad file is reported
+    /// once, not at every check).
+    seen: RwLock<[u8; 32]>,
+}
+
+impl ServerTls {
+    /// Loads the files; fails with a message naming the flag and file when they are unusable.
+    pub fn load(files: TlsFiles) -> anyhow::Result<Arc<ServerTls>> {
+        let seen = files
+            .fingerprint()
+            .context("reading the TLS files (--tls-cert, --tls-key, --client-ca)")?;
+        let config = files.server_config()?;
+        Ok(Arc::new(ServerTls {
+            files,
+            current: RwLock::new(config),
+            seen: RwLock::new(seen),
+        }))
+    }
+
+    /// Whether clients must present a certificate.
+    pub fn requires_client_certificates(&self) -> bool {
+        self.files.client_ca.is_some()
+    }
+
+    fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(
+            self.current
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        )
+    }
+
+    /// Reloads the configuration if the files changed. A change that does not load keeps the
+    /// previous configuration serving and is logged once.
+    fn reload_if_changed(&self) {
+        let Ok(fingerprint) = self.files.fingerprint() else {
+            // Mid-rotation (a file briefly missing): look again at the next check.
+            return;
+        };
+        if *self.seen.read().unwrap_or_else(|e| e.into_inner()) == fingerprint {
+            return;
+        }
+        *self.seen.write().unwrap_or_else(|e| e.into_inner()) = fingerprint;
+        match self.files.server_config() {
+            Ok(config) => {
+                *self.current.write().unwrap_or_else(|e| e.into_inner()) = config;
+                tracing::info!(cert = %self.files.cert.display(), "TLS certificate files changed; reloaded");
+            }
+            Err(err) => tracing::error!(
+                error = %format!("{err:#}"),
+                "TLS certificate files changed but cannot be used; still serving the previous ones"
+            ),
+        }
+    }
+
+    /// Checks the files every `every` until `stop`.
+    pub async fn watch(self: Arc<Self>, every: Duration, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.cancelled() => return,
+            }
+            let tls = self.clone();
+            // File reads and certificate parsing block; keep them off the async workers.
+            let _ = tokio::task::spawn_blocking(move || tls.reload_if_changed()).await;
+        }
+    }
+}
+
+/// What ingest knows about the peer of a TLS connection; handed to every request on it.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub remote_addr: Option<SocketAddr>,
+    /// The verified client certificate's identity (DNS SAN, else CN), under mTLS.
+    pub certificate_identity: Option<Arc<str>>,
+}
+
+/// One accepted TLS connection.
+pub struct TlsConnection {
+    stream: TlsStream<TcpStream>,
+    peer: Peer,
+}
+
+impl Connected for TlsConnection {
+    type ConnectInfo = Peer;
+
+    fn connect_info(&self) -> Peer {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for TlsConnection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConnection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// The identity a client certificate proves: its first DNS subject alternative name, else its
+/// subject's common name.
+pub fn certificate_identity(der: &[u8]) -> Result<String, String> {
+    use x509_parser::{extensions::GeneralName, prelude::*};
+    let (_, cert) = X509Certificate::from_der(der)
+        .map_err(|e| format!("the client certificate does not parse: {e}"))?;
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let GeneralName::DNSName(dns) = name {
+                return Ok(dns.to_string());
+            }
+        }
+    }
+    cert.subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_string)
+        .ok_or_else(|| "the client certificate has neither a DNS name nor a common name".into())
+}
+
+/// Accepts TCP connections on `listener` and yields those whose TLS handshake completed within
+/// `handshake_timeout`. Ends when `stop` is cancelled.
+pub fn incoming(
+    listener: TcpListener,
+    tls: Arc<ServerTls>,
+    handshake_timeout: Duration,
+    stop: CancellationToken,
+) -> impl Stream<Item = Result<TlsConnection, io::Error>> {
+    let (ready, connections) = mpsc::channel(64);
+    let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
+    tokio::spawn(async move {
+        loop {
+            let permit = tokio::select! {
+                p = pending.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+                _ = stop.cancelled() => return,
+            };
+            let (tcp, remote_addr) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(err) => {
+                        // Out of file descriptors and the like: pause instead of spinning.
+                        tracing::warn!(error = %err, "accepting a connection failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                _ = stop.cancelled() => return,
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = tls.acceptor();
+            let requires_certificate = tls.requires_client_certificates();
+            let ready = ready.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp))
+                    .await
+                {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(err)) => {
+                        tracing::info!(%remote_addr, error = %err, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::info!(%remote_addr, timeout = ?handshake_timeout, "TLS handshake not completed in time");
+                        return;
+                    }
+                };
+                let certificate_identity = if requires_certificate {
+                    let der = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|chain| chain.first());
+                    match der.map(|d| certificate_identity(d)) {
+                        Some(Ok(identity)) => Some(Arc::from(identity)),
+                        Some(Err(reason)) => {
+                            tracing::info!(%remote_addr, %reason, "client certificate refused");
+                            return;
+                        }
+                        None => {
+                            tracing::info!(%remote_addr, "no client certificate; refused");
+                            return;
+                        }
+                    }
+                } else {
+                    None
+                };
+                let connection = TlsConnection {
+                    stream,
+                    peer: Peer {
+                        remote_addr: Some(remote_addr),
+                        certificate_identity,
+                    },
+                };
+                let _ = ready.send(Ok(connection)).await;
+            });
+        }
+    });
+    ReceiverStream::new(connections)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::certificate_identity;
+
+    fn certificate(sans: Vec<String>, cn: Option<&str>) -> Vec<u8> {
+        let mut params = rcgen::CertificateParams::new(sans).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        if let Some(cn) = cn {
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, cn);
+        }
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn identity_is_the_dns_name_else_the_common_name() {
+        assert_eq!(
+            certificate_identity(&certificate(vec!["pc-7".into()], Some("other"))).unwrap(),
+            "pc-7"
+        );
+        assert_eq!(
+            certificate_identity(&certificate(vec![], Some("pc-8"))).unwrap(),
+            "pc-8"
+        );
+        assert!(
+            certificate_identity(&certificate(vec![], None))
+                .unwrap_err()
+                .contains("neither")
+        );
+    }
+}
