@@ -10,3 +10,4 @@ mod grpcurl;
 mod helpers;
 mod stream;
 mod telemetry;
+mod tls;
