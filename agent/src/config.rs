@@ -458,6 +458,57 @@ mod tests {
     }
 
     #[test]
+    fn tls_settings_need_an_https_url_readable_files_and_come_in_pairs() {
+        let pem = rcgen::generate_simple_self_signed(vec!["pc-1".to_string()]).unwrap();
+        let cert = file_with(&pem.cert.pem());
+        let key = file_with(&pem.signing_key.serialize_pem());
+        let path = |f: &tempfile::NamedTempFile| Some(f.path().to_path_buf());
+        let load = |ingest: &str, ca, client_cert, client_key| {
+            let mut a = args(None);
+            a.ingest = Some(ingest.into());
+            (a.ca_cert, a.client_cert, a.client_key) = (ca, client_cert, client_key);
+            Settings::load(&a)
+        };
+
+        let s = load("https://ingest:443", path(&cert), path(&cert), path(&key)).unwrap();
+        let tls = s.tls.clone().unwrap();
+        assert_eq!(tls.ca_cert.as_deref(), Some(pem.cert.pem().as_str()));
+        let client = tls.client_certificate.unwrap();
+        assert_eq!(client.key.expose(), pem.signing_key.serialize_pem());
+        let key_line = pem
+            .signing_key
+            .serialize_pem()
+            .lines()
+            .nth(1)
+            .unwrap()
+            .to_string();
+        assert!(
+            !format!("{s:?}").contains(&key_line),
+            "Debug never shows the key"
+        );
+        // https alone trusts the system's roots.
+        assert_eq!(
+            load("https://ingest:443", None, None, None).unwrap().tls,
+            Some(ClientTls::default())
+        );
+        assert_eq!(
+            load("http://ingest:80", None, None, None).unwrap().tls,
+            None
+        );
+
+        let err = |r: anyhow::Result<Settings>| format!("{:#}", r.unwrap_err());
+        assert!(err(load("http://ingest:80", path(&cert), None, None)).contains("https://"));
+        assert!(err(load("https://ingest:443", None, path(&cert), None)).contains("go together"));
+        let e = err(load("https://ingest:443", path(&key), None, None));
+        assert!(
+            e.contains("ca_cert") && e.contains("no `-----BEGIN CERTIFICATE"),
+            "{e}"
+        );
+        let e = err(load("https://ingest:443", None, path(&cert), path(&cert)));
+        assert!(e.contains("client_key") && e.contains("private key"), "{e}");
+    }
+
+    #[test]
     fn a_bad_config_names_the_file_the_line_and_the_key() {
         let f = file_with("pc_id = \"a\"\n\nkeepalive = \"soon\"\n");
         let err = format!(

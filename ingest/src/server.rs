@@ -264,6 +264,11 @@ fn caller_deadline<T>(request: &Request<T>, default: Duration) -> Duration {
     given.min(default)
 }
 
+/// How a stream whose client stopped reading its acks ends (after the acks already queued).
+fn acks_not_read() -> Status {
+    Status::unavailable("acks were not read in time; reconnect and resend what is unacknowledged")
+}
+
 type OutboundStream = Pin<Box<dyn Stream<Item = Result<pb::IngestMessage, Status>> + Send>>;
 
 /// Why a stream handler stopped reading.
@@ -290,7 +295,10 @@ struct StreamHandler {
     window_count: Arc<Semaphore>,
     window_bytes: Arc<Semaphore>,
     max_window_bytes: u32,
-    _slot: StreamSlot,
+    /// Shared with the response stream: a stream counts against the limits until both its
+    /// reading and its writing side are gone, so a client that never reads its acks holds its
+    /// slot (and the memory behind it) within `--max-streams-per-pc`.
+    _slot: Arc<StreamSlot>,
 }
 
 impl StreamHandler {
@@ -456,6 +464,7 @@ impl pb::ingest_server::Ingest for IngestService {
             )));
         }
         self.claim_pc(&mut slot, &pc_id)?;
+        let slot = Arc::new(slot);
         tracing::info!(%pc_id, agent_version = %hello.agent_version, "agent stream opened");
 
         let (outbound, mut outbound_rx) = mpsc::channel(OUTBOUND_CAPACITY);
@@ -474,11 +483,12 @@ impl pb::ingest_server::Ingest for IngestService {
             window_count: Arc::new(Semaphore::new(self.limits.max_unacked as usize)),
             window_bytes: Arc::new(Semaphore::new(max_window_bytes as usize)),
             max_window_bytes,
-            _slot: slot,
+            _slot: slot.clone(),
         };
         self.tasks.spawn(handler.run(inbound));
 
         let responses = async_stream::stream! {
+            let _slot = slot;
             loop {
                 tokio::select! {
                     biased;
@@ -488,14 +498,14 @@ impl pb::ingest_server::Ingest for IngestService {
                             let ending = ending.lock().unwrap_or_else(|e| e.into_inner()).take();
                             if let Some(status) = ending {
                                 yield Err(status);
+                            } else if overflow.is_cancelled() {
+                                yield Err(acks_not_read());
                             }
                             break;
                         }
                     },
                     _ = overflow.cancelled() => {
-                        yield Err(Status::unavailable(
-                            "acks were not read in time; reconnect and resend what is unacknowledged",
-                        ));
+                        yield Err(acks_not_read());
                         break;
                     }
                 }

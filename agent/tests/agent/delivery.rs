@@ -472,3 +472,65 @@ async fn an_agent_sends_its_token_and_one_without_waits() {
     );
     assert_eq!(by_exec(db.store().await.as_ref()).await["t-1"].len(), 1);
 }
+
+#[tokio::test]
+async fn an_agent_delivers_over_mtls_as_the_endpoint_its_certificate_names() {
+    let ca = crate::helpers::TestCa::new("kanade test CA");
+    let server = ca.server("server");
+    let db = TestDb::sqlite();
+    let ingest = TestIngest::start_with(
+        &db.url,
+        &[
+            "--tls-cert",
+            server.cert.to_str().unwrap(),
+            "--tls-key",
+            server.key.to_str().unwrap(),
+            "--client-ca",
+            ca.cert_path().to_str().unwrap(),
+        ],
+    )
+    .await;
+    let url = format!("https://{}", ingest.addr);
+    let tls_settings = |cert: &crate::helpers::IssuedCert| {
+        format!(
+            "ca_cert = \"{}\"\nclient_cert = \"{}\"\nclient_key = \"{}\"\n",
+            ca.cert_path().display(),
+            cert.cert.display(),
+            cert.key.display()
+        )
+    };
+
+    // The harness's agents are pc-test: a certificate for that name delivers.
+    let own = ca.client("pc-test", false);
+    let home = AgentHome::new(&url, &tls_settings(&own));
+    let out = home.exec(
+        &["--wait", "--wait-timeout", "10s", "--exec-id", "tls-1"],
+        "m",
+        &["true"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(by_exec(db.store().await.as_ref()).await["tls-1"].len(), 1);
+    let key = own.key_pem();
+    let key_body = key.lines().nth(1).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains(key_body),
+        "key material is never logged"
+    );
+
+    // A certificate naming another endpoint gets nothing written as pc-test.
+    let foreign = ca.client("pc-elsewhere", false);
+    let home = AgentHome::new(&url, &tls_settings(&foreign));
+    let out = home.exec(
+        &["--wait", "--wait-timeout", "2s", "--exec-id", "tls-2"],
+        "m",
+        &["true"],
+    );
+    assert_eq!(out.status.code(), Some(75), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("pc-elsewhere"), "{stderr}");
+    assert!(
+        !by_exec(db.store().await.as_ref())
+            .await
+            .contains_key("tls-2")
+    );
+}

@@ -6,7 +6,9 @@ use kanade_ingest::store::{ListQuery, RunState};
 use kanade_shared::{pb, wire::ExecStatus};
 use tonic::Code;
 
-use crate::helpers::{AgentStream, Run, TestDb, TestIngest, event_msg, hello, now};
+use kanade_shared::pb::ingest_client::IngestClient;
+
+use crate::helpers::{AgentStream, Run, TestDb, TestIngest, event_msg, eventually, hello, now};
 
 async fn rows(db: &TestDb) -> Vec<kanade_ingest::store::ExecutionRow> {
     db.store()
@@ -457,4 +459,116 @@ async fn plaintext_without_authentication_on_a_non_loopback_address_is_refused()
     );
     // What is allowed with --allow-insecure, tokens or TLS (and the warnings logged) is checked
     // in the config module's tests: tests never bind beyond loopback.
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_its_acks_is_ended_within_its_slot_and_loses_nothing() {
+    let db = TestDb::postgres().await;
+    // One event per Ack message, so the queue of acks towards the client fills quickly.
+    let ingest = TestIngest::start_with(
+        &db.url,
+        &[
+            "--max-streams-per-pc",
+            "1",
+            "--max-unacked",
+            "1",
+            "--batch-linger",
+            "1ms",
+        ],
+    )
+    .await;
+    // A tiny receive window: a client that does not read blocks ingest's sends at once.
+    let channel = tonic::transport::Endpoint::from_shared(ingest.url())
+        .unwrap()
+        .initial_stream_window_size(1024)
+        .connect()
+        .await
+        .unwrap();
+    let mut stubborn = IngestClient::new(channel);
+    let mut stream = AgentStream::open(&mut stubborn, "pc-a").await;
+    let events: Vec<pb::Event> = (1..=1000u64)
+        .map(|seq| Run::new("pc-a").started_event(seq))
+        .collect();
+    let sender = {
+        let tx = stream.tx.clone();
+        let events = events.clone();
+        tokio::spawn(async move {
+            for e in events {
+                if tx.send(crate::helpers::event_msg(e)).await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    eventually(
+        Duration::from_secs(30),
+        "ingest gives up on the stream",
+        || async { ingest.log().contains("not reading its acks") },
+    )
+    .await;
+    sender.abort();
+
+    // Until the client lets go of it, the stream keeps its slot: memory stays bounded by
+    // --max-streams-per-pc. Other endpoints are served meanwhile.
+    let mut client = ingest.ingest().await;
+    let second = AgentStream::open_with(&mut client, Some(hello("pc-a")))
+        .await
+        .err()
+        .expect("the stubborn stream still holds pc-a's only slot");
+    assert_eq!(second.code(), Code::ResourceExhausted);
+    let mut other = AgentStream::open(&mut client, "pc-b").await;
+    other.send(Run::new("pc-b").started_event(1)).await;
+    assert_eq!(other.answers(1).await.0, [1]);
+
+    // Reading now: the acks ingest had queued, then UNAVAILABLE.
+    let mut acked = std::collections::HashSet::new();
+    let ending = loop {
+        match stream.try_next().await {
+            Ok(Some(pb::ingest_message::Msg::Ack(a))) => acked.extend(a.seqs),
+            Ok(Some(other)) => panic!("unexpected {other:?}"),
+            Ok(None) => panic!("the stream ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(ending.code(), Code::Unavailable, "{ending}");
+    assert!(ending.message().contains("acks were not read"), "{ending}");
+    drop(stream);
+
+    // Like an agent, reconnect and resend everything unacknowledged: all of it is stored once.
+    let mut retry = None;
+    for _ in 0..50 {
+        if let Ok(s) = AgentStream::open_with(&mut client, Some(hello("pc-a"))).await {
+            retry = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut retry = retry.expect("the slot is freed once the client lets go");
+    assert!(matches!(
+        retry.next().await,
+        Some(pb::ingest_message::Msg::Welcome(_))
+    ));
+    let unacked: Vec<pb::Event> = events
+        .into_iter()
+        .filter(|e| !acked.contains(&e.seq))
+        .collect();
+    let resend = unacked.len();
+    assert!(resend > 0, "the stubborn client had unacknowledged events");
+    for e in unacked {
+        retry.send(e).await;
+    }
+    let (acked_again, rejected) = retry.answers(resend).await;
+    assert!(rejected.is_empty(), "{rejected:?}");
+    assert_eq!(acked_again.len(), resend);
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    let (rows, runs): (i64, i64) =
+        sqlx::query_as("SELECT count(*), count(DISTINCT result_id) FROM execution_results")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (rows, runs),
+        (1001, 1001),
+        "every pc-a run once, and pc-b's"
+    );
 }
