@@ -66,8 +66,18 @@ impl Grpcurl {
 
 /// Runs `grpcurl -plaintext [-d DATA] ADDR ARGS…` and collects what it printed.
 async fn grpcurl(ingest: &TestIngest, data: Option<&Value>, args: &[&str]) -> Grpcurl {
+    grpcurl_over(ingest, &["-plaintext"], data, args).await
+}
+
+/// Runs `grpcurl TRANSPORT… [-d DATA] ADDR ARGS…`, TRANSPORT being `-plaintext` or TLS flags.
+async fn grpcurl_over(
+    ingest: &TestIngest,
+    transport: &[&str],
+    data: Option<&Value>,
+    args: &[&str],
+) -> Grpcurl {
     let mut cmd = tokio::process::Command::new("grpcurl");
-    cmd.args(["-plaintext", "-max-time", "20"]);
+    cmd.args(transport).args(["-max-time", "20"]);
     if let Some(data) = data {
         cmd.args(["-d", &data.to_string()]);
     }
@@ -476,4 +486,69 @@ async fn reflection_v1_lists_every_service_for_newer_clients() {
             "{expected} missing: {names:?}"
         );
     }
+}
+
+#[tokio::test]
+async fn grpcurl_reads_activity_over_mtls_with_a_reader_token() {
+    let ca = crate::helpers::TestCa::new("kanade test CA");
+    let server = ca.server("server");
+    let operator = ca.client("ops-reader", false);
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.toml");
+    let reader =
+        kanade_ingest::auth::add_token(&tokens, &kanade_ingest::auth::Identity::Reader).unwrap();
+    let db = TestDb::sqlite();
+    let ingest = TestIngest::start_with(
+        &db.url,
+        &[
+            "--tls-cert",
+            server.cert.to_str().unwrap(),
+            "--tls-key",
+            server.key.to_str().unwrap(),
+            "--client-ca",
+            ca.cert_path().to_str().unwrap(),
+            "--tokens-file",
+            tokens.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let (ca_path, cert, key) = (
+        ca.cert_path().display().to_string(),
+        operator.cert.display().to_string(),
+        operator.key.display().to_string(),
+    );
+    let mtls = ["-cacert", &ca_path, "-cert", &cert, "-key", &key];
+
+    // Reflection needs no token, only the handshake.
+    let out = grpcurl_over(&ingest, &mtls, None, &["list"]).await;
+    assert!(out.text().contains("kanade.v1.Activity"), "{}", out.text());
+    // Activity needs the reader token on top of the certificate.
+    let bearer = format!("authorization: Bearer {reader}");
+    let mut with_token = mtls.to_vec();
+    with_token.extend(["-H", &bearer]);
+    let listed = grpcurl_over(
+        &ingest,
+        &with_token,
+        Some(&json!({})),
+        &["kanade.v1.Activity/ListExecutions"],
+    )
+    .await
+    .json();
+    assert!(listed.is_object(), "{listed}");
+    let anonymous = grpcurl_over(
+        &ingest,
+        &mtls,
+        Some(&json!({})),
+        &["kanade.v1.Activity/ListExecutions"],
+    )
+    .await;
+    assert_eq!(
+        anonymous.status().0,
+        "Unauthenticated",
+        "{}",
+        anonymous.stderr
+    );
+    // Without a client certificate the handshake fails.
+    let no_certificate = grpcurl_over(&ingest, &["-cacert", &ca_path], None, &["list"]).await;
+    assert_ne!(no_certificate.code, Some(0), "{}", no_certificate.stderr);
 }
