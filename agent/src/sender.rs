@@ -171,6 +171,23 @@ pub async fn run<Q: Queue>(outbox: Q, config: SenderConfig, shutdown: Cancellati
     }
 }
 
+/// An error and its causes, outermost first: tonic's transport errors say only "transport error"
+/// themselves; the reason an operator can act on (refused, a certificate problem) is below.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        let said = e.to_string();
+        // Wrappers often repeat their source's words; say them once.
+        if !text.ends_with(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        cause = e.source();
+    }
+    text
+}
+
 fn tls_config(tls: &ClientTls) -> ClientTlsConfig {
     let config = ClientTlsConfig::new();
     let config = match &tls.ca_cert {
@@ -214,14 +231,20 @@ async fn session<Q: Queue>(
     let endpoint = match &config.tls {
         Some(tls) => match endpoint.tls_config(tls_config(tls)) {
             Ok(e) => e,
-            Err(e) => return failed(format!("TLS settings for {}: {e}", config.ingest)),
+            Err(e) => {
+                return failed(format!(
+                    "TLS settings for {}: {}",
+                    config.ingest,
+                    with_causes(&e)
+                ));
+            }
         },
         None => endpoint,
     };
     let channel = tokio::select! {
         c = endpoint.connect() => match c {
             Ok(c) => c,
-            Err(e) => return failed(format!("connecting to {}: {e}", config.ingest)),
+            Err(e) => return failed(format!("connecting to {}: {}", config.ingest, with_causes(&e))),
         },
         _ = shutdown.cancelled() => return SessionEnd::Shutdown,
     };
