@@ -10,8 +10,8 @@
 //! Failures (SPEC §3): a transient store error retries the same batch in place with backoff,
 //! acking nothing, and turns health NOT_SERVING until a commit succeeds. When the database refuses
 //! one event's data, the batch is bisected until that event is isolated and rejected; the rest
-//! commit. The batcher never waits on a stream: acks go out with `try_send`, and a stream whose
-//! outbound queue is full is ended instead.
+//! commit. The batcher never waits on a stream: acks are queued without waiting, and a stream
+//! whose outbound queue is full is ended instead.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -26,6 +26,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use crate::{
     health::Readiness,
     metrics::{Metrics, reject},
+    outbound::StreamSink,
     store::{RunWrite, Store, StoreError},
 };
 
@@ -41,35 +42,6 @@ pub struct BatchConfig {
     /// no RST) would otherwise hold the batch forever; past this the outcome is unknown, and the
     /// batch is retried on another connection (the upserts are idempotent).
     pub commit_timeout: Duration,
-}
-
-/// The delivery end of one agent stream, shared by its handler and the batcher.
-#[derive(Debug)]
-pub struct StreamSink {
-    outbound: mpsc::Sender<pb::ingest_message::Msg>,
-    /// Cancelled when the client stopped reading: its stream is ended with UNAVAILABLE.
-    overflow: CancellationToken,
-}
-
-impl StreamSink {
-    pub fn new(
-        outbound: mpsc::Sender<pb::ingest_message::Msg>,
-        overflow: CancellationToken,
-    ) -> StreamSink {
-        StreamSink { outbound, overflow }
-    }
-
-    /// Queues a message without waiting; a client that does not read its stream is cut off.
-    pub fn send(&self, msg: pb::ingest_message::Msg) {
-        if self.outbound.try_send(msg).is_err() && !self.overflow.is_cancelled() {
-            tracing::warn!("agent is not reading its acks: ending its stream");
-            self.overflow.cancel();
-        }
-    }
-
-    pub fn reject(&self, seq: u64, reason: String) {
-        self.send(pb::ingest_message::Msg::Reject(pb::Reject { seq, reason }));
-    }
 }
 
 /// What became of a submitted event.

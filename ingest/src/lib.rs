@@ -3,6 +3,7 @@
 //!
 //! - [`server`]: the Ingest gRPC service (agent streams, Publish).
 //! - [`batcher`]: group commit of every stream's events into one transaction per batch.
+//! - [`outbound`]: the bounded queue of acks towards one agent stream.
 //! - [`store`]: `execution_results` in PostgreSQL or SQLite, behind one trait.
 //! - [`activity`]: the Activity gRPC service (listing and reading runs).
 //! - [`auth`], [`tls`]: tokens, TLS with reloaded certificates, mTLS identities.
@@ -19,6 +20,7 @@ pub mod batcher;
 pub mod config;
 pub mod health;
 pub mod metrics;
+pub mod outbound;
 pub mod retention;
 pub mod server;
 pub mod store;

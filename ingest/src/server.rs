@@ -29,9 +29,10 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
     auth,
-    batcher::{Outcome, Reply, StreamSink, Submission},
+    batcher::{Outcome, Reply, Submission},
     health::Readiness,
     metrics::{Metrics, reject},
+    outbound::{self, Next, StreamSink},
     store::RunWrite,
 };
 
@@ -289,8 +290,6 @@ struct StreamHandler {
     service: IngestService,
     pc_id: String,
     sink: Arc<StreamSink>,
-    /// Set once when the stream ends with an error; sent after every queued message.
-    ending: Arc<Mutex<Option<Status>>>,
     overflow: CancellationToken,
     window_count: Arc<Semaphore>,
     window_bytes: Arc<Semaphore>,
@@ -416,7 +415,7 @@ impl StreamHandler {
             _ = self.overflow.cancelled() => return,
         }
         // Sent once every queued message is out: the batcher may still hold an Ack for us.
-        *self.ending.lock().unwrap_or_else(|e| e.into_inner()) = status;
+        self.sink.end_with(status);
         tracing::debug!(pc_id = %self.pc_id, "stream finished");
     }
 }
@@ -467,18 +466,14 @@ impl pb::ingest_server::Ingest for IngestService {
         let slot = Arc::new(slot);
         tracing::info!(%pc_id, agent_version = %hello.agent_version, "agent stream opened");
 
-        let (outbound, mut outbound_rx) = mpsc::channel(OUTBOUND_CAPACITY);
-        outbound
-            .try_send(self.welcome())
-            .expect("a fresh channel has room for Welcome");
         let overflow = CancellationToken::new();
-        let ending = Arc::new(Mutex::new(None));
+        let (sink, outbound) = outbound::channel(OUTBOUND_CAPACITY, overflow.clone());
+        sink.send(self.welcome());
         let max_window_bytes = u32::try_from(self.limits.max_unacked_bytes).unwrap_or(u32::MAX);
         let handler = StreamHandler {
             service: self.clone(),
             pc_id,
-            sink: Arc::new(StreamSink::new(outbound, overflow.clone())),
-            ending: ending.clone(),
+            sink: Arc::new(sink),
             overflow: overflow.clone(),
             window_count: Arc::new(Semaphore::new(self.limits.max_unacked as usize)),
             window_bytes: Arc::new(Semaphore::new(max_window_bytes as usize)),
@@ -492,10 +487,9 @@ impl pb::ingest_server::Ingest for IngestService {
             loop {
                 tokio::select! {
                     biased;
-                    msg = outbound_rx.recv() => match msg {
-                        Some(msg) => yield Ok(pb::IngestMessage { msg: Some(msg) }),
-                        None => {
-                            let ending = ending.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    next = outbound.next() => match next {
+                        Next::Message(msg) => yield Ok(pb::IngestMessage { msg: Some(msg) }),
+                        Next::End(ending) => {
                             if let Some(status) = ending {
                                 yield Err(status);
                             } else if overflow.is_cancelled() {
