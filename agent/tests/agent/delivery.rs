@@ -478,16 +478,10 @@ async fn an_agent_delivers_over_mtls_as_the_endpoint_its_certificate_names() {
     let ca = crate::helpers::TestCa::new("kanade test CA");
     let server = ca.server("server");
     let db = TestDb::sqlite();
-    let ingest = TestIngest::start_with(
+    let ingest = TestIngest::start_tls(
         &db.url,
-        &[
-            "--tls-cert",
-            server.cert.to_str().unwrap(),
-            "--tls-key",
-            server.key.to_str().unwrap(),
-            "--client-ca",
-            ca.cert_path().to_str().unwrap(),
-        ],
+        &server,
+        &["--client-ca", ca.cert_path().to_str().unwrap()],
     )
     .await;
     let url = format!("https://{}", ingest.addr);

@@ -498,13 +498,10 @@ async fn grpcurl_reads_activity_over_mtls_with_a_reader_token() {
     let reader =
         kanade_ingest::auth::add_token(&tokens, &kanade_ingest::auth::Identity::Reader).unwrap();
     let db = TestDb::sqlite();
-    let ingest = TestIngest::start_with(
+    let ingest = TestIngest::start_tls(
         &db.url,
+        &server,
         &[
-            "--tls-cert",
-            server.cert.to_str().unwrap(),
-            "--tls-key",
-            server.key.to_str().unwrap(),
             "--client-ca",
             ca.cert_path().to_str().unwrap(),
             "--tokens-file",

@@ -204,6 +204,18 @@ impl TestIngest {
         }
     }
 
+    /// Starts ingest serving TLS with `server`'s certificate and key, plus `args`.
+    pub async fn start_tls(database_url: &str, server: &IssuedCert, args: &[&str]) -> TestIngest {
+        let mut all = vec![
+            "--tls-cert",
+            server.cert.to_str().unwrap(),
+            "--tls-key",
+            server.key.to_str().unwrap(),
+        ];
+        all.extend_from_slice(args);
+        TestIngest::start_with(database_url, &all).await
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }

@@ -9,20 +9,8 @@ use tokio::io::AsyncReadExt;
 use tonic::{Code, Request, transport::Channel};
 
 use crate::helpers::{
-    AgentStream, IssuedCert, Run, TestCa, TestDb, TestIngest, eventually, hello, tls_channel,
+    AgentStream, Run, TestCa, TestDb, TestIngest, eventually, hello, tls_channel,
 };
-
-/// Starts ingest serving TLS with `server` and any further flags.
-async fn tls_ingest(db: &TestDb, server: &IssuedCert, args: &[&str]) -> TestIngest {
-    let mut all = vec![
-        "--tls-cert",
-        server.cert.to_str().unwrap(),
-        "--tls-key",
-        server.key.to_str().unwrap(),
-    ];
-    all.extend_from_slice(args);
-    TestIngest::start_with(&db.url, &all).await
-}
 
 async fn publish(channel: Channel, event: pb::Event) -> Result<(), tonic::Status> {
     IngestClient::new(channel)
@@ -36,8 +24,8 @@ async fn an_mtls_client_writes_as_itself_and_never_as_another_pc() {
     let ca = TestCa::new("kanade test CA");
     let server = ca.server("server");
     let db = TestDb::sqlite();
-    let ingest = tls_ingest(
-        &db,
+    let ingest = TestIngest::start_tls(
+        &db.url,
         &server,
         &["--client-ca", ca.cert_path().to_str().unwrap()],
     )
@@ -111,8 +99,8 @@ async fn rogue_certificates_missing_certificates_plaintext_and_silence_get_nowhe
     let rogue_ca = TestCa::new("rogue CA");
     let server = ca.server("server");
     let db = TestDb::sqlite();
-    let ingest = tls_ingest(
-        &db,
+    let ingest = TestIngest::start_tls(
+        &db.url,
         &server,
         &[
             "--client-ca",
@@ -179,8 +167,8 @@ async fn certificates_rotate_without_a_restart_and_tokens_work_over_tls() {
     )
     .unwrap();
     let db = TestDb::sqlite();
-    let ingest = tls_ingest(
-        &db,
+    let ingest = TestIngest::start_tls(
+        &db.url,
         &serving,
         &[
             "--tls-reload-every",
