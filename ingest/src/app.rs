@@ -156,7 +156,7 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<RunningIngest> {
         })?),
         _ => None,
     };
-    for warning in args.exposure_warnings() {
+    if let Some(warning) = args.exposure_warning() {
         tracing::warn!(listen = %args.listen, "{warning}");
     }
     let shutdown = CancellationToken::new();

@@ -202,26 +202,30 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
-    /// What an operator must know about how exposed this configuration is, loudly.
-    pub fn exposure_warnings(&self) -> Vec<&'static str> {
-        if self.listen.ip().is_loopback() {
-            return Vec::new();
-        }
+    /// What an operator must know, loudly, about how exposed this configuration leaves ingest
+    /// (after [`ServeArgs::validate`] accepted it).
+    pub fn exposure_warning(&self) -> Option<&'static str> {
+        let tls = self.tls_cert.is_some();
         let tokens = self.tokens_file.is_some();
-        match (&self.tls_cert, &self.client_ca) {
-            (None, _) if tokens => vec![
+        if self.listen.ip().is_loopback() {
+            None
+        } else if !tls && tokens {
+            Some(
                 "tokens travel in plaintext without TLS: anyone on the path can read and reuse \
                  them (serve TLS with --tls-cert and --tls-key)",
-            ],
-            (None, _) => vec![
+            )
+        } else if !tls {
+            Some(
                 "SERVING PLAINTEXT WITHOUT AUTHENTICATION (--allow-insecure): anyone who can \
                  reach this port can write runs for any endpoint and read every output",
-            ],
-            (Some(_), None) if !tokens => vec![
+            )
+        } else if self.client_ca.is_none() && !tokens {
+            Some(
                 "TLS without --client-ca or --tokens-file: connections are encrypted, but anyone \
                  who can reach this port can write runs for any endpoint and read every output",
-            ],
-            (Some(_), _) => Vec::new(),
+            )
+        } else {
+            None
         }
     }
 
@@ -314,60 +318,37 @@ mod tests {
 
     #[test]
     fn tls_or_tokens_open_a_public_address_and_say_what_is_left_exposed() {
-        for args in [
-            &["--listen", "0.0.0.0:1", "--tokens-file", "t.toml"][..],
-            &["--listen", "0.0.0.0:1", "--tls-cert", "c", "--tls-key", "k"],
-        ] {
-            assert_eq!(serve(args).validate(), Ok(()), "{args:?}");
-        }
-        let warned = |args: &[&str], part: &str| {
-            let warnings = serve(args).exposure_warnings();
-            assert!(
-                warnings.len() == 1 && warnings[0].contains(part),
-                "{args:?}: {warnings:?}"
-            );
+        let public = |more: &[&'static str]| {
+            let mut args = vec!["--listen", "0.0.0.0:1"];
+            args.extend_from_slice(more);
+            serve(&args)
         };
-        warned(
-            &["--listen", "0.0.0.0:1", "--allow-insecure"],
-            "SERVING PLAINTEXT WITHOUT AUTHENTICATION",
-        );
-        warned(
-            &["--listen", "0.0.0.0:1", "--tokens-file", "t.toml"],
-            "tokens travel in plaintext",
-        );
-        warned(
-            &["--listen", "0.0.0.0:1", "--tls-cert", "c", "--tls-key", "k"],
-            "TLS without --client-ca or --tokens-file",
-        );
-        let quiet: [&[&str]; 3] = [
-            &[],
-            &[
-                "--listen",
-                "0.0.0.0:1",
-                "--tls-cert",
-                "c",
-                "--tls-key",
-                "k",
-                "--client-ca",
-                "ca",
-            ],
-            &[
-                "--listen",
-                "0.0.0.0:1",
-                "--tls-cert",
-                "c",
-                "--tls-key",
-                "k",
-                "--tokens-file",
-                "t",
-            ],
-        ];
-        for args in quiet {
-            assert_eq!(
-                serve(args).exposure_warnings(),
-                Vec::<&str>::new(),
-                "{args:?}"
+        const TLS: [&str; 4] = ["--tls-cert", "c", "--tls-key", "k"];
+        const TOKENS: [&str; 2] = ["--tokens-file", "t.toml"];
+        const CLIENT_CA: [&str; 2] = ["--client-ca", "ca"];
+        for args in [&TOKENS[..], &TLS] {
+            assert_eq!(public(args).validate(), Ok(()), "{args:?}");
+        }
+        for (args, part) in [
+            (
+                vec!["--allow-insecure"],
+                "SERVING PLAINTEXT WITHOUT AUTHENTICATION",
+            ),
+            (TOKENS.to_vec(), "tokens travel in plaintext"),
+            (TLS.to_vec(), "TLS without --client-ca or --tokens-file"),
+        ] {
+            let warning = public(&args).exposure_warning();
+            assert!(
+                warning.is_some_and(|w| w.contains(part)),
+                "{args:?}: {warning:?}"
             );
+        }
+        assert_eq!(serve(&[]).exposure_warning(), None);
+        for args in [
+            [&TLS[..], &CLIENT_CA].concat(),
+            [&TLS[..], &TOKENS].concat(),
+        ] {
+            assert_eq!(public(&args).exposure_warning(), None, "{args:?}");
         }
     }
 
