@@ -476,14 +476,8 @@ async fn an_agent_sends_its_token_and_one_without_waits() {
 #[tokio::test]
 async fn an_agent_delivers_over_mtls_as_the_endpoint_its_certificate_names() {
     let ca = crate::helpers::TestCa::new("kanade test CA");
-    let server = ca.server("server");
     let db = TestDb::sqlite();
-    let ingest = TestIngest::start_tls(
-        &db.url,
-        &server,
-        &["--client-ca", ca.cert_path().to_str().unwrap()],
-    )
-    .await;
+    let ingest = TestIngest::start_mtls(&db.url, &ca, &[]).await;
     let url = format!("https://{}", ingest.addr);
     let tls_settings = |cert: &crate::helpers::IssuedCert| {
         format!(

@@ -491,24 +491,14 @@ async fn reflection_v1_lists_every_service_for_newer_clients() {
 #[tokio::test]
 async fn grpcurl_reads_activity_over_mtls_with_a_reader_token() {
     let ca = crate::helpers::TestCa::new("kanade test CA");
-    let server = ca.server("server");
     let operator = ca.client("ops-reader", false);
     let dir = tempfile::tempdir().unwrap();
     let tokens = dir.path().join("tokens.toml");
     let reader =
         kanade_ingest::auth::add_token(&tokens, &kanade_ingest::auth::Identity::Reader).unwrap();
     let db = TestDb::sqlite();
-    let ingest = TestIngest::start_tls(
-        &db.url,
-        &server,
-        &[
-            "--client-ca",
-            ca.cert_path().to_str().unwrap(),
-            "--tokens-file",
-            tokens.to_str().unwrap(),
-        ],
-    )
-    .await;
+    let ingest =
+        TestIngest::start_mtls(&db.url, &ca, &["--tokens-file", tokens.to_str().unwrap()]).await;
     let (ca_path, cert, key) = (
         ca.cert_path().display().to_string(),
         operator.cert.display().to_string(),

@@ -216,6 +216,15 @@ impl TestIngest {
         TestIngest::start_with(database_url, &all).await
     }
 
+    /// Starts ingest with mTLS: a server certificate issued by `ca`, and client certificates
+    /// required from `ca` (`--client-ca`), plus `args`.
+    pub async fn start_mtls(database_url: &str, ca: &TestCa, args: &[&str]) -> TestIngest {
+        let ca_path = ca.cert_path();
+        let mut all = vec!["--client-ca", ca_path.to_str().unwrap()];
+        all.extend_from_slice(args);
+        TestIngest::start_tls(database_url, &ca.server("server"), &all).await
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }

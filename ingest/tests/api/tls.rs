@@ -22,14 +22,8 @@ async fn publish(channel: Channel, event: pb::Event) -> Result<(), tonic::Status
 #[tokio::test]
 async fn an_mtls_client_writes_as_itself_and_never_as_another_pc() {
     let ca = TestCa::new("kanade test CA");
-    let server = ca.server("server");
     let db = TestDb::sqlite();
-    let ingest = TestIngest::start_tls(
-        &db.url,
-        &server,
-        &["--client-ca", ca.cert_path().to_str().unwrap()],
-    )
-    .await;
+    let ingest = TestIngest::start_mtls(&db.url, &ca, &[]).await;
     let store = db.store().await;
 
     for (pc, in_cn_only) in [("pc-dns", false), ("pc-cn", true)] {
@@ -97,19 +91,8 @@ async fn refusal(channel: Result<Channel, tonic::transport::Error>, run: &Run) {
 async fn rogue_certificates_missing_certificates_plaintext_and_silence_get_nowhere() {
     let ca = TestCa::new("kanade test CA");
     let rogue_ca = TestCa::new("rogue CA");
-    let server = ca.server("server");
     let db = TestDb::sqlite();
-    let ingest = TestIngest::start_tls(
-        &db.url,
-        &server,
-        &[
-            "--client-ca",
-            ca.cert_path().to_str().unwrap(),
-            "--hello-timeout",
-            "500ms",
-        ],
-    )
-    .await;
+    let ingest = TestIngest::start_mtls(&db.url, &ca, &["--hello-timeout", "500ms"]).await;
     let run = Run::new("pc-a");
 
     // A certificate for the right name from another CA. With TLS 1.3 the client may finish
