@@ -1,7 +1,7 @@
 //! TLS plumbing both programs share: the one crypto provider (ring), installed as the process
 //! default, and PEM files read with errors that name the file.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 
@@ -39,32 +39,60 @@ impl PemError {
     }
 }
 
-/// Reads every certificate of a PEM file (a chain, or a bundle of CA certificates).
-/// `what` names the file's role in messages, e.g. "--tls-cert".
-pub fn read_certificates(
-    path: &Path,
+/// A PEM file, read once. `what` names its role in messages (e.g. "--tls-cert"); `Debug` shows
+/// the path only, never the contents, which may be a private key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PemFile {
+    path: PathBuf,
     what: &'static str,
-) -> Result<Vec<CertificateDer<'static>>, PemError> {
-    let pem = std::fs::read(path).map_err(|e| PemError::new(what, path, e))?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| PemError::new(what, path, format!("not a PEM certificate file: {e}")))?;
-    if certs.is_empty() {
-        return Err(PemError::new(
-            what,
-            path,
-            "holds no `-----BEGIN CERTIFICATE-----` block",
-        ));
-    }
-    Ok(certs)
+    contents: Vec<u8>,
 }
 
-/// Reads the private key of a PEM file (PKCS#8, PKCS#1 or SEC1). The key never reaches a message.
-pub fn read_private_key(
-    path: &Path,
-    what: &'static str,
-) -> Result<PrivateKeyDer<'static>, PemError> {
-    let pem = std::fs::read(path).map_err(|e| PemError::new(what, path, e))?;
-    PrivateKeyDer::from_pem_slice(&pem)
-        .map_err(|e| PemError::new(what, path, format!("holds no usable PEM private key ({e})")))
+impl std::fmt::Debug for PemFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PemFile({self})")
+    }
+}
+
+/// The file's role and path, e.g. `--tls-cert /etc/kanade/tls/tls.crt`.
+impl std::fmt::Display for PemFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.what, self.path.display())
+    }
+}
+
+impl PemFile {
+    pub fn read(path: &Path, what: &'static str) -> Result<PemFile, PemError> {
+        let contents = std::fs::read(path).map_err(|e| PemError::new(what, path, e))?;
+        Ok(PemFile {
+            path: path.to_path_buf(),
+            what,
+            contents,
+        })
+    }
+
+    pub fn contents(&self) -> &[u8] {
+        &self.contents
+    }
+
+    fn error(&self, reason: impl ToString) -> PemError {
+        PemError::new(self.what, &self.path, reason)
+    }
+
+    /// Every certificate in the file (a chain, or a bundle of CA certificates).
+    pub fn certificates(&self) -> Result<Vec<CertificateDer<'static>>, PemError> {
+        let certs = CertificateDer::pem_slice_iter(&self.contents)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.error(format!("not a PEM certificate file: {e}")))?;
+        if certs.is_empty() {
+            return Err(self.error("holds no `-----BEGIN CERTIFICATE-----` block"));
+        }
+        Ok(certs)
+    }
+
+    /// The file's private key (PKCS#8, PKCS#1 or SEC1). The key never reaches a message.
+    pub fn private_key(&self) -> Result<PrivateKeyDer<'static>, PemError> {
+        PrivateKeyDer::from_pem_slice(&self.contents)
+            .map_err(|e| self.error(format!("holds no usable PEM private key ({e})")))
+    }
 }

@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use kanade_shared::{backoff::Backoff, limits};
+use kanade_shared::{backoff::Backoff, limits, tls::PemFile};
 use serde::{Deserialize, Deserializer};
 
 use crate::cli::CommonArgs;
@@ -168,17 +168,17 @@ impl std::fmt::Debug for Secret {
 /// How the agent speaks TLS to ingest.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClientTls {
-    /// PEM of the CA(s) that signed ingest's certificate; `None` trusts the system's roots.
-    pub ca_cert: Option<String>,
-    /// This endpoint's certificate and key (PEM), presented when ingest asks (mTLS).
+    /// The CA(s) that signed ingest's certificate; `None` trusts the system's roots.
+    pub ca_cert: Option<PemFile>,
+    /// This endpoint's certificate and key, presented when ingest asks (mTLS).
     pub client_certificate: Option<ClientCertificate>,
 }
 
-/// A client certificate and its private key, both PEM.
+/// A client certificate and its private key (whose contents `Debug` never shows).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientCertificate {
-    pub cert: String,
-    pub key: Secret,
+    pub cert: PemFile,
+    pub key: PemFile,
 }
 
 /// Reads and checks the TLS files now, so a bad path or file fails at start with its name,
@@ -189,10 +189,6 @@ fn client_tls(
     client_cert: Option<PathBuf>,
     client_key: Option<PathBuf>,
 ) -> anyhow::Result<Option<ClientTls>> {
-    use kanade_shared::tls::{read_certificates, read_private_key};
-    let read = |path: &Path| {
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
-    };
     if !ingest.starts_with("https://") {
         if ca_cert.is_some() || client_cert.is_some() || client_key.is_some() {
             bail!(
@@ -204,19 +200,19 @@ fn client_tls(
     }
     let ca_cert = match ca_cert {
         Some(path) => {
-            read_certificates(&path, "ca_cert")?;
-            Some(read(&path)?)
+            let file = PemFile::read(&path, "ca_cert")?;
+            file.certificates()?;
+            Some(file)
         }
         None => None,
     };
     let client_certificate = match (client_cert, client_key) {
         (Some(cert), Some(key)) => {
-            read_certificates(&cert, "client_cert")?;
-            read_private_key(&key, "client_key")?;
-            Some(ClientCertificate {
-                cert: read(&cert)?,
-                key: Secret(read(&key)?),
-            })
+            let cert = PemFile::read(&cert, "client_cert")?;
+            cert.certificates()?;
+            let key = PemFile::read(&key, "client_key")?;
+            key.private_key()?;
+            Some(ClientCertificate { cert, key })
         }
         (None, None) => None,
         _ => bail!("client_cert and client_key go together: give both or neither"),
@@ -472,9 +468,12 @@ mod tests {
 
         let s = load("https://ingest:443", path(&cert), path(&cert), path(&key)).unwrap();
         let tls = s.tls.clone().unwrap();
-        assert_eq!(tls.ca_cert.as_deref(), Some(pem.cert.pem().as_str()));
+        assert_eq!(tls.ca_cert.unwrap().contents(), pem.cert.pem().as_bytes());
         let client = tls.client_certificate.unwrap();
-        assert_eq!(client.key.expose(), pem.signing_key.serialize_pem());
+        assert_eq!(
+            client.key.contents(),
+            pem.signing_key.serialize_pem().as_bytes()
+        );
         let key_line = pem
             .signing_key
             .serialize_pem()

@@ -191,11 +191,11 @@ fn with_causes(error: &dyn std::error::Error) -> String {
 fn tls_config(tls: &ClientTls) -> ClientTlsConfig {
     let config = ClientTlsConfig::new();
     let config = match &tls.ca_cert {
-        Some(pem) => config.ca_certificate(Certificate::from_pem(pem)),
+        Some(ca) => config.ca_certificate(Certificate::from_pem(ca.contents())),
         None => config.with_native_roots(),
     };
     match &tls.client_certificate {
-        Some(c) => config.identity(Identity::from_pem(&c.cert, c.key.expose())),
+        Some(c) => config.identity(Identity::from_pem(c.cert.contents(), c.key.contents())),
         None => config,
     }
 }

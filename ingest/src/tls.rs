@@ -18,7 +18,7 @@ use std::{
 
 use anyhow::Context as _;
 use futures::Stream;
-use kanade_shared::tls::{crypto_provider, read_certificates, read_private_key};
+use kanade_shared::tls::{PemError, PemFile, crypto_provider};
 use rustls::{RootCertStore, ServerConfig, server::WebPkiClientVerifier};
 use sha2::{Digest, Sha256};
 use tokio::{
@@ -44,51 +44,69 @@ pub struct TlsFiles {
 }
 
 impl TlsFiles {
-    /// The files' contents, hashed: a change of any of them changes this.
-    fn fingerprint(&self) -> io::Result<[u8; 32]> {
+    /// Reads every file once; a check fingerprints and builds from the same bytes.
+    fn read(&self) -> Result<TlsContents, PemError> {
+        Ok(TlsContents {
+            cert: PemFile::read(&self.cert, "--tls-cert")?,
+            key: PemFile::read(&self.key, "--tls-key")?,
+            client_ca: self
+                .client_ca
+                .as_deref()
+                .map(|path| PemFile::read(path, "--client-ca"))
+                .transpose()?,
+        })
+    }
+}
+
+/// What the TLS files held at one check.
+struct TlsContents {
+    cert: PemFile,
+    key: PemFile,
+    client_ca: Option<PemFile>,
+}
+
+impl TlsContents {
+    /// The contents, hashed: a change of any file changes this.
+    fn fingerprint(&self) -> [u8; 32] {
         let mut hash = Sha256::new();
-        for path in [Some(&self.cert), Some(&self.key), self.client_ca.as_ref()]
+        for file in [Some(&self.cert), Some(&self.key), self.client_ca.as_ref()]
             .into_iter()
             .flatten()
         {
-            hash.update(std::fs::read(path)?);
+            hash.update(file.contents());
             hash.update([0]);
         }
-        Ok(hash.finalize().into())
+        hash.finalize().into()
     }
 
     /// Builds the server configuration; errors name the flag and the file at fault.
     fn server_config(&self) -> anyhow::Result<Arc<ServerConfig>> {
         let provider = crypto_provider();
-        let certs = read_certificates(&self.cert, "--tls-cert")?;
-        let key = read_private_key(&self.key, "--tls-key")?;
+        let certs = self.cert.certificates()?;
+        let key = self.key.private_key()?;
         let builder = ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .context("the TLS provider supports no safe protocol version")?;
         let builder = match &self.client_ca {
-            Some(path) => {
+            Some(file) => {
                 let mut roots = RootCertStore::empty();
-                for cert in read_certificates(path, "--client-ca")? {
-                    roots.add(cert).with_context(|| {
-                        format!(
-                            "--client-ca {}: not a usable CA certificate",
-                            path.display()
-                        )
-                    })?;
+                for cert in file.certificates()? {
+                    roots
+                        .add(cert)
+                        .with_context(|| format!("{file}: not a usable CA certificate"))?;
                 }
                 let verifier =
                     WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                         .build()
-                        .with_context(|| format!("--client-ca {}", path.display()))?;
+                        .with_context(|| file.to_string())?;
                 builder.with_client_cert_verifier(verifier)
             }
             None => builder.with_no_client_auth(),
         };
         let mut config = builder.with_single_cert(certs, key).with_context(|| {
             format!(
-                "--tls-cert {} and --tls-key {} do not form a usable certificate and key",
-                self.cert.display(),
-                self.key.display()
+                "{} and {} do not form a usable certificate and key",
+                self.cert, self.key
             )
         })?;
         config.alpn_protocols = vec![b"h2".to_vec()];
@@ -108,10 +126,9 @@ pub struct ServerTls {
 impl ServerTls {
     /// Loads the files; fails with a message naming the flag and file when they are unusable.
     pub fn load(files: TlsFiles) -> anyhow::Result<Arc<ServerTls>> {
-        let seen = files
-            .fingerprint()
-            .context("reading the TLS files (--tls-cert, --tls-key, --client-ca)")?;
-        let config = files.server_config()?;
+        let contents = files.read()?;
+        let config = contents.server_config()?;
+        let seen = contents.fingerprint();
         Ok(Arc::new(ServerTls {
             files,
             current: RwLock::new(config),
@@ -136,15 +153,16 @@ impl ServerTls {
     /// Reloads the configuration if the files changed. A change that does not load keeps the
     /// previous configuration serving and is logged once.
     fn reload_if_changed(&self) {
-        let Ok(fingerprint) = self.files.fingerprint() else {
+        let Ok(contents) = self.files.read() else {
             // Mid-rotation (a file briefly missing): look again at the next check.
             return;
         };
+        let fingerprint = contents.fingerprint();
         if *self.seen.read().unwrap_or_else(|e| e.into_inner()) == fingerprint {
             return;
         }
         *self.seen.write().unwrap_or_else(|e| e.into_inner()) = fingerprint;
-        match self.files.server_config() {
+        match contents.server_config() {
             Ok(config) => {
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = config;
                 tracing::info!(cert = %self.files.cert.display(), "TLS certificate files changed; reloaded");
