@@ -8,7 +8,6 @@
 
 use std::{
     io,
-    net::SocketAddr,
     path::PathBuf,
     pin::Pin,
     sync::{Arc, RwLock},
@@ -191,7 +190,6 @@ impl ServerTls {
 /// What ingest knows about the peer of a TLS connection; handed to every request on it.
 #[derive(Debug, Clone)]
 pub struct Peer {
-    pub remote_addr: Option<SocketAddr>,
     /// The verified client certificate's identity (DNS SAN, else CN), under mTLS.
     pub certificate_identity: Option<Arc<str>>,
 }
@@ -271,6 +269,33 @@ pub fn certificate_identity(der: &[u8]) -> Result<String, String> {
         .ok_or_else(|| "the client certificate has neither a DNS name nor a common name".into())
 }
 
+/// One TLS handshake, and under mTLS the identity of the client's certificate; `Err` says why
+/// the connection is refused.
+async fn handshake(
+    tcp: TcpStream,
+    acceptor: TlsAcceptor,
+    requires_certificate: bool,
+) -> Result<TlsConnection, String> {
+    let stream = acceptor.accept(tcp).await.map_err(|e| e.to_string())?;
+    let certificate_identity = if requires_certificate {
+        let leaf = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .ok_or("no client certificate")?;
+        Some(Arc::from(certificate_identity(leaf)?))
+    } else {
+        None
+    };
+    Ok(TlsConnection {
+        stream,
+        peer: Peer {
+            certificate_identity,
+        },
+    })
+}
+
 /// Accepts TCP connections on `listener` and yields those whose TLS handshake completed within
 /// `handshake_timeout`. Ends when `stop` is cancelled.
 pub fn incoming(
@@ -305,47 +330,18 @@ pub fn incoming(
             let ready = ready.clone();
             tokio::spawn(async move {
                 let _permit = permit;
-                let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp))
-                    .await
-                {
-                    Ok(Ok(stream)) => stream,
-                    Ok(Err(err)) => {
-                        tracing::info!(%remote_addr, error = %err, "TLS handshake failed");
-                        return;
+                let handshake = handshake(tcp, acceptor, requires_certificate);
+                match tokio::time::timeout(handshake_timeout, handshake).await {
+                    Ok(Ok(connection)) => {
+                        let _ = ready.send(Ok(connection)).await;
+                    }
+                    Ok(Err(reason)) => {
+                        tracing::info!(%remote_addr, %reason, "TLS handshake failed");
                     }
                     Err(_) => {
                         tracing::info!(%remote_addr, timeout = ?handshake_timeout, "TLS handshake not completed in time");
-                        return;
                     }
-                };
-                let certificate_identity = if requires_certificate {
-                    let der = stream
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .and_then(|chain| chain.first());
-                    match der.map(|d| certificate_identity(d)) {
-                        Some(Ok(identity)) => Some(Arc::from(identity)),
-                        Some(Err(reason)) => {
-                            tracing::info!(%remote_addr, %reason, "client certificate refused");
-                            return;
-                        }
-                        None => {
-                            tracing::info!(%remote_addr, "no client certificate; refused");
-                            return;
-                        }
-                    }
-                } else {
-                    None
-                };
-                let connection = TlsConnection {
-                    stream,
-                    peer: Peer {
-                        remote_addr: Some(remote_addr),
-                        certificate_identity,
-                    },
-                };
-                let _ = ready.send(Ok(connection)).await;
+                }
             });
         }
     });
