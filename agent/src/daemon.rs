@@ -6,34 +6,23 @@
 //! Shutdown (SIGTERM/SIGINT): no new firings; running runs get `shutdown_grace` to finish, then
 //! their process groups are killed (reported KILLED); their results are committed before exit.
 
-use std::{
-    fs::File,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
 };
 
 use anyhow::Context;
-use tokio::{net::UnixDatagram, sync::Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use uuid::Uuid;
 
 use crate::{
     config::{Job, Settings},
     execution::{self, RunRequest},
-    outbox::{self, Outbox},
+    outbox::Outbox,
     schedule::Firings,
     sender::{self, SenderConfig},
 };
-
-/// Takes the data dir's sender lock: only one process sends at a time. `None` when another
-/// process holds it.
-pub fn try_sender_lock(outbox: &Outbox) -> anyhow::Result<Option<File>> {
-    let path = outbox.dir().join(outbox::SENDER_LOCK);
-    let file = outbox::lock_file(&path)?;
-    Ok(file.try_lock().is_ok().then_some(file))
-}
 
 pub fn sender_config(settings: &Settings) -> SenderConfig {
     SenderConfig {
@@ -49,26 +38,6 @@ pub fn sender_config(settings: &Settings) -> SenderConfig {
     }
 }
 
-/// Forwards pokes on the wake socket to the sender.
-fn listen_for_wakeups(outbox: &Outbox, stop: CancellationToken) -> anyhow::Result<()> {
-    let path = outbox.dir().join(outbox::WAKE_SOCKET);
-    // A socket file left by a dead daemon; we hold the sender lock, so it is not in use.
-    let _ = std::fs::remove_file(&path);
-    let socket =
-        UnixDatagram::bind(&path).with_context(|| format!("binding {}", path.display()))?;
-    let wake = outbox.wake.clone();
-    tokio::spawn(async move {
-        let mut buf = [0u8; 16];
-        loop {
-            tokio::select! {
-                r = socket.recv(&mut buf) => if r.is_ok() { wake.notify_one() },
-                _ = stop.cancelled() => return,
-            }
-        }
-    });
-    Ok(())
-}
-
 /// Runs the daemon until `shutdown` is cancelled.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let outbox = Outbox::open(
@@ -77,14 +46,16 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         settings.outbox_cap_bytes,
     )
     .await?;
-    let _sender_lock = try_sender_lock(&outbox)?.with_context(|| {
+    let _sender_lock = outbox.data_dir().try_sender_lock()?.with_context(|| {
         format!(
             "another kanade-agent is already sending from {} (a daemon, or `exec --wait`)",
             settings.data_dir.display()
         )
     })?;
     let stop_sender = CancellationToken::new();
-    listen_for_wakeups(&outbox, stop_sender.clone())?;
+    outbox
+        .data_dir()
+        .listen_for_pokes(outbox.wake.clone(), stop_sender.clone())?;
     tracing::info!(pc_id = %settings.pc_id, ingest = %settings.ingest, data_dir = %settings.data_dir.display(),
         jobs = settings.jobs.len(), "kanade-agent daemon started");
 

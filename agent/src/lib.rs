@@ -2,6 +2,7 @@
 //!
 //! - [`cli`], [`config`]: the command line and the settings merged from file, env and flags.
 //! - [`runner`]: spawns a run's process group, enforces its timeout, captures its output.
+//! - [`data_dir`]: the files of the data dir, and the locks and socket agent processes share.
 //! - [`outbox`]: the durable SQLite queue every event goes through, and the run journal.
 //! - [`execution`]: one run from Started to Result through the outbox.
 //! - [`sender`]: the stream to ingest: window, acks, rejects, reconnects.
@@ -13,6 +14,7 @@
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod data_dir;
 pub mod execution;
 pub mod outbox;
 pub mod runner;
@@ -59,12 +61,12 @@ pub fn shutdown_on_signal() -> CancellationToken {
 }
 
 async fn open_outbox(settings: &Settings) -> anyhow::Result<Outbox> {
-    Outbox::open(
+    Ok(Outbox::open(
         &settings.data_dir,
         settings.outbox_synchronous,
         settings.outbox_cap_bytes,
     )
-    .await
+    .await?)
 }
 
 /// Runs one parsed command line; returns the process exit code.
@@ -117,7 +119,7 @@ async fn wait_for_acks(
     timeout: Duration,
 ) -> anyhow::Result<Option<u8>> {
     let stop = CancellationToken::new();
-    let own_sender = match daemon::try_sender_lock(outbox)? {
+    let own_sender = match outbox.data_dir().try_sender_lock()? {
         Some(lock) => {
             let (outbox, config, stop) = (
                 outbox.clone(),
@@ -180,7 +182,7 @@ async fn status(common: &CommonArgs) -> anyhow::Result<u8> {
         ),
         None => String::new(),
     };
-    let sending = if daemon::try_sender_lock(&outbox)?.is_some() {
+    let sending = if outbox.data_dir().try_sender_lock()?.is_some() {
         "no process is sending (start `kanade-agent run`)"
     } else {
         "a kanade-agent process holds the sender lock"

@@ -195,7 +195,7 @@ impl TimedOutbox {
 
 impl Queue for TimedOutbox {
     async fn pending(&self, after_seq: u64, limit: usize) -> anyhow::Result<Vec<Pending>> {
-        self.outbox.pending(after_seq, limit).await
+        Ok(self.outbox.pending(after_seq, limit).await?)
     }
 
     async fn ack(&self, seqs: &[u64]) -> anyhow::Result<()> {

@@ -12,10 +12,7 @@ use std::{
     time::Duration,
 };
 
-use kanade_agent::{
-    config::Synchronous,
-    outbox::{DB_FILE, Outbox},
-};
+use kanade_agent::{config::Synchronous, data_dir::OUTBOX_FILE, outbox::Outbox};
 use kanade_shared::wire::{Event, EventBody, EventStarted, ExecResult, ExecStatus};
 use nix::{sys::signal::Signal, unistd::Pid};
 
@@ -121,7 +118,7 @@ async fn started_is_committed_before_the_process_is_spawned() {
                   q = 'SELECT COUNT(*) FROM {} WHERE result_id = ?'\n\
                   print(db.execute(q.format(\"outbox\") + \" AND kind = 'started'\", (rid,)).fetchone()[0])\n\
                   print(db.execute(q.format('runs'), (rid,)).fetchone()[0])\n";
-    let db = home.data_dir().join(DB_FILE);
+    let db = home.data_dir().join(OUTBOX_FILE);
     let output = home.exec(
         &[],
         "observer",
@@ -438,7 +435,7 @@ async fn event_metadata_is_never_dropped_even_when_nothing_is_left_to_cut() {
 }
 
 async fn raw_pool(dir: &Path) -> sqlx::SqlitePool {
-    sqlx::SqlitePool::connect(&format!("sqlite://{}", dir.join(DB_FILE).display()))
+    sqlx::SqlitePool::connect(&format!("sqlite://{}", dir.join(OUTBOX_FILE).display()))
         .await
         .unwrap()
 }
@@ -651,7 +648,7 @@ async fn the_data_dir_is_0700_and_the_outbox_files_0600_whatever_the_umask() {
     assert!(status.success());
 
     let data = home.data_dir();
-    assert_eq!(mode(&data.join(DB_FILE)), 0o600);
+    assert_eq!(mode(&data.join(OUTBOX_FILE)), 0o600);
     assert_private_tree(&data);
     // A fresh data dir, parents included, is created private too.
     let nested = home.dir.path().join("fresh/data");

@@ -1,0 +1,180 @@
+//! The run journal: a run is journalled (and its Started committed) before its process spawns,
+//! and forgotten in the transaction that commits its result. A journalled run whose lock is free
+//! belongs to a process that died, and is reported once as `INTERRUPTED`.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use chrono::{SubsecRound, Utc};
+use kanade_shared::{
+    backoff::Backoff,
+    wire::{Event, EventBody, EventStarted, ExecResult, ExecStatus},
+};
+use sqlx::Row;
+
+use super::{Outbox, OutboxError};
+use crate::data_dir::RunLock;
+
+/// Retries of a run's result commit before the run is left to be reported INTERRUPTED.
+const FINISH_ATTEMPTS: u32 = 8;
+/// Pauses between those retries.
+const FINISH_BACKOFF: Backoff = Backoff {
+    base: Duration::from_millis(100),
+    cap: Duration::from_secs(5),
+};
+
+impl Outbox {
+    /// Journals a run and commits its Started event: call before spawning.
+    #[tracing::instrument(name = "outbox.begin_run", skip_all)]
+    pub async fn begin_run(
+        &self,
+        started: &EventStarted,
+        trace_context: &BTreeMap<String, String>,
+    ) -> Result<(RunLock, u64), OutboxError> {
+        let lock = self.dir.lock_run(&started.result_id)?;
+        let event = Event {
+            seq: 0,
+            body: EventBody::Started(started.clone()),
+            trace_context: trace_context.clone(),
+        };
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("INSERT INTO runs (result_id, started, trace_context) VALUES (?1, ?2, ?3)")
+            .bind(&started.result_id)
+            .bind(serde_json::to_string(started)?)
+            .bind(serde_json::to_string(trace_context)?)
+            .execute(&mut *tx)
+            .await?;
+        let seq = self.enqueue_in(&mut tx, event).await?;
+        tx.commit().await?;
+        self.wake_sender();
+        Ok((lock, seq))
+    }
+
+    /// Commits a run's result and forgets the run: call when it ended.
+    #[tracing::instrument(name = "outbox.finish_run", skip_all)]
+    pub async fn finish_run(
+        &self,
+        lock: RunLock,
+        result: ExecResult,
+        trace_context: &BTreeMap<String, String>,
+    ) -> Result<u64, OutboxError> {
+        // The run's lock is held until the result is committed, so no other process reports it
+        // INTERRUPTED meanwhile; a busy or briefly failing disk gets a few more tries.
+        let mut attempt = 0;
+        let seq = loop {
+            match self.commit_result(&result, trace_context).await {
+                Ok(seq) => break seq,
+                Err(err) if attempt < FINISH_ATTEMPTS => {
+                    tracing::warn!(result_id = %result.result_id, error = %err,
+                        "committing the result failed; retrying");
+                    tokio::time::sleep(FINISH_BACKOFF.next_delay(attempt)).await;
+                    attempt += 1;
+                }
+                Err(err) => return Err(err),
+            }
+        };
+        lock.release();
+        self.wake_sender();
+        Ok(seq)
+    }
+
+    async fn commit_result(
+        &self,
+        result: &ExecResult,
+        trace_context: &BTreeMap<String, String>,
+    ) -> Result<u64, OutboxError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM runs WHERE result_id = ?1")
+            .bind(&result.result_id)
+            .execute(&mut *tx)
+            .await?;
+        let seq = self
+            .enqueue_in(
+                &mut tx,
+                Event {
+                    seq: 0,
+                    body: EventBody::Result(result.clone()),
+                    trace_context: trace_context.clone(),
+                },
+            )
+            .await?;
+        tx.commit().await?;
+        Ok(seq)
+    }
+
+    /// Reports every run whose owning process died as INTERRUPTED, once. Returns how many.
+    pub async fn recover_interrupted(&self) -> Result<usize, OutboxError> {
+        let rows = sqlx::query("SELECT result_id, started, trace_context FROM runs")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut recovered = 0;
+        for row in rows {
+            let result_id: String = row.try_get("result_id")?;
+            let Some(lock) = self.dir.claim_orphaned_run(&result_id) else {
+                continue; // Its process is alive and running it.
+            };
+            let started: EventStarted = match serde_json::from_str(
+                &row.try_get::<String, _>("started")?,
+            ) {
+                Ok(s) => s,
+                Err(err) => {
+                    tracing::error!(%result_id, error = %err, "undecodable run journal entry; dropping it");
+                    sqlx::query("DELETE FROM runs WHERE result_id = ?1")
+                        .bind(&result_id)
+                        .execute(&self.pool)
+                        .await?;
+                    continue;
+                }
+            };
+            let trace_context: BTreeMap<String, String> =
+                serde_json::from_str(&row.try_get::<String, _>("trace_context")?)
+                    .unwrap_or_default();
+            let mut tx = self.pool.begin().await?;
+            let claimed = sqlx::query("DELETE FROM runs WHERE result_id = ?1")
+                .bind(&result_id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            if claimed == 1 {
+                let result = interrupted(&started, Utc::now().trunc_subsecs(6));
+                self.enqueue_in(
+                    &mut tx,
+                    Event {
+                        seq: 0,
+                        body: EventBody::Result(result),
+                        trace_context,
+                    },
+                )
+                .await?;
+                tx.commit().await?;
+                tracing::warn!(%result_id, manifest_id = %started.manifest_id,
+                    "run's agent process died: reported INTERRUPTED");
+                recovered += 1;
+            }
+            lock.release();
+        }
+        if recovered > 0 {
+            self.wake_sender();
+        }
+        Ok(recovered)
+    }
+}
+
+/// The result reporting that a run's process died, noticed at `noticed_at`.
+fn interrupted(started: &EventStarted, noticed_at: chrono::DateTime<Utc>) -> ExecResult {
+    ExecResult {
+        result_id: started.result_id.clone(),
+        request_id: started.request_id.clone(),
+        exec_id: started.exec_id.clone(),
+        pc_id: started.pc_id.clone(),
+        manifest_id: started.manifest_id.clone(),
+        version: started.version.clone(),
+        status: ExecStatus::Interrupted,
+        exit_code: None,
+        stdout: String::new(),
+        stderr: String::new(),
+        stdout_dropped_bytes: 0,
+        stderr_dropped_bytes: 0,
+        started_at: started.started_at,
+        finished_at: noticed_at.max(started.started_at),
+    }
+}

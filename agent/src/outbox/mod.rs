@@ -1,0 +1,146 @@
+//! The durable outbox: one SQLite database in the data dir ([`crate::data_dir`]), shared by every
+//! agent process on that dir. Every event a run produces goes through it; nothing reaches ingest
+//! any other way, so nothing is lost across network outages, ingest or agent restarts, or power
+//! loss.
+//!
+//! # Invariants (SPEC §4)
+//! - A run's `EventStarted` is committed before its process is spawned, together with a `runs`
+//!   row (the journal); its `ExecResult` is committed, and the `runs` row deleted, in one
+//!   transaction before the run is forgotten.
+//! - Each running run holds the lock `runs/RESULT_ID.lock`. A `runs` row whose lock is free
+//!   belongs to a dead process: it is reported once as `INTERRUPTED`. Claiming is one transaction
+//!   (delete the row, enqueue the result), so two processes never report a run twice; pids are
+//!   never consulted (they are reused).
+//! - Events leave only by ack (deleted) or refusal (moved to `dead_letters`); a row that cannot
+//!   be decoded moves to `dead_letters` instead of blocking the queue.
+//! - The outbox stays under its size cap by cutting queued outputs further; event metadata is
+//!   never dropped.
+//!
+//! # On disk (`migrations/`)
+//! - `outbox (seq, result_id, kind, payload, bytes, enqueued_at)`: events waiting for their ack,
+//!   in commit order; `payload` is the JSON of [`kanade_shared::wire::Event`], whose `seq` is
+//!   the row's.
+//! - `dead_letters`: refused or undecodable events, kept with the reason for the operator.
+//! - `runs (result_id, started, trace_context)`: the journal of runs in progress.
+//! - `agent_state (key, value)`: what `kanade-agent status` shows about the sender.
+//!
+//! WAL mode, `synchronous=FULL` by default: a commit is on disk when it returns.
+//!
+//! # Paths
+//! - Write ([`journal`]): `begin_run` → spawn → `finish_run`; `recover_interrupted` for runs of
+//!   dead processes. Every enqueue goes through [`queue`]'s one insert, which enforces the cap.
+//! - Read ([`queue`]): the sender asks for `pending(after_seq, limit)`, in seq order.
+//! - Ack ([`queue`]): an Ack deletes, a Reject dead-letters.
+//! - Operator ([`admin`]): status, dead letters listed, retried, purged.
+
+mod admin;
+mod journal;
+mod queue;
+
+use std::{path::Path, str::FromStr, sync::Arc, time::Duration};
+
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use tokio::sync::Notify;
+
+pub use admin::{DeadLetter, OutboxStatus};
+pub use queue::Pending;
+
+use crate::{
+    config::Synchronous,
+    data_dir::{DataDir, DataDirError},
+};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// How long a statement waits for another process's write lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What went wrong in the outbox.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    /// A file or lock of the data dir.
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
+    /// The database failed a statement.
+    #[error("outbox database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The migrations could not be applied.
+    #[error("migrating the outbox: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// An event could not be written as JSON.
+    #[error("encoding an event: {0}")]
+    Encode(#[from] serde_json::Error),
+    /// The operator named a dead letter that does not exist.
+    #[error("no dead letter has id {id} (see `kanade-agent dead-letters list`)")]
+    NoSuchDeadLetter { id: i64 },
+}
+
+/// The outbox of one data dir.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    pool: SqlitePool,
+    dir: DataDir,
+    cap_bytes: u64,
+    /// Woken on every enqueue in this process; the sending process also wakes it for pokes from
+    /// other processes.
+    pub wake: Arc<Notify>,
+}
+
+impl Outbox {
+    /// Opens (creating) the outbox in `dir`: directory 0700, database 0600, WAL.
+    pub async fn open(
+        dir: &Path,
+        synchronous: Synchronous,
+        cap_bytes: u64,
+    ) -> Result<Outbox, OutboxError> {
+        let dir = DataDir::create(dir)?;
+        let db = dir.create_outbox_file()?;
+        // Several processes may open a fresh data dir at once. Switching it to WAL and migrating
+        // are not safe to race (sqlx does not lock SQLite migrations across processes, and a
+        // journal-mode switch does not wait for a busy database), so opening is serialised.
+        let opening = dir.clone();
+        let lock = tokio::task::spawn_blocking(move || opening.lock_for_opening())
+            .await
+            .expect("taking the open lock does not panic")?;
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", db.display()))?
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(match synchronous {
+                Synchronous::Full => SqliteSynchronous::Full,
+                Synchronous::Normal => SqliteSynchronous::Normal,
+            })
+            .busy_timeout(BUSY_TIMEOUT);
+        // One connection: SQLite writes one at a time anyway, and each connection costs a
+        // worker thread and a page cache on a machine where the agent should be invisible.
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(0)
+            .idle_timeout(Some(Duration::from_secs(60)))
+            .connect_with(options)
+            .await?;
+        MIGRATOR.run(&pool).await?;
+        drop(lock);
+        Ok(Outbox {
+            pool,
+            dir,
+            cap_bytes,
+            wake: Arc::new(Notify::new()),
+        })
+    }
+
+    /// The data dir this outbox lives in.
+    pub fn data_dir(&self) -> &DataDir {
+        &self.dir
+    }
+
+    /// Wakes the sender: this process's at once, another process's through the wake socket.
+    pub fn wake_sender(&self) {
+        self.wake.notify_one();
+        self.dir.poke_sender();
+    }
+}
+
+fn micros_now() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}

@@ -1,0 +1,361 @@
+//! The sender: one bidirectional stream to ingest carrying the outbox, in order.
+//!
+//! Rooms: [`connect`] reaches ingest and does the handshake; [`window`] bounds what is on the
+//! wire; this module runs sessions (reconnecting between them) and dispatches what ingest sends:
+//! each message becomes one [`Inbound`] value with one handler, so a new message from ingest is
+//! one variant and one arm.
+//!
+//! `Hello` first, then the `Welcome` limits are honoured: at most `window` events (and
+//! `window_bytes` bytes) are unacknowledged at once. An Ack deletes events from the outbox; a
+//! Reject dead-letters its event. Any stream error reconnects over a fresh connection with
+//! exponential backoff and full jitter, and everything unacknowledged is sent again; ingest
+//! ignores duplicates. A stream the server ended cleanly (drain, stream age) reconnects at once.
+//! HTTP/2 keepalive notices a dead connection within `keepalive + keepalive_timeout`. The sender
+//! sleeps until an event is enqueued (in this process, or another one through the wake socket).
+
+mod connect;
+mod window;
+
+use std::{collections::HashMap, time::Duration};
+
+use kanade_shared::{backoff::Backoff, pb};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Status};
+use tracing::Instrument;
+
+pub use connect::with_causes;
+use window::Window;
+
+use crate::{
+    config::{ClientTls, Secret},
+    outbox::{Outbox, Pending},
+};
+
+/// What the sender delivers: the outbox in the agent; an in-memory queue in the benchmark.
+pub trait Queue: Send + Sync + 'static {
+    /// Up to `limit` events after `after_seq`, in order.
+    fn pending(
+        &self,
+        after_seq: u64,
+        limit: usize,
+    ) -> impl Future<Output = anyhow::Result<Vec<Pending>>> + Send;
+    /// Forgets acknowledged events.
+    fn ack(&self, seqs: &[u64]) -> impl Future<Output = anyhow::Result<()>> + Send;
+    /// Sets aside an event ingest will never accept.
+    fn dead_letter(
+        &self,
+        seq: u64,
+        reason: &str,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send;
+    /// Records the connection state for operators.
+    fn set_connection(&self, state: &str) -> impl Future<Output = anyhow::Result<()>> + Send;
+    /// Notified when events are enqueued.
+    fn wake(&self) -> &tokio::sync::Notify;
+}
+
+impl<Q: Queue> Queue for std::sync::Arc<Q> {
+    async fn pending(&self, after_seq: u64, limit: usize) -> anyhow::Result<Vec<Pending>> {
+        Q::pending(self, after_seq, limit).await
+    }
+    async fn ack(&self, seqs: &[u64]) -> anyhow::Result<()> {
+        Q::ack(self, seqs).await
+    }
+    async fn dead_letter(&self, seq: u64, reason: &str) -> anyhow::Result<()> {
+        Q::dead_letter(self, seq, reason).await
+    }
+    async fn set_connection(&self, state: &str) -> anyhow::Result<()> {
+        Q::set_connection(self, state).await
+    }
+    fn wake(&self) -> &tokio::sync::Notify {
+        Q::wake(self)
+    }
+}
+
+impl Queue for Outbox {
+    async fn pending(&self, after_seq: u64, limit: usize) -> anyhow::Result<Vec<Pending>> {
+        Ok(Outbox::pending(self, after_seq, limit).await?)
+    }
+    async fn ack(&self, seqs: &[u64]) -> anyhow::Result<()> {
+        Ok(Outbox::ack(self, seqs).await?)
+    }
+    async fn dead_letter(&self, seq: u64, reason: &str) -> anyhow::Result<()> {
+        Ok(Outbox::dead_letter(self, seq, reason).await?)
+    }
+    async fn set_connection(&self, state: &str) -> anyhow::Result<()> {
+        Ok(Outbox::set_connection(self, state).await?)
+    }
+    fn wake(&self) -> &tokio::sync::Notify {
+        &self.wake
+    }
+}
+
+/// How the sender connects and paces itself.
+#[derive(Debug, Clone)]
+pub struct SenderConfig {
+    pub ingest: String,
+    pub pc_id: String,
+    /// TLS towards an `https://` ingest.
+    pub tls: Option<ClientTls>,
+    /// Sent as `authorization: Bearer …` when set.
+    pub token: Option<Secret>,
+    pub window: u32,
+    pub window_bytes: u64,
+    pub keepalive: Duration,
+    pub keepalive_timeout: Duration,
+    pub reconnect: Backoff,
+}
+
+/// Refusals at the transport level (e.g. over ingest's message size limit) of the same event
+/// after which it is dead-lettered.
+const TRANSPORT_REFUSALS_BEFORE_DEAD_LETTER: u32 = 3;
+
+/// How a stream session ended.
+enum SessionEnd {
+    /// The server ended the stream cleanly: reconnect at once.
+    Clean,
+    /// Something failed; `progressed` says whether any ack arrived first.
+    Failed {
+        error: String,
+        progressed: bool,
+    },
+    Shutdown,
+}
+
+/// Runs until `shutdown`, delivering the outbox.
+pub async fn run<Q: Queue>(outbox: Q, config: SenderConfig, shutdown: CancellationToken) {
+    let mut attempt = 0u32;
+    let mut refusals: HashMap<u64, u32> = HashMap::new();
+    loop {
+        let span = tracing::info_span!("ingest.stream", ingest = %config.ingest, attempt);
+        let end = session(&outbox, &config, &shutdown, &mut refusals)
+            .instrument(span)
+            .await;
+        let delay = match end {
+            SessionEnd::Shutdown => {
+                let _ = outbox
+                    .set_connection(&format!(
+                        "not connected: the sender stopped at {}",
+                        chrono::Utc::now().to_rfc3339()
+                    ))
+                    .await;
+                return;
+            }
+            SessionEnd::Clean => {
+                attempt = 0;
+                tracing::info!("ingest ended the stream cleanly; reconnecting");
+                Duration::ZERO
+            }
+            SessionEnd::Failed { error, progressed } => {
+                if progressed {
+                    attempt = 0;
+                }
+                let delay = config.reconnect.next_delay(attempt);
+                attempt = attempt.saturating_add(1);
+                tracing::warn!(%error, retry_in = ?delay, "stream to ingest failed");
+                let _ = outbox
+                    .set_connection(&format!(
+                        "disconnected from {} at {}: {error}",
+                        config.ingest,
+                        chrono::Utc::now().to_rfc3339()
+                    ))
+                    .await;
+                delay
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// What ingest said on the stream, as the session handles it.
+enum Inbound {
+    /// These events are committed: forget them.
+    Ack(Vec<u64>),
+    /// This event will never be accepted: dead-letter it.
+    Reject { seq: u64, reason: String },
+    /// Nothing for the session (a repeated Welcome, an empty message, a message this agent does
+    /// not know yet).
+    Nothing,
+    /// The server ended the stream cleanly.
+    Ended,
+    /// The stream failed.
+    Failed(Status),
+}
+
+impl Inbound {
+    fn from_message(message: Result<Option<pb::IngestMessage>, Status>) -> Inbound {
+        use pb::ingest_message::Msg;
+        match message {
+            Ok(Some(pb::IngestMessage { msg: Some(msg) })) => match msg {
+                Msg::Ack(ack) => Inbound::Ack(ack.seqs),
+                Msg::Reject(r) => Inbound::Reject {
+                    seq: r.seq,
+                    reason: r.reason,
+                },
+                Msg::Welcome(_) => Inbound::Nothing,
+            },
+            Ok(Some(pb::IngestMessage { msg: None })) => Inbound::Nothing,
+            Ok(None) => Inbound::Ended,
+            Err(status) => Inbound::Failed(status),
+        }
+    }
+}
+
+/// One stream session: from a fresh connection to its end.
+struct Session<'a, Q: Queue> {
+    outbox: &'a Q,
+    outbound: mpsc::Sender<pb::AgentMessage>,
+    window: Window,
+    /// Transport-level refusals per seq, kept across sessions.
+    refusals: &'a mut HashMap<u64, u32>,
+    /// Whether any ack arrived (a session that made progress resets the reconnect backoff).
+    progressed: bool,
+}
+
+async fn session<Q: Queue>(
+    outbox: &Q,
+    config: &SenderConfig,
+    shutdown: &CancellationToken,
+    refusals: &mut HashMap<u64, u32>,
+) -> SessionEnd {
+    let failed = |error: String| SessionEnd::Failed {
+        error,
+        progressed: false,
+    };
+    let opened = async {
+        let mut client = connect::connect(config).await?;
+        connect::handshake(&mut client, config).await
+    };
+    let stream = tokio::select! {
+        opened = opened => match opened {
+            Ok(stream) => stream,
+            Err(error) => return failed(error),
+        },
+        _ = shutdown.cancelled() => return SessionEnd::Shutdown,
+    };
+    tracing::info!(ingest = %config.ingest, window = stream.window_events,
+        window_bytes = stream.window_bytes, "connected to ingest");
+    let _ = outbox
+        .set_connection(&format!(
+            "connected to {} since {}",
+            config.ingest,
+            chrono::Utc::now().to_rfc3339()
+        ))
+        .await;
+    let mut inbound = stream.inbound;
+    let mut session = Session {
+        outbox,
+        outbound: stream.outbound,
+        window: Window::new(stream.window_events, stream.window_bytes),
+        refusals,
+        progressed: false,
+    };
+    loop {
+        if let Err(error) = session.fill().await {
+            return session.failed(error);
+        }
+        let next = tokio::select! {
+            m = inbound.message() => Inbound::from_message(m),
+            _ = outbox.wake().notified() => continue,
+            _ = shutdown.cancelled() => return SessionEnd::Shutdown,
+        };
+        let handled = match next {
+            Inbound::Ack(seqs) => session.on_ack(seqs).await,
+            Inbound::Reject { seq, reason } => session.on_reject(seq, reason).await,
+            Inbound::Nothing => Ok(()),
+            Inbound::Ended => return SessionEnd::Clean,
+            Inbound::Failed(status) => return session.on_failure(status).await,
+        };
+        if let Err(error) = handled {
+            return session.failed(error);
+        }
+    }
+}
+
+impl<Q: Queue> Session<'_, Q> {
+    fn failed(&self, error: String) -> SessionEnd {
+        SessionEnd::Failed {
+            error,
+            progressed: self.progressed,
+        }
+    }
+
+    /// Sends from the outbox until the window is full or the outbox has nothing more.
+    async fn fill(&mut self) -> Result<(), String> {
+        loop {
+            let room = self.window.room();
+            if room == 0 {
+                return Ok(());
+            }
+            let batch = self
+                .outbox
+                .pending(self.window.cursor(), room)
+                .await
+                .map_err(|e| format!("reading the outbox: {e:#}"))?;
+            if batch.is_empty() {
+                return Ok(());
+            }
+            for p in batch {
+                // The first event that does not fit waits for acks; it is read again then.
+                if !self.window.admits(p.bytes) {
+                    return Ok(());
+                }
+                self.window.sent(p.seq, p.bytes);
+                let msg = pb::AgentMessage {
+                    msg: Some(pb::agent_message::Msg::Event(p.event)),
+                };
+                if self.outbound.send(msg).await.is_err() {
+                    // The transport is gone; the stream's own error ends the session.
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    async fn on_ack(&mut self, seqs: Vec<u64>) -> Result<(), String> {
+        self.outbox
+            .ack(&seqs)
+            .await
+            .map_err(|e| format!("recording acks: {e:#}"))?;
+        for seq in seqs {
+            self.window.answered(seq);
+            self.refusals.remove(&seq);
+        }
+        self.progressed = true;
+        Ok(())
+    }
+
+    async fn on_reject(&mut self, seq: u64, reason: String) -> Result<(), String> {
+        tracing::warn!(seq, %reason, "ingest rejected an event; dead-lettered");
+        self.outbox
+            .dead_letter(seq, &reason)
+            .await
+            .map_err(|e| format!("dead-lettering: {e:#}"))?;
+        self.window.answered(seq);
+        Ok(())
+    }
+
+    /// The stream failed. A refusal at the transport level (the event is over a size limit)
+    /// counts against the oldest unanswered event, which is dead-lettered after a few.
+    async fn on_failure(&mut self, status: Status) -> SessionEnd {
+        if matches!(status.code(), Code::OutOfRange | Code::ResourceExhausted)
+            && let Some(seq) = self.window.oldest()
+        {
+            let n = self.refusals.entry(seq).or_insert(0);
+            *n += 1;
+            if *n >= TRANSPORT_REFUSALS_BEFORE_DEAD_LETTER {
+                let reason = format!(
+                    "refused by ingest {n} times in a row at the transport level: {}",
+                    status.message()
+                );
+                tracing::error!(seq, %reason, "dead-lettering an event ingest will not take");
+                let _ = self.outbox.dead_letter(seq, &reason).await;
+                self.refusals.remove(&seq);
+            }
+        }
+        self.failed(format!("{}: {}", status.code(), status.message()))
+    }
+}
