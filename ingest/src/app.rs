@@ -21,7 +21,10 @@ use crate::{
     health::Readiness,
     metrics::{self, Metrics},
     retention,
-    server::{IngestLimits, IngestService},
+    server::{
+        IngestLimits, IngestParts, IngestService,
+        registry::{RegistryLimits, StreamRegistry},
+    },
     store::{self, Store},
     tls::{self, ServerTls, TlsFiles},
 };
@@ -233,12 +236,17 @@ async fn serve(
     let lost_grace =
         chrono::Duration::from_std(args.lost_grace).context("--lost-grace is too long")?;
     let stream_tasks = TaskTracker::new();
-    let ingest = IngestService::new(
-        queue,
-        metrics.clone(),
-        IngestLimits {
+    let registry = StreamRegistry::new(
+        RegistryLimits {
             max_streams: args.max_streams,
             max_streams_per_pc: args.max_streams_per_pc,
+        },
+        metrics.clone(),
+    );
+    let ingest = IngestService::new(IngestParts {
+        batcher: queue,
+        metrics: metrics.clone(),
+        limits: IngestLimits {
             max_stream_age: args.max_stream_age,
             hello_timeout: args.hello_timeout,
             publish_timeout: args.publish_timeout,
@@ -246,10 +254,11 @@ async fn serve(
             max_unacked: args.max_unacked,
             max_unacked_bytes: args.max_unacked_bytes,
         },
-        readiness.clone(),
-        shutdown.clone(),
-        stream_tasks.clone(),
-    );
+        registry,
+        readiness: readiness.clone(),
+        shutdown: shutdown.clone(),
+        tasks: stream_tasks.clone(),
+    });
     let activity = ActivityService::new(store.clone(), lost_grace);
 
     let reflection_v1 = reflection().build_v1()?;

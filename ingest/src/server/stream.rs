@@ -1,0 +1,220 @@
+//! One agent stream after its Hello: read a message, turn it into one [`Inbound`] value, handle
+//! it; a new message from agents is one variant and one arm.
+//!
+//! The per-stream window is enforced by backpressure: the handler takes a count permit before it
+//! reads and a byte permit before it submits, and the batcher gives both back when it answers the
+//! event, so a stream holding `max_unacked` events (or bytes) unanswered is simply not read.
+//!
+//! A stream ends cleanly when the client closes its side or when it reaches its maximum age
+//! (after its acks, so the agent reconnects to whichever replica the balancer picks); with
+//! UNAVAILABLE when ingest shuts down or the client stops reading its acks; with the status of
+//! the violation when the client breaks the protocol.
+
+use std::sync::Arc;
+
+use kanade_shared::pb;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tonic::{Status, Streaming};
+
+use super::{
+    IngestService,
+    admission::{Rejection, admit, event_span},
+    registry::Registration,
+};
+use crate::{
+    batcher::{Reply, Submission},
+    outbound::StreamSink,
+};
+
+/// What the agent sent.
+// Made and consumed once per message, on the stack: boxing the event would add an allocation per
+// event to the hot path for nothing.
+#[allow(clippy::large_enum_variant)]
+enum Inbound {
+    /// A lifecycle event to store.
+    Event(pb::Event),
+    /// Something the protocol does not allow here.
+    Violation(&'static str),
+    /// The client closed its side.
+    Closed,
+    /// Reading failed (the connection broke, or a message was over the decoding limit).
+    Failed(Status),
+}
+
+impl Inbound {
+    fn from_message(message: Result<Option<pb::AgentMessage>, Status>) -> Inbound {
+        use pb::agent_message::Msg;
+        match message {
+            Ok(Some(pb::AgentMessage { msg: Some(msg) })) => match msg {
+                Msg::Event(event) => Inbound::Event(event),
+                Msg::Hello(_) => {
+                    Inbound::Violation("Hello may only be the first message of a stream")
+                }
+            },
+            Ok(Some(pb::AgentMessage { msg: None })) => {
+                Inbound::Violation("AgentMessage must carry a Hello or an Event")
+            }
+            Ok(None) => Inbound::Closed,
+            Err(status) => Inbound::Failed(status),
+        }
+    }
+}
+
+/// Why a stream handler stopped reading.
+enum End {
+    /// The client closed its side or went away.
+    ClientDone,
+    /// The stream reached its maximum age.
+    Aged,
+    /// Ingest is shutting down.
+    Shutdown,
+    /// The client broke the protocol.
+    Violation(Status),
+    /// The client does not read its acks; the outbound side ends the stream.
+    Overflow,
+}
+
+/// Reads one stream until it ends.
+pub(super) struct StreamHandler {
+    /// Handles to the batcher, limits, metrics and the shutdown signal.
+    pub service: IngestService,
+    /// The endpoint this stream speaks for (its Hello, checked against its credentials).
+    pub pc_id: String,
+    /// Where the stream's answers go (shared with the batcher's replies).
+    pub sink: Arc<StreamSink>,
+    /// Cancelled when the client stopped reading its answers.
+    pub overflow: CancellationToken,
+    /// The window in events and in bytes; permits travel with each event to the batcher.
+    pub window_count: Arc<Semaphore>,
+    pub window_bytes: Arc<Semaphore>,
+    pub max_window_bytes: u32,
+    /// Shared with the response stream: the stream keeps its place in the registry until both
+    /// its reading and its writing side are gone.
+    pub _registration: Arc<Registration>,
+}
+
+impl StreamHandler {
+    pub async fn run(self, mut inbound: Streaming<pb::AgentMessage>) {
+        let age = self
+            .service
+            .limits
+            .max_stream_age
+            .mul_f64(0.9 + 0.2 * fastrand::f64());
+        let aged = tokio::time::sleep(age);
+        tokio::pin!(aged);
+        let end = loop {
+            let stop = async {
+                tokio::select! {
+                    _ = self.service.shutdown.cancelled() => End::Shutdown,
+                    _ = &mut aged => End::Aged,
+                    _ = self.overflow.cancelled() => End::Overflow,
+                }
+            };
+            let next = async {
+                let count = self
+                    .window_count
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("window semaphore is never closed");
+                (count, inbound.message().await)
+            };
+            let (count_permit, message) = tokio::select! {
+                end = stop => break end,
+                next = next => next,
+            };
+            match Inbound::from_message(message) {
+                Inbound::Event(event) => {
+                    if let Err(end) = self.on_event(event, count_permit).await {
+                        break end;
+                    }
+                }
+                Inbound::Violation(why) => break End::Violation(Status::invalid_argument(why)),
+                Inbound::Closed => break End::ClientDone,
+                Inbound::Failed(status) => {
+                    // A message over the decoding limit lands here too: answer with the
+                    // reason, so the agent can tell a refusal from a network failure.
+                    tracing::info!(pc_id = %self.pc_id, %status, "stream read failed");
+                    break End::Violation(status);
+                }
+            }
+        };
+        self.finish(end).await;
+    }
+
+    /// Rejects an event that can never be accepted, or hands it to the batcher with its window
+    /// permits. `Err` when the stream must end.
+    async fn on_event(
+        &self,
+        event: pb::Event,
+        count_permit: OwnedSemaphorePermit,
+    ) -> Result<(), End> {
+        let seq = event.seq;
+        let metrics = &self.service.metrics;
+        metrics.events_received.inc();
+        let span = event_span(&event);
+        match admit(
+            event,
+            Some(&self.pc_id),
+            self.service.limits.max_event_bytes,
+        ) {
+            Err(Rejection { class, reason }) => {
+                tracing::info!(parent: &span, pc_id = %self.pc_id, seq, %reason, "event rejected");
+                metrics.rejected(class);
+                self.sink.reject(seq, reason);
+                Ok(())
+            }
+            Ok((write, bytes)) => {
+                tracing::debug!(parent: &span, result_id = %write.result_id, "event accepted");
+                let wanted = u32::try_from(bytes)
+                    .unwrap_or(u32::MAX)
+                    .min(self.max_window_bytes);
+                let bytes_permit = self
+                    .window_bytes
+                    .clone()
+                    .acquire_many_owned(wanted)
+                    .await
+                    .expect("window semaphore is never closed");
+                let submission = Submission {
+                    write,
+                    bytes,
+                    reply: Reply::Stream {
+                        sink: self.sink.clone(),
+                        seq,
+                        permits: vec![count_permit, bytes_permit],
+                    },
+                    span,
+                };
+                self.service
+                    .batcher
+                    .send(submission)
+                    .await
+                    .map_err(|_| End::Shutdown)
+            }
+        }
+    }
+
+    /// Waits until every event this stream handed over is answered, then ends the stream.
+    async fn finish(self, end: End) {
+        let status = match end {
+            End::Overflow => return,
+            End::Violation(status) => Some(status),
+            End::Shutdown => Some(Status::unavailable(
+                "ingest is shutting down; reconnect to resend anything unacknowledged",
+            )),
+            End::ClientDone | End::Aged => None,
+        };
+        let all = self.service.limits.max_unacked;
+        let drained = async {
+            let _ = self.window_count.acquire_many(all).await;
+        };
+        tokio::select! {
+            _ = drained => {}
+            _ = self.overflow.cancelled() => return,
+        }
+        // Sent once every queued message is out: the batcher may still hold an Ack for us.
+        self.sink.end_with(status);
+        tracing::debug!(pc_id = %self.pc_id, "stream finished");
+    }
+}
