@@ -237,9 +237,28 @@ fn read_token(path: &Path) -> anyhow::Result<Secret> {
     Ok(Secret(token.to_string()))
 }
 
+/// `ingest`: a local ingest, as `cargo run -p kanade-ingest` serves it.
 pub const DEFAULT_INGEST: &str = "http://127.0.0.1:50051";
+/// `data_dir`.
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/kanade-agent";
+/// `outbox_cap_bytes`: past this, queued outputs are cut (never event metadata).
 pub const DEFAULT_OUTBOX_CAP_BYTES: u64 = 512 * 1024 * 1024;
+/// `keepalive`: an HTTP/2 ping this often on an idle stream notices a dead connection.
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(10);
+/// `keepalive_timeout`: a ping unanswered this long ends the connection.
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The first reconnect waits up to this long (full jitter), doubling up to `reconnect_max`.
+pub const RECONNECT_BASE: Duration = Duration::from_millis(200);
+/// `reconnect_max`: the longest wait between reconnects.
+pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(30);
+/// `interrupted_check`: how often the daemon looks for runs of dead agent processes (its beat).
+pub const DEFAULT_INTERRUPTED_CHECK: Duration = Duration::from_secs(10);
+/// `kill_grace`: between TERM and KILL when a run is ended.
+pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(5);
+/// `shutdown_grace`: how long the daemon's shutdown lets running runs finish.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// `max_concurrent_runs`: scheduled runs at once; more wait for a slot.
+pub const DEFAULT_MAX_CONCURRENT_RUNS: usize = 4;
 
 fn hostname() -> String {
     nix::unistd::gethostname()
@@ -358,16 +377,18 @@ impl Settings {
             send_window_bytes: file
                 .send_window_bytes
                 .unwrap_or(limits::DEFAULT_MAX_UNACKED_BYTES),
-            keepalive: file.keepalive.unwrap_or(Duration::from_secs(10)),
-            keepalive_timeout: file.keepalive_timeout.unwrap_or(Duration::from_secs(10)),
+            keepalive: file.keepalive.unwrap_or(DEFAULT_KEEPALIVE),
+            keepalive_timeout: file.keepalive_timeout.unwrap_or(DEFAULT_KEEPALIVE_TIMEOUT),
             reconnect: Backoff {
-                base: Duration::from_millis(200),
-                cap: file.reconnect_max.unwrap_or(Duration::from_secs(30)),
+                base: RECONNECT_BASE,
+                cap: file.reconnect_max.unwrap_or(DEFAULT_RECONNECT_MAX),
             },
-            interrupted_check: file.interrupted_check.unwrap_or(Duration::from_secs(10)),
-            kill_grace: file.kill_grace.unwrap_or(Duration::from_secs(5)),
-            shutdown_grace: file.shutdown_grace.unwrap_or(Duration::from_secs(30)),
-            max_concurrent_runs: file.max_concurrent_runs.unwrap_or(4),
+            interrupted_check: file.interrupted_check.unwrap_or(DEFAULT_INTERRUPTED_CHECK),
+            kill_grace: file.kill_grace.unwrap_or(DEFAULT_KILL_GRACE),
+            shutdown_grace: file.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
+            max_concurrent_runs: file
+                .max_concurrent_runs
+                .unwrap_or(DEFAULT_MAX_CONCURRENT_RUNS),
             jobs,
         };
         if settings.output_cap_bytes * 2 + 64 * 1024 > limits::MAX_EVENT_BYTES {

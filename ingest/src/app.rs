@@ -9,9 +9,14 @@ use kanade_shared::{backoff::Backoff, limits, pb, telemetry};
 use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tonic::transport::Server;
-
-use tonic::service::interceptor::InterceptedService;
+use tonic::{
+    service::interceptor::InterceptedService,
+    transport::{Server, server::Router},
+};
+use tonic_health::{
+    pb::health_server::HealthServer,
+    server::{HealthReporter, HealthService},
+};
 
 use crate::{
     activity::ActivityService,
@@ -27,6 +32,15 @@ use crate::{
     },
     store::{self, Store},
     tls::{self, ServerTls, TlsFiles},
+};
+
+/// How often an idle HTTP/2 connection is pinged, and how long the answer may take.
+const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Retries of the migrations while the database is unreachable at start.
+const MIGRATE_BACKOFF: Backoff = Backoff {
+    base: Duration::from_millis(200),
+    cap: Duration::from_secs(5),
 };
 
 /// A running ingest.
@@ -93,10 +107,6 @@ fn request_span(request: &http::Request<()>) -> tracing::Span {
 
 /// Opens the store and applies migrations, retrying while the database is unreachable.
 async fn open_store(url: &str, shutdown: &CancellationToken) -> anyhow::Result<Arc<dyn Store>> {
-    let backoff = Backoff {
-        base: Duration::from_millis(200),
-        cap: Duration::from_secs(5),
-    };
     let store = store::open(url)
         .await
         .with_context(|| format!("opening the database {}", redact(url)))?;
@@ -107,7 +117,7 @@ async fn open_store(url: &str, shutdown: &CancellationToken) -> anyhow::Result<A
             Err(err) if err.is_transient() => {
                 tracing::warn!(error = %err, "database not reachable yet; retrying migrations");
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff.next_delay(attempt)) => {}
+                    _ = tokio::time::sleep(MIGRATE_BACKOFF.next_delay(attempt)) => {}
                     _ = shutdown.cancelled() => anyhow::bail!("shut down before the database answered"),
                 }
                 attempt += 1;
@@ -144,6 +154,17 @@ pub async fn migrate(url: &str) -> anyhow::Result<()> {
         .with_context(|| format!("migrating the database {}", redact(url)))
 }
 
+/// What `start` prepared before anything is served.
+struct Prepared {
+    args: ServeArgs,
+    tokens: Option<Arc<Tokens>>,
+    tls: Option<Arc<ServerTls>>,
+    store: Arc<dyn Store>,
+    readiness: Readiness,
+    health: HealthServer<HealthService>,
+    listeners: Listeners,
+}
+
 /// Starts ingest: returns once it listens.
 pub async fn start(args: ServeArgs) -> anyhow::Result<RunningIngest> {
     args.validate().map_err(anyhow::Error::msg)?;
@@ -163,32 +184,31 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<RunningIngest> {
         tracing::warn!(listen = %args.listen, "{warning}");
     }
     let shutdown = CancellationToken::new();
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("listening on {}", args.listen))?;
-    let addr = listener.local_addr()?;
-    let health_listener = bind_optional(args.health_listen, "--health-listen").await?;
-    let metrics_listener = bind_optional(args.metrics_listen, "--metrics-listen").await?;
+    let listeners = Listeners {
+        grpc: TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("listening on {}", args.listen))?,
+        health: bind_optional(args.health_listen, "--health-listen").await?,
+        metrics: bind_optional(args.metrics_listen, "--metrics-listen").await?,
+    };
+    let addr = listeners.grpc.local_addr()?;
 
     let store = open_store(&args.database_url, &shutdown).await?;
-    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let reporter = HealthReporter::new();
+    let health = HealthServer::new(HealthService::from_health_reporter(reporter.clone()));
     let readiness = Readiness::new(reporter).await;
     readiness.set_store_ok(store.ping().await.is_ok()).await;
 
-    let task = tokio::spawn(serve(
+    let prepared = Prepared {
         args,
         tokens,
         tls,
         store,
         readiness,
-        health_service,
-        Listeners {
-            grpc: listener,
-            health: health_listener,
-            metrics: metrics_listener,
-        },
-        shutdown.clone(),
-    ));
+        health,
+        listeners,
+    };
+    let task = tokio::spawn(serve(prepared, shutdown.clone()));
     Ok(RunningIngest {
         addr,
         shutdown,
@@ -196,147 +216,151 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<RunningIngest> {
     })
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn serve(
-    args: ServeArgs,
-    tokens: Option<Arc<Tokens>>,
-    tls: Option<Arc<ServerTls>>,
-    store: Arc<dyn Store>,
-    readiness: Readiness,
-    health_service: tonic_health::pb::health_server::HealthServer<
-        impl tonic_health::pb::health_server::Health,
-    >,
-    listeners: Listeners,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let Listeners {
-        grpc: listener,
-        health: health_listener,
-        metrics: metrics_listener,
-    } = listeners;
-    let hard_stop = CancellationToken::new();
-    let background = CancellationToken::new();
-    let metrics = Arc::new(Metrics::default());
-    let (queue, queue_rx) = mpsc::channel(args.queue_capacity);
-    let batch_config = BatchConfig {
-        max_rows: args.batch_max_rows,
-        max_bytes: args.batch_max_bytes,
-        linger: args.batch_linger,
-        retry_max: args.retry_max,
-        commit_timeout: args.commit_timeout,
-    };
-    let batcher = tokio::spawn(batcher::run(
-        queue_rx,
-        store.clone(),
-        batch_config,
-        readiness.clone(),
-        metrics.clone(),
-        hard_stop.clone(),
-    ));
-    let lost_grace =
-        chrono::Duration::from_std(args.lost_grace).context("--lost-grace is too long")?;
-    let stream_tasks = TaskTracker::new();
-    let registry = StreamRegistry::new(
-        RegistryLimits {
-            max_streams: args.max_streams,
-            max_streams_per_pc: args.max_streams_per_pc,
-        },
-        metrics.clone(),
-    );
-    let ingest = IngestService::new(IngestParts {
-        batcher: queue,
-        metrics: metrics.clone(),
-        limits: IngestLimits {
+impl From<&ServeArgs> for BatchConfig {
+    fn from(args: &ServeArgs) -> BatchConfig {
+        BatchConfig {
+            max_rows: args.batch_max_rows,
+            max_bytes: args.batch_max_bytes,
+            linger: args.batch_linger,
+            retry_max: args.retry_max,
+            commit_timeout: args.commit_timeout,
+        }
+    }
+}
+
+impl From<&ServeArgs> for IngestLimits {
+    fn from(args: &ServeArgs) -> IngestLimits {
+        IngestLimits {
             max_stream_age: args.max_stream_age,
             hello_timeout: args.hello_timeout,
             publish_timeout: args.publish_timeout,
             max_event_bytes: args.max_event_bytes,
             max_unacked: args.max_unacked,
             max_unacked_bytes: args.max_unacked_bytes,
-        },
-        registry,
-        readiness: readiness.clone(),
+        }
+    }
+}
+
+impl From<&ServeArgs> for RegistryLimits {
+    fn from(args: &ServeArgs) -> RegistryLimits {
+        RegistryLimits {
+            max_streams: args.max_streams,
+            max_streams_per_pc: args.max_streams_per_pc,
+        }
+    }
+}
+
+impl Prepared {
+    /// The tasks that run beside the gRPC services until `stop`: retention, the store probe,
+    /// certificate reloads, and the health and metrics listeners.
+    fn spawn_background(
+        &mut self,
+        metrics: &Arc<Metrics>,
+        stop: &CancellationToken,
+    ) -> tokio::task::JoinSet<()> {
+        let args = &self.args;
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(retention::run(
+            self.store.clone(),
+            args.retention,
+            args.retention_every,
+            stop.clone(),
+        ));
+        tasks.spawn(watch_store(
+            self.store.clone(),
+            self.readiness.clone(),
+            args.health_check_every,
+            stop.clone(),
+        ));
+        if let Some(listener) = self.listeners.metrics.take() {
+            tasks.spawn(metrics::serve(metrics.clone(), listener, stop.clone()));
+        }
+        if let Some(tls) = &self.tls {
+            tasks.spawn(tls.clone().watch(args.tls_reload_every, stop.clone()));
+        }
+        if let Some(listener) = self.listeners.health.take() {
+            tasks.spawn(serve_health_only(
+                self.health.clone(),
+                listener,
+                stop.clone(),
+            ));
+        }
+        tasks
+    }
+
+    /// Every gRPC service of the main port, each behind the authentication it needs.
+    fn grpc_router(
+        &self,
+        ingest: IngestService,
+        activity: ActivityService,
+    ) -> anyhow::Result<Router> {
+        let authenticated = |readers_only| {
+            let auth = Authenticator::new(self.tokens.clone(), readers_only);
+            move |request| auth.check(request)
+        };
+        Ok(Server::builder()
+            .trace_fn(request_span)
+            .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+            .tcp_nodelay(true)
+            .add_service(self.health.clone())
+            .add_service(reflection().build_v1()?)
+            .add_service(reflection().build_v1alpha()?)
+            .add_service(InterceptedService::new(
+                pb::ingest_server::IngestServer::new(ingest)
+                    .max_decoding_message_size(limits::MAX_DECODING_MESSAGE_BYTES),
+                authenticated(false),
+            ))
+            .add_service(InterceptedService::new(
+                pb::activity_server::ActivityServer::new(activity),
+                authenticated(true),
+            )))
+    }
+}
+
+/// Serves until `shutdown`, then shuts down in order: stop accepting, let every stream flush its
+/// answers, let the batcher commit what is queued; a hard stop after the shutdown timeout.
+async fn serve(mut prepared: Prepared, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let hard_stop = CancellationToken::new();
+    let background = CancellationToken::new();
+    let metrics = Arc::new(Metrics::default());
+    let args = prepared.args.clone();
+    let (queue, queue_rx) = mpsc::channel(args.queue_capacity);
+    let batcher = tokio::spawn(batcher::run(
+        queue_rx,
+        prepared.store.clone(),
+        BatchConfig::from(&args),
+        prepared.readiness.clone(),
+        metrics.clone(),
+        hard_stop.clone(),
+    ));
+    let stream_tasks = TaskTracker::new();
+    let ingest = IngestService::new(IngestParts {
+        batcher: queue,
+        metrics: metrics.clone(),
+        limits: IngestLimits::from(&args),
+        registry: StreamRegistry::new(RegistryLimits::from(&args), metrics.clone()),
+        readiness: prepared.readiness.clone(),
         shutdown: shutdown.clone(),
         tasks: stream_tasks.clone(),
     });
-    let activity = ActivityService::new(store.clone(), lost_grace);
+    let lost_grace =
+        chrono::Duration::from_std(args.lost_grace).context("--lost-grace is too long")?;
+    let activity = ActivityService::new(prepared.store.clone(), lost_grace);
+    let mut background_tasks = prepared.spawn_background(&metrics, &background);
+    let router = prepared.grpc_router(ingest, activity)?;
 
-    let reflection_v1 = reflection().build_v1()?;
-    let reflection_v1alpha = reflection().build_v1alpha()?;
-
-    let mut background_tasks = tokio::task::JoinSet::new();
-    background_tasks.spawn(retention::run(
-        store.clone(),
-        args.retention,
-        args.retention_every,
-        background.clone(),
-    ));
-    background_tasks.spawn(watch_store(
-        store.clone(),
-        readiness.clone(),
-        args.health_check_every,
-        background.clone(),
-    ));
-    if let Some(listener) = metrics_listener {
-        background_tasks.spawn(metrics::serve(
-            metrics.clone(),
-            listener,
-            background.clone(),
-        ));
-    }
-    if let Some(tls) = &tls {
-        background_tasks.spawn(tls.clone().watch(args.tls_reload_every, background.clone()));
-    }
-    if let Some(health_listener) = health_listener {
-        let health_only = health_service.clone();
-        let stop = background.clone();
-        background_tasks.spawn(async move {
-            if let Err(err) = Server::builder()
-                .add_service(health_only)
-                .serve_with_incoming_shutdown(
-                    TcpListenerStream::new(health_listener),
-                    stop.cancelled_owned(),
-                )
-                .await
-            {
-                tracing::error!(error = %err, "health listener failed");
-            }
-        });
-    }
-
-    let router = Server::builder()
-        .trace_fn(request_span)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .tcp_nodelay(true)
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(InterceptedService::new(
-            pb::ingest_server::IngestServer::new(ingest)
-                .max_decoding_message_size(limits::MAX_DECODING_MESSAGE_BYTES),
-            {
-                let auth = Authenticator::new(tokens.clone(), false);
-                move |request| auth.check(request)
-            },
-        ))
-        .add_service(InterceptedService::new(
-            pb::activity_server::ActivityServer::new(activity),
-            {
-                let auth = Authenticator::new(tokens, true);
-                move |request| auth.check(request)
-            },
-        ));
     let stop_accepting = {
         let shutdown = shutdown.clone();
-        let readiness = readiness.clone();
+        let readiness = prepared.readiness.clone();
         async move {
             shutdown.cancelled().await;
             tracing::info!("shutting down: draining streams and in-flight batches");
             readiness.set_draining().await;
         }
     };
-    let grpc: std::pin::Pin<Box<dyn Future<Output = _> + Send>> = match tls {
+    let listener = prepared.listeners.grpc;
+    let grpc: std::pin::Pin<Box<dyn Future<Output = _> + Send>> = match prepared.tls {
         Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
             tls::incoming(listener, tls, args.hello_timeout, background.clone()),
             stop_accepting,
@@ -369,6 +393,22 @@ async fn serve(
     background.cancel();
     while background_tasks.join_next().await.is_some() {}
     result
+}
+
+/// The health service alone on a plaintext port of its own (Kubernetes probes), with reflection
+/// of just that service so `grpcurl -plaintext HOST:PORT grpc.health.v1.Health/Check` works there.
+async fn serve_health_only(
+    health: HealthServer<HealthService>,
+    listener: TcpListener,
+    stop: CancellationToken,
+) {
+    if let Err(err) = Server::builder()
+        .add_service(health)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop.cancelled_owned())
+        .await
+    {
+        tracing::error!(error = %err, "health listener failed");
+    }
 }
 
 /// Reflection over every service on the port. Each reflection version also lists the other, so

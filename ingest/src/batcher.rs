@@ -30,6 +30,9 @@ use crate::{
     store::{RunWrite, Store, StoreError},
 };
 
+/// The first retry of a batch waits up to this long (full jitter), doubling up to `retry_max`.
+const RETRY_BASE: Duration = Duration::from_millis(50);
+
 /// Where a batch closes and how failures are retried.
 #[derive(Debug, Clone, Copy)]
 pub struct BatchConfig {
@@ -208,7 +211,7 @@ impl Batcher<'_> {
     /// refuses the data, bisects so that only the refused writes fail. `None`: hard stop.
     async fn write_isolating(&self, writes: &[RunWrite]) -> Option<Vec<Outcome>> {
         let backoff = Backoff {
-            base: Duration::from_millis(50),
+            base: RETRY_BASE,
             cap: self.config.retry_max,
         };
         let mut attempt = 0;

@@ -54,6 +54,8 @@ use crate::{
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// The outbox's one connection closes after this long unused (the daemon's beat reopens it).
+const IDLE_CONNECTION: Duration = Duration::from_secs(60);
 /// How long a statement waits for another process's write lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -116,7 +118,7 @@ impl Outbox {
         let pool = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(0)
-            .idle_timeout(Some(Duration::from_secs(60)))
+            .idle_timeout(Some(IDLE_CONNECTION))
             .connect_with(options)
             .await?;
         MIGRATOR.run(&pool).await?;

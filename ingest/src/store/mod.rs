@@ -489,56 +489,100 @@ fn list_sql(
     (sql, params)
 }
 
-/// Builds the row of one run from its stored columns.
-#[allow(clippy::too_many_arguments)]
-fn execution_row(
-    result_id: Uuid,
+/// One stored row as a store reads it, named column by column (`FromRow`), before its state
+/// and outcome are interpreted. Each store reads ids and times in its own column types
+/// (PostgreSQL `uuid`/`timestamptz`, SQLite text/integer microseconds) and maps them to
+/// `StoredRun<Uuid, DateTime<Utc>>`, which becomes an [`ExecutionRow`].
+#[derive(Debug, sqlx::FromRow)]
+struct StoredRun<Id, Time> {
+    result_id: Id,
     request_id: String,
     exec_id: String,
     pc_id: String,
     manifest_id: String,
     version: String,
     timeout_secs: Option<i64>,
-    state: &str,
+    state: String,
     status: Option<String>,
     exit_code: Option<i32>,
     stdout: Option<String>,
     stderr: Option<String>,
     stdout_dropped_bytes: Option<i64>,
     stderr_dropped_bytes: Option<i64>,
-    started_at: DateTime<Utc>,
-    finished_at: Option<DateTime<Utc>>,
-    received_at: DateTime<Utc>,
-) -> Result<ExecutionRow, StoreError> {
-    let corrupt = |what: String| StoreError::Other(sqlx::Error::Decode(what.into()));
-    let state = RunState::from_name(state)
-        .ok_or_else(|| corrupt(format!("unknown state {state:?} for run {result_id}")))?;
-    let outcome = match (status, finished_at) {
-        (Some(status), Some(finished_at)) => Some(RunOutcome {
-            status: ExecStatus::from_name(&status)
-                .ok_or_else(|| corrupt(format!("unknown status {status:?} for run {result_id}")))?,
-            exit_code,
-            stdout: stdout.unwrap_or_default(),
-            stderr: stderr.unwrap_or_default(),
-            stdout_dropped_bytes: stdout_dropped_bytes.unwrap_or(0).max(0) as u64,
-            stderr_dropped_bytes: stderr_dropped_bytes.unwrap_or(0).max(0) as u64,
-            finished_at,
-        }),
-        _ => None,
-    };
-    Ok(ExecutionRow {
-        result_id,
-        request_id,
-        exec_id,
-        pc_id,
-        manifest_id,
-        version,
-        timeout_secs: timeout_secs.and_then(|t| u32::try_from(t).ok()),
-        state,
-        outcome,
-        started_at,
-        received_at,
-    })
+    started_at: Time,
+    finished_at: Option<Time>,
+    received_at: Time,
+}
+
+impl<Id, Time> StoredRun<Id, Time> {
+    /// The same row with its id and times in other types.
+    fn map<I, T>(
+        self,
+        id: impl FnOnce(Id) -> Result<I, StoreError>,
+        time: impl Fn(Time) -> Result<T, StoreError>,
+    ) -> Result<StoredRun<I, T>, StoreError> {
+        Ok(StoredRun {
+            result_id: id(self.result_id)?,
+            request_id: self.request_id,
+            exec_id: self.exec_id,
+            pc_id: self.pc_id,
+            manifest_id: self.manifest_id,
+            version: self.version,
+            timeout_secs: self.timeout_secs,
+            state: self.state,
+            status: self.status,
+            exit_code: self.exit_code,
+            stdout: self.stdout,
+            stderr: self.stderr,
+            stdout_dropped_bytes: self.stdout_dropped_bytes,
+            stderr_dropped_bytes: self.stderr_dropped_bytes,
+            started_at: time(self.started_at)?,
+            finished_at: self.finished_at.map(&time).transpose()?,
+            received_at: time(self.received_at)?,
+        })
+    }
+}
+
+/// A value read from the store that Kanade never writes: the database was changed by hand.
+fn corrupt(what: String) -> StoreError {
+    StoreError::Other(sqlx::Error::Decode(what.into()))
+}
+
+impl TryFrom<StoredRun<Uuid, DateTime<Utc>>> for ExecutionRow {
+    type Error = StoreError;
+
+    fn try_from(row: StoredRun<Uuid, DateTime<Utc>>) -> Result<ExecutionRow, StoreError> {
+        let result_id = row.result_id;
+        let state = RunState::from_name(&row.state)
+            .ok_or_else(|| corrupt(format!("unknown state {:?} for run {result_id}", row.state)))?;
+        let outcome = match (row.status, row.finished_at) {
+            (Some(status), Some(finished_at)) => Some(RunOutcome {
+                status: ExecStatus::from_name(&status).ok_or_else(|| {
+                    corrupt(format!("unknown status {status:?} for run {result_id}"))
+                })?,
+                exit_code: row.exit_code,
+                stdout: row.stdout.unwrap_or_default(),
+                stderr: row.stderr.unwrap_or_default(),
+                stdout_dropped_bytes: row.stdout_dropped_bytes.unwrap_or(0).max(0) as u64,
+                stderr_dropped_bytes: row.stderr_dropped_bytes.unwrap_or(0).max(0) as u64,
+                finished_at,
+            }),
+            _ => None,
+        };
+        Ok(ExecutionRow {
+            result_id,
+            request_id: row.request_id,
+            exec_id: row.exec_id,
+            pc_id: row.pc_id,
+            manifest_id: row.manifest_id,
+            version: row.version,
+            timeout_secs: row.timeout_secs.and_then(|t| u32::try_from(t).ok()),
+            state,
+            outcome,
+            started_at: row.started_at,
+            received_at: row.received_at,
+        })
+    }
 }
 
 /// Dropped byte counts are `u64` on the wire and `bigint` in the table; counts past `i64::MAX`
@@ -547,7 +591,7 @@ fn dropped_bytes(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-/// The stored columns, in the order `execution_row` takes them (state aside).
+/// The stored columns a read selects (with the computed `state`): the fields of [`StoredRun`].
 const COLUMNS: &str = "result_id, request_id, exec_id, pc_id, manifest_id, version, timeout_secs, \
      status, exit_code, stdout, stderr, stdout_dropped_bytes, stderr_dropped_bytes, \
      started_at, finished_at, received_at";

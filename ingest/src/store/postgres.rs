@@ -10,14 +10,14 @@ use std::{str::FromStr, time::Duration as StdDuration};
 use async_trait::async_trait;
 use chrono::{DateTime, Duration, Utc};
 use sqlx::{
-    AssertSqlSafe, Row,
+    AssertSqlSafe, FromRow,
     postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow},
 };
 use uuid::Uuid;
 
 use super::{
-    COLUMNS, ExecutionRow, ListQuery, Param, RunWrite, Store, StoreError, dropped_bytes,
-    execution_row, list_sql,
+    COLUMNS, ExecutionRow, ListQuery, Param, RunWrite, Store, StoreError, StoredRun, dropped_bytes,
+    list_sql,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -115,26 +115,7 @@ fn rounds(writes: &[RunWrite]) -> Vec<Vec<usize>> {
 }
 
 fn read_row(row: &PgRow) -> Result<ExecutionRow, StoreError> {
-    let state: String = row.try_get("state")?;
-    execution_row(
-        row.try_get("result_id")?,
-        row.try_get("request_id")?,
-        row.try_get("exec_id")?,
-        row.try_get("pc_id")?,
-        row.try_get("manifest_id")?,
-        row.try_get("version")?,
-        row.try_get("timeout_secs")?,
-        &state,
-        row.try_get("status")?,
-        row.try_get("exit_code")?,
-        row.try_get("stdout")?,
-        row.try_get("stderr")?,
-        row.try_get("stdout_dropped_bytes")?,
-        row.try_get("stderr_dropped_bytes")?,
-        row.try_get("started_at")?,
-        row.try_get("finished_at")?,
-        row.try_get("received_at")?,
-    )
+    StoredRun::<Uuid, DateTime<Utc>>::from_row(row)?.try_into()
 }
 
 fn placeholder(n: usize) -> String {

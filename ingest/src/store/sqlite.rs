@@ -10,7 +10,7 @@ use std::{str::FromStr, time::Duration as StdDuration};
 use async_trait::async_trait;
 use chrono::{DateTime, Duration, Utc};
 use sqlx::{
-    AssertSqlSafe, Row,
+    AssertSqlSafe, FromRow,
     sqlite::{
         SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
         SqliteSynchronous,
@@ -19,8 +19,8 @@ use sqlx::{
 use uuid::Uuid;
 
 use super::{
-    COLUMNS, ExecutionRow, ListQuery, Param, RunWrite, Store, StoreError, dropped_bytes,
-    execution_row, list_sql,
+    COLUMNS, ExecutionRow, ListQuery, Param, RunWrite, Store, StoreError, StoredRun, dropped_bytes,
+    list_sql,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -83,30 +83,12 @@ fn from_micros(us: i64) -> Result<DateTime<Utc>, StoreError> {
 }
 
 fn read_row(row: &SqliteRow) -> Result<ExecutionRow, StoreError> {
-    let result_id: String = row.try_get("result_id")?;
-    let result_id = Uuid::try_parse(&result_id)
-        .map_err(|e| StoreError::Other(sqlx::Error::Decode(Box::new(e))))?;
-    let state: String = row.try_get("state")?;
-    let finished_at: Option<i64> = row.try_get("finished_at")?;
-    execution_row(
-        result_id,
-        row.try_get("request_id")?,
-        row.try_get("exec_id")?,
-        row.try_get("pc_id")?,
-        row.try_get("manifest_id")?,
-        row.try_get("version")?,
-        row.try_get("timeout_secs")?,
-        &state,
-        row.try_get("status")?,
-        row.try_get("exit_code")?,
-        row.try_get("stdout")?,
-        row.try_get("stderr")?,
-        row.try_get("stdout_dropped_bytes")?,
-        row.try_get("stderr_dropped_bytes")?,
-        from_micros(row.try_get("started_at")?)?,
-        finished_at.map(from_micros).transpose()?,
-        from_micros(row.try_get("received_at")?)?,
-    )
+    let id = |text: String| {
+        Uuid::try_parse(&text).map_err(|e| StoreError::Other(sqlx::Error::Decode(Box::new(e))))
+    };
+    StoredRun::<String, i64>::from_row(row)?
+        .map(id, from_micros)?
+        .try_into()
 }
 
 fn placeholder(n: usize) -> String {
