@@ -8,10 +8,7 @@ use chrono::Duration as ChronoDuration;
 use kanade_ingest::store::{ExecutionRow, ListQuery, RunState, Store};
 use kanade_shared::wire::{EventStarted, ExecResult, ExecStatus};
 
-use crate::{
-    harness::AgentHome,
-    helpers::{FaultProxy, TestDb, TestIngest, eventually, free_addr, now},
-};
+use kanade_testkit::{AgentHome, FaultProxy, TestDb, TestIngest, eventually, free_addr, now};
 
 async fn rows(store: &dyn Store) -> Vec<ExecutionRow> {
     store
@@ -54,7 +51,10 @@ async fn events_wait_while_ingest_is_down_and_flow_when_it_comes_up() {
         4,
         "nothing to send to"
     );
-    let _ingest = TestIngest::start_on(&addr.to_string(), &db.url, &[]).await;
+    let _ingest = TestIngest::builder(&db.url)
+        .listen(addr)
+        .start()
+        .await;
     let store = db.store().await;
     eventually(Duration::from_secs(15), "both runs delivered", || async {
         home.outbox().await.status().await.unwrap().pending_events == 0
@@ -73,7 +73,10 @@ async fn events_wait_while_ingest_is_down_and_flow_when_it_comes_up() {
 async fn ingest_killed_mid_stream_and_restarted_loses_and_duplicates_nothing() {
     let db = TestDb::postgres().await;
     let addr = free_addr();
-    let mut ingest = TestIngest::start_on(&addr.to_string(), &db.url, &[]).await;
+    let mut ingest = TestIngest::builder(&db.url)
+        .listen(addr)
+        .start()
+        .await;
     let home = AgentHome::new(&format!("http://{addr}"), "");
     let _daemon = home.daemon();
     let mut n = 0;
@@ -87,7 +90,10 @@ async fn ingest_killed_mid_stream_and_restarted_loses_and_duplicates_nothing() {
         n += 1;
         exec_ok(&home, &format!("e-{n}"), &["echo", "during"]);
     }
-    let _ingest = TestIngest::start_on(&addr.to_string(), &db.url, &[]).await;
+    let _ingest = TestIngest::builder(&db.url)
+        .listen(addr)
+        .start()
+        .await;
     for _ in 0..10 {
         n += 1;
         exec_ok(&home, &format!("e-{n}"), &["echo", "after"]);
@@ -414,7 +420,10 @@ async fn a_backlog_larger_than_the_byte_window_is_delivered() {
             &["sh", "-c", "head -c 8000 /dev/zero | tr '\\0' x"],
         );
     }
-    let _ingest = TestIngest::start_on(&addr.to_string(), &db.url, &[]).await;
+    let _ingest = TestIngest::builder(&db.url)
+        .listen(addr)
+        .start()
+        .await;
     let _daemon = home.daemon();
     let store = db.store().await;
     eventually(
@@ -430,7 +439,7 @@ async fn a_backlog_larger_than_the_byte_window_is_delivered() {
 async fn an_agent_sends_its_token_and_one_without_waits() {
     let dir = tempfile::tempdir().unwrap();
     let tokens = dir.path().join("tokens.toml");
-    let out = std::process::Command::new(crate::helpers::workspace_binary("kanade-ingest"))
+    let out = std::process::Command::new(kanade_testkit::workspace_binary("kanade-ingest"))
         .args([
             "token",
             "add",
@@ -444,8 +453,10 @@ async fn an_agent_sends_its_token_and_one_without_waits() {
     let token_file = dir.path().join("agent.token");
     std::fs::write(&token_file, &out.stdout).unwrap();
     let db = TestDb::sqlite();
-    let ingest =
-        TestIngest::start_with(&db.url, &["--tokens-file", tokens.to_str().unwrap()]).await;
+    let ingest = TestIngest::builder(&db.url)
+        .args(&["--tokens-file", tokens.to_str().unwrap()])
+        .start()
+        .await;
 
     let without = AgentHome::new(&ingest.url(), "");
     let waited = without.exec(&["--wait", "--wait-timeout", "1s"], "m", &["true"]);
@@ -475,11 +486,11 @@ async fn an_agent_sends_its_token_and_one_without_waits() {
 
 #[tokio::test]
 async fn an_agent_delivers_over_mtls_as_the_endpoint_its_certificate_names() {
-    let ca = crate::helpers::TestCa::new("kanade test CA");
+    let ca = kanade_testkit::TestCa::new("kanade test CA");
     let db = TestDb::sqlite();
-    let ingest = TestIngest::start_mtls(&db.url, &ca, &[]).await;
+    let ingest = TestIngest::builder(&db.url).mtls(&ca).start().await;
     let url = format!("https://{}", ingest.addr);
-    let tls_settings = |cert: &crate::helpers::IssuedCert| {
+    let tls_settings = |cert: &kanade_testkit::IssuedCert| {
         format!(
             "ca_cert = \"{}\"\nclient_cert = \"{}\"\nclient_key = \"{}\"\n",
             ca.cert_path().display(),

@@ -16,10 +16,7 @@ use kanade_agent::{config::Synchronous, data_dir::OUTBOX_FILE, outbox::Outbox};
 use kanade_shared::wire::{Event, EventBody, EventStarted, ExecResult, ExecStatus};
 use nix::{sys::signal::Signal, unistd::Pid};
 
-use crate::{
-    harness::{AgentHome, alive},
-    helpers::{Run, eventually, workspace_binary},
-};
+use kanade_testkit::{AgentHome, Run, agent::alive, eventually, workspace_binary};
 
 /// Nothing listens there: `exec` without `--wait` only records into the outbox.
 const NO_INGEST: &str = "http://127.0.0.1:9";
@@ -230,7 +227,7 @@ async fn a_run_whose_agent_is_alive_is_not_reported_interrupted() {
     );
 
     // Ended by a signal to its agent, the run gets its real result, not INTERRUPTED.
-    crate::harness::signal(running.agent.id(), "TERM");
+    kanade_testkit::agent::signal(running.agent.id(), "TERM");
     let status = running.agent.wait().unwrap();
     assert_eq!(status.code(), Some(128 + 15));
     let results = queued_results(&outbox).await;

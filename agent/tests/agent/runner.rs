@@ -14,11 +14,9 @@ use kanade_agent::runner::{ProcessOutcome, SpawnFailure, run_process};
 use kanade_shared::wire::ExecStatus;
 use tokio_util::sync::CancellationToken;
 
-use crate::{
-    harness::{AgentHome, alive},
-    helpers::eventually,
-    outbox::queued_results,
-};
+use kanade_testkit::{AgentHome, agent::alive, eventually};
+
+use crate::outbox::queued_results;
 
 /// Nothing listens there: `exec` without `--wait` only records into the outbox.
 const NO_INGEST: &str = "http://127.0.0.1:9";

@@ -2,10 +2,7 @@
 
 use std::time::Duration;
 
-use crate::{
-    harness::AgentHome,
-    helpers::{OtlpReceiver, TestDb, TestIngest, eventually},
-};
+use kanade_testkit::{AgentHome, OtlpReceiver, TestDb, TestIngest, eventually};
 
 #[tokio::test]
 async fn an_agent_run_and_its_ingest_commit_share_one_trace() {
@@ -13,7 +10,7 @@ async fn an_agent_run_and_its_ingest_commit_share_one_trace() {
     let env = receiver.env();
     let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let db = TestDb::sqlite();
-    let ingest = TestIngest::start_full("127.0.0.1:0", &db.url, &[], &env_refs).await;
+    let ingest = TestIngest::builder(&db.url).envs(&env_refs).start().await;
     let home = AgentHome::new(&ingest.url(), "");
     let mut exec = home.command(&[
         "exec",
@@ -87,7 +84,7 @@ async fn an_agent_run_and_its_ingest_commit_share_one_trace() {
         .await
         .get(
             run.attributes["result_id"].parse().unwrap(),
-            crate::helpers::now(),
+            kanade_testkit::now(),
             chrono::Duration::minutes(5),
         )
         .await

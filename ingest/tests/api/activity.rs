@@ -6,7 +6,7 @@ use kanade_shared::{
 };
 use tonic::Code;
 
-use crate::helpers::{Run, TestDb, TestIngest, now};
+use kanade_testkit::{Run, TestDb, TestIngest, now};
 
 async fn publish(ingest: &TestIngest, body: EventBody) {
     ingest

@@ -3,7 +3,7 @@
 use kanade_shared::pb;
 use tonic::{Code, Request, metadata::MetadataValue};
 
-use crate::helpers::{
+use kanade_testkit::{
     AgentStream, Run, SERVING, TestDb, TestIngest, health, hello, workspace_binary,
 };
 
@@ -39,8 +39,10 @@ async fn tokens_bind_writers_to_their_pc_and_readers_to_activity() {
     );
 
     let db = TestDb::sqlite();
-    let ingest =
-        TestIngest::start_with(&db.url, &["--tokens-file", tokens.to_str().unwrap()]).await;
+    let ingest = TestIngest::builder(&db.url)
+        .args(&["--tokens-file", tokens.to_str().unwrap()])
+        .start()
+        .await;
     let mut client = ingest.ingest().await;
 
     // Publish: valid, missing, unknown, another pc's run, a reader's token.
@@ -83,7 +85,7 @@ async fn tokens_bind_writers_to_their_pc_and_readers_to_activity() {
     assert_eq!(foreign.code(), Code::PermissionDenied);
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(hello("pc-a")).await.unwrap();
-    tx.send(crate::helpers::event_msg(Run::new("pc-a").started_event(1)))
+    tx.send(kanade_testkit::event_msg(Run::new("pc-a").started_event(1)))
         .await
         .unwrap();
     let mut own = AgentStream {

@@ -6,7 +6,7 @@ use kanade_ingest::store::{Cursor, ExecutionRow, ListQuery, RunState, RunWrite, 
 use kanade_shared::wire::{EventBody, ExecStatus};
 use uuid::Uuid;
 
-use crate::helpers::{Backend, Run, TestDb, now};
+use kanade_testkit::{Backend, Run, TestDb, now};
 
 fn started(run: &Run) -> RunWrite {
     RunWrite::from_event(&EventBody::Started(run.started())).unwrap()

@@ -15,7 +15,7 @@ use std::{
     process::Command,
 };
 
-use crate::helpers::workspace_binary;
+use kanade_testkit::workspace_binary;
 
 fn k8s_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/k8s")

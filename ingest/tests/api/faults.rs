@@ -14,7 +14,7 @@ use tonic::{Code, transport::Channel};
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse, health_client::HealthClient};
 use uuid::Uuid;
 
-use crate::helpers::{
+use kanade_testkit::{
     AgentStream, FaultProxy, NOT_SERVING, Run, SERVING, TestDb, TestIngest, eventually, health,
 };
 
@@ -130,7 +130,10 @@ fn via(url: &str, addr: SocketAddr) -> String {
 async fn ingest_behind_proxy(args: &[&str]) -> (TestDb, FaultProxy, TestIngest) {
     let db = TestDb::postgres().await;
     let proxy = FaultProxy::start(database_addr(&db.url).await).await;
-    let ingest = TestIngest::start_with(&via(&db.url, proxy.addr), args).await;
+    let ingest = TestIngest::builder(&via(&db.url, proxy.addr))
+        .args(args)
+        .start()
+        .await;
     (db, proxy, ingest)
 }
 
@@ -241,11 +244,10 @@ async fn publish_while_database_is_down_times_out_with_unavailable() {
 async fn sigterm_flushes_in_flight_batches_acks_them_and_ends_streams_with_unavailable() {
     let db = TestDb::postgres().await;
     // A long linger keeps the events in an open batch when SIGTERM arrives.
-    let mut ingest = TestIngest::start_with(
-        &db.url,
-        &["--batch-linger", "2s", "--shutdown-timeout", "15s"],
-    )
-    .await;
+    let mut ingest = TestIngest::builder(&db.url)
+        .args(&["--batch-linger", "2s", "--shutdown-timeout", "15s"])
+        .start()
+        .await;
     let runs: Vec<Run> = (0..10).map(|_| Run::new(PC)).collect();
     let mut client = ingest.ingest().await;
     let mut stream = AgentStream::open(&mut client, PC).await;
@@ -441,7 +443,7 @@ async fn a_connection_that_goes_silent_mid_commit_is_abandoned_and_the_batch_ret
         .await
         .get(
             second.result_id.parse().unwrap(),
-            crate::helpers::now(),
+            kanade_testkit::now(),
             chrono::Duration::minutes(5),
         )
         .await

@@ -10,7 +10,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::helpers::{Backend, TestDb, TestIngest, now};
+use kanade_testkit::{Backend, TestDb, TestIngest, now};
 
 /// What one grpcurl invocation printed.
 struct Grpcurl {
@@ -495,15 +495,18 @@ async fn reflection_v1_lists_every_service_for_newer_clients() {
 
 #[tokio::test]
 async fn grpcurl_reads_activity_over_mtls_with_a_reader_token() {
-    let ca = crate::helpers::TestCa::new("kanade test CA");
+    let ca = kanade_testkit::TestCa::new("kanade test CA");
     let operator = ca.client("ops-reader", false);
     let dir = tempfile::tempdir().unwrap();
     let tokens = dir.path().join("tokens.toml");
     let reader =
         kanade_ingest::auth::add_token(&tokens, &kanade_ingest::auth::Identity::Reader).unwrap();
     let db = TestDb::sqlite();
-    let ingest =
-        TestIngest::start_mtls(&db.url, &ca, &["--tokens-file", tokens.to_str().unwrap()]).await;
+    let ingest = TestIngest::builder(&db.url)
+        .mtls(&ca)
+        .args(&["--tokens-file", tokens.to_str().unwrap()])
+        .start()
+        .await;
     let (ca_path, cert, key) = (
         ca.cert_path().display().to_string(),
         operator.cert.display().to_string(),

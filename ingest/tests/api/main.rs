@@ -1,5 +1,5 @@
 //! kanade-ingest's integration tests: one binary, one module per concern, all driving the real
-//! server (or the real stores) through `helpers`.
+//! server (or the real stores) through `kanade_testkit`.
 
 mod activity;
 mod auth;
@@ -7,7 +7,6 @@ mod conformance;
 mod deploy;
 mod faults;
 mod grpcurl;
-mod helpers;
 mod stream;
 mod telemetry;
 mod tls;

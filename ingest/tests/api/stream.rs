@@ -8,7 +8,7 @@ use tonic::Code;
 
 use kanade_shared::pb::ingest_client::IngestClient;
 
-use crate::helpers::{AgentStream, Run, TestDb, TestIngest, event_msg, eventually, hello, now};
+use kanade_testkit::{AgentStream, Run, TestDb, TestIngest, event_msg, eventually, hello, now};
 
 async fn rows(db: &TestDb) -> Vec<kanade_ingest::store::ExecutionRow> {
     db.store()
@@ -112,7 +112,10 @@ async fn redelivered_events_are_acked_again_without_duplicate_rows() {
 #[tokio::test]
 async fn a_stream_must_start_with_hello() {
     let db = TestDb::sqlite();
-    let ingest = TestIngest::start_with(&db.url, &["--hello-timeout", "300ms"]).await;
+    let ingest = TestIngest::builder(&db.url)
+        .args(&["--hello-timeout", "300ms"])
+        .start()
+        .await;
     let mut client = ingest.ingest().await;
 
     let first_event = AgentStream::open_with(
@@ -170,11 +173,10 @@ async fn two_streams_of_one_pc_work_concurrently_and_acks_go_to_their_sender() {
 #[tokio::test]
 async fn stream_limits_answer_resource_exhausted() {
     let db = TestDb::sqlite();
-    let ingest = TestIngest::start_with(
-        &db.url,
-        &["--max-streams", "3", "--max-streams-per-pc", "2"],
-    )
-    .await;
+    let ingest = TestIngest::builder(&db.url)
+        .args(&["--max-streams", "3", "--max-streams-per-pc", "2"])
+        .start()
+        .await;
     let mut client = ingest.ingest().await;
     let _a1 = AgentStream::open(&mut client, "pc-a").await;
     let _a2 = AgentStream::open(&mut client, "pc-a").await;
@@ -195,7 +197,7 @@ async fn stream_limits_answer_resource_exhausted() {
 
     // A closed stream frees its place.
     drop(b);
-    crate::helpers::eventually(Duration::from_secs(5), "a freed stream slot", || {
+    kanade_testkit::eventually(Duration::from_secs(5), "a freed stream slot", || {
         let mut client = client.clone();
         async move {
             AgentStream::open_with(&mut client, Some(hello("pc-c")))
@@ -209,8 +211,10 @@ async fn stream_limits_answer_resource_exhausted() {
 #[tokio::test]
 async fn the_window_bounds_unacked_events_held_for_a_stream() {
     let db = TestDb::sqlite();
-    let ingest =
-        TestIngest::start_with(&db.url, &["--max-unacked", "4", "--batch-linger", "400ms"]).await;
+    let ingest = TestIngest::builder(&db.url)
+        .args(&["--max-unacked", "4", "--batch-linger", "400ms"])
+        .start()
+        .await;
     let mut client = ingest.ingest().await;
     let mut stream = AgentStream::open_with(&mut client, Some(hello("pc-a")))
         .await
@@ -244,7 +248,10 @@ async fn the_window_bounds_unacked_events_held_for_a_stream() {
 #[tokio::test]
 async fn oversized_events_get_a_clear_error_and_nothing_accepted_is_lost() {
     let db = TestDb::sqlite();
-    let ingest = TestIngest::start_with(&db.url, &["--max-event-bytes", "2000"]).await;
+    let ingest = TestIngest::builder(&db.url)
+        .args(&["--max-event-bytes", "2000"])
+        .start()
+        .await;
     let mut client = ingest.ingest().await;
     let mut stream = AgentStream::open(&mut client, "pc-a").await;
     let first = Run::new("pc-a");
@@ -296,7 +303,10 @@ async fn oversized_events_get_a_clear_error_and_nothing_accepted_is_lost() {
 #[tokio::test]
 async fn streams_past_their_maximum_age_end_cleanly_after_their_acks() {
     let db = TestDb::sqlite();
-    let ingest = TestIngest::start_with(&db.url, &["--max-stream-age", "1s"]).await;
+    let ingest = TestIngest::builder(&db.url)
+        .args(&["--max-stream-age", "1s"])
+        .start()
+        .await;
     let mut client = ingest.ingest().await;
     let mut stream = AgentStream::open(&mut client, "pc-a").await;
     stream.send(Run::new("pc-a").started_event(1)).await;
@@ -362,7 +372,10 @@ async fn publish_commits_before_answering_and_refuses_bad_input() {
 #[tokio::test]
 async fn one_batch_commits_events_of_many_streams_and_acks_each_its_own() {
     let db = TestDb::postgres().await;
-    let ingest = TestIngest::start_with(&db.url, &["--batch-linger", "500ms"]).await;
+    let ingest = TestIngest::builder(&db.url)
+        .args(&["--batch-linger", "500ms"])
+        .start()
+        .await;
     let mut client = ingest.ingest().await;
     let mut streams = Vec::new();
     for pc in ["pc-a", "pc-b", "pc-c"] {
@@ -390,18 +403,17 @@ async fn one_batch_commits_events_of_many_streams_and_acks_each_its_own() {
 #[tokio::test]
 async fn retention_deletes_old_runs_in_the_background() {
     let db = TestDb::sqlite();
-    let ingest = TestIngest::start_with(
-        &db.url,
-        &["--retention", "1s", "--retention-every", "200ms"],
-    )
-    .await;
+    let ingest = TestIngest::builder(&db.url)
+        .args(&["--retention", "1s", "--retention-every", "200ms"])
+        .start()
+        .await;
     let mut client = ingest.ingest().await;
     client
         .publish(Run::new("pc-a").started_event(0))
         .await
         .unwrap();
     assert_eq!(rows(&db).await.len(), 1);
-    crate::helpers::eventually(Duration::from_secs(10), "the old run deleted", || async {
+    kanade_testkit::eventually(Duration::from_secs(10), "the old run deleted", || async {
         rows(&db).await.is_empty()
     })
     .await;
@@ -445,7 +457,7 @@ async fn migrate_command_prepares_a_database_and_replicas_can_migrate_together()
 #[tokio::test]
 async fn plaintext_without_authentication_on_a_non_loopback_address_is_refused() {
     let db = TestDb::sqlite();
-    let refused = std::process::Command::new(crate::helpers::workspace_binary("kanade-ingest"))
+    let refused = std::process::Command::new(kanade_testkit::workspace_binary("kanade-ingest"))
         .args(["--listen", "0.0.0.0:0", "--database-url", &db.url])
         .output()
         .unwrap();
@@ -465,18 +477,17 @@ async fn plaintext_without_authentication_on_a_non_loopback_address_is_refused()
 async fn a_client_that_never_reads_its_acks_is_ended_within_its_slot_and_loses_nothing() {
     let db = TestDb::postgres().await;
     // One event per Ack message, so the queue of acks towards the client fills quickly.
-    let ingest = TestIngest::start_with(
-        &db.url,
-        &[
+    let ingest = TestIngest::builder(&db.url)
+        .args(&[
             "--max-streams-per-pc",
             "1",
             "--max-unacked",
             "1",
             "--batch-linger",
             "1ms",
-        ],
-    )
-    .await;
+        ])
+        .start()
+        .await;
     // A tiny receive window: a client that does not read blocks ingest's sends at once.
     let channel = tonic::transport::Endpoint::from_shared(ingest.url())
         .unwrap()
@@ -494,7 +505,7 @@ async fn a_client_that_never_reads_its_acks_is_ended_within_its_slot_and_loses_n
         let events = events.clone();
         tokio::spawn(async move {
             for e in events {
-                if tx.send(crate::helpers::event_msg(e)).await.is_err() {
+                if tx.send(kanade_testkit::event_msg(e)).await.is_err() {
                     return;
                 }
             }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use kanade_shared::pb;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::helpers::{AgentStream, OtlpReceiver, Run, TestDb, TestIngest, eventually, free_addr};
+use kanade_testkit::{AgentStream, OtlpReceiver, Run, TestDb, TestIngest, eventually, free_addr};
 
 /// GET /metrics over plain HTTP/1.1.
 async fn scrape(addr: std::net::SocketAddr) -> String {
@@ -34,7 +34,10 @@ fn sample(text: &str, name: &str) -> f64 {
 async fn metrics_count_a_known_workload_exactly() {
     let db = TestDb::sqlite();
     let metrics = free_addr();
-    let ingest = TestIngest::start_with(&db.url, &["--metrics-listen", &metrics.to_string()]).await;
+    let ingest = TestIngest::builder(&db.url)
+        .args(&["--metrics-listen", &metrics.to_string()])
+        .start()
+        .await;
     let mut client = ingest.ingest().await;
     let mut stream = AgentStream::open(&mut client, "pc-m").await;
     let runs: Vec<Run> = (0..3).map(|_| Run::new("pc-m")).collect();
@@ -92,7 +95,7 @@ async fn a_unary_call_with_traceparent_joins_the_callers_trace() {
     env.push(("RUST_LOG", "info,kanade_ingest=debug".to_string()));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let db = TestDb::sqlite();
-    let ingest = TestIngest::start_full("127.0.0.1:0", &db.url, &[], &env).await;
+    let ingest = TestIngest::builder(&db.url).envs(&env).start().await;
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let caller_span = "00f067aa0ba902b7";
     let mut request = tonic::Request::new(Run::new("pc-t").started_event(0));

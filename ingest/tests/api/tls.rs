@@ -8,7 +8,7 @@ use kanade_shared::pb::{self, ingest_client::IngestClient};
 use tokio::io::AsyncReadExt;
 use tonic::{Code, Request, transport::Channel};
 
-use crate::helpers::{
+use kanade_testkit::{
     AgentStream, Run, TestCa, TestDb, TestIngest, eventually, hello, tls_channel,
 };
 
@@ -23,7 +23,7 @@ async fn publish(channel: Channel, event: pb::Event) -> Result<(), tonic::Status
 async fn an_mtls_client_writes_as_itself_and_never_as_another_pc() {
     let ca = TestCa::new("kanade test CA");
     let db = TestDb::sqlite();
-    let ingest = TestIngest::start_mtls(&db.url, &ca, &[]).await;
+    let ingest = TestIngest::builder(&db.url).mtls(&ca).start().await;
     let store = db.store().await;
 
     for (pc, in_cn_only) in [("pc-dns", false), ("pc-cn", true)] {
@@ -69,7 +69,7 @@ async fn an_mtls_client_writes_as_itself_and_never_as_another_pc() {
     }
     let all = store
         .list(&kanade_ingest::store::ListQuery::all(
-            crate::helpers::now(),
+            kanade_testkit::now(),
             chrono::Duration::minutes(5),
             100,
         ))
@@ -92,7 +92,11 @@ async fn rogue_certificates_missing_certificates_plaintext_and_silence_get_nowhe
     let ca = TestCa::new("kanade test CA");
     let rogue_ca = TestCa::new("rogue CA");
     let db = TestDb::sqlite();
-    let ingest = TestIngest::start_mtls(&db.url, &ca, &["--hello-timeout", "500ms"]).await;
+    let ingest = TestIngest::builder(&db.url)
+        .mtls(&ca)
+        .args(&["--hello-timeout", "500ms"])
+        .start()
+        .await;
     let run = Run::new("pc-a");
 
     // A certificate for the right name from another CA. With TLS 1.3 the client may finish
@@ -150,17 +154,16 @@ async fn certificates_rotate_without_a_restart_and_tokens_work_over_tls() {
     )
     .unwrap();
     let db = TestDb::sqlite();
-    let ingest = TestIngest::start_tls(
-        &db.url,
-        &serving,
-        &[
+    let ingest = TestIngest::builder(&db.url)
+        .tls(&serving)
+        .args(&[
             "--tls-reload-every",
             "100ms",
             "--tokens-file",
             tokens.to_str().unwrap(),
-        ],
-    )
-    .await;
+        ])
+        .start()
+        .await;
     let with_token = |event: pb::Event| {
         let mut request = Request::new(event);
         request

@@ -9,7 +9,7 @@ use std::{
 
 use kanade_agent::{config::Synchronous, outbox::Outbox};
 
-use crate::helpers::workspace_binary;
+use crate::workspace_binary;
 
 /// A data dir and config file of its own, plus the settings tests scale down.
 pub struct AgentHome {

@@ -1,0 +1,97 @@
+//! A database of its own for every test: a fresh PostgreSQL database on the test server, or a
+//! fresh SQLite file.
+use std::sync::Arc;
+
+use kanade_ingest::store::{self, Store};
+use uuid::Uuid;
+
+/// The PostgreSQL server tests create their databases on.
+pub fn postgres_admin_url() -> String {
+    std::env::var("KANADE_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
+}
+
+/// A database of its own for one test: a fresh PostgreSQL database (dropped afterwards) or a
+/// fresh SQLite file in a temporary directory.
+pub struct TestDb {
+    pub url: String,
+    pg_name: Option<String>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+impl TestDb {
+    pub async fn new(backend: Backend) -> TestDb {
+        match backend {
+            Backend::Postgres => TestDb::postgres().await,
+            Backend::Sqlite => TestDb::sqlite(),
+        }
+    }
+
+    pub async fn postgres() -> TestDb {
+        let admin = postgres_admin_url();
+        let name = format!("kanade_test_{}", Uuid::new_v4().simple());
+        let pool = sqlx::PgPool::connect(&admin)
+            .await
+            .unwrap_or_else(|e| panic!("tests need PostgreSQL at {admin}: {e}"));
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&pool)
+            .await
+            .expect("creating a test database");
+        pool.close().await;
+        let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
+        TestDb {
+            url: format!("{base}/{name}"),
+            pg_name: Some(name),
+            _dir: None,
+        }
+    }
+
+    pub fn sqlite() -> TestDb {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}", dir.path().join("ingest.db").display());
+        TestDb {
+            url,
+            pg_name: None,
+            _dir: Some(dir),
+        }
+    }
+
+    /// The store itself, migrated, for direct inspection.
+    pub async fn store(&self) -> Arc<dyn Store> {
+        let store = store::open(&self.url).await.expect("opening the store");
+        store.migrate().await.expect("migrating");
+        store
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some(name) = self.pg_name.take() else {
+            return;
+        };
+        // Drop runs outside any runtime guarantee: use a small one of its own.
+        let admin = postgres_admin_url();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                if let Ok(pool) = sqlx::PgPool::connect(&admin).await {
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                    )))
+                    .execute(&pool)
+                    .await;
+                }
+            });
+        })
+        .join();
+    }
+}

@@ -1,0 +1,201 @@
+//! The real `kanade-ingest` binary, started by a test on an ephemeral port.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use kanade_shared::pb::{activity_client::ActivityClient, ingest_client::IngestClient};
+use tonic::transport::Channel;
+
+use crate::{
+    ca::{IssuedCert, TestCa},
+    workspace_binary,
+};
+
+/// A running `kanade-ingest`. Killed (SIGKILL) when dropped.
+pub struct TestIngest {
+    /// Where its gRPC services listen.
+    pub addr: SocketAddr,
+    pub child: Child,
+    /// Its stderr (the log), kept in a file of its own.
+    pub stderr_log: PathBuf,
+    _log_dir: tempfile::TempDir,
+}
+
+/// How a [`TestIngest`] is started: on loopback port 0 with test timings unless told otherwise.
+#[must_use]
+pub struct TestIngestBuilder {
+    database_url: String,
+    listen: String,
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
+}
+
+impl TestIngestBuilder {
+    /// Listens on this address instead of a fresh port (to restart ingest where agents expect it).
+    pub fn listen(mut self, addr: impl ToString) -> Self {
+        self.listen = addr.to_string();
+        self
+    }
+
+    /// Adds command-line flags.
+    pub fn args(mut self, args: &[&str]) -> Self {
+        self.args.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// Adds environment variables.
+    pub fn envs<K: ToString, V: ToString>(mut self, envs: &[(K, V)]) -> Self {
+        self.envs
+            .extend(envs.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        self
+    }
+
+    /// Serves TLS with `server`'s certificate and key.
+    pub fn tls(self, server: &IssuedCert) -> Self {
+        let (cert, key) = (server.cert.display(), server.key.display());
+        self.args(&[
+            "--tls-cert",
+            &cert.to_string(),
+            "--tls-key",
+            &key.to_string(),
+        ])
+    }
+
+    /// mTLS: a server certificate issued by `ca`, and client certificates required from `ca`.
+    pub fn mtls(self, ca: &TestCa) -> Self {
+        let ca_path = ca.cert_path().display().to_string();
+        self.tls(&ca.server("server"))
+            .args(&["--client-ca", &ca_path])
+    }
+
+    /// Starts the process and waits for its "listening on" line.
+    pub async fn start(self) -> TestIngest {
+        let log_dir = tempfile::tempdir().expect("temp dir");
+        let stderr_log = log_dir.path().join("stderr.log");
+        let mut child = Command::new(workspace_binary("kanade-ingest"))
+            .args([
+                "--listen",
+                &self.listen,
+                "--database-url",
+                &self.database_url,
+            ])
+            .args(["--health-check-every", "200ms", "--retry-max", "300ms"])
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .envs(self.envs)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr_log).expect("log file"))
+            .spawn()
+            .expect("starting kanade-ingest");
+        let stdout = child.stdout.take().expect("stdout");
+        let addr = tokio::task::spawn_blocking(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let line = lines
+                .next()
+                .expect("kanade-ingest exited before listening")
+                .expect("reading stdout");
+            // Keep draining stdout so the child never blocks on a full pipe.
+            std::thread::spawn(move || for _ in lines {});
+            line.rsplit_once("listening on ")
+                .map(|(_, a)| a.trim().parse::<SocketAddr>().expect("address"))
+                .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        })
+        .await
+        .expect("reading the listening line");
+        TestIngest {
+            addr,
+            child,
+            stderr_log,
+            _log_dir: log_dir,
+        }
+    }
+}
+
+impl TestIngest {
+    /// How to start one on `database_url`.
+    pub fn builder(database_url: &str) -> TestIngestBuilder {
+        TestIngestBuilder {
+            database_url: database_url.to_string(),
+            listen: "127.0.0.1:0".to_string(),
+            args: Vec::new(),
+            envs: Vec::new(),
+        }
+    }
+
+    /// Starts one with the test defaults.
+    pub async fn start(database_url: &str) -> TestIngest {
+        TestIngest::builder(database_url).start().await
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn ingest(&self) -> IngestClient<Channel> {
+        IngestClient::connect(self.url()).await.expect("connecting")
+    }
+
+    pub async fn activity(&self) -> ActivityClient<Channel> {
+        ActivityClient::connect(self.url())
+            .await
+            .expect("connecting")
+    }
+
+    /// What ingest logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the process to exit; returns whether it exited successfully.
+    pub async fn terminate(&mut self) -> bool {
+        let pid = self.child.id().to_string();
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status.success();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "ingest ignored SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for TestIngest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Health of one service as seen through gRPC.
+pub async fn health(addr: SocketAddr, service: &str) -> i32 {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connecting");
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    client
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.to_string(),
+        })
+        .await
+        .map(|r| r.into_inner().status)
+        .unwrap_or(-1)
+}
+
+pub const SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+pub const NOT_SERVING: i32 =
+    tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;

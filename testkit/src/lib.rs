@@ -1,0 +1,65 @@
+//! The harness every Kanade integration test uses, by concern: fresh databases ([`db`]), the
+//! real `kanade-ingest` ([`ingest`]) and `kanade-agent` ([`agent`]) binaries, test traffic
+//! ([`events`]) and raw agent streams ([`stream`]), fault injection ([`proxy`]), an OTLP
+//! receiver ([`otlp`]) and a test CA ([`ca`]). Everything talks to the real thing: PostgreSQL,
+//! SQLite files, gRPC over loopback, child processes.
+
+pub mod agent;
+pub mod ca;
+pub mod db;
+pub mod events;
+pub mod ingest;
+pub mod otlp;
+pub mod proxy;
+pub mod stream;
+
+use std::{net::SocketAddr, time::Duration};
+
+pub use agent::{AgentHome, Daemon};
+pub use ca::{IssuedCert, TestCa, tls_channel};
+pub use db::{Backend, TestDb, postgres_admin_url};
+pub use events::{Run, now};
+pub use ingest::{NOT_SERVING, SERVING, TestIngest, TestIngestBuilder, health};
+pub use otlp::{CollectedSpan, OtlpReceiver};
+pub use proxy::FaultProxy;
+pub use stream::{AgentStream, event_msg, hello};
+
+/// A binary of this workspace: cargo says where for the package under test; the others sit next
+/// to it in the target directory (`cargo test --workspace` builds them all).
+pub fn workspace_binary(name: &str) -> std::path::PathBuf {
+    let path = std::env::current_exe()
+        .expect("test executable path")
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target directory")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is not built; run the tests with `cargo test --workspace` (or `cargo build -p {name}` first)",
+        path.display()
+    );
+    path
+}
+
+/// A free loopback address, for a server that must come back on the same port.
+pub fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+}
+
+/// Polls `check` until it holds or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
