@@ -51,10 +51,7 @@ async fn events_wait_while_ingest_is_down_and_flow_when_it_comes_up() {
         4,
         "nothing to send to"
     );
-    let _ingest = TestIngest::builder(&db.url)
-        .listen(addr)
-        .start()
-        .await;
+    let _ingest = TestIngest::builder(&db.url).listen(addr).start().await;
     let store = db.store().await;
     eventually(Duration::from_secs(15), "both runs delivered", || async {
         home.outbox().await.status().await.unwrap().pending_events == 0
@@ -73,10 +70,7 @@ async fn events_wait_while_ingest_is_down_and_flow_when_it_comes_up() {
 async fn ingest_killed_mid_stream_and_restarted_loses_and_duplicates_nothing() {
     let db = TestDb::postgres().await;
     let addr = free_addr();
-    let mut ingest = TestIngest::builder(&db.url)
-        .listen(addr)
-        .start()
-        .await;
+    let mut ingest = TestIngest::builder(&db.url).listen(addr).start().await;
     let home = AgentHome::new(&format!("http://{addr}"), "");
     let _daemon = home.daemon();
     let mut n = 0;
@@ -90,10 +84,7 @@ async fn ingest_killed_mid_stream_and_restarted_loses_and_duplicates_nothing() {
         n += 1;
         exec_ok(&home, &format!("e-{n}"), &["echo", "during"]);
     }
-    let _ingest = TestIngest::builder(&db.url)
-        .listen(addr)
-        .start()
-        .await;
+    let _ingest = TestIngest::builder(&db.url).listen(addr).start().await;
     for _ in 0..10 {
         n += 1;
         exec_ok(&home, &format!("e-{n}"), &["echo", "after"]);
@@ -420,10 +411,7 @@ async fn a_backlog_larger_than_the_byte_window_is_delivered() {
             &["sh", "-c", "head -c 8000 /dev/zero | tr '\\0' x"],
         );
     }
-    let _ingest = TestIngest::builder(&db.url)
-        .listen(addr)
-        .start()
-        .await;
+    let _ingest = TestIngest::builder(&db.url).listen(addr).start().await;
     let _daemon = home.daemon();
     let store = db.store().await;
     eventually(

@@ -96,12 +96,16 @@ impl RunWrite {
 
     /// Folds a later write for the same run and endpoint into this one, with exactly the rules
     /// the stores' upserts apply to a stored row: columns already set stay, missing ones are
-    /// filled, and the first result wins.
+    /// filled (`""` counts as missing: proto3 cannot tell an unset string from an empty one),
+    /// and the first result wins.
     pub fn absorb(&mut self, later: RunWrite) {
         debug_assert_eq!(
             (self.result_id, &self.pc_id),
             (later.result_id, &later.pc_id)
         );
+        if self.version.is_empty() {
+            self.version = later.version;
+        }
         if self.timeout_secs.is_none() {
             self.timeout_secs = later.timeout_secs;
         }

@@ -45,6 +45,7 @@ FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text
     finished_at, ord)
 ORDER BY u.ord
 ON CONFLICT (result_id) DO UPDATE SET
+    version = CASE WHEN r.version = '' THEN EXCLUDED.version ELSE r.version END,
     timeout_secs = COALESCE(r.timeout_secs, EXCLUDED.timeout_secs),
     status = COALESCE(r.status, EXCLUDED.status),
     exit_code = CASE WHEN r.status IS NULL THEN EXCLUDED.exit_code ELSE r.exit_code END,

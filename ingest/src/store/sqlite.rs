@@ -35,6 +35,7 @@ INSERT INTO execution_results AS r (result_id, request_id, exec_id, pc_id, manif
     started_at, finished_at, received_at)
 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
 ON CONFLICT (result_id) DO UPDATE SET
+    version = CASE WHEN r.version = '' THEN excluded.version ELSE r.version END,
     timeout_secs = COALESCE(r.timeout_secs, excluded.timeout_secs),
     status = COALESCE(r.status, excluded.status),
     exit_code = CASE WHEN r.status IS NULL THEN excluded.exit_code ELSE r.exit_code END,

@@ -52,6 +52,7 @@ macro_rules! conformance {
 conformance!(
     started_then_result_finishes_one_row,
     result_then_late_started_fills_only_missing_columns,
+    an_empty_version_is_filled_whatever_the_order,
     duplicates_are_no_ops,
     first_committed_result_wins,
     another_pc_can_never_modify_a_run,
@@ -114,6 +115,50 @@ async fn result_then_late_started_fills_only_missing_columns(backend: Backend) {
     assert_eq!(row.outcome, res.outcome);
     assert_eq!(row.timeout_secs, Some(60), "the NULL column was filled");
     assert_eq!(row.version, "3", "a set column is never overwritten");
+}
+
+/// proto3 cannot tell an unset string from an empty one: a result written with `version: ""`
+/// must not leave the row's version empty once the run's Started (which knows it) arrives, in
+/// another batch or in the same one.
+async fn an_empty_version_is_filled_whatever_the_order(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.store().await;
+    let with_version = |mut w: RunWrite| {
+        w.version = "2.1.0".into();
+        w
+    };
+    let without_version = |mut w: RunWrite| {
+        w.version = String::new();
+        w
+    };
+
+    let result_first = Run::new("pc-a");
+    let res = without_version(result(&result_first, ExecStatus::Succeeded, Some(0)));
+    store.apply(&[res], now()).await.unwrap();
+    assert_eq!(get(store.as_ref(), &result_first).await.version, "");
+    store
+        .apply(&[with_version(started(&result_first))], now())
+        .await
+        .unwrap();
+    assert_eq!(get(store.as_ref(), &result_first).await.version, "2.1.0");
+
+    let started_first = Run::new("pc-a");
+    store
+        .apply(&[without_version(started(&started_first))], now())
+        .await
+        .unwrap();
+    let res = with_version(result(&started_first, ExecStatus::Failed, Some(1)));
+    store.apply(&[res], now()).await.unwrap();
+    assert_eq!(get(store.as_ref(), &started_first).await.version, "2.1.0");
+
+    // Merged inside one batch, as the batcher does.
+    let same_batch = Run::new("pc-a");
+    let mut merged = without_version(result(&same_batch, ExecStatus::Succeeded, Some(0)));
+    merged.absorb(with_version(started(&same_batch)));
+    store.apply(&[merged], now()).await.unwrap();
+    let row = get(store.as_ref(), &same_batch).await;
+    assert_eq!(row.version, "2.1.0");
+    assert_eq!(row.timeout_secs, Some(60));
 }
 
 async fn duplicates_are_no_ops(backend: Backend) {
