@@ -402,12 +402,27 @@ async fn serve_health_only(
     listener: TcpListener,
     stop: CancellationToken,
 ) {
-    if let Err(err) = Server::builder()
-        .add_service(health)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop.cancelled_owned())
-        .await
-    {
-        tracing::error!(error = %err, "health listener failed");
+    let reflection = |builder: tonic_reflection::server::Builder<'static>| {
+        builder
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            )
+            .include_reflection_service(false)
+    };
+    let configure = tonic_reflection::server::Builder::configure;
+    let served = async {
+        Server::builder()
+            .add_service(health)
+            .add_service(reflection(configure()).build_v1()?)
+            .add_service(reflection(configure()).build_v1alpha()?)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop.cancelled_owned())
+            .await?;
+        anyhow::Ok(())
+    };
+    if let Err(err) = served.await {
+        tracing::error!(error = %format!("{err:#}"), "health listener failed");
     }
 }
 

@@ -81,12 +81,22 @@ async fn grpcurl_over(
     data: Option<&Value>,
     args: &[&str],
 ) -> Grpcurl {
+    grpcurl_at(ingest.addr, transport, data, args).await
+}
+
+/// Runs grpcurl against any address.
+async fn grpcurl_at(
+    addr: std::net::SocketAddr,
+    transport: &[&str],
+    data: Option<&Value>,
+    args: &[&str],
+) -> Grpcurl {
     let mut cmd = tokio::process::Command::new("grpcurl");
     cmd.args(transport).args(["-max-time", "20"]);
     if let Some(data) = data {
         cmd.args(["-d", &data.to_string()]);
     }
-    cmd.arg(ingest.addr.to_string())
+    cmd.arg(addr.to_string())
         .args(args)
         .stdin(Stdio::null())
         .kill_on_drop(true);
@@ -276,6 +286,45 @@ async fn health_check_is_serving_overall_per_service_and_for_liveness() {
     .await;
     assert_eq!(unknown.status().0, "NotFound");
     assert_eq!(unknown.code, Some(64 + 5), "grpcurl exits 64 + NOT_FOUND");
+}
+
+/// The health-only port (`--health-listen`, where Kubernetes probes go) answers grpcurl as an
+/// operator debugging a probe types it: plaintext, no proto files, only reflection.
+#[tokio::test]
+async fn grpcurl_checks_health_on_the_health_port_as_an_operator_types_it() {
+    let db = TestDb::sqlite();
+    let health_addr = kanade_testkit::free_addr();
+    let _ingest = TestIngest::builder(&db.url)
+        .args(&["--health-listen", &health_addr.to_string()])
+        .start()
+        .await;
+    let check = grpcurl_at(
+        health_addr,
+        &["-plaintext"],
+        None,
+        &["grpc.health.v1.Health/Check"],
+    )
+    .await;
+    assert_eq!(check.json(), json!({ "status": "SERVING" }));
+    let liveness = grpcurl_at(
+        health_addr,
+        &["-plaintext"],
+        Some(&json!({ "service": "liveness" })),
+        &["grpc.health.v1.Health/Check"],
+    )
+    .await;
+    assert_eq!(liveness.json(), json!({ "status": "SERVING" }));
+    let listed = grpcurl_at(health_addr, &["-plaintext"], None, &["list"]).await;
+    assert!(
+        listed.names().contains(&"grpc.health.v1.Health"),
+        "{}",
+        listed.stdout
+    );
+    assert!(
+        !listed.names().contains(&"kanade.v1.Ingest"),
+        "the health port serves health only: {}",
+        listed.stdout
+    );
 }
 
 mod sqlite {
