@@ -110,6 +110,7 @@ async fn open_store(url: &str, shutdown: &CancellationToken) -> anyhow::Result<A
     let store = store::open(url)
         .await
         .with_context(|| format!("opening the database {}", redact(url)))?;
+    store.claim_for_serving()?;
     let mut attempt = 0;
     loop {
         match store.migrate().await {

@@ -241,6 +241,20 @@ pub enum StoreError {
         "unsupported database URL {0:?}: use postgres://… (or postgresql://…) or sqlite://PATH"
     )]
     UnsupportedUrl(String),
+    /// Another process serves this SQLite database already.
+    #[error(
+        "another kanade-ingest already serves {path}: an SQLite database is for one ingest \
+         process (stop the other one, or give this one its own --database-url); several \
+         replicas need PostgreSQL (--database-url postgres://…)"
+    )]
+    InUse { path: String },
+    /// The exclusive lock on an SQLite database could not be taken.
+    #[error("locking {path}: {source}")]
+    Lock {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -320,6 +334,7 @@ impl StoreError {
             StoreError::Other(_) => "other",
             StoreError::Migrate(_) => "migrate",
             StoreError::UnsupportedUrl(_) => "unsupported_url",
+            StoreError::InUse { .. } | StoreError::Lock { .. } => "in_use",
         }
     }
 
@@ -371,6 +386,12 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     /// Answers when the store is reachable.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Claims the database for this serving process where only one may serve it (SQLite);
+    /// fails, saying so, when another process holds it. The claim lasts as long as the store.
+    fn claim_for_serving(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 
     /// Drops every pooled connection: called when a commit got no answer in time, because a
     /// connection that went silent would otherwise be handed out again.

@@ -50,9 +50,14 @@ WHERE r.pc_id = excluded.pc_id
 RETURNING result_id";
 
 /// `execution_results` in an SQLite file.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    path: std::path::PathBuf,
+    /// An exclusive `flock` on the database file while this process serves it. SQLite's own
+    /// locks are `fcntl` locks, which are independent of `flock`, so this never gets in SQLite's
+    /// way; other processes only reading the file (tests, tools) are not affected.
+    serving: std::sync::Mutex<Option<std::fs::File>>,
 }
 
 impl SqliteStore {
@@ -63,11 +68,16 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(BUSY_TIMEOUT);
+        let path = options.get_filename().to_path_buf();
         let pool = SqlitePoolOptions::new()
             .max_connections(POOL_SIZE)
             .connect_with(options)
             .await?;
-        Ok(SqliteStore { pool })
+        Ok(SqliteStore {
+            pool,
+            path,
+            serving: std::sync::Mutex::new(None),
+        })
     }
 }
 
@@ -198,5 +208,21 @@ impl Store for SqliteStore {
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+
+    fn claim_for_serving(&self) -> Result<(), StoreError> {
+        let path = self.path.display().to_string();
+        let file = std::fs::File::open(&self.path).map_err(|source| StoreError::Lock {
+            path: path.clone(),
+            source,
+        })?;
+        match file.try_lock() {
+            Ok(()) => {
+                *self.serving.lock().unwrap_or_else(|e| e.into_inner()) = Some(file);
+                Ok(())
+            }
+            Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::InUse { path }),
+            Err(std::fs::TryLockError::Error(source)) => Err(StoreError::Lock { path, source }),
+        }
     }
 }

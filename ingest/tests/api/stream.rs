@@ -583,3 +583,33 @@ async fn a_client_that_never_reads_its_acks_is_ended_within_its_slot_and_loses_n
         "every pc-a run once, and pc-b's"
     );
 }
+
+#[tokio::test]
+async fn a_second_ingest_on_the_same_sqlite_file_is_refused_saying_why() {
+    let db = TestDb::sqlite();
+    let first = TestIngest::start(&db.url).await;
+    let second = std::process::Command::new(kanade_testkit::workspace_binary("kanade-ingest"))
+        .args(["--listen", "127.0.0.1:0", "--database-url", &db.url])
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        stderr.contains("another kanade-ingest already serves")
+            && stderr.contains("ingest.db")
+            && stderr.contains("PostgreSQL"),
+        "{stderr}"
+    );
+    // The first one serves on, and `migrate` (not a server) still works on the file.
+    first
+        .ingest()
+        .await
+        .publish(Run::new("pc-a").started_event(0))
+        .await
+        .unwrap();
+    let migrate = std::process::Command::new(kanade_testkit::workspace_binary("kanade-ingest"))
+        .args(["migrate", "--database-url", &db.url])
+        .output()
+        .unwrap();
+    assert!(migrate.status.success(), "{migrate:?}");
+}
