@@ -588,9 +588,13 @@ async fn a_client_that_never_reads_its_acks_is_ended_within_its_slot_and_loses_n
 async fn a_second_ingest_on_the_same_sqlite_file_is_refused_saying_why() {
     let db = TestDb::sqlite();
     let first = TestIngest::start(&db.url).await;
-    let second = std::process::Command::new(kanade_testkit::workspace_binary("kanade-ingest"))
+    let second = tokio::process::Command::new(kanade_testkit::workspace_binary("kanade-ingest"))
         .args(["--listen", "127.0.0.1:0", "--database-url", &db.url])
-        .output()
+        .kill_on_drop(true)
+        .output();
+    let second = tokio::time::timeout(Duration::from_secs(15), second)
+        .await
+        .expect("a second ingest went on serving the same SQLite file")
         .unwrap();
     assert!(!second.status.success());
     let stderr = String::from_utf8_lossy(&second.stderr);
