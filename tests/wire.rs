@@ -553,3 +553,62 @@ proptest! {
         prop_assert!(kind_matches, "{:?} gave {:?}", b, err);
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// The agent validates what it creates with the same rules ingest applies on decoding: every
+    /// breakage a serde value can hold is refused by `validate()` with exactly the error the
+    /// protobuf path gives, and a valid value passes both.
+    #[test]
+    fn validate_on_serde_values_agrees_with_decoding(r in arb_result(), b in breakage()) {
+        prop_assert_eq!(r.validate(), Ok(()));
+        let mut broken = r;
+        match &b {
+            Breakage::NotAUuid(v) => broken.result_id = v.clone(),
+            Breakage::EmptyPcId => broken.pc_id.clear(),
+            Breakage::LongExecId(n) => broken.exec_id = "e".repeat(*n),
+            Breakage::FinishedBefore(d) => {
+                let before = broken.started_at - chrono::Duration::seconds(*d);
+                prop_assume!(before.timestamp() >= MIN_SECONDS);
+                broken.finished_at = before;
+            }
+            // Absent timestamps and unknown enum values exist only on the wire.
+            _ => return Ok(()),
+        }
+        let decoded = ExecResult::try_from(pb::ExecResult::from(broken.clone())).unwrap_err();
+        prop_assert_eq!(broken.validate().unwrap_err(), decoded);
+    }
+}
+
+#[test]
+fn validate_refuses_what_the_agent_could_build_wrong() {
+    let mut s = started();
+    s.manifest_id = "m".repeat(129);
+    assert_eq!(
+        s.validate().unwrap_err(),
+        WireError::TooLong {
+            field: "manifest_id",
+            len: 129,
+            max: 128
+        }
+    );
+    let mut s = started();
+    s.request_id = format!("schedule:{}", "m".repeat(120));
+    assert_eq!(s.validate().unwrap_err().field(), "request_id");
+    let mut s = started();
+    s.started_at = DateTime::from_timestamp(MAX_SECONDS + 1, 0).unwrap();
+    assert!(matches!(
+        s.validate().unwrap_err(),
+        WireError::TimestampOutOfRange {
+            field: "started_at",
+            ..
+        }
+    ));
+    let mut e = event(EventBody::Started(started()));
+    e.trace_context = (0..17).map(|i| (i.to_string(), String::new())).collect();
+    assert!(matches!(
+        e.validate().unwrap_err(),
+        WireError::TooManyEntries { count: 17, .. }
+    ));
+}

@@ -8,10 +8,10 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use kanade_shared::{backoff::Backoff, limits, tls::PemFile};
+use kanade_shared::{backoff::Backoff, limits, tls::PemFile, wire};
 use serde::{Deserialize, Deserializer};
 
-use crate::cli::CommonArgs;
+use crate::{cli::CommonArgs, execution::RunRequest};
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
@@ -275,14 +275,8 @@ fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
     toml::from_str(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))
 }
 
-fn job(path: &str, index: usize, j: JobConfig) -> anyhow::Result<Job> {
+fn job(path: &str, index: usize, j: JobConfig, pc_id: &str) -> anyhow::Result<Job> {
     let at = format!("{path}: job #{} ({:?})", index + 1, j.manifest_id);
-    if j.manifest_id.is_empty() || j.manifest_id.len() > limits::MAX_ID_BYTES {
-        bail!(
-            "{at}: manifest_id must be 1 to {} bytes",
-            limits::MAX_ID_BYTES
-        );
-    }
     let program = match (j.command, j.shell, j.script) {
         (Some(command), None, None) if !command.is_empty() => Program::Command(command),
         (None, shell, Some(script)) => Program::Shell {
@@ -300,14 +294,20 @@ fn job(path: &str, index: usize, j: JobConfig) -> anyhow::Result<Job> {
         }
         _ => bail!("{at}: give either `every = \"5m\"` or `cron = \"*/5 * * * *\"`"),
     };
-    Ok(Job {
+    let job = Job {
         manifest_id: j.manifest_id,
         version: j.version,
         program,
         timeout: j.timeout,
         schedule,
         jitter: j.jitter.unwrap_or_default(),
-    })
+    };
+    // Every firing's events must be acceptable to ingest, ids derived from the job included
+    // (request_id is `schedule:MANIFEST_ID`); the job's own id is named first.
+    wire::check_required_id("manifest_id", &job.manifest_id)
+        .and_then(|()| RunRequest::scheduled(&job).check(pc_id))
+        .map_err(|e| anyhow::anyhow!("{at}: its runs would be refused by ingest: {e}"))?;
+    Ok(job)
 }
 
 /// Parses a five-field cron expression (minute hour day-of-month month day-of-week).
@@ -346,17 +346,13 @@ impl Settings {
             args.client_key.clone().or(file.client_key),
         )?;
         let pc_id = args.pc_id.clone().or(file.pc_id).unwrap_or_else(hostname);
-        if pc_id.is_empty() || pc_id.len() > limits::MAX_ID_BYTES {
-            bail!(
-                "pc_id must be 1 to {} bytes, got {pc_id:?}",
-                limits::MAX_ID_BYTES
-            );
-        }
+        wire::check_required_id("pc_id", &pc_id)
+            .map_err(|e| anyhow::anyhow!("pc_id {pc_id:?} is not usable: {e}"))?;
         let jobs = file
             .jobs
             .into_iter()
             .enumerate()
-            .map(|(i, j)| job(&path, i, j))
+            .map(|(i, j)| job(&path, i, j, &pc_id))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let settings = Settings {
             pc_id,
@@ -548,6 +544,39 @@ mod tests {
             err.contains("line 2") && err.contains("send_windw"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn jobs_whose_runs_ingest_would_refuse_are_refused_at_load_with_the_rule() {
+        for (manifest, needle) in [
+            (
+                "m".repeat(129),
+                "manifest_id is 129 bytes long, at most 128",
+            ),
+            // request_id is derived as schedule:MANIFEST_ID: 9 + 120 bytes.
+            ("m".repeat(120), "request_id is 129 bytes long, at most 128"),
+        ] {
+            let f = file_with(&format!(
+                "[[job]]\nmanifest_id = \"{manifest}\"\ncommand = [\"true\"]\nevery = \"1m\"\n"
+            ));
+            let err = format!(
+                "{:#}",
+                Settings::load(&args(Some(f.path().to_path_buf()))).unwrap_err()
+            );
+            assert!(
+                err.contains("job #1") && err.contains(needle),
+                "{needle}: {err}"
+            );
+        }
+        let f = file_with(
+            "[[job]]\nmanifest_id = \"inventory\"\ncommand = [\"true\"]\nevery = \"1m\"\n",
+        );
+        let mut a = args(Some(f.path().to_path_buf()));
+        a.pc_id = Some("p".repeat(129));
+        let err = format!("{:#}", Settings::load(&a).unwrap_err());
+        assert!(err.contains("pc_id is 129 bytes long"), "{err}");
+        a.pc_id = Some("pc-1".into());
+        assert!(Settings::load(&a).is_ok());
     }
 
     #[test]

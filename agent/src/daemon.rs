@@ -14,7 +14,6 @@ use std::sync::{
 use anyhow::Context;
 use tokio::sync::Semaphore;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use uuid::Uuid;
 
 use crate::{
     config::{Job, Settings},
@@ -153,15 +152,7 @@ async fn schedule_job(
             tracing::warn!(manifest_id = %job.manifest_id, "previous run still going: this firing is skipped");
             continue;
         }
-        let firing = Uuid::now_v7().hyphenated().to_string();
-        let request = RunRequest {
-            manifest_id: job.manifest_id.clone(),
-            version: job.version.clone(),
-            program: job.program.clone(),
-            timeout: job.timeout,
-            request_id: format!("schedule:{}", job.manifest_id),
-            exec_id: firing,
-        };
+        let request = RunRequest::scheduled(&job);
         let (outbox, settings, concurrency, kill, running) = (
             outbox.clone(),
             settings.clone(),

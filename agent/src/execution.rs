@@ -6,14 +6,14 @@ use std::{collections::BTreeMap, time::Duration};
 use chrono::{SubsecRound, Utc};
 use kanade_shared::{
     telemetry,
-    wire::{EventStarted, ExecResult},
+    wire::{EventStarted, ExecResult, WireError},
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, field::Empty};
 use uuid::Uuid;
 
 use crate::{
-    config::{Program, Settings},
+    config::{Job, Program, Settings},
     outbox::Outbox,
     runner::{self, ProcessOutcome},
 };
@@ -29,6 +29,47 @@ pub struct RunRequest {
     pub request_id: String,
     /// The deployment or schedule firing.
     pub exec_id: String,
+}
+
+/// A fresh id for a run, a request or a firing.
+pub fn mint_id() -> String {
+    Uuid::now_v7().hyphenated().to_string()
+}
+
+impl RunRequest {
+    /// The request of one firing of a scheduled job.
+    pub fn scheduled(job: &Job) -> RunRequest {
+        RunRequest {
+            manifest_id: job.manifest_id.clone(),
+            version: job.version.clone(),
+            program: job.program.clone(),
+            timeout: job.timeout,
+            request_id: format!("schedule:{}", job.manifest_id),
+            exec_id: mint_id(),
+        }
+    }
+
+    /// The run's `EventStarted`, as `pc_id` reports it now.
+    fn started(&self, pc_id: &str) -> EventStarted {
+        EventStarted {
+            result_id: mint_id(),
+            request_id: self.request_id.clone(),
+            exec_id: self.exec_id.clone(),
+            pc_id: pc_id.to_string(),
+            started_at: Utc::now().trunc_subsecs(6),
+            manifest_id: self.manifest_id.clone(),
+            version: self.version.clone(),
+            timeout_secs: self
+                .timeout
+                .map(|t| u32::try_from(t.as_secs().max(1)).unwrap_or(u32::MAX)),
+        }
+    }
+
+    /// Checks the events this request would produce against the contract's rules (the ones
+    /// ingest applies), so nothing ingest would refuse is ever enqueued.
+    pub fn check(&self, pc_id: &str) -> Result<(), WireError> {
+        self.started(pc_id).validate()
+    }
 }
 
 /// A finished run.
@@ -48,19 +89,11 @@ pub async fn execute(
     request: RunRequest,
     cancel: &CancellationToken,
 ) -> anyhow::Result<Finished> {
-    let result_id = Uuid::now_v7().hyphenated().to_string();
-    let started = EventStarted {
-        result_id: result_id.clone(),
-        request_id: request.request_id.clone(),
-        exec_id: request.exec_id.clone(),
-        pc_id: settings.pc_id.clone(),
-        started_at: Utc::now().trunc_subsecs(6),
-        manifest_id: request.manifest_id.clone(),
-        version: request.version.clone(),
-        timeout_secs: request
-            .timeout
-            .map(|t| u32::try_from(t.as_secs().max(1)).unwrap_or(u32::MAX)),
-    };
+    let started = request.started(&settings.pc_id);
+    started
+        .validate()
+        .map_err(|e| anyhow::anyhow!("refusing to record run of {}: {e}", request.manifest_id))?;
+    let result_id = started.result_id.clone();
     // The run's span: its context travels with both events, so ingest's spans join this trace,
     // and into the script's environment as TRACEPARENT.
     let span = tracing::info_span!(

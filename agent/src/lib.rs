@@ -24,7 +24,6 @@ pub mod sender;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 use crate::{
     cli::{Command, CommonArgs, DeadLetterAction, ExecArgs},
@@ -85,17 +84,28 @@ pub async fn run(command: Command) -> anyhow::Result<u8> {
 
 async fn exec(args: ExecArgs) -> anyhow::Result<u8> {
     let settings = Settings::load(&args.common)?;
-    let outbox = open_outbox(&settings).await?;
-    outbox.recover_interrupted().await?;
-    let mint = || Uuid::now_v7().hyphenated().to_string();
     let request = RunRequest {
         manifest_id: args.manifest,
         version: args.version,
         program: Program::Command(args.command),
         timeout: args.timeout,
-        request_id: args.request_id.unwrap_or_else(mint),
-        exec_id: args.exec_id.unwrap_or_else(mint),
+        request_id: args.request_id.unwrap_or_else(execution::mint_id),
+        exec_id: args.exec_id.unwrap_or_else(execution::mint_id),
     };
+    // Refused here, before anything is enqueued, with the rule ingest would apply.
+    request.check(&settings.pc_id).map_err(|e| {
+        let flag = match e.field() {
+            "manifest_id" => "--manifest",
+            "version" => "--version",
+            "request_id" => "--request-id",
+            "exec_id" => "--exec-id",
+            "pc_id" => "--pc-id",
+            other => other,
+        };
+        anyhow::anyhow!("{flag}: {e}")
+    })?;
+    let outbox = open_outbox(&settings).await?;
+    outbox.recover_interrupted().await?;
     let finished = execution::execute(&outbox, &settings, request, &shutdown_on_signal()).await?;
     if let Some(failure) = finished.outcome.spawn_failure {
         eprintln!("kanade-agent: {} ({failure:?})", finished.result.stderr);

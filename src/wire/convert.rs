@@ -7,8 +7,11 @@
 use chrono::{DateTime, Utc};
 use prost_types::Timestamp;
 
-use super::{Event, EventBody, EventStarted, ExecResult, ExecStatus, WireError};
-use crate::{limits, pb};
+use super::{
+    Event, EventBody, EventStarted, ExecResult, ExecStatus, WireError,
+    validate::{check_result_id, check_trace_context},
+};
+use crate::pb;
 
 /// 0001-01-01T00:00:00Z in Unix seconds.
 const MIN_TIMESTAMP_SECONDS: i64 = -62_135_596_800;
@@ -44,31 +47,9 @@ fn timestamp_from_proto(
     DateTime::from_timestamp(at.seconds, micros_as_nanos as u32).ok_or(out_of_range)
 }
 
-fn id(field: &'static str, value: String) -> Result<String, WireError> {
-    if value.len() > limits::MAX_ID_BYTES {
-        return Err(WireError::TooLong {
-            field,
-            len: value.len(),
-            max: limits::MAX_ID_BYTES,
-        });
-    }
-    Ok(value)
-}
-
-fn required_id(field: &'static str, value: String) -> Result<String, WireError> {
-    if value.is_empty() {
-        return Err(WireError::Empty { field });
-    }
-    id(field, value)
-}
-
-fn result_id(value: String) -> Result<String, WireError> {
-    let field = "result_id";
-    let value = required_id(field, value)?;
-    match uuid::Uuid::try_parse(&value) {
-        Ok(uuid) => Ok(uuid.hyphenated().to_string()),
-        Err(_) => Err(WireError::NotAUuid { field, value }),
-    }
+/// `result_id` checked and normalised to the lowercase hyphenated form.
+fn normalised_result_id(value: String) -> Result<String, WireError> {
+    Ok(check_result_id(&value)?.hyphenated().to_string())
 }
 
 impl From<ExecStatus> for pb::ExecStatus {
@@ -119,16 +100,18 @@ impl TryFrom<pb::EventStarted> for EventStarted {
     type Error = WireError;
 
     fn try_from(e: pb::EventStarted) -> Result<Self, WireError> {
-        Ok(EventStarted {
-            result_id: result_id(e.result_id)?,
-            request_id: required_id("request_id", e.request_id)?,
-            exec_id: required_id("exec_id", e.exec_id)?,
-            pc_id: required_id("pc_id", e.pc_id)?,
+        let started = EventStarted {
+            result_id: normalised_result_id(e.result_id)?,
+            request_id: e.request_id,
+            exec_id: e.exec_id,
+            pc_id: e.pc_id,
             started_at: timestamp_from_proto("started_at", e.started_at)?,
-            manifest_id: required_id("manifest_id", e.manifest_id)?,
-            version: id("version", e.version)?,
+            manifest_id: e.manifest_id,
+            version: e.version,
             timeout_secs: e.timeout_secs,
-        })
+        };
+        started.validate()?;
+        Ok(started)
     }
 }
 
@@ -159,20 +142,14 @@ impl TryFrom<pb::ExecResult> for ExecResult {
     fn try_from(r: pb::ExecResult) -> Result<Self, WireError> {
         let started_at = timestamp_from_proto("started_at", r.started_at)?;
         let finished_at = timestamp_from_proto("finished_at", r.finished_at)?;
-        if finished_at < started_at {
-            return Err(WireError::FinishedBeforeStarted {
-                started_at: started_at.to_rfc3339(),
-                finished_at: finished_at.to_rfc3339(),
-            });
-        }
-        Ok(ExecResult {
-            result_id: result_id(r.result_id)?,
-            request_id: required_id("request_id", r.request_id)?,
-            exec_id: required_id("exec_id", r.exec_id)?,
-            pc_id: required_id("pc_id", r.pc_id)?,
-            manifest_id: required_id("manifest_id", r.manifest_id)?,
-            version: id("version", r.version)?,
+        let result = ExecResult {
             status: ExecStatus::from_proto("status", r.status)?,
+            result_id: r.result_id,
+            request_id: r.request_id,
+            exec_id: r.exec_id,
+            pc_id: r.pc_id,
+            manifest_id: r.manifest_id,
+            version: r.version,
             exit_code: r.exit_code,
             stdout: r.stdout,
             stderr: r.stderr,
@@ -180,6 +157,11 @@ impl TryFrom<pb::ExecResult> for ExecResult {
             stderr_dropped_bytes: r.stderr_dropped_bytes,
             started_at,
             finished_at,
+        };
+        result.validate()?;
+        Ok(ExecResult {
+            result_id: normalised_result_id(result.result_id)?,
+            ..result
         })
     }
 }
@@ -212,26 +194,7 @@ impl TryFrom<pb::Event> for Event {
             Some(pb::event::Body::Result(r)) => EventBody::Result(r.try_into()?),
             None => return Err(WireError::Missing { field: "body" }),
         };
-        let field = "trace_context";
-        if e.trace_context.len() > limits::MAX_TRACE_CONTEXT_ENTRIES {
-            return Err(WireError::TooManyEntries {
-                field,
-                count: e.trace_context.len(),
-                max: limits::MAX_TRACE_CONTEXT_ENTRIES,
-            });
-        }
-        if let Some(len) = e
-            .trace_context
-            .iter()
-            .map(|(k, v)| k.len().max(v.len()))
-            .find(|&len| len > limits::MAX_TRACE_CONTEXT_ENTRY_BYTES)
-        {
-            return Err(WireError::TooLong {
-                field,
-                len,
-                max: limits::MAX_TRACE_CONTEXT_ENTRY_BYTES,
-            });
-        }
+        check_trace_context(e.trace_context.iter())?;
         Ok(Event {
             seq: e.seq,
             body,

@@ -11,13 +11,17 @@
 //! written by either reads in the other; Kanade's additions are optional and `#[serde(default)]`.
 //!
 //! Conversions: serde → protobuf is infallible (`From`); protobuf → serde is fallible
-//! (`TryFrom`, error [`WireError`]) and is the single place where wire input is validated. Both
-//! programs go through it, so the agent can never enqueue what ingest would refuse.
+//! (`TryFrom`, error [`WireError`]) and validates every rule of the contract. The rules live in
+//! one place (`validate`: [`Event::validate`], [`EventStarted::validate`],
+//! [`ExecResult::validate`]): ingest applies them through the conversion, the agent to every
+//! event it creates before enqueueing it, so the agent never queues what ingest would refuse.
 
 mod convert;
 mod error;
 mod event;
+mod validate;
 
 pub use convert::timestamp_to_proto;
 pub use error::WireError;
 pub use event::{Event, EventBody, EventStarted, ExecResult, ExecStatus};
+pub use validate::{check_id, check_required_id};

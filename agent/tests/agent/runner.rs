@@ -141,6 +141,47 @@ async fn exec_exits_127_for_a_missing_command_and_126_for_a_file_that_is_not_exe
     }
 }
 
+/// SPEC §12: what ingest would reject is refused at the command line, with the rule it broke,
+/// and nothing is enqueued (the command does not even run).
+#[tokio::test]
+async fn exec_refuses_ids_ingest_would_reject_and_enqueues_nothing() {
+    let home = AgentHome::new(NO_INGEST, "");
+    let marker = home.dir.path().join("ran");
+    let touch = ["touch", marker.to_str().unwrap()];
+    let long_manifest = "m".repeat(129);
+    let long_version = "v".repeat(129);
+    for (flags, manifest, needle) in [
+        (
+            &[][..],
+            long_manifest.as_str(),
+            "--manifest: manifest_id is 129 bytes long, at most 128",
+        ),
+        (
+            &["--version", &long_version][..],
+            "ok",
+            "--version: version is 129 bytes long",
+        ),
+        (
+            &["--request-id", ""][..],
+            "ok",
+            "--request-id: request_id must not be empty",
+        ),
+        (
+            &["--exec-id", &"e".repeat(200)][..],
+            "ok",
+            "--exec-id: exec_id is 200 bytes long",
+        ),
+    ] {
+        let out = home.exec(flags, manifest, &touch);
+        assert_eq!(out.status.code(), Some(125), "{out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(needle), "{needle}: {stderr}");
+    }
+    assert!(!marker.exists(), "no refused command ran");
+    let status = home.outbox().await.status().await.unwrap();
+    assert_eq!(status.pending_events, 0, "nothing was enqueued");
+}
+
 #[tokio::test]
 async fn spawn_failures_are_told_apart() {
     let missing = run(&["/nonexistent/kanade-no-such-command"], None, CAP).await;
