@@ -7,7 +7,6 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use anyhow::Context;
 use kanade_shared::{backoff::Backoff, limits, pb, telemetry};
 use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{
     service::interceptor::InterceptedService,
@@ -24,6 +23,7 @@ use crate::{
     batcher::{self, BatchConfig},
     config::ServeArgs,
     health::Readiness,
+    listen::{self, AcceptLimits, Http1RequestHead, Http2Preface},
     metrics::{self, Metrics},
     retention,
     server::{
@@ -31,7 +31,7 @@ use crate::{
         registry::{RegistryLimits, StreamRegistry},
     },
     store::{self, Store},
-    tls::{self, ServerTls, TlsFiles},
+    tls::{ServerTls, TlsFiles, TlsHandshake},
 };
 
 /// How often an idle HTTP/2 connection is pinged, and how long the answer may take.
@@ -169,6 +169,11 @@ struct Prepared {
 /// Starts ingest: returns once it listens.
 pub async fn start(args: ServeArgs) -> anyhow::Result<RunningIngest> {
     args.validate().map_err(anyhow::Error::msg)?;
+    // Every connection is a file descriptor: take all the system allows this process.
+    match listen::raise_fd_limit() {
+        Ok(limit) => tracing::info!(fd_limit = limit, "file descriptor limit"),
+        Err(err) => tracing::warn!(error = %err, "could not raise the file descriptor limit"),
+    }
     let tokens = match &args.tokens_file {
         Some(path) => Some(Arc::new(Tokens::load(path)?)),
         None => None,
@@ -242,6 +247,15 @@ impl From<&ServeArgs> for IngestLimits {
     }
 }
 
+impl From<&ServeArgs> for AcceptLimits {
+    fn from(args: &ServeArgs) -> AcceptLimits {
+        AcceptLimits {
+            proof_timeout: args.hello_timeout,
+            max_unproven: args.max_pending_connections,
+        }
+    }
+}
+
 impl From<&ServeArgs> for RegistryLimits {
     fn from(args: &ServeArgs) -> RegistryLimits {
         RegistryLimits {
@@ -273,8 +287,14 @@ impl Prepared {
             args.health_check_every,
             stop.clone(),
         ));
+        let limits = AcceptLimits::from(args);
         if let Some(listener) = self.listeners.metrics.take() {
-            tasks.spawn(metrics::serve(metrics.clone(), listener, stop.clone()));
+            tasks.spawn(listen::serve_http1(
+                metrics::router(metrics.clone()),
+                listen::incoming(listener, "metrics", Http1RequestHead, limits, stop.clone()),
+                args.hello_timeout,
+                stop.clone(),
+            ));
         }
         if let Some(tls) = &self.tls {
             tasks.spawn(tls.clone().watch(args.tls_reload_every, stop.clone()));
@@ -282,7 +302,7 @@ impl Prepared {
         if let Some(listener) = self.listeners.health.take() {
             tasks.spawn(serve_health_only(
                 self.health.clone(),
-                listener,
+                listen::incoming(listener, "health", Http2Preface, limits, stop.clone()),
                 stop.clone(),
             ));
         }
@@ -360,15 +380,22 @@ async fn serve(mut prepared: Prepared, shutdown: CancellationToken) -> anyhow::R
             readiness.set_draining().await;
         }
     };
-    let listener = prepared.listeners.grpc;
+    let (listener, limits) = (prepared.listeners.grpc, AcceptLimits::from(&args));
     let grpc: std::pin::Pin<Box<dyn Future<Output = _> + Send>> = match prepared.tls {
         Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
-            tls::incoming(listener, tls, args.hello_timeout, background.clone()),
+            listen::incoming(
+                listener,
+                "gRPC",
+                TlsHandshake { tls },
+                limits,
+                background.clone(),
+            ),
             stop_accepting,
         )),
-        None => Box::pin(
-            router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop_accepting),
-        ),
+        None => Box::pin(router.serve_with_incoming_shutdown(
+            listen::incoming(listener, "gRPC", Http2Preface, limits, background.clone()),
+            stop_accepting,
+        )),
     };
 
     let drained = async {
@@ -400,7 +427,9 @@ async fn serve(mut prepared: Prepared, shutdown: CancellationToken) -> anyhow::R
 /// of just that service so `grpcurl -plaintext HOST:PORT grpc.health.v1.Health/Check` works there.
 async fn serve_health_only(
     health: HealthServer<HealthService>,
-    listener: TcpListener,
+    incoming: impl tokio_stream::Stream<Item = Result<listen::Replayed, std::convert::Infallible>>
+    + Send
+    + 'static,
     stop: CancellationToken,
 ) {
     let reflection = |builder: tonic_reflection::server::Builder<'static>| {
@@ -418,7 +447,7 @@ async fn serve_health_only(
             .add_service(health)
             .add_service(reflection(configure()).build_v1()?)
             .add_service(reflection(configure()).build_v1alpha()?)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop.cancelled_owned())
+            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
             .await?;
         anyhow::Ok(())
     };

@@ -146,10 +146,17 @@ pub struct ServeArgs {
     #[arg(long, env = "KANADE_INGEST_MAX_STREAM_AGE", default_value = "30m", value_parser = duration)]
     pub max_stream_age: Duration,
 
-    /// A stream that sends no Hello within this long is ended with DEADLINE_EXCEEDED; a TLS
-    /// handshake not completed within this long is dropped.
+    /// A connection must prove it speaks the protocol within this long — the HTTP/2 preface
+    /// (gRPC), a request head (HTTP/1.1: console, metrics; also between requests on a kept-alive
+    /// connection) or the TLS handshake — or it is closed; a stream that sends no Hello within
+    /// this long is ended with DEADLINE_EXCEEDED.
     #[arg(long, env = "KANADE_INGEST_HELLO_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub hello_timeout: Duration,
+
+    /// Connections accepted on one listener but not yet proven (see --hello-timeout), at most;
+    /// further connections wait in the kernel's backlog until places free up.
+    #[arg(long, env = "KANADE_INGEST_MAX_PENDING_CONNECTIONS", default_value_t = crate::listen::DEFAULT_MAX_UNPROVEN)]
+    pub max_pending_connections: usize,
 
     /// On SIGTERM/SIGINT, stop after at most this long even if batches are still pending.
     #[arg(long, env = "KANADE_INGEST_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = duration)]
@@ -255,6 +262,7 @@ impl ServeArgs {
         for (flag, value) in [
             ("--max-streams", self.max_streams),
             ("--max-streams-per-pc", self.max_streams_per_pc),
+            ("--max-pending-connections", self.max_pending_connections),
             ("--batch-max-rows", self.batch_max_rows),
             ("--batch-max-bytes", self.batch_max_bytes),
             ("--queue-capacity", self.queue_capacity),

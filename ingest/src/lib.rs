@@ -7,6 +7,7 @@
 //! - [`store`]: `execution_results` in PostgreSQL or SQLite, behind one trait.
 //! - [`activity`]: the Activity gRPC service (listing and reading runs).
 //! - [`auth`], [`tls`]: tokens, TLS with reloaded certificates, mTLS identities.
+//! - [`listen`]: accepting connections on every listener (nodelay, proof of protocol, limits).
 //! - [`health`], [`retention`]: readiness, deleting old runs.
 //! - [`app`]: wires it all together and shuts it down in order; [`config`]: the command line.
 
@@ -19,6 +20,7 @@ pub mod auth;
 pub mod batcher;
 pub mod config;
 pub mod health;
+pub mod listen;
 pub mod metrics;
 pub mod outbound;
 pub mod retention;

@@ -13,8 +13,6 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 type Labels = Vec<(&'static str, &'static str)>;
 
@@ -136,9 +134,9 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` on `listener` until `stop`.
-pub async fn serve(metrics: Arc<Metrics>, listener: TcpListener, stop: CancellationToken) {
-    let app = Router::new().route(
+/// The `/metrics` endpoint.
+pub fn router(metrics: Arc<Metrics>) -> Router {
+    Router::new().route(
         "/metrics",
         get(move || {
             let metrics = metrics.clone();
@@ -153,11 +151,5 @@ pub async fn serve(metrics: Arc<Metrics>, listener: TcpListener, stop: Cancellat
                     .into_response()
             }
         }),
-    );
-    if let Err(err) = axum::serve(listener, app)
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
-    {
-        tracing::error!(error = %err, "metrics listener failed");
-    }
+    )
 }

@@ -3,8 +3,9 @@
 //! where the client certificate's identity (DNS SAN, else CN) becomes the only `pc_id` the
 //! connection may write.
 //!
-//! Handshakes run concurrently and each must finish within the handshake timeout, so a client
-//! that connects and sends nothing holds a socket for that long and no more.
+//! The handshake is the proof a TLS listener asks of a connection ([`crate::listen`]): it must
+//! finish within `--hello-timeout`, so a client that connects and sends nothing holds a socket
+//! for that long and no more.
 
 use std::{
     io,
@@ -16,22 +17,18 @@ use std::{
 };
 
 use anyhow::Context as _;
-use futures::Stream;
 use kanade_shared::tls::{PemError, PemFile, crypto_provider};
 use rustls::{RootCertStore, ServerConfig, server::WebPkiClientVerifier};
 use sha2::{Digest, Sha256};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::{TcpListener, TcpStream},
-    sync::{Semaphore, mpsc},
+    net::TcpStream,
 };
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
 
-/// Handshakes in progress at once; beyond this, new connections wait in the listen backlog.
-const MAX_PENDING_HANDSHAKES: usize = 4096;
+use crate::listen::Proof;
 
 /// The files TLS is built from.
 #[derive(Debug, Clone)]
@@ -269,83 +266,42 @@ pub fn certificate_identity(der: &[u8]) -> Result<String, String> {
         .ok_or_else(|| "the client certificate has neither a DNS name nor a common name".into())
 }
 
-/// One TLS handshake, and under mTLS the identity of the client's certificate; `Err` says why
-/// the connection is refused.
-async fn handshake(
-    tcp: TcpStream,
-    acceptor: TlsAcceptor,
-    requires_certificate: bool,
-) -> Result<TlsConnection, String> {
-    let stream = acceptor.accept(tcp).await.map_err(|e| e.to_string())?;
-    let certificate_identity = if requires_certificate {
-        let leaf = stream
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|chain| chain.first())
-            .ok_or("no client certificate")?;
-        Some(Arc::from(certificate_identity(leaf)?))
-    } else {
-        None
-    };
-    Ok(TlsConnection {
-        stream,
-        peer: Peer {
-            certificate_identity,
-        },
-    })
+/// The proof a TLS listener asks of a connection: a completed handshake (under mTLS with a
+/// verified client certificate, whose identity the connection carries from then on).
+#[derive(Clone)]
+pub struct TlsHandshake {
+    pub tls: Arc<ServerTls>,
 }
 
-/// Accepts TCP connections on `listener` and yields those whose TLS handshake completed within
-/// `handshake_timeout`. Ends when `stop` is cancelled.
-pub fn incoming(
-    listener: TcpListener,
-    tls: Arc<ServerTls>,
-    handshake_timeout: Duration,
-    stop: CancellationToken,
-) -> impl Stream<Item = Result<TlsConnection, io::Error>> {
-    let (ready, connections) = mpsc::channel(64);
-    let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
-    tokio::spawn(async move {
-        loop {
-            let permit = tokio::select! {
-                p = pending.clone().acquire_owned() => p.expect("the semaphore is never closed"),
-                _ = stop.cancelled() => return,
-            };
-            let (tcp, remote_addr) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(err) => {
-                        // Out of file descriptors and the like: pause instead of spinning.
-                        tracing::warn!(error = %err, "accepting a connection failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-                _ = stop.cancelled() => return,
-            };
-            let _ = tcp.set_nodelay(true);
-            let acceptor = tls.acceptor();
-            let requires_certificate = tls.requires_client_certificates();
-            let ready = ready.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                let handshake = handshake(tcp, acceptor, requires_certificate);
-                match tokio::time::timeout(handshake_timeout, handshake).await {
-                    Ok(Ok(connection)) => {
-                        let _ = ready.send(Ok(connection)).await;
-                    }
-                    Ok(Err(reason)) => {
-                        tracing::info!(%remote_addr, %reason, "TLS handshake failed");
-                    }
-                    Err(_) => {
-                        tracing::info!(%remote_addr, timeout = ?handshake_timeout, "TLS handshake not completed in time");
-                    }
-                }
-            });
-        }
-    });
-    ReceiverStream::new(connections)
+impl Proof for TlsHandshake {
+    type Connection = TlsConnection;
+    const AWAITED: &'static str = "TLS handshake";
+
+    async fn prove(&self, tcp: TcpStream) -> Result<TlsConnection, String> {
+        let stream = self
+            .tls
+            .acceptor()
+            .accept(tcp)
+            .await
+            .map_err(|e| format!("TLS handshake failed: {e}"))?;
+        let certificate_identity = if self.tls.requires_client_certificates() {
+            let leaf = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .ok_or("TLS handshake failed: no client certificate")?;
+            Some(Arc::from(certificate_identity(leaf)?))
+        } else {
+            None
+        };
+        Ok(TlsConnection {
+            stream,
+            peer: Peer {
+                certificate_identity,
+            },
+        })
+    }
 }
 
 #[cfg(test)]

@@ -33,9 +33,16 @@ pub struct TestIngestBuilder {
     listen: String,
     args: Vec<String>,
     envs: Vec<(String, String)>,
+    fd_limit: Option<u64>,
 }
 
 impl TestIngestBuilder {
+    /// Runs the process with at most this many open files (soft and hard: `prlimit`).
+    pub fn fd_limit(mut self, limit: u64) -> Self {
+        self.fd_limit = Some(limit);
+        self
+    }
+
     /// Listens on this address instead of a fresh port (to restart ingest where agents expect it).
     pub fn listen(mut self, addr: impl ToString) -> Self {
         self.listen = addr.to_string();
@@ -77,7 +84,17 @@ impl TestIngestBuilder {
     pub async fn start(self) -> TestIngest {
         let log_dir = tempfile::tempdir().expect("temp dir");
         let stderr_log = log_dir.path().join("stderr.log");
-        let mut child = Command::new(workspace_binary("kanade-ingest"))
+        let binary = workspace_binary("kanade-ingest");
+        let mut command = match self.fd_limit {
+            // prlimit sets the limits and then execs the binary: same process.
+            Some(limit) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={limit}")).arg("--").arg(binary);
+                c
+            }
+            None => Command::new(binary),
+        };
+        let mut child = command
             .args([
                 "--listen",
                 &self.listen,
@@ -124,6 +141,7 @@ impl TestIngest {
             listen: "127.0.0.1:0".to_string(),
             args: Vec::new(),
             envs: Vec::new(),
+            fd_limit: None,
         }
     }
 

@@ -1,7 +1,7 @@
 //! The harness every Kanade integration test uses, by concern: fresh databases ([`db`]), the
 //! real `kanade-ingest` ([`ingest`]) and `kanade-agent` ([`agent`]) binaries, test traffic
 //! ([`events`]) and raw agent streams ([`stream`]), fault injection ([`proxy`]), an OTLP
-//! receiver ([`otlp`]) and a test CA ([`ca`]). Everything talks to the real thing: PostgreSQL,
+//! receiver ([`otlp`]), a test CA ([`ca`]) and what `/proc` says about a server ([`procfs`]). Everything talks to the real thing: PostgreSQL,
 //! SQLite files, gRPC over loopback, child processes.
 
 pub mod agent;
@@ -10,6 +10,7 @@ pub mod db;
 pub mod events;
 pub mod ingest;
 pub mod otlp;
+pub mod procfs;
 pub mod proxy;
 pub mod stream;
 

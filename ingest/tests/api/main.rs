@@ -7,6 +7,7 @@ mod conformance;
 mod deploy;
 mod faults;
 mod grpcurl;
+mod listeners;
 mod stream;
 mod telemetry;
 mod tls;
