@@ -1,7 +1,7 @@
 //! Telemetry shared by both programs: logs, and OpenTelemetry traces over OTLP/gRPC.
 //!
-//! Logs are human-readable by default, JSON on request, filtered by `RUST_LOG` (default `info`),
-//! always on stderr so stdout stays for answers. Traces are exported only when
+//! Logs are human-readable by default, JSON on request, filtered by `RUST_LOG` (else the
+//! program's default, usually `info`), always on stderr so stdout stays for answers. Traces are exported only when
 //! `OTEL_EXPORTER_OTLP_ENDPOINT` is set; otherwise no OpenTelemetry layer is installed at all,
 //! so tracing costs what plain `tracing` costs. The standard variables are honoured by the
 //! OpenTelemetry SDK itself: `OTEL_SERVICE_NAME` (default: the program's name),
@@ -84,9 +84,15 @@ fn tracer_provider(default_service_name: &'static str) -> Result<SdkTracerProvid
 }
 
 /// Installs logging and, when `OTEL_EXPORTER_OTLP_ENDPOINT` is set, trace export. Call once,
-/// inside the tokio runtime (the OTLP exporter runs on it).
-pub fn init(format: LogFormat, default_service_name: &'static str) -> Telemetry {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+/// inside the tokio runtime (the OTLP exporter runs on it). `default_filter` applies when
+/// `RUST_LOG` is not set (e.g. `"info"`).
+pub fn init(
+    format: LogFormat,
+    default_service_name: &'static str,
+    default_filter: &str,
+) -> Telemetry {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let logs = match format {
         LogFormat::Text => fmt::layer()
             .with_writer(std::io::stderr)

@@ -33,7 +33,8 @@ pub enum Command {
     },
     /// Runs one command now through the outbox and exits with the command's exit code (128+N
     /// when it died of signal N; 127 not found, 126 not executable, 125 agent error, 75 when
-    /// --wait timed out).
+    /// --wait timed out). The command's stdout and stderr pass through as they are written
+    /// (while they are captured), unless --quiet.
     Exec(ExecArgs),
     /// Shows outbox depth, oldest pending event, dead letters, connection state and last ack.
     Status {
@@ -47,6 +48,21 @@ pub enum Command {
         #[command(subcommand)]
         action: DeadLetterAction,
     },
+}
+
+impl Command {
+    /// The log filter when `RUST_LOG` is not set: `exec` stays quiet so its output is the
+    /// command's; the others tell what they do.
+    pub fn log_filter(&self) -> &'static str {
+        match self {
+            Command::Exec(args) => match args.verbose {
+                0 => "warn",
+                1 => "info",
+                _ => "debug",
+            },
+            _ => "info",
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -95,6 +111,13 @@ pub struct ExecArgs {
     /// Also wait until both events of the run are acknowledged by ingest.
     #[arg(long)]
     pub wait: bool,
+    /// Log the agent's own work (-v: info, -vv: debug); by default only warnings and errors, so
+    /// what exec prints is the command's output.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Pass nothing of the command's output through (it is still captured and reported).
+    #[arg(short, long)]
+    pub quiet: bool,
     /// How long --wait waits before exiting with status 75 (e.g. 30s, 5m).
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub wait_timeout: Duration,

@@ -15,7 +15,7 @@ use uuid::Uuid;
 use crate::{
     config::{Job, Program, Settings},
     outbox::Outbox,
-    runner::{self, ProcessOutcome},
+    runner::{self, Echo, ProcessOutcome, ProcessSpec},
 };
 
 /// What to run and under which names.
@@ -29,6 +29,8 @@ pub struct RunRequest {
     pub request_id: String,
     /// The deployment or schedule firing.
     pub exec_id: String,
+    /// Where the output goes besides the result.
+    pub echo: Echo,
 }
 
 /// A fresh id for a run, a request or a firing.
@@ -46,6 +48,7 @@ impl RunRequest {
             timeout: job.timeout,
             request_id: format!("schedule:{}", job.manifest_id),
             exec_id: mint_id(),
+            echo: Echo::Nothing,
         }
     }
 
@@ -135,15 +138,16 @@ async fn run(
     if let Some(traceparent) = trace_context.get("traceparent") {
         env.push(("TRACEPARENT".to_string(), traceparent.clone()));
     }
-    let outcome = runner::run_process(
-        &request.program.argv(),
-        &env,
-        request.timeout,
-        settings.output_cap_bytes,
-        settings.kill_grace,
-        cancel,
-    )
-    .await;
+    let argv = request.program.argv();
+    let spec = ProcessSpec {
+        argv: &argv,
+        env: &env,
+        timeout: request.timeout,
+        output_cap: settings.output_cap_bytes,
+        kill_grace: settings.kill_grace,
+        echo: request.echo,
+    };
+    let outcome = runner::run_process(spec, cancel).await;
     let elapsed = chrono::Duration::from_std(outcome.elapsed).unwrap_or(chrono::Duration::MAX);
     let finished_at = started
         .started_at

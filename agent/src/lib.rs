@@ -30,6 +30,7 @@ use crate::{
     config::{Program, Settings},
     execution::RunRequest,
     outbox::Outbox,
+    runner::Echo,
 };
 
 /// Exit status for an agent error (SPEC §4).
@@ -91,6 +92,11 @@ async fn exec(args: ExecArgs) -> anyhow::Result<u8> {
         timeout: args.timeout,
         request_id: args.request_id.unwrap_or_else(execution::mint_id),
         exec_id: args.exec_id.unwrap_or_else(execution::mint_id),
+        echo: if args.quiet {
+            Echo::Nothing
+        } else {
+            Echo::ToOwnOutputs
+        },
     };
     // Refused here, before anything is enqueued, with the rule ingest would apply.
     request.check(&settings.pc_id).map_err(|e| {
@@ -143,27 +149,7 @@ async fn wait_for_acks(
         }
         None => None,
     };
-    let deadline = tokio::time::Instant::now() + timeout;
-    let verdict = loop {
-        let mut pending = 0;
-        for &seq in seqs {
-            if outbox.is_pending(seq).await? {
-                pending += 1;
-            }
-        }
-        if pending == 0 {
-            break None;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            eprintln!(
-                "kanade-agent: {pending} event(s) of this run still wait for ingest's ack after {}; \
-                 they stay in the outbox and will be sent by the daemon",
-                humantime::format_duration(timeout)
-            );
-            break Some(EXIT_WAIT_TIMED_OUT);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let verdict = wait_until_answered(outbox, seqs, timeout, own_sender.is_some()).await?;
     stop.cancel();
     if let Some(task) = own_sender {
         let _ = task.await;
@@ -177,6 +163,80 @@ async fn wait_for_acks(
         }
     }
     Ok(verdict)
+}
+
+/// How often `exec --wait` looks at the outbox while another process sends its events (its own
+/// sender notifies it instead).
+const WAIT_POLL: Duration = Duration::from_millis(50);
+/// `exec --wait` says why it still waits after this long, then whenever that changes, and at
+/// least this often.
+const WAIT_EXPLAIN_AFTER: Duration = Duration::from_secs(1);
+const WAIT_EXPLAIN_EVERY: Duration = Duration::from_secs(15);
+
+/// Waits until none of `seqs` is pending; returns the exit code when the wait timed out. While
+/// it waits it says why (the sender's connection state), so a refused certificate or an
+/// unreachable ingest shows at once instead of after the whole timeout.
+async fn wait_until_answered(
+    outbox: &Outbox,
+    seqs: &[u64],
+    timeout: Duration,
+    own_sender: bool,
+) -> anyhow::Result<Option<u8>> {
+    let began = tokio::time::Instant::now();
+    let deadline = began + timeout;
+    let mut explained: Option<(String, tokio::time::Instant)> = None;
+    loop {
+        // Registered before looking, so an answer between the look and the wait is not missed.
+        let answered = outbox.answered.notified();
+        tokio::pin!(answered);
+        answered.as_mut().enable();
+        let mut pending = 0;
+        for &seq in seqs {
+            if outbox.is_pending(seq).await? {
+                pending += 1;
+            }
+        }
+        if pending == 0 {
+            return Ok(None);
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            eprintln!(
+                "kanade-agent: {pending} event(s) of this run still wait for ingest's ack after {}; \
+                 they stay in the outbox and will be sent by the daemon",
+                humantime::format_duration(timeout)
+            );
+            return Ok(Some(EXIT_WAIT_TIMED_OUT));
+        }
+        if now - began >= WAIT_EXPLAIN_AFTER {
+            let state = outbox
+                .connection_state()
+                .await?
+                .unwrap_or_else(|| "not connected yet".to_string());
+            let due = match &explained {
+                None => true,
+                Some((said, at)) => *said != state || now - *at >= WAIT_EXPLAIN_EVERY,
+            };
+            if due {
+                eprintln!(
+                    "kanade-agent: waiting for ingest to acknowledge {pending} event(s) of this \
+                     run ({} so far): {state}",
+                    humantime::format_duration(Duration::from_secs((now - began).as_secs()))
+                );
+                explained = Some((state, now));
+            }
+        }
+        let next_look = if own_sender {
+            WAIT_EXPLAIN_AFTER
+        } else {
+            WAIT_POLL
+        };
+        tokio::select! {
+            _ = answered => {}
+            _ = tokio::time::sleep(next_look) => {}
+            _ = tokio::time::sleep_until(deadline) => {}
+        }
+    }
 }
 
 async fn status(common: &CommonArgs) -> anyhow::Result<u8> {
@@ -205,10 +265,12 @@ async fn status(common: &CommonArgs) -> anyhow::Result<u8> {
     println!("dead letters:  {}", s.dead_letters);
     println!("running runs:  {}", s.running_runs);
     println!("sender:        {sending}");
-    println!(
-        "connection:    {}",
-        s.connection.as_deref().unwrap_or("never connected")
-    );
+    let connection = match (s.connection, s.connection_since) {
+        (Some(state), Some(since)) => format!("{state} (since {since})"),
+        (Some(state), None) => state,
+        (None, _) => "never connected".to_string(),
+    };
+    println!("connection:    {connection}");
     println!(
         "last ack:      {}",
         s.last_ack.as_deref().unwrap_or("never")

@@ -180,11 +180,57 @@ pub fn keep_head_and_tail(text: &str, max: usize) -> (String, u64) {
     (kept, cut)
 }
 
+/// Where else a run's output goes while it is captured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Echo {
+    /// Captured only (the daemon's runs).
+    #[default]
+    Nothing,
+    /// Also written, as it comes, to the agent's own stdout and stderr (`kanade-agent exec`, so
+    /// it can wrap a cron job or run in a terminal).
+    ToOwnOutputs,
+}
+
+/// Which of the run's outputs a pipe carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// Writes output through to the agent's own stream; stops at the first failure (a closed
+/// terminal or pipe must not end the capture).
+struct Passthrough(Option<Box<dyn tokio::io::AsyncWrite + Unpin + Send>>);
+
+impl Passthrough {
+    fn new(echo: Echo, stream: Stream) -> Passthrough {
+        Passthrough(match (echo, stream) {
+            (Echo::Nothing, _) => None,
+            (Echo::ToOwnOutputs, Stream::Stdout) => Some(Box::new(tokio::io::stdout())),
+            (Echo::ToOwnOutputs, Stream::Stderr) => Some(Box::new(tokio::io::stderr())),
+        })
+    }
+
+    async fn write(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        if let Some(out) = &mut self.0 {
+            let written = async {
+                out.write_all(bytes).await?;
+                out.flush().await
+            };
+            if written.await.is_err() {
+                self.0 = None;
+            }
+        }
+    }
+}
+
 /// Reads a pipe until its end, or until `stop` (a grandchild may hold the pipe open long after
 /// the run ended): what was read by then is kept.
 async fn capture(
     mut pipe: impl tokio::io::AsyncRead + Unpin,
     cap: usize,
+    mut passthrough: Passthrough,
     stop: CancellationToken,
 ) -> Captured {
     let mut buffer = HeadTail::new(cap);
@@ -193,7 +239,10 @@ async fn capture(
         tokio::select! {
             read = pipe.read(&mut chunk) => match read {
                 Ok(0) | Err(_) => break,
-                Ok(n) => buffer.push(&chunk[..n]),
+                Ok(n) => {
+                    buffer.push(&chunk[..n]);
+                    passthrough.write(&chunk[..n]).await;
+                }
             },
             _ = stop.cancelled() => break,
         }
@@ -216,17 +265,32 @@ enum Ending {
     Cancelled,
 }
 
-/// Runs `argv` to completion (or timeout, or cancellation) and reports how it ended.
-///
-/// `env` is added to the inherited environment minus the withheld prefixes.
-pub async fn run_process(
-    argv: &[String],
-    env: &[(String, String)],
-    timeout: Option<Duration>,
-    output_cap: usize,
-    kill_grace: Duration,
-    cancel: &CancellationToken,
-) -> ProcessOutcome {
+/// What to run and how to watch it.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcessSpec<'a> {
+    /// The program and its arguments.
+    pub argv: &'a [String],
+    /// Added to the inherited environment, minus the withheld prefixes.
+    pub env: &'a [(String, String)],
+    /// The process group is ended after this long.
+    pub timeout: Option<Duration>,
+    /// Each output is captured up to this many bytes (head and tail).
+    pub output_cap: usize,
+    /// Between TERM and KILL.
+    pub kill_grace: Duration,
+    pub echo: Echo,
+}
+
+/// Runs a process to completion (or timeout, or cancellation) and reports how it ended.
+pub async fn run_process(spec: ProcessSpec<'_>, cancel: &CancellationToken) -> ProcessOutcome {
+    let ProcessSpec {
+        argv,
+        env,
+        timeout,
+        output_cap,
+        kill_grace,
+        echo,
+    } = spec;
     let started = Instant::now();
     let Some((program, args)) = argv.split_first() else {
         return spawn_failed(SpawnFailure::Other, "empty command".into(), started);
@@ -264,11 +328,13 @@ pub async fn run_process(
     let stdout = tokio::spawn(capture(
         child.stdout.take().expect("piped"),
         output_cap,
+        Passthrough::new(echo, Stream::Stdout),
         stop_reading.clone(),
     ));
     let stderr = tokio::spawn(capture(
         child.stderr.take().expect("piped"),
         output_cap,
+        Passthrough::new(echo, Stream::Stderr),
         stop_reading.clone(),
     ));
 

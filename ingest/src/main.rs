@@ -32,7 +32,7 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let args = match cli.command {
         Some(Command::Migrate(args)) => {
-            let _telemetry = telemetry::init(LogFormat::Text, SERVICE_NAME);
+            let _telemetry = telemetry::init(LogFormat::Text, SERVICE_NAME, "info");
             app::migrate(&args.database_url).await?;
             println!("migrations applied to {}", app::redact(&args.database_url));
             return Ok(());
@@ -57,7 +57,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Serve(args)) => *args,
         None => cli.serve,
     };
-    let telemetry = telemetry::init(args.log_format, SERVICE_NAME);
+    let telemetry = telemetry::init(args.log_format, SERVICE_NAME, "info");
     let served = serve(args).await;
     // Flushing blocks; the exporter needs the runtime's other threads meanwhile.
     let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;

@@ -24,7 +24,9 @@ pub struct OutboxStatus {
     pub oldest_pending: Option<DateTime<Utc>>,
     pub dead_letters: u64,
     pub running_runs: u64,
+    /// What the sender last said about its connection, and since when (RFC 3339).
     pub connection: Option<String>,
+    pub connection_since: Option<String>,
     pub last_ack: Option<String>,
 }
 
@@ -42,10 +44,38 @@ pub(super) async fn set_state(
 }
 
 impl Outbox {
-    /// Records what the sender is doing, for `status`.
+    /// Records what the sender is doing ("connected to …", "disconnected from …: why"), and
+    /// since when, for `status` and a waiting `exec --wait`.
     pub async fn set_connection(&self, state: &str) -> Result<(), OutboxError> {
+        let mut tx = self.pool.begin().await?;
+        if self.connection_state_in(&mut tx).await?.as_deref() != Some(state) {
+            set_state(&mut tx, "connection", state).await?;
+            set_state(
+                &mut tx,
+                "connection_since",
+                &chrono::Utc::now().to_rfc3339(),
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn connection_state_in(
+        &self,
+        conn: &mut SqliteConnection,
+    ) -> Result<Option<String>, OutboxError> {
+        Ok(sqlx::query_scalar::<_, String>(
+            "SELECT value FROM agent_state WHERE key = 'connection'",
+        )
+        .fetch_optional(&mut *conn)
+        .await?)
+    }
+
+    /// What the sender last said about its connection.
+    pub async fn connection_state(&self) -> Result<Option<String>, OutboxError> {
         let mut conn = self.pool.acquire().await?;
-        set_state(&mut conn, "connection", state).await
+        self.connection_state_in(&mut conn).await
     }
 
     pub async fn status(&self) -> Result<OutboxStatus, OutboxError> {
@@ -78,6 +108,7 @@ impl Outbox {
             dead_letters: dead as u64,
             running_runs: running as u64,
             connection: state("connection").await?,
+            connection_since: state("connection_since").await?,
             last_ack: state("last_ack").await?,
         })
     }

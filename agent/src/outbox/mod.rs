@@ -88,6 +88,8 @@ pub struct Outbox {
     /// Woken on every enqueue in this process; the sending process also wakes it for pokes from
     /// other processes.
     pub wake: Arc<Notify>,
+    /// Notified (all waiters) whenever this process forgets events: acked or dead-lettered.
+    pub answered: Arc<Notify>,
 }
 
 impl Outbox {
@@ -128,6 +130,7 @@ impl Outbox {
             dir,
             cap_bytes,
             wake: Arc::new(Notify::new()),
+            answered: Arc::new(Notify::new()),
         })
     }
 

@@ -185,6 +185,7 @@ impl Outbox {
         }
         super::admin::set_state(&mut tx, "last_ack", &chrono::Utc::now().to_rfc3339()).await?;
         tx.commit().await?;
+        self.answered.notify_waiters();
         Ok(())
     }
 
@@ -205,6 +206,7 @@ impl Outbox {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
+        self.answered.notify_waiters();
         Ok(())
     }
 

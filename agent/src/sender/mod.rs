@@ -134,10 +134,7 @@ pub async fn run<Q: Queue>(outbox: Q, config: SenderConfig, shutdown: Cancellati
         let delay = match end {
             SessionEnd::Shutdown => {
                 let _ = outbox
-                    .set_connection(&format!(
-                        "not connected: the sender stopped at {}",
-                        chrono::Utc::now().to_rfc3339()
-                    ))
+                    .set_connection("not connected: the sender stopped")
                     .await;
                 return;
             }
@@ -154,11 +151,7 @@ pub async fn run<Q: Queue>(outbox: Q, config: SenderConfig, shutdown: Cancellati
                 attempt = attempt.saturating_add(1);
                 tracing::warn!(%error, retry_in = ?delay, "stream to ingest failed");
                 let _ = outbox
-                    .set_connection(&format!(
-                        "disconnected from {} at {}: {error}",
-                        config.ingest,
-                        chrono::Utc::now().to_rfc3339()
-                    ))
+                    .set_connection(&format!("disconnected from {}: {error}", config.ingest))
                     .await;
                 delay
             }
@@ -239,11 +232,7 @@ async fn session<Q: Queue>(
     tracing::info!(ingest = %config.ingest, window = stream.window_events,
         window_bytes = stream.window_bytes, "connected to ingest");
     let _ = outbox
-        .set_connection(&format!(
-            "connected to {} since {}",
-            config.ingest,
-            chrono::Utc::now().to_rfc3339()
-        ))
+        .set_connection(&format!("connected to {}", config.ingest))
         .await;
     let mut inbound = stream.inbound;
     let mut session = Session {

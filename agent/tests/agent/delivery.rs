@@ -350,6 +350,79 @@ async fn exec_wait_sends_its_own_events_or_gives_up_with_75() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("2 event(s) of this run still wait"));
 }
 
+/// SPEC §9: `exec` wraps a command like `time` does — its output passes through as written,
+/// the agent's own log stays at warnings unless asked — and `--wait` says why it still waits.
+#[tokio::test]
+async fn exec_passes_the_output_through_and_says_why_it_still_waits() {
+    let db = TestDb::sqlite();
+    let ingest = TestIngest::start(&db.url).await;
+    let home = AgentHome::new(&ingest.url(), "");
+    let script = ["sh", "-c", "echo out; echo err >&2; echo more"];
+    let exec = |flags: &[&str]| {
+        let mut args = vec!["exec"];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&["--manifest", "wrap", "--"]);
+        args.extend_from_slice(&script);
+        let mut cmd = home.command(&args);
+        cmd.env_remove("RUST_LOG");
+        cmd.output().unwrap()
+    };
+    let out = exec(&["--wait", "--exec-id", "plain"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "out\nmore\n");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "err\n",
+        "no log lines by default"
+    );
+    let stored = &by_exec(db.store().await.as_ref()).await["plain"][0];
+    let outcome = stored.outcome.as_ref().unwrap();
+    assert_eq!(
+        (outcome.stdout.as_str(), outcome.stderr.as_str()),
+        ("out\nmore\n", "err\n")
+    );
+
+    let quiet = exec(&["--quiet", "--exec-id", "quiet"]);
+    assert!(quiet.status.success());
+    assert!(
+        quiet.stdout.is_empty() && quiet.stderr.is_empty(),
+        "{quiet:?}"
+    );
+    let verbose = exec(&["-v", "--exec-id", "verbose"]);
+    assert!(
+        String::from_utf8_lossy(&verbose.stderr).contains("INFO"),
+        "{verbose:?}"
+    );
+
+    // An ingest that never answers: the wait says why instead of staying silent.
+    let down = AgentHome::new(&format!("http://{}", free_addr()), "");
+    let started = std::time::Instant::now();
+    let out = down
+        .command(&[
+            "exec",
+            "--wait",
+            "--wait-timeout",
+            "3s",
+            "--manifest",
+            "m",
+            "--",
+            "true",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(75), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let explained = stderr
+        .lines()
+        .find(|l| l.contains("waiting for ingest to acknowledge 2 event(s)"))
+        .unwrap_or_else(|| panic!("no explanation while waiting: {stderr}"));
+    assert!(
+        explained.contains("disconnected from http://") && explained.contains("connecting to"),
+        "{explained}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+}
+
 #[tokio::test]
 async fn daemon_shutdown_kills_runs_past_the_grace_and_reports_them_killed() {
     let db = TestDb::sqlite();

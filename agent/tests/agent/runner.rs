@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use kanade_agent::runner::{ProcessOutcome, SpawnFailure, run_process};
+use kanade_agent::runner::{Echo, ProcessOutcome, ProcessSpec, SpawnFailure, run_process};
 use kanade_shared::wire::ExecStatus;
 use tokio_util::sync::CancellationToken;
 
@@ -27,17 +27,21 @@ fn argv(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
 }
 
-/// Runs `args` with no extra environment, the default cap and a token nobody cancels.
-async fn run(args: &[&str], timeout: Option<Duration>, cap: usize) -> ProcessOutcome {
-    run_process(
-        &argv(args),
-        &[],
+/// How a test runs `argv`: no extra environment, nothing echoed.
+fn spec(argv: &[String], timeout: Option<Duration>, cap: usize) -> ProcessSpec<'_> {
+    ProcessSpec {
+        argv,
+        env: &[],
         timeout,
-        cap,
-        KILL_GRACE,
-        &CancellationToken::new(),
-    )
-    .await
+        output_cap: cap,
+        kill_grace: KILL_GRACE,
+        echo: Echo::Nothing,
+    }
+}
+
+/// Runs `args` with no extra environment and a token nobody cancels.
+async fn run(args: &[&str], timeout: Option<Duration>, cap: usize) -> ProcessOutcome {
+    run_process(spec(&argv(args), timeout, cap), &CancellationToken::new()).await
 }
 
 /// A shell script whose child forks a grandchild that ignores TERM and writes its pid to
@@ -199,12 +203,9 @@ async fn timeout_kills_the_whole_tree_including_a_grandchild_that_ignores_term()
     let dir = tempfile::tempdir().unwrap();
     let pid_file = dir.path().join("grandchild.pid");
     let began = Instant::now();
+    let argv = tree_with_a_term_ignoring_grandchild(&pid_file);
     let outcome = run_process(
-        &tree_with_a_term_ignoring_grandchild(&pid_file),
-        &[],
-        Some(Duration::from_secs(1)),
-        CAP,
-        KILL_GRACE,
+        spec(&argv, Some(Duration::from_secs(1)), CAP),
         &CancellationToken::new(),
     )
     .await;
@@ -226,7 +227,7 @@ async fn cancellation_kills_the_whole_tree_and_reports_killed() {
     let cancel = CancellationToken::new();
     let argv = tree_with_a_term_ignoring_grandchild(&pid_file);
     let began = Instant::now();
-    let run = run_process(&argv, &[], None, CAP, KILL_GRACE, &cancel);
+    let run = run_process(spec(&argv, None, CAP), &cancel);
     tokio::pin!(run);
 
     // Cancel only once the tree is complete, so the test proves the grandchild is ended too.
