@@ -12,6 +12,9 @@
 //!   reused).
 //! - `wake.sock`: the sending process listens on this datagram socket; any other process pokes
 //!   it after enqueueing, so events leave at once instead of at the next poll.
+//! - `outbox.reserve`: [`RESERVE_BYTES`] of real blocks, kept so that a run whose Started was
+//!   committed can always commit its result: when the disk fills, the agent deletes it to make
+//!   room, and writes it again once there is room (a run only starts while it exists).
 //!
 //! Locks are advisory `flock`s on files whose contents are never used: the kernel releases them
 //! when their process dies, however it dies.
@@ -33,6 +36,10 @@ const OPEN_LOCK: &str = "open.lock";
 const SENDER_LOCK: &str = "sender.lock";
 const WAKE_SOCKET: &str = "wake.sock";
 const RUNS_DIR: &str = "runs";
+const RESERVE_FILE: &str = "outbox.reserve";
+/// Room held back on the data dir's disk for results of runs already started: several result
+/// commits with cut-down outputs (each a few pages of WAL).
+pub const RESERVE_BYTES: usize = 256 * 1024;
 
 /// What went wrong with a file of the data dir; every variant names the path.
 #[derive(Debug, thiserror::Error)]
@@ -156,6 +163,42 @@ impl DataDir {
         let file = lock_file(&path).ok()?;
         file.try_lock().ok()?;
         Some(RunLock { file, path })
+    }
+
+    /// Makes sure the reserve exists (writing it if it does not); false when there is no room for
+    /// it: the disk is full.
+    pub fn ensure_reserve(&self) -> bool {
+        use std::io::Write;
+        let path = self.path.join(RESERVE_FILE);
+        if fs::metadata(&path).is_ok_and(|m| m.len() == RESERVE_BYTES as u64) {
+            return true;
+        }
+        let written = (|| {
+            let mut file = OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .mode(0o600)
+                .open(&path)?;
+            // Real blocks, not a sparse file: the point is to hold the space.
+            file.write_all(&vec![0u8; RESERVE_BYTES])?;
+            file.sync_all()
+        })();
+        if written.is_err() {
+            let _ = fs::remove_file(&path);
+        }
+        written.is_ok()
+    }
+
+    /// Gives the reserve's room back to the disk; true when there was a reserve to give.
+    pub fn release_reserve(&self) -> bool {
+        fs::remove_file(self.path.join(RESERVE_FILE)).is_ok()
+    }
+
+    /// Bytes free for this process on the disk holding the data dir.
+    pub fn free_bytes(&self) -> Option<u64> {
+        let stat = nix::sys::statvfs::statvfs(&self.path).ok()?;
+        Some(stat.blocks_available() as u64 * stat.fragment_size() as u64)
     }
 
     /// Pokes the sending process (if one listens) so it reads the outbox now.

@@ -3,6 +3,7 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
+use anyhow::Context;
 use chrono::{SubsecRound, Utc};
 use kanade_shared::{
     telemetry,
@@ -125,7 +126,10 @@ async fn run(
     trace_context: BTreeMap<String, String>,
 ) -> anyhow::Result<Finished> {
     let result_id = started.result_id.clone();
-    let (lock, started_seq) = outbox.begin_run(&started, &trace_context).await?;
+    let (lock, started_seq) = outbox
+        .begin_run(&started, &trace_context)
+        .await
+        .context("the run is not started")?;
     tracing::info!("run started");
 
     let mut env = vec![

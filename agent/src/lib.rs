@@ -23,6 +23,8 @@ pub mod sender;
 
 use std::time::Duration;
 
+use anyhow::Context;
+
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -110,8 +112,9 @@ async fn exec(args: ExecArgs) -> anyhow::Result<u8> {
         };
         anyhow::anyhow!("{flag}: {e}")
     })?;
-    let outbox = open_outbox(&settings).await?;
-    outbox.recover_interrupted().await?;
+    let not_started = "the run is not started";
+    let outbox = open_outbox(&settings).await.context(not_started)?;
+    outbox.recover_interrupted().await.context(not_started)?;
     let finished = execution::execute(&outbox, &settings, request, &shutdown_on_signal()).await?;
     if let Some(failure) = finished.outcome.spawn_failure {
         eprintln!("kanade-agent: {} ({failure:?})", finished.result.stderr);

@@ -15,6 +15,7 @@ use crate::workspace_binary;
 pub struct AgentHome {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
+    data_dir: PathBuf,
     ingest: String,
 }
 
@@ -31,9 +32,15 @@ shutdown_grace = "2s"
 impl AgentHome {
     /// `ingest` is a URL; `extra` is appended to the config file (e.g. `[[job]]` tables).
     pub fn new(ingest: &str, extra: &str) -> AgentHome {
+        AgentHome::with_data_dir(ingest, extra, None)
+    }
+
+    /// Like [`AgentHome::new`], with the data dir at `data_dir` (say, on a [`SmallDisk`]).
+    pub fn with_data_dir(ingest: &str, extra: &str, data_dir: Option<PathBuf>) -> AgentHome {
         let dir = tempfile::tempdir().expect("temp dir");
         let config = dir.path().join("agent.toml");
         let home = AgentHome {
+            data_dir: data_dir.unwrap_or_else(|| dir.path().join("data")),
             dir,
             config,
             ingest: ingest.to_string(),
@@ -56,7 +63,7 @@ impl AgentHome {
     }
 
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.data_dir.clone()
     }
 
     /// A `kanade-agent` command with this home's config.
@@ -157,4 +164,68 @@ pub fn alive(pid: i32) -> bool {
         && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .map(|s| s.split_whitespace().nth(2) == Some("Z"))
             .unwrap_or(true)
+}
+
+/// A small tmpfs mounted for one test (the test runs as root: `mount -t tmpfs`), unmounted when
+/// dropped. For what an agent does when its disk fills up.
+pub struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    /// Mounts a tmpfs of `size` (as `mount -o size=` takes it: `2m`).
+    pub fn mount(size: &str) -> SmallDisk {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let status = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir.path())
+            .status()
+            .expect("running mount");
+        assert!(
+            status.success(),
+            "mounting a {size} tmpfs at {} failed: the disk-full tests need root",
+            dir.path().display()
+        );
+        SmallDisk { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Grows (or shrinks) the filesystem in place, as freeing space would.
+    pub fn resize(&self, size: &str) {
+        let status = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(self.dir.path())
+            .status()
+            .expect("running mount");
+        assert!(status.success(), "resizing the tmpfs failed");
+    }
+
+    /// Fills what is left with a file, so the next write finds no room at all.
+    pub fn fill(&self) -> PathBuf {
+        let filler = self.dir.path().join("filler");
+        let _ = Command::new("dd")
+            .args(["if=/dev/zero", "bs=4096"])
+            .arg(format!("of={}", filler.display()))
+            .stderr(Stdio::null())
+            .status();
+        filler
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
 }

@@ -16,7 +16,7 @@ pub mod stream;
 
 use std::{net::SocketAddr, time::Duration};
 
-pub use agent::{AgentHome, Daemon};
+pub use agent::{AgentHome, Daemon, SmallDisk};
 pub use ca::{IssuedCert, TestCa, tls_channel};
 pub use db::{Backend, TestDb, postgres_admin_url};
 pub use events::{Run, now};

@@ -49,7 +49,7 @@ pub use queue::Pending;
 
 use crate::{
     config::Synchronous,
-    data_dir::{DataDir, DataDirError},
+    data_dir::{DataDir, DataDirError, RESERVE_BYTES},
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -68,6 +68,23 @@ pub enum OutboxError {
     /// The database failed a statement.
     #[error("outbox database: {0}")]
     Database(#[from] sqlx::Error),
+    /// The disk holding the data dir has no room (SQLite says "database or disk is full", or
+    /// "disk I/O error" when its `-shm` file cannot grow).
+    #[error("the disk holding {} is full ({free_bytes} bytes free)", dir.display())]
+    DiskFull {
+        dir: std::path::PathBuf,
+        free_bytes: u64,
+    },
+    /// A run's result could not be committed, even with its outputs cut.
+    #[error(
+        "the result of run {result_id} is not recorded ({cause}); the next kanade-agent on this \
+         data dir reports the run INTERRUPTED"
+    )]
+    ResultNotRecorded {
+        result_id: String,
+        #[source]
+        cause: Box<OutboxError>,
+    },
     /// The migrations could not be applied.
     #[error("migrating the outbox: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -92,7 +109,51 @@ pub struct Outbox {
     pub answered: Arc<Notify>,
 }
 
+/// SQLite's primary result codes the outbox tells people about.
+const SQLITE_IOERR: i32 = 10;
+const SQLITE_FULL: i32 = 13;
+
+/// The primary SQLite result code of an error, if it is one.
+fn sqlite_code(err: &OutboxError) -> Option<i32> {
+    match err {
+        OutboxError::Database(sqlx::Error::Database(db)) => db
+            .code()
+            .and_then(|c| c.parse::<i32>().ok())
+            .map(|c| c & 0xff),
+        OutboxError::Migrate(sqlx::migrate::MigrateError::Execute(sqlx::Error::Database(db))) => db
+            .code()
+            .and_then(|c| c.parse::<i32>().ok())
+            .map(|c| c & 0xff),
+        _ => None,
+    }
+}
+
+/// Puts SQLite's words into the operator's: a full disk says so, with the directory and what
+/// is left (an I/O error counts as a full disk when less than the reserve is free).
+fn translate(dir: &DataDir, err: OutboxError) -> OutboxError {
+    let free_bytes = || dir.free_bytes().unwrap_or(0);
+    match sqlite_code(&err) {
+        Some(SQLITE_FULL) => OutboxError::DiskFull {
+            dir: dir.path().to_path_buf(),
+            free_bytes: free_bytes(),
+        },
+        Some(SQLITE_IOERR) if free_bytes() < RESERVE_BYTES as u64 => OutboxError::DiskFull {
+            dir: dir.path().to_path_buf(),
+            free_bytes: free_bytes(),
+        },
+        _ => err,
+    }
+}
+
 impl Outbox {
+    /// Runs one operation of the outbox, its errors translated for people.
+    async fn guard<T>(
+        &self,
+        operation: impl Future<Output = Result<T, OutboxError>>,
+    ) -> Result<T, OutboxError> {
+        operation.await.map_err(|e| translate(&self.dir, e))
+    }
+
     /// Opens (creating) the outbox in `dir`: directory 0700, database 0600, WAL.
     pub async fn open(
         dir: &Path,
@@ -100,6 +161,15 @@ impl Outbox {
         cap_bytes: u64,
     ) -> Result<Outbox, OutboxError> {
         let dir = DataDir::create(dir)?;
+        let opened = Outbox::open_in(&dir, synchronous, cap_bytes).await;
+        opened.map_err(|e| translate(&dir, e))
+    }
+
+    async fn open_in(
+        dir: &DataDir,
+        synchronous: Synchronous,
+        cap_bytes: u64,
+    ) -> Result<Outbox, OutboxError> {
         let db = dir.create_outbox_file()?;
         // Several processes may open a fresh data dir at once. Switching it to WAL and migrating
         // are not safe to race (sqlx does not lock SQLite migrations across processes, and a
@@ -125,9 +195,11 @@ impl Outbox {
             .await?;
         MIGRATOR.run(&pool).await?;
         drop(lock);
+        // Best effort here: a run only starts once the reserve exists (`begin_run`).
+        dir.ensure_reserve();
         Ok(Outbox {
             pool,
-            dir,
+            dir: dir.clone(),
             cap_bytes,
             wake: Arc::new(Notify::new()),
             answered: Arc::new(Notify::new()),

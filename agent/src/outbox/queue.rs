@@ -30,7 +30,7 @@ fn kind(body: &EventBody) -> &'static str {
 }
 
 /// Cuts a result's outputs to the over-cap size; returns the bytes cut.
-fn cut_outputs(r: &mut ExecResult) -> u64 {
+pub(super) fn cut_outputs(r: &mut ExecResult) -> u64 {
     let (stdout, a) = keep_head_and_tail(&r.stdout, OVER_CAP_OUTPUT_BYTES);
     let (stderr, b) = keep_head_and_tail(&r.stderr, OVER_CAP_OUTPUT_BYTES);
     r.stdout = stdout;
@@ -138,93 +138,108 @@ impl Outbox {
         mut after_seq: u64,
         limit: usize,
     ) -> Result<Vec<Pending>, OutboxError> {
-        let mut out = Vec::with_capacity(limit.min(1024));
-        while out.is_empty() {
-            let rows = sqlx::query(
-                "SELECT seq, payload, bytes FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-            )
-            .bind(after_seq as i64)
-            .bind(limit as i64)
-            .fetch_all(&self.pool)
-            .await?;
-            if rows.is_empty() {
-                break;
-            }
-            for row in rows {
-                let seq: i64 = row.try_get("seq")?;
-                after_seq = seq as u64;
-                let payload: String = row.try_get("payload")?;
-                match serde_json::from_str::<Event>(&payload) {
-                    Ok(mut event) => {
-                        event.seq = seq as u64;
-                        out.push(Pending {
-                            seq: seq as u64,
-                            event: event.into(),
-                            bytes: row.try_get::<i64, _>("bytes")? as u64,
-                        });
-                    }
-                    Err(err) => {
-                        let reason = format!("undecodable outbox row: {err}");
-                        tracing::error!(seq, %reason, "moving an outbox row to the dead letters");
-                        self.dead_letter(seq as u64, &reason).await?;
+        self.guard(async {
+            let mut out = Vec::with_capacity(limit.min(1024));
+            while out.is_empty() {
+                let rows = sqlx::query(
+                    "SELECT seq, payload, bytes FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+                )
+                .bind(after_seq as i64)
+                .bind(limit as i64)
+                .fetch_all(&self.pool)
+                .await?;
+                if rows.is_empty() {
+                    break;
+                }
+                for row in rows {
+                    let seq: i64 = row.try_get("seq")?;
+                    after_seq = seq as u64;
+                    let payload: String = row.try_get("payload")?;
+                    match serde_json::from_str::<Event>(&payload) {
+                        Ok(mut event) => {
+                            event.seq = seq as u64;
+                            out.push(Pending {
+                                seq: seq as u64,
+                                event: event.into(),
+                                bytes: row.try_get::<i64, _>("bytes")? as u64,
+                            });
+                        }
+                        Err(err) => {
+                            let reason = format!("undecodable outbox row: {err}");
+                            tracing::error!(seq, %reason, "moving an outbox row to the dead letters");
+                            self.dead_letter(seq as u64, &reason).await?;
+                        }
                     }
                 }
             }
-        }
-        Ok(out)
+            Ok(out)
+        })
+        .await
     }
 
     /// Forgets acknowledged events.
     pub async fn ack(&self, seqs: &[u64]) -> Result<(), OutboxError> {
-        let mut tx = self.pool.begin().await?;
-        for seq in seqs {
-            sqlx::query("DELETE FROM outbox WHERE seq = ?1")
-                .bind(*seq as i64)
-                .execute(&mut *tx)
-                .await?;
-        }
-        super::admin::set_state(&mut tx, "last_ack", &chrono::Utc::now().to_rfc3339()).await?;
-        tx.commit().await?;
-        self.answered.notify_waiters();
-        Ok(())
+        self.guard(async {
+            let mut tx = self.pool.begin().await?;
+            for seq in seqs {
+                sqlx::query("DELETE FROM outbox WHERE seq = ?1")
+                    .bind(*seq as i64)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            super::admin::set_state(&mut tx, "last_ack", &chrono::Utc::now().to_rfc3339()).await?;
+            tx.commit().await?;
+            self.answered.notify_waiters();
+            Ok(())
+        })
+        .await
     }
 
     /// Moves an event to the dead letters with the reason it can never be delivered.
     pub async fn dead_letter(&self, seq: u64, reason: &str) -> Result<(), OutboxError> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO dead_letters (seq, result_id, kind, payload, reason, enqueued_at, dead_at) \
-             SELECT seq, result_id, kind, payload, ?2, enqueued_at, ?3 FROM outbox WHERE seq = ?1",
-        )
-        .bind(seq as i64)
-        .bind(reason)
-        .bind(micros_now())
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("DELETE FROM outbox WHERE seq = ?1")
+        self.guard(async {
+            let mut tx = self.pool.begin().await?;
+            sqlx::query(
+                "INSERT INTO dead_letters (seq, result_id, kind, payload, reason, enqueued_at, dead_at) \
+                 SELECT seq, result_id, kind, payload, ?2, enqueued_at, ?3 FROM outbox WHERE seq = ?1",
+            )
             .bind(seq as i64)
+            .bind(reason)
+            .bind(micros_now())
             .execute(&mut *tx)
             .await?;
-        tx.commit().await?;
-        self.answered.notify_waiters();
-        Ok(())
+            sqlx::query("DELETE FROM outbox WHERE seq = ?1")
+                .bind(seq as i64)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            self.answered.notify_waiters();
+            Ok(())
+        })
+        .await
     }
 
     /// Whether an event is still waiting (neither acked nor dead-lettered).
     pub async fn is_pending(&self, seq: u64) -> Result<bool, OutboxError> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE seq = ?1")
-            .bind(seq as i64)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(n > 0)
+        self.guard(async {
+            let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE seq = ?1")
+                .bind(seq as i64)
+                .fetch_one(&self.pool)
+                .await?;
+            Ok(n > 0)
+        })
+        .await
     }
 
     /// Whether an event was dead-lettered.
     pub async fn is_dead(&self, seq: u64) -> Result<bool, OutboxError> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM dead_letters WHERE seq = ?1")
-            .bind(seq as i64)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(n > 0)
+        self.guard(async {
+            let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM dead_letters WHERE seq = ?1")
+                .bind(seq as i64)
+                .fetch_one(&self.pool)
+                .await?;
+            Ok(n > 0)
+        })
+        .await
     }
 }

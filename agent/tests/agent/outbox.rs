@@ -655,3 +655,190 @@ async fn the_data_dir_is_0700_and_the_outbox_files_0600_whatever_the_umask() {
     queued(&outbox).await;
     assert_private_tree(&nested);
 }
+
+/// Fills `disk` until about `left` bytes are free (a filler file next to the data dir).
+fn fill_until(disk: &kanade_testkit::SmallDisk, left: u64) {
+    let free = nix::sys::statvfs::statvfs(disk.path()).unwrap();
+    let free = free.blocks_available() as u64 * free.fragment_size() as u64;
+    let filler = disk.path().join(format!("filler-{}", uuid::Uuid::new_v4()));
+    fs::write(&filler, vec![0u8; free.saturating_sub(left) as usize]).unwrap();
+}
+
+/// SPEC §12, agent disk full, step by step on a 2 MiB disk: a result that no longer fits is
+/// recorded with its outputs cut (the reserve gives the room, the dropped bytes are counted) and
+/// the run exits with its own code; on a disk with no room at all no run starts; a result
+/// whose disk is taken entirely mid-run is recorded cut or the exec exits 125 saying it is not.
+/// Once space is freed everything drains: every run one row at ingest, finished, none running.
+#[tokio::test]
+async fn a_full_disk_never_reports_success_for_an_unrecorded_result_and_drains_when_freed() {
+    let disk = kanade_testkit::SmallDisk::mount("2m");
+    let db = kanade_testkit::TestDb::sqlite();
+    let ingest_addr = kanade_testkit::free_addr();
+    let home = AgentHome::with_data_dir(
+        &format!("http://{ingest_addr}"),
+        "",
+        Some(disk.path().join("data")),
+    );
+    let run = |exec_id: &str, argv: &[&str]| {
+        let out = home.exec(&["--quiet", "--exec-id", exec_id], "full", argv);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            !stderr.contains("disk I/O error"),
+            "SQLite's words: {stderr}"
+        );
+        (out.status.code(), stderr)
+    };
+    assert_eq!(run("first", &["true"]).0, Some(0));
+
+    // Room for a Started, not for a 675 KB result: the reserve's room and cut outputs.
+    fill_until(&disk, 150 * 1024);
+    let script = "head -c 500000 /dev/urandom | base64";
+    let (code, stderr) = run("cut", &["sh", "-c", script]);
+    assert_eq!(code, Some(0), "{stderr}");
+
+    // With the disk taken entirely, nothing starts (it could not be recorded).
+    disk.fill();
+    let marker = home.dir.path().join("ran");
+    let (code, stderr) = run("refused", &["touch", marker.to_str().unwrap()]);
+    assert_eq!(code, Some(125), "{stderr}");
+    assert!(
+        stderr.contains("the run is not started: the disk holding")
+            && stderr.contains("is full (")
+            && stderr.contains("bytes free)"),
+        "{stderr}"
+    );
+    assert!(!marker.exists(), "a refused run never runs");
+
+    // A run that started with its reserve, and whose disk is then taken entirely (the reserve
+    // too): its result is recorded cut if any room turns up, else the exec says it is not.
+    disk.resize("3m");
+    let go = home.dir.path().join("go");
+    let running = home.dir.path().join("running");
+    let exec = home
+        .command(&[
+            "exec",
+            "--quiet",
+            "--exec-id",
+            "lost",
+            "--manifest",
+            "full",
+            "--",
+            "sh",
+            "-c",
+        ])
+        .arg(format!(
+            "echo output; touch {}; while [ ! -e {} ]; do sleep 0.05; done",
+            running.display(),
+            go.display()
+        ))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually(Duration::from_secs(10), "the run started", || async {
+        running.exists()
+    })
+    .await;
+    fs::remove_file(disk.path().join("data").join("outbox.reserve")).unwrap();
+    disk.fill();
+    fs::write(&go, "").unwrap();
+    let out = exec.wait_with_output().unwrap();
+    let lost_stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    // SQLite may still find room (closing the failed connection frees its -shm and WAL), in
+    // which case the cut result is recorded; if not, the exec says so. Never 0 without it.
+    let lost_code = out.status.code();
+    match lost_code {
+        Some(0) => {}
+        Some(125) => assert!(
+            lost_stderr.contains("is not recorded") && lost_stderr.contains("INTERRUPTED"),
+            "{lost_stderr}"
+        ),
+        other => panic!("exit {other:?}: {lost_stderr}"),
+    }
+
+    // Space comes back: everything drains.
+    disk.resize("64m");
+    for filler in fs::read_dir(disk.path()).unwrap().flatten() {
+        if filler.file_name().to_string_lossy().starts_with("filler") {
+            fs::remove_file(filler.path()).unwrap();
+        }
+    }
+    let _ingest = kanade_testkit::TestIngest::builder(&db.url)
+        .listen(ingest_addr)
+        .start()
+        .await;
+    let out = home.exec(
+        &["--wait", "--wait-timeout", "30s", "--exec-id", "after"],
+        "full",
+        &["true"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        home.outbox().await.status().await.unwrap().pending_events,
+        0,
+        "drained"
+    );
+    let all = db
+        .store()
+        .await
+        .list(&kanade_ingest::store::ListQuery::all(
+            kanade_testkit::now(),
+            chrono::Duration::minutes(5),
+            100,
+        ))
+        .await
+        .unwrap();
+    let row = |exec_id: &str| {
+        let rows: Vec<_> = all.iter().filter(|r| r.exec_id == exec_id).collect();
+        assert!(rows.len() <= 1, "{exec_id}: {rows:?}");
+        rows.first()
+            .map(|r| r.outcome.clone().expect("finished, not running"))
+    };
+    let cut = row("cut").expect("the cut result was recorded");
+    assert_eq!(cut.status, ExecStatus::Succeeded);
+    assert!(cut.stdout_dropped_bytes > 0, "cut to fit");
+    let full_length: u64 = 500_000_u64.div_ceil(3) * 4 + (500_000_u64.div_ceil(3) * 4).div_ceil(76);
+    assert_eq!(
+        cut.stdout.len() as u64 + cut.stdout_dropped_bytes,
+        full_length,
+        "every byte kept or counted as dropped"
+    );
+    assert!(row("refused").is_none(), "a refused run is nowhere");
+    let lost = row("lost").expect("reported either way");
+    if lost_code == Some(0) {
+        assert_eq!(lost.status, ExecStatus::Succeeded, "{lost_stderr}");
+        assert_eq!(
+            lost.stdout.len() as u64 + lost.stdout_dropped_bytes,
+            "output\n".len() as u64
+        );
+    } else {
+        assert_eq!(lost.status, ExecStatus::Interrupted, "{lost_stderr}");
+    }
+    for exec_id in ["first", "after"] {
+        assert_eq!(row(exec_id).unwrap().status, ExecStatus::Succeeded);
+    }
+}
+
+/// With no byte free at all (SQLite cannot even grow its `-shm` file), every command says the
+/// disk is full, naming the directory, instead of "disk I/O error"; nothing runs.
+#[tokio::test]
+async fn a_completely_full_disk_is_named_by_every_command() {
+    let disk = kanade_testkit::SmallDisk::mount("2m");
+    let home = AgentHome::with_data_dir(NO_INGEST, "", Some(disk.path().join("data")));
+    let first = home.exec(&["--quiet"], "before", &["true"]);
+    assert!(first.status.success(), "{first:?}");
+    disk.fill();
+    let marker = home.dir.path().join("ran");
+    let exec = home.exec(&[], "after", &["touch", marker.to_str().unwrap()]);
+    let status = home.command(&["status"]).output().unwrap();
+    for (what, out) in [("exec", &exec), ("status", &status)] {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(125), "{what}: {out:?}");
+        assert!(
+            stderr.contains(&format!("the disk holding {}", home.data_dir().display()))
+                && stderr.contains("is full"),
+            "{what}: {stderr}"
+        );
+        assert!(!stderr.contains("disk I/O error"), "{what}: {stderr}");
+    }
+    assert!(!marker.exists(), "nothing ran on a full disk");
+}
