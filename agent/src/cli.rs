@@ -48,6 +48,25 @@ pub enum Command {
         #[command(subcommand)]
         action: DeadLetterAction,
     },
+    /// Checks the outbox for damage, or salvages a damaged one.
+    Outbox {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(subcommand)]
+        action: OutboxAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OutboxAction {
+    /// Runs SQLite's integrity check and the outbox's own invariants (every queued event
+    /// decodes and is one ingest would accept, the journal decodes); exits 1 when damaged.
+    Check,
+    /// Moves a damaged outbox aside (outbox.db.damaged-TIMESTAMP: nothing is deleted), starts a
+    /// fresh one, queues again every event that can still be read, reports the runs that were
+    /// in progress as INTERRUPTED, and says how many events it recovered and what it could not
+    /// read. Stop the daemon first.
+    Salvage,
 }
 
 impl Command {
@@ -75,32 +94,33 @@ pub enum DeadLetterAction {
     Purge { id: i64 },
 }
 
-/// Settings shared by every command.
+/// Settings shared by every command (also accepted after a subcommand's action:
+/// `kanade-agent outbox check --data-dir D`).
 #[derive(Debug, Args)]
 pub struct CommonArgs {
     /// TOML config file.
-    #[arg(long, env = "KANADE_CONFIG")]
+    #[arg(long, env = "KANADE_CONFIG", global = true)]
     pub config: Option<PathBuf>,
     /// Ingest URL (http://host:port or https://host:port).
-    #[arg(long, env = "KANADE_INGEST")]
+    #[arg(long, env = "KANADE_INGEST", global = true)]
     pub ingest: Option<String>,
     /// This endpoint's id [default: the hostname].
-    #[arg(long, env = "KANADE_PC_ID")]
+    #[arg(long, env = "KANADE_PC_ID", global = true)]
     pub pc_id: Option<String>,
     /// Directory holding the outbox and locks.
-    #[arg(long, env = "KANADE_DATA_DIR")]
+    #[arg(long, env = "KANADE_DATA_DIR", global = true)]
     pub data_dir: Option<PathBuf>,
     /// CA certificate (PEM) that signed ingest's certificate.
-    #[arg(long, env = "KANADE_CA_CERT")]
+    #[arg(long, env = "KANADE_CA_CERT", global = true)]
     pub ca_cert: Option<PathBuf>,
     /// Client certificate (PEM) for mTLS.
-    #[arg(long, env = "KANADE_CLIENT_CERT")]
+    #[arg(long, env = "KANADE_CLIENT_CERT", global = true)]
     pub client_cert: Option<PathBuf>,
     /// Client private key (PEM) for mTLS.
-    #[arg(long, env = "KANADE_CLIENT_KEY")]
+    #[arg(long, env = "KANADE_CLIENT_KEY", global = true)]
     pub client_key: Option<PathBuf>,
     /// File holding the bearer token (never pass a token as a flag value).
-    #[arg(long, env = "KANADE_TOKEN_FILE")]
+    #[arg(long, env = "KANADE_TOKEN_FILE", global = true)]
     pub token_file: Option<PathBuf>,
 }
 

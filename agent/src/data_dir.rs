@@ -165,6 +165,46 @@ impl DataDir {
         Some(RunLock { file, path })
     }
 
+    /// The runs whose lock a live process holds (they are running now).
+    pub fn runs_in_progress(&self) -> Result<Vec<String>, DataDirError> {
+        let runs = self.path.join(RUNS_DIR);
+        let entries = fs::read_dir(&runs).map_err(io_error("reading", &runs))?;
+        let mut held = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(result_id) = name.strip_suffix(".lock") else {
+                continue;
+            };
+            match self.claim_orphaned_run(result_id) {
+                Some(lock) => drop(lock), // free: its process is gone
+                None => held.push(result_id.to_string()),
+            }
+        }
+        Ok(held)
+    }
+
+    /// Renames the outbox and its WAL and shared-memory files to `outbox.db.SUFFIX` (and
+    /// `…-wal`, `…-shm`, so SQLite still reads them together); returns the new database path.
+    pub fn move_outbox_aside(&self, suffix: &str) -> Result<PathBuf, DataDirError> {
+        let moved = self.path.join(format!("{OUTBOX_FILE}.{suffix}"));
+        for companion in ["", "-wal", "-shm"] {
+            let from = self.path.join(format!("{OUTBOX_FILE}{companion}"));
+            let to = PathBuf::from(format!("{}{companion}", moved.display()));
+            match fs::rename(&from, &to) {
+                Ok(()) => {}
+                Err(err) if err.kind() == io::ErrorKind::NotFound && !companion.is_empty() => {}
+                Err(err) => {
+                    return Err(DataDirError::Io {
+                        doing: "moving aside",
+                        path: from,
+                        source: err,
+                    });
+                }
+            }
+        }
+        Ok(moved)
+    }
+
     /// Makes sure the reserve exists (writing it if it does not); false when there is no room for
     /// it: the disk is full.
     pub fn ensure_reserve(&self) -> bool {

@@ -28,10 +28,10 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    cli::{Command, CommonArgs, DeadLetterAction, ExecArgs},
+    cli::{Command, CommonArgs, DeadLetterAction, ExecArgs, OutboxAction},
     config::{Program, Settings},
     execution::RunRequest,
-    outbox::Outbox,
+    outbox::{Outbox, OutboxError},
     runner::Echo,
 };
 
@@ -39,6 +39,9 @@ use crate::{
 pub const EXIT_AGENT_ERROR: u8 = 125;
 /// Exit status when `exec --wait` gave up with events still pending.
 pub const EXIT_WAIT_TIMED_OUT: u8 = 75;
+/// Exit status of the daemon when its outbox is damaged (EX_DATAERR): restarting it would
+/// change nothing until `kanade-agent outbox salvage` (the systemd unit does not restart it).
+pub const EXIT_OUTBOX_DAMAGED: u8 = 65;
 
 /// Cancelled on SIGTERM or SIGINT.
 pub fn shutdown_on_signal() -> CancellationToken {
@@ -76,12 +79,19 @@ pub async fn run(command: Command) -> anyhow::Result<u8> {
     match command {
         Command::Run { common } => {
             let settings = Settings::load(&common)?;
-            daemon::run(settings, shutdown_on_signal()).await?;
-            Ok(0)
+            match daemon::run(settings, shutdown_on_signal()).await {
+                Ok(()) => Ok(0),
+                Err(err) if OutboxError::is_damage_in(&err) => {
+                    eprintln!("kanade-agent: {err:#}");
+                    Ok(EXIT_OUTBOX_DAMAGED)
+                }
+                Err(err) => Err(err),
+            }
         }
         Command::Exec(args) => exec(args).await,
         Command::Status { common } => status(&common).await,
         Command::DeadLetters { common, action } => dead_letters(&common, action).await,
+        Command::Outbox { common, action } => outbox_command(&common, action).await,
     }
 }
 
@@ -147,7 +157,8 @@ async fn wait_for_acks(
             );
             Some(tokio::spawn(async move {
                 let _lock = lock;
-                sender::run(outbox, config, stop).await;
+                // A damaged outbox ends it; the wait below reports that from the outbox itself.
+                let _ = sender::run(outbox, config, stop).await;
             }))
         }
         None => None,
@@ -242,10 +253,87 @@ async fn wait_until_answered(
     }
 }
 
+async fn outbox_command(common: &CommonArgs, action: OutboxAction) -> anyhow::Result<u8> {
+    let settings = Settings::load(common)?;
+    match action {
+        OutboxAction::Check => {
+            let report = outbox::check(&settings.data_dir).await?;
+            if report.problems.is_empty() {
+                println!(
+                    "{}: ok ({} event(s) pending, {} dead letter(s), {} run(s) in progress)",
+                    report.file.display(),
+                    report.pending_events,
+                    report.dead_letters,
+                    report.runs_in_progress
+                );
+                return Ok(0);
+            }
+            println!("{}: DAMAGED", report.file.display());
+            for problem in &report.problems {
+                println!("  {problem}");
+            }
+            println!(
+                "Stop the daemon, then run `kanade-agent outbox salvage` (same --config or \
+                 --data-dir): it moves the file aside (nothing is deleted), starts a fresh outbox \
+                 and queues again every event that can still be read."
+            );
+            Ok(1)
+        }
+        OutboxAction::Salvage => {
+            let report = outbox::salvage(
+                &settings.data_dir,
+                settings.outbox_synchronous,
+                settings.outbox_cap_bytes,
+            )
+            .await?;
+            println!(
+                "moved the damaged outbox to {} (kept)",
+                report.moved_to.display()
+            );
+            println!("a fresh outbox is in place");
+            if report.nothing_readable {
+                println!("recovered 0 events: nothing in the damaged file could be read");
+            } else {
+                println!(
+                    "recovered {} event(s); {} run(s) that were in progress reported INTERRUPTED; \
+                     {} dead letter(s) kept; {} unreadable row(s) kept as dead letters",
+                    report.recovered_events,
+                    report.interrupted_runs,
+                    report.dead_letters,
+                    report.undecodable
+                );
+            }
+            if report.unreadable.is_empty() {
+                println!("could not be read: nothing");
+            }
+            for (first, last) in &report.unreadable {
+                match *last {
+                    i64::MAX => println!("could not be read: events from seq {first} on"),
+                    last => println!("could not be read: events with seq {first} to {last}"),
+                }
+            }
+            Ok(0)
+        }
+    }
+}
+
 async fn status(common: &CommonArgs) -> anyhow::Result<u8> {
     let settings = Settings::load(common)?;
-    let outbox = open_outbox(&settings).await?;
-    let s = outbox.status().await?;
+    let read = async {
+        let outbox = open_outbox(&settings).await?;
+        let status = outbox.status().await?;
+        anyhow::Ok((outbox, status))
+    };
+    let (outbox, s) = match read.await {
+        Ok(read) => read,
+        Err(err) if OutboxError::is_damage_in(&err) => {
+            println!("data dir:      {}", settings.data_dir.display());
+            println!("outbox:        damaged");
+            eprintln!("kanade-agent: {err:#}");
+            return Ok(1);
+        }
+        Err(err) => return Err(err),
+    };
     let oldest = match s.oldest_pending {
         Some(t) => format!(
             ", oldest {} ago",

@@ -247,9 +247,10 @@ pub fn spawn_sender<Q: Queue>(
     pc_id: &str,
     stop: &CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(sender::run(
-        queue,
-        sender_config(ingest, pc_id),
-        stop.clone(),
-    ))
+    let (config, stop) = (sender_config(ingest, pc_id), stop.clone());
+    tokio::spawn(async move {
+        if let Err(err) = sender::run(queue, config, stop).await {
+            eprintln!("kanade-bench: a sender stopped: {err:#}");
+        }
+    })
 }

@@ -231,7 +231,7 @@ fn cut_further(result: &mut ExecResult) -> bool {
 }
 
 /// The result reporting that a run's process died, noticed at `noticed_at`.
-fn interrupted(started: &EventStarted, noticed_at: chrono::DateTime<Utc>) -> ExecResult {
+pub(super) fn interrupted(started: &EventStarted, noticed_at: chrono::DateTime<Utc>) -> ExecResult {
     ExecResult {
         result_id: started.result_id.clone(),
         request_id: started.request_id.clone(),

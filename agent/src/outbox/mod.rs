@@ -32,10 +32,13 @@
 //! - Read ([`queue`]): the sender asks for `pending(after_seq, limit)`, in seq order.
 //! - Ack ([`queue`]): an Ack deletes, a Reject dead-letters.
 //! - Operator ([`admin`]): status, dead letters listed, retried, purged.
+//! - Damage ([`repair`]): any sign of corruption (SQLite `CORRUPT`, `NOTADB`) is
+//!   [`OutboxError::Damaged`], which names the file and the way out; `check` and `salvage`.
 
 mod admin;
 mod journal;
 mod queue;
+mod repair;
 
 use std::{path::Path, str::FromStr, sync::Arc, time::Duration};
 
@@ -46,6 +49,7 @@ use tokio::sync::Notify;
 
 pub use admin::{DeadLetter, OutboxStatus};
 pub use queue::Pending;
+pub use repair::{CheckReport, SalvageReport, check, salvage};
 
 use crate::{
     config::Synchronous,
@@ -75,6 +79,18 @@ pub enum OutboxError {
         dir: std::path::PathBuf,
         free_bytes: u64,
     },
+    /// The outbox file is damaged (SQLite `CORRUPT`, `NOTADB`, or a failed check).
+    #[error(
+        "the outbox {} is damaged ({detail}); nothing more is read from or written to it. See \
+         what is wrong with `kanade-agent outbox check`, then run `kanade-agent outbox salvage` \
+         (same --config or --data-dir): it moves the file aside (nothing is deleted), starts a \
+         fresh outbox and queues again every event that can still be read",
+        file.display()
+    )]
+    Damaged {
+        file: std::path::PathBuf,
+        detail: String,
+    },
     /// A run's result could not be committed, even with its outputs cut.
     #[error(
         "the result of run {result_id} is not recorded ({cause}); the next kanade-agent on this \
@@ -91,9 +107,30 @@ pub enum OutboxError {
     /// An event could not be written as JSON.
     #[error("encoding an event: {0}")]
     Encode(#[from] serde_json::Error),
+    /// The data dir is in use where the operation needs it to itself.
+    #[error("{} is in use: {why}", dir.display())]
+    Busy {
+        dir: std::path::PathBuf,
+        why: String,
+    },
     /// The operator named a dead letter that does not exist.
     #[error("no dead letter has id {id} (see `kanade-agent dead-letters list`)")]
     NoSuchDeadLetter { id: i64 },
+}
+
+impl OutboxError {
+    /// The outbox file itself is damaged: retrying cannot help.
+    pub fn is_damage(&self) -> bool {
+        matches!(self, OutboxError::Damaged { .. })
+    }
+
+    /// Whether `err` (from anywhere in the agent) is, underneath, a damaged outbox.
+    pub fn is_damage_in(err: &anyhow::Error) -> bool {
+        err.chain().any(|e| {
+            e.downcast_ref::<OutboxError>()
+                .is_some_and(OutboxError::is_damage)
+        })
+    }
 }
 
 /// The outbox of one data dir.
@@ -111,25 +148,28 @@ pub struct Outbox {
 
 /// SQLite's primary result codes the outbox tells people about.
 const SQLITE_IOERR: i32 = 10;
+const SQLITE_CORRUPT: i32 = 11;
 const SQLITE_FULL: i32 = 13;
+const SQLITE_NOTADB: i32 = 26;
 
-/// The primary SQLite result code of an error, if it is one.
+/// The primary SQLite result code behind an error, if SQLite gave one (anywhere in its chain).
 fn sqlite_code(err: &OutboxError) -> Option<i32> {
-    match err {
-        OutboxError::Database(sqlx::Error::Database(db)) => db
-            .code()
-            .and_then(|c| c.parse::<i32>().ok())
-            .map(|c| c & 0xff),
-        OutboxError::Migrate(sqlx::migrate::MigrateError::Execute(sqlx::Error::Database(db))) => db
-            .code()
-            .and_then(|c| c.parse::<i32>().ok())
-            .map(|c| c & 0xff),
-        _ => None,
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cause {
+        if let Some(sqlx::Error::Database(db)) = e.downcast_ref::<sqlx::Error>() {
+            return db
+                .code()
+                .and_then(|c| c.parse::<i32>().ok())
+                .map(|c| c & 0xff);
+        }
+        cause = e.source();
     }
+    None
 }
 
 /// Puts SQLite's words into the operator's: a full disk says so, with the directory and what
-/// is left (an I/O error counts as a full disk when less than the reserve is free).
+/// is left (an I/O error counts as a full disk when less than the reserve is free); any sign
+/// of corruption names the file and what to do next.
 fn translate(dir: &DataDir, err: OutboxError) -> OutboxError {
     let free_bytes = || dir.free_bytes().unwrap_or(0);
     match sqlite_code(&err) {
@@ -141,8 +181,24 @@ fn translate(dir: &DataDir, err: OutboxError) -> OutboxError {
             dir: dir.path().to_path_buf(),
             free_bytes: free_bytes(),
         },
+        Some(SQLITE_CORRUPT | SQLITE_NOTADB) => OutboxError::Damaged {
+            file: dir.outbox_file(),
+            detail: sqlite_message(&err),
+        },
         _ => err,
     }
+}
+
+/// SQLite's own words for an error ("database disk image is malformed").
+fn sqlite_message(err: &OutboxError) -> String {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cause {
+        if let Some(sqlx::Error::Database(db)) = e.downcast_ref::<sqlx::Error>() {
+            return db.message().to_string();
+        }
+        cause = e.source();
+    }
+    err.to_string()
 }
 
 impl Outbox {

@@ -119,11 +119,31 @@ enum SessionEnd {
         error: String,
         progressed: bool,
     },
+    /// The queue itself is broken (a damaged outbox): reconnecting cannot help.
+    QueueBroken(anyhow::Error),
     Shutdown,
 }
 
-/// Runs until `shutdown`, delivering the outbox.
-pub async fn run<Q: Queue>(outbox: Q, config: SenderConfig, shutdown: CancellationToken) {
+/// An error from the queue, `doing` something: a damaged outbox ends the sender, anything else
+/// ends the session (and is retried).
+fn queue_failure(doing: &str, err: anyhow::Error, progressed: bool) -> SessionEnd {
+    if crate::outbox::OutboxError::is_damage_in(&err) {
+        SessionEnd::QueueBroken(err)
+    } else {
+        SessionEnd::Failed {
+            error: format!("{doing}: {err:#}"),
+            progressed,
+        }
+    }
+}
+
+/// Runs until `shutdown`, delivering the outbox. Ends early, with the error, only when the
+/// queue is broken (a damaged outbox): every other failure is retried.
+pub async fn run<Q: Queue>(
+    outbox: Q,
+    config: SenderConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let mut attempt = 0u32;
     let mut refusals: HashMap<u64, u32> = HashMap::new();
     loop {
@@ -136,7 +156,12 @@ pub async fn run<Q: Queue>(outbox: Q, config: SenderConfig, shutdown: Cancellati
                 let _ = outbox
                     .set_connection("not connected: the sender stopped")
                     .await;
-                return;
+                return Ok(());
+            }
+            SessionEnd::QueueBroken(err) => {
+                // Whoever runs the sender reports it (the daemon, `exec --wait`).
+                tracing::debug!(error = %format!("{err:#}"), "the outbox cannot be read: the sender stops");
+                return Err(err);
             }
             SessionEnd::Clean => {
                 attempt = 0;
@@ -158,7 +183,7 @@ pub async fn run<Q: Queue>(outbox: Q, config: SenderConfig, shutdown: Cancellati
         };
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return Ok(()),
         }
     }
 }
@@ -243,8 +268,8 @@ async fn session<Q: Queue>(
         progressed: false,
     };
     loop {
-        if let Err(error) = session.fill().await {
-            return session.failed(error);
+        if let Err(end) = session.fill().await {
+            return end;
         }
         let next = tokio::select! {
             m = inbound.message() => Inbound::from_message(m),
@@ -258,8 +283,8 @@ async fn session<Q: Queue>(
             Inbound::Ended => return SessionEnd::Clean,
             Inbound::Failed(status) => return session.on_failure(status).await,
         };
-        if let Err(error) = handled {
-            return session.failed(error);
+        if let Err(end) = handled {
+            return end;
         }
     }
 }
@@ -273,7 +298,7 @@ impl<Q: Queue> Session<'_, Q> {
     }
 
     /// Sends from the outbox until the window is full or the outbox has nothing more.
-    async fn fill(&mut self) -> Result<(), String> {
+    async fn fill(&mut self) -> Result<(), SessionEnd> {
         loop {
             let room = self.window.room();
             if room == 0 {
@@ -283,7 +308,7 @@ impl<Q: Queue> Session<'_, Q> {
                 .outbox
                 .pending(self.window.cursor(), room)
                 .await
-                .map_err(|e| format!("reading the outbox: {e:#}"))?;
+                .map_err(|e| queue_failure("reading the outbox", e, self.progressed))?;
             if batch.is_empty() {
                 return Ok(());
             }
@@ -304,11 +329,11 @@ impl<Q: Queue> Session<'_, Q> {
         }
     }
 
-    async fn on_ack(&mut self, seqs: Vec<u64>) -> Result<(), String> {
+    async fn on_ack(&mut self, seqs: Vec<u64>) -> Result<(), SessionEnd> {
         self.outbox
             .ack(&seqs)
             .await
-            .map_err(|e| format!("recording acks: {e:#}"))?;
+            .map_err(|e| queue_failure("recording acks", e, self.progressed))?;
         for seq in seqs {
             self.window.answered(seq);
             self.refusals.remove(&seq);
@@ -317,12 +342,12 @@ impl<Q: Queue> Session<'_, Q> {
         Ok(())
     }
 
-    async fn on_reject(&mut self, seq: u64, reason: String) -> Result<(), String> {
+    async fn on_reject(&mut self, seq: u64, reason: String) -> Result<(), SessionEnd> {
         tracing::warn!(seq, %reason, "ingest rejected an event; dead-lettered");
         self.outbox
             .dead_letter(seq, &reason)
             .await
-            .map_err(|e| format!("dead-lettering: {e:#}"))?;
+            .map_err(|e| queue_failure("dead-lettering", e, self.progressed))?;
         self.window.answered(seq);
         Ok(())
     }
