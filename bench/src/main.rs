@@ -8,6 +8,7 @@ mod agent;
 mod ceiling;
 mod connections;
 mod load;
+mod memory;
 mod process;
 mod report;
 mod throughput;
@@ -32,6 +33,8 @@ enum Mode {
     /// The agent's footprint: idle daemon CPU, RSS and wake-ups, exec overhead, outbox enqueue
     /// rate, binary sizes.
     Agent(agent::AgentArgs),
+    /// Ingest's memory under a burst of large events from many agents, against its budget.
+    Memory(memory::MemoryArgs),
     /// Draws throughput and p99 latency against agents from a throughput CSV.
     Plot {
         /// CSV written by `throughput --csv`.
@@ -49,6 +52,7 @@ async fn main() -> anyhow::Result<()> {
         Mode::Throughput(args) => throughput::run(args).await,
         Mode::Connections(args) => connections::run(args).await,
         Mode::Agent(args) => agent::run(args).await,
+        Mode::Memory(args) => memory::run(args).await,
         Mode::Plot { csv, png } => {
             report::plot(&csv, &png)?;
             println!("mode=plot png={}", png.display());

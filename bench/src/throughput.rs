@@ -157,7 +157,7 @@ pub async fn run(args: ThroughputArgs) -> anyhow::Result<()> {
         let baseline = BenchDb::fresh(&args.database_url).await?;
         let store = store::PostgresStore::connect(&baseline.url).await?;
         store::Store::migrate(&store).await?;
-        let to_writes = |body: EventBody| RunWrite::from_event(&body).expect("valid ids");
+        let to_writes = |body: EventBody| RunWrite::from_event(body).expect("valid ids");
         let started_rows: Vec<RunWrite> = runs
             .iter()
             .flatten()

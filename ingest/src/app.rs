@@ -21,6 +21,7 @@ use crate::{
     activity::ActivityService,
     auth::{Authenticator, Tokens},
     batcher::{self, BatchConfig},
+    budget::{Budgeted, MemoryBudget},
     config::ServeArgs,
     health::Readiness,
     listen::{self, AcceptLimits, Http1RequestHead, Http2Preface},
@@ -34,6 +35,11 @@ use crate::{
     tls::{ServerTls, TlsFiles, TlsHandshake},
 };
 
+/// HTTP/2 receive windows: how many bytes a client may send ahead of what ingest has read, per
+/// stream and per connection. These bytes sit outside the memory budget (they arrive before
+/// ingest reads them), so they are kept small: h2's own default of 64 KiB rather than hyper's
+/// 1 MiB, which let 200 agents park 200 MiB in ingest while the budget held them back.
+const RECEIVE_WINDOW: u32 = 64 * 1024;
 /// How often an idle HTTP/2 connection is pinged, and how long the answer may take.
 const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -314,6 +320,7 @@ impl Prepared {
         &self,
         ingest: IngestService,
         activity: ActivityService,
+        budget: MemoryBudget,
     ) -> anyhow::Result<Router> {
         let authenticated = |readers_only| {
             let auth = Authenticator::new(self.tokens.clone(), readers_only);
@@ -323,14 +330,19 @@ impl Prepared {
             .trace_fn(request_span)
             .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+            .initial_stream_window_size(RECEIVE_WINDOW)
+            .initial_connection_window_size(RECEIVE_WINDOW)
             .tcp_nodelay(true)
             .add_service(self.health.clone())
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?)
-            .add_service(InterceptedService::new(
-                pb::ingest_server::IngestServer::new(ingest)
-                    .max_decoding_message_size(limits::MAX_DECODING_MESSAGE_BYTES),
-                authenticated(false),
+            .add_service(Budgeted::new(
+                InterceptedService::new(
+                    pb::ingest_server::IngestServer::new(ingest)
+                        .max_decoding_message_size(limits::MAX_DECODING_MESSAGE_BYTES),
+                    authenticated(false),
+                ),
+                budget,
             ))
             .add_service(InterceptedService::new(
                 pb::activity_server::ActivityServer::new(activity),
@@ -369,7 +381,18 @@ async fn serve(mut prepared: Prepared, shutdown: CancellationToken) -> anyhow::R
         chrono::Duration::from_std(args.lost_grace).context("--lost-grace is too long")?;
     let activity = ActivityService::new(prepared.store.clone(), lost_grace);
     let mut background_tasks = prepared.spawn_background(&metrics, &background);
-    let router = prepared.grpc_router(ingest, activity)?;
+    let (budget_bytes, budget_from) = args.memory_budget();
+    tracing::info!(
+        bytes = budget_bytes,
+        from = budget_from,
+        "memory budget for events"
+    );
+    metrics.memory_budget.set(budget_bytes as i64);
+    let budget = MemoryBudget::new(
+        usize::try_from(budget_bytes).unwrap_or(usize::MAX),
+        metrics.memory_budget_used.clone(),
+    );
+    let router = prepared.grpc_router(ingest, activity, budget)?;
 
     let stop_accepting = {
         let shutdown = shutdown.clone();

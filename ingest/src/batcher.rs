@@ -24,6 +24,7 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::{
+    budget::Charge,
     health::Readiness,
     metrics::{Metrics, reject},
     outbound::StreamSink,
@@ -91,6 +92,8 @@ pub struct Submission {
     pub write: RunWrite,
     pub bytes: usize,
     pub reply: Reply,
+    /// The event's share of the memory budget, given back when it is answered.
+    pub charge: Option<Charge>,
     /// The event's span (a child of the agent's run span): it ends when the event is answered,
     /// and the batch span links to it.
     pub span: tracing::Span,
@@ -139,22 +142,23 @@ pub async fn run(
 }
 
 /// Merges a batch into one write per (run, endpoint), in arrival order; returns the writes sorted
-/// by `result_id` and, for each submission, the index of the write that carries it.
-fn merge(batch: &[Submission]) -> (Vec<RunWrite>, Vec<usize>) {
+/// by `result_id` and, for each submission, the index of the write that carries it. The writes
+/// are moved out of the submissions, not copied: a batch of large outputs is held once.
+fn merge(batch: &mut [Submission]) -> (Vec<RunWrite>, Vec<usize>) {
     let mut writes: Vec<RunWrite> = Vec::new();
-    let mut index: HashMap<(uuid::Uuid, &str), usize> = HashMap::new();
+    let mut index: HashMap<(uuid::Uuid, String), usize> = HashMap::new();
     let mut carrier = Vec::with_capacity(batch.len());
-    for s in batch {
-        let key = (s.write.result_id, s.write.pc_id.as_str());
-        match index.get(&key) {
-            Some(&i) => {
-                writes[i].absorb(s.write.clone());
-                carrier.push(i);
+    for s in batch.iter_mut() {
+        let write = std::mem::take(&mut s.write);
+        match index.entry((write.result_id, write.pc_id.clone())) {
+            std::collections::hash_map::Entry::Occupied(at) => {
+                writes[*at.get()].absorb(write);
+                carrier.push(*at.get());
             }
-            None => {
-                index.insert(key, writes.len());
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(writes.len());
                 carrier.push(writes.len());
-                writes.push(s.write.clone());
+                writes.push(write);
             }
         }
     }
@@ -164,7 +168,11 @@ fn merge(batch: &[Submission]) -> (Vec<RunWrite>, Vec<usize>) {
     for (pos, &i) in order.iter().enumerate() {
         position[i] = pos;
     }
-    let sorted = order.iter().map(|&i| writes[i].clone()).collect();
+    let mut slots: Vec<Option<RunWrite>> = writes.into_iter().map(Some).collect();
+    let sorted = order
+        .iter()
+        .map(|&i| slots[i].take().expect("each write is placed once"))
+        .collect();
     (sorted, carrier.into_iter().map(|i| position[i]).collect())
 }
 
@@ -180,7 +188,7 @@ struct Batcher<'a> {
 impl Batcher<'_> {
     /// Writes one batch and answers every submission in it. Returns false when the hard stop
     /// came first (nothing more can be committed).
-    async fn commit(&self, batch: Vec<Submission>) -> bool {
+    async fn commit(&self, mut batch: Vec<Submission>) -> bool {
         let span = tracing::info_span!(
             "ingest.batch",
             batch.size = batch.len(),
@@ -194,7 +202,7 @@ impl Batcher<'_> {
             }
             telemetry::record_trace_id(&span);
         }
-        let (writes, carrier) = merge(&batch);
+        let (writes, carrier) = merge(&mut batch);
         let started = std::time::Instant::now();
         let Some(outcomes) = self.write_isolating(&writes).instrument(span.clone()).await else {
             return false;
@@ -203,7 +211,7 @@ impl Batcher<'_> {
         span.record("commit_ms", elapsed.as_secs_f64() * 1000.0);
         self.metrics.commit_seconds.observe(elapsed.as_secs_f64());
         self.metrics.batch_size.observe(batch.len() as f64);
-        deliver(batch, &carrier, &outcomes, self.metrics);
+        deliver(batch, &writes, &carrier, &outcomes, self.metrics);
         true
     }
 
@@ -299,7 +307,13 @@ fn database_message(err: &sqlx::Error) -> String {
 /// Answers every submission: one Ack message per stream for the whole batch, a Reject per
 /// refused event, and each Publish caller its outcome. Dropping the submissions releases the
 /// window permits, so their streams are read again.
-fn deliver(batch: Vec<Submission>, carrier: &[usize], outcomes: &[Outcome], metrics: &Metrics) {
+fn deliver(
+    batch: Vec<Submission>,
+    writes: &[RunWrite],
+    carrier: &[usize],
+    outcomes: &[Outcome],
+    metrics: &Metrics,
+) {
     let mut acks: HashMap<*const StreamSink, (Arc<StreamSink>, Vec<u64>)> = HashMap::new();
     for (s, &w) in batch.into_iter().zip(carrier) {
         let outcome = &outcomes[w];
@@ -312,7 +326,7 @@ fn deliver(batch: Vec<Submission>, carrier: &[usize], outcomes: &[Outcome], metr
         };
         match s.reply {
             Reply::Stream { sink, seq, permits } => {
-                match outcome.reject_reason(&s.write.result_id.to_string()) {
+                match outcome.reject_reason(&writes[w].result_id.to_string()) {
                     None => {
                         acks.entry(Arc::as_ptr(&sink))
                             .or_insert_with(|| (sink.clone(), Vec::new()))
@@ -366,19 +380,20 @@ mod tests {
             },
             bytes: 1,
             reply: Reply::Once(tx),
+            charge: None,
             span: tracing::Span::none(),
         }
     }
 
     #[test]
     fn events_of_one_run_merge_and_runs_are_sorted_by_result_id() {
-        let batch = vec![
+        let mut batch = vec![
             submission(9, "a", false),
             submission(3, "a", false),
             submission(9, "a", true),
             submission(9, "b", true),
         ];
-        let (writes, carrier) = merge(&batch);
+        let (writes, carrier) = merge(&mut batch);
         let ids: Vec<(u128, &str)> = writes
             .iter()
             .map(|w| (w.result_id.as_u128(), w.pc_id.as_str()))

@@ -10,6 +10,60 @@ fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
     humantime::parse_duration(s)
 }
 
+/// A size in bytes as people write it: `1048576`, `64KiB`, `256MiB`, `2GiB` (powers of 1024),
+/// `500MB`, `1GB` (powers of 1000).
+pub fn bytes(s: &str) -> Result<u64, String> {
+    let text = s.trim();
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 256MiB, 2GiB or 1048576"))?;
+    let factor: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        other => {
+            return Err(format!(
+                "{s:?}: unknown unit {other:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB)"
+            ));
+        }
+    };
+    number
+        .checked_mul(factor)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// `--memory-budget` when none is given: half the cgroup's memory limit when there is one, else
+/// this much.
+pub const DEFAULT_MEMORY_BUDGET: u64 = 1 << 30;
+
+/// The memory limit of this process's cgroup (v2 `memory.max`, v1 `memory.limit_in_bytes`),
+/// when it has one.
+fn cgroup_memory_limit() -> Option<u64> {
+    let limited = |text: String| {
+        text.trim()
+            .parse::<u64>()
+            .ok()
+            // cgroup v1 says "no limit" with a number near 2^63.
+            .filter(|&n| n < 1 << 60)
+    };
+    [
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ]
+    .into_iter()
+    .find_map(|path| std::fs::read_to_string(path).ok().and_then(limited))
+}
+
 /// Receives run lifecycle events from kanade agents, stores one row per run, and answers
 /// Activity queries. Without a subcommand it serves.
 #[derive(Debug, Parser)]
@@ -199,6 +253,12 @@ pub struct ServeArgs {
     #[arg(long, env = "KANADE_INGEST_COMMIT_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub commit_timeout: Duration,
 
+    /// Bytes of events ingest holds at most, across every stream and Publish call (read and not
+    /// yet answered); when it is spent, streams stop being read until commits free it. Written
+    /// like 256MiB or 2GiB. Default: half the cgroup's memory limit when there is one, else 1GiB.
+    #[arg(long, env = "KANADE_INGEST_MEMORY_BUDGET", value_parser = bytes)]
+    pub memory_budget: Option<u64>,
+
     /// Events waiting for the batcher across all streams; when full, streams stop being read.
     #[arg(long, env = "KANADE_INGEST_QUEUE_CAPACITY", default_value_t = 8192)]
     pub queue_capacity: usize,
@@ -209,6 +269,15 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
+    /// The memory budget in bytes, and where the figure comes from (for the log).
+    pub fn memory_budget(&self) -> (u64, &'static str) {
+        match (self.memory_budget, cgroup_memory_limit()) {
+            (Some(given), _) => (given, "--memory-budget"),
+            (None, Some(limit)) => (limit / 2, "half the cgroup memory limit"),
+            (None, None) => (DEFAULT_MEMORY_BUDGET, "the default"),
+        }
+    }
+
     /// What an operator must know, loudly, about how exposed this configuration leaves ingest
     /// (after [`ServeArgs::validate`] accepted it).
     pub fn exposure_warning(&self) -> Option<&'static str> {
@@ -257,6 +326,14 @@ impl ServeArgs {
                 "--max-event-bytes {} is above the largest supported value {}",
                 self.max_event_bytes,
                 limits::MAX_DECODING_MESSAGE_BYTES - 64 * 1024
+            ));
+        }
+        let (budget, _) = self.memory_budget();
+        if budget < self.max_event_bytes as u64 {
+            return Err(format!(
+                "--memory-budget {budget} bytes is less than one event may be \
+                 (--max-event-bytes {}): give at least that, better many times it",
+                self.max_event_bytes
             ));
         }
         for (flag, value) in [
@@ -372,6 +449,19 @@ mod tests {
                 "{args:?}"
             );
         }
+    }
+
+    #[test]
+    fn sizes_read_as_people_write_them() {
+        assert_eq!(bytes("1048576"), Ok(1 << 20));
+        assert_eq!(bytes("256MiB"), Ok(256 << 20));
+        assert_eq!(bytes("2GiB"), Ok(2 << 30));
+        assert_eq!(bytes("500MB"), Ok(500_000_000));
+        assert!(bytes("2 lots").unwrap_err().contains("unknown unit"));
+        assert!(bytes("MiB").unwrap_err().contains("not a size"));
+        assert!(bytes("99999999999TiB").unwrap_err().contains("too large"));
+        let given = serve(&["--memory-budget", "64MiB"]);
+        assert_eq!(given.memory_budget(), (64 << 20, "--memory-budget"));
     }
 
     #[test]

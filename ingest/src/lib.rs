@@ -3,6 +3,7 @@
 //!
 //! - [`server`]: the Ingest gRPC service (agent streams, Publish).
 //! - [`batcher`]: group commit of every stream's events into one transaction per batch.
+//! - [`budget`]: the one memory budget every event is charged against before it is read.
 //! - [`outbound`]: the bounded queue of acks towards one agent stream.
 //! - [`store`]: `execution_results` in PostgreSQL or SQLite, behind one trait.
 //! - [`activity`]: the Activity gRPC service (listing and reading runs).
@@ -18,6 +19,7 @@ pub mod activity;
 pub mod app;
 pub mod auth;
 pub mod batcher;
+pub mod budget;
 pub mod config;
 pub mod health;
 pub mod listen;

@@ -9,7 +9,25 @@ use kanade_ingest::{
 };
 use kanade_shared::telemetry::{self, LogFormat};
 
+/// Allocations at least this large get pages of their own, returned to the system when freed.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const MMAP_THRESHOLD_BYTES: libc::c_int = 128 * 1024;
+
+/// glibc's allocator raises its mmap threshold to the size of every large block freed, so after
+/// a burst of large outputs (megabyte strings) later ones come from its heaps, which it keeps:
+/// ingest stayed near its peak long after the burst. A fixed threshold keeps large blocks
+/// mmapped and gives them back when freed (BENCHMARKS.md, memory).
+fn keep_large_allocations_returnable() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes the allocator's tuning; it is called first thing in main,
+    // before any other thread exists or anything is allocated that depends on the setting.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES);
+    }
+}
+
 fn main() -> ExitCode {
+    keep_large_allocations_returnable();
     let cli = Cli::parse();
     kanade_shared::tls::install_crypto_provider();
     let runtime = match tokio::runtime::Runtime::new() {

@@ -36,6 +36,9 @@ pub struct Metrics {
     pub store_errors: Family<Labels, Counter>,
     /// Events waiting for the batcher.
     pub queue_depth: Gauge,
+    /// The memory budget, and how much of it events hold now.
+    pub memory_budget: Gauge,
+    pub memory_budget_used: Gauge,
 }
 
 /// Reason classes of `kanade_ingest_events_rejected_total`.
@@ -59,6 +62,8 @@ impl Default for Metrics {
         let open_streams = Gauge::default();
         let store_errors = Family::<Labels, Counter>::default();
         let queue_depth = Gauge::default();
+        let memory_budget = Gauge::default();
+        let memory_budget_used = Gauge::default();
         let r = &mut registry;
         r.register(
             "events_received",
@@ -100,6 +105,16 @@ impl Default for Metrics {
             "Events waiting for the batcher",
             queue_depth.clone(),
         );
+        r.register(
+            "memory_budget_bytes",
+            "Bytes of events ingest may hold at once (--memory-budget)",
+            memory_budget.clone(),
+        );
+        r.register(
+            "memory_budget_used_bytes",
+            "Bytes of events read and not yet answered",
+            memory_budget_used.clone(),
+        );
         Metrics {
             registry,
             events_received,
@@ -110,6 +125,8 @@ impl Default for Metrics {
             open_streams,
             store_errors,
             queue_depth,
+            memory_budget,
+            memory_budget_used,
         }
     }
 }

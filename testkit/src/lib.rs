@@ -1,6 +1,6 @@
 //! The harness every Kanade integration test uses, by concern: fresh databases ([`db`]), the
 //! real `kanade-ingest` ([`ingest`]) and `kanade-agent` ([`agent`]) binaries, test traffic
-//! ([`events`]) and raw agent streams ([`stream`]), fault injection ([`proxy`]), an OTLP
+//! ([`events`]), raw agent streams ([`stream`]) and in-memory queues for real senders ([`queue`]), fault injection ([`proxy`]), an OTLP
 //! receiver ([`otlp`]), a test CA ([`ca`]) and what `/proc` says about a server ([`procfs`]). Everything talks to the real thing: PostgreSQL,
 //! SQLite files, gRPC over loopback, child processes.
 
@@ -12,6 +12,7 @@ pub mod ingest;
 pub mod otlp;
 pub mod procfs;
 pub mod proxy;
+pub mod queue;
 pub mod stream;
 
 use std::{net::SocketAddr, time::Duration};

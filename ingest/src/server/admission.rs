@@ -49,10 +49,11 @@ pub fn admit(
             ),
         });
     }
-    let write = RunWrite::from_event(&event.body).ok_or_else(|| {
+    let claimed_id = event.body.result_id().to_string();
+    let write = RunWrite::from_event(event.body).ok_or_else(|| {
         invalid(WireError::NotAUuid {
             field: "result_id",
-            value: event.body.result_id().to_string(),
+            value: claimed_id,
         })
     })?;
     Ok((write, size))

@@ -29,6 +29,7 @@ use self::{
 use crate::{
     auth,
     batcher::{Outcome, Reply, Submission},
+    budget::Credits,
     health::Readiness,
     metrics::{Metrics, reject},
     outbound::{self, Next},
@@ -160,6 +161,7 @@ impl pb::ingest_server::Ingest for IngestService {
             return Err(Status::unavailable("ingest is shutting down"));
         }
         let token_pc_id = auth::writer_pc_id(&request)?;
+        let credits = request.extensions().get::<Arc<Credits>>().cloned();
         let mut registration = self.registry.open().map_err(registry_status)?;
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(self.limits.hello_timeout, inbound.message())
@@ -170,6 +172,10 @@ impl pb::ingest_server::Ingest for IngestService {
                     self.limits.hello_timeout
                 ))
             })??;
+        // Hello's own (small) budget charge: answered by being read.
+        if let Some(credits) = &credits {
+            drop(credits.take());
+        }
         let hello = match first {
             Some(pb::AgentMessage {
                 msg: Some(pb::agent_message::Msg::Hello(hello)),
@@ -206,6 +212,7 @@ impl pb::ingest_server::Ingest for IngestService {
             window_count: Arc::new(Semaphore::new(self.limits.max_unacked as usize)),
             window_bytes: Arc::new(Semaphore::new(max_window_bytes as usize)),
             max_window_bytes,
+            credits,
             _registration: registration.clone(),
         };
         self.tasks.spawn(handler.run(inbound));
@@ -245,6 +252,7 @@ impl pb::ingest_server::Ingest for IngestService {
         }
         let deadline = caller_deadline(&request, self.limits.publish_timeout);
         let token_pc_id = auth::writer_pc_id(&request)?;
+        let charge = Credits::take_from(&request);
         let event = request.into_inner();
         self.metrics.events_received.inc();
         // Without a carried context the event joins the call's own trace (its traceparent).
@@ -273,6 +281,7 @@ impl pb::ingest_server::Ingest for IngestService {
             write,
             bytes,
             reply: Reply::Once(tx),
+            charge,
             span,
         };
         let answered = tokio::time::timeout(deadline, async {

@@ -13,6 +13,7 @@
 use std::sync::Arc;
 
 use kanade_shared::pb;
+use prost::Message;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
@@ -24,6 +25,7 @@ use super::{
 };
 use crate::{
     batcher::{Reply, Submission},
+    budget::{Charge, Credits},
     outbound::StreamSink,
 };
 
@@ -61,8 +63,16 @@ impl Inbound {
     }
 }
 
+/// A stream that carried an event this large is ended cleanly once its events are answered (the
+/// agent reconnects at once): the buffer the gRPC decoder grew to hold it belongs to the stream
+/// and would otherwise stay allocated for the stream's life, so many streams that each once
+/// carried a large output would pin memory outside the budget.
+pub const RECYCLE_AFTER_EVENT_BYTES: usize = 64 * 1024;
+
 /// Why a stream handler stopped reading.
 enum End {
+    /// The stream carried a large event: end it cleanly to free its decode buffer.
+    Recycle,
     /// The client closed its side or went away.
     ClientDone,
     /// The stream reached its maximum age.
@@ -89,6 +99,8 @@ pub(super) struct StreamHandler {
     pub window_count: Arc<Semaphore>,
     pub window_bytes: Arc<Semaphore>,
     pub max_window_bytes: u32,
+    /// The memory-budget charges of this stream's messages, one per message read.
+    pub credits: Option<Arc<Credits>>,
     /// Shared with the response stream: the stream keeps its place in the registry until both
     /// its reading and its writing side are gone.
     pub _registration: Arc<Registration>,
@@ -124,10 +136,19 @@ impl StreamHandler {
                 end = stop => break end,
                 next = next => next,
             };
+            // Each message read was charged to the memory budget: the charge goes with it.
+            let charge = match &message {
+                Ok(Some(_)) => self.credits.as_ref().and_then(|c| c.take()),
+                _ => None,
+            };
             match Inbound::from_message(message) {
                 Inbound::Event(event) => {
-                    if let Err(end) = self.on_event(event, count_permit).await {
+                    let large = event.encoded_len() >= RECYCLE_AFTER_EVENT_BYTES;
+                    if let Err(end) = self.on_event(event, count_permit, charge).await {
                         break end;
+                    }
+                    if large {
+                        break End::Recycle;
                     }
                 }
                 Inbound::Violation(why) => break End::Violation(Status::invalid_argument(why)),
@@ -149,6 +170,7 @@ impl StreamHandler {
         &self,
         event: pb::Event,
         count_permit: OwnedSemaphorePermit,
+        charge: Option<Charge>,
     ) -> Result<(), End> {
         let seq = event.seq;
         let metrics = &self.service.metrics;
@@ -184,6 +206,7 @@ impl StreamHandler {
                         seq,
                         permits: vec![count_permit, bytes_permit],
                     },
+                    charge,
                     span,
                 };
                 self.service
@@ -203,7 +226,7 @@ impl StreamHandler {
             End::Shutdown => Some(Status::unavailable(
                 "ingest is shutting down; reconnect to resend anything unacknowledged",
             )),
-            End::ClientDone | End::Aged => None,
+            End::ClientDone | End::Aged | End::Recycle => None,
         };
         let all = self.service.limits.max_unacked;
         let drained = async {

@@ -23,8 +23,9 @@ pub use sqlite::SqliteStore;
 /// Runs without a timeout count as lost this long after ingest first saw them.
 pub const LOST_AFTER_WITHOUT_TIMEOUT: Duration = Duration::hours(24);
 
-/// The store's view of one run's events, merged: what one upsert writes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The store's view of one run's events, merged: what one upsert writes. (`Default` is only a
+/// placeholder left behind when a write is moved out of its submission.)
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RunWrite {
     pub result_id: Uuid,
     pub pc_id: String,
@@ -50,42 +51,48 @@ pub struct RunOutcome {
     pub finished_at: DateTime<Utc>,
 }
 
-/// PostgreSQL `text` cannot hold U+0000, so no stored string ever does (SPEC §3).
-fn storable(s: &str) -> String {
-    s.replace('\0', "\u{FFFD}")
+/// PostgreSQL `text` cannot hold U+0000, so no stored string ever does (SPEC §3). Moves the
+/// string through untouched (no copy) when it holds none.
+fn storable(s: String) -> String {
+    if s.contains('\0') {
+        s.replace('\0', "\u{FFFD}")
+    } else {
+        s
+    }
 }
 
 impl RunWrite {
-    /// The write one validated event asks for. `result_id` was validated as a UUID by the wire
+    /// The write one validated event asks for; takes the event's strings over (outputs can be
+    /// megabytes: they are moved, not copied). `result_id` was validated as a UUID by the wire
     /// conversion; `None` means the caller skipped that conversion.
-    pub fn from_event(body: &EventBody) -> Option<RunWrite> {
+    pub fn from_event(body: EventBody) -> Option<RunWrite> {
         let result_id = Uuid::try_parse(body.result_id()).ok()?;
         Some(match body {
             EventBody::Started(s) => RunWrite {
                 result_id,
-                pc_id: storable(&s.pc_id),
-                request_id: storable(&s.request_id),
-                exec_id: storable(&s.exec_id),
-                manifest_id: storable(&s.manifest_id),
-                version: storable(&s.version),
+                pc_id: storable(s.pc_id),
+                request_id: storable(s.request_id),
+                exec_id: storable(s.exec_id),
+                manifest_id: storable(s.manifest_id),
+                version: storable(s.version),
                 timeout_secs: s.timeout_secs,
                 started_at: s.started_at,
                 outcome: None,
             },
             EventBody::Result(r) => RunWrite {
                 result_id,
-                pc_id: storable(&r.pc_id),
-                request_id: storable(&r.request_id),
-                exec_id: storable(&r.exec_id),
-                manifest_id: storable(&r.manifest_id),
-                version: storable(&r.version),
+                pc_id: storable(r.pc_id),
+                request_id: storable(r.request_id),
+                exec_id: storable(r.exec_id),
+                manifest_id: storable(r.manifest_id),
+                version: storable(r.version),
                 timeout_secs: None,
                 started_at: r.started_at,
                 outcome: Some(RunOutcome {
                     status: r.status,
                     exit_code: r.exit_code,
-                    stdout: storable(&r.stdout),
-                    stderr: storable(&r.stderr),
+                    stdout: storable(r.stdout),
+                    stderr: storable(r.stderr),
                     stdout_dropped_bytes: r.stdout_dropped_bytes,
                     stderr_dropped_bytes: r.stderr_dropped_bytes,
                     finished_at: r.finished_at,
@@ -467,7 +474,7 @@ fn list_sql(
         ("exec_id", &query.exec_id),
     ] {
         if let Some(value) = value {
-            let p = next(Param::Text(storable(value)), &mut params);
+            let p = next(Param::Text(storable(value.clone())), &mut params);
             filters.push(format!("{column} = {p}"));
         }
     }

@@ -150,10 +150,8 @@ impl Store for PostgresStore {
         for round in rounds(writes) {
             let rows: Vec<&RunWrite> = round.iter().map(|&i| &writes[i]).collect();
             let outcome =
-                |f: &dyn Fn(&super::RunOutcome) -> Option<String>| -> Vec<Option<String>> {
-                    rows.iter()
-                        .map(|w| w.outcome.as_ref().and_then(f))
-                        .collect()
+                |f: &dyn for<'o> Fn(&'o super::RunOutcome) -> &'o str| -> Vec<Option<&str>> {
+                    rows.iter().map(|w| w.outcome.as_ref().map(f)).collect()
                 };
             let returned: Vec<Uuid> = sqlx::query_scalar(UPSERT)
                 .bind(rows.iter().map(|w| w.result_id).collect::<Vec<_>>())
@@ -175,14 +173,14 @@ impl Store for PostgresStore {
                         .map(|w| w.timeout_secs.map(i64::from))
                         .collect::<Vec<_>>(),
                 )
-                .bind(outcome(&|o| Some(o.status.as_str().to_string())))
+                .bind(outcome(&|o| o.status.as_str()))
                 .bind(
                     rows.iter()
                         .map(|w| w.outcome.as_ref().and_then(|o| o.exit_code))
                         .collect::<Vec<_>>(),
                 )
-                .bind(outcome(&|o| Some(o.stdout.clone())))
-                .bind(outcome(&|o| Some(o.stderr.clone())))
+                .bind(outcome(&|o| o.stdout.as_str()))
+                .bind(outcome(&|o| o.stderr.as_str()))
                 .bind(
                     rows.iter()
                         .map(|w| {

@@ -9,11 +9,11 @@ use uuid::Uuid;
 use kanade_testkit::{Backend, Run, TestDb, now};
 
 fn started(run: &Run) -> RunWrite {
-    RunWrite::from_event(&EventBody::Started(run.started())).unwrap()
+    RunWrite::from_event(EventBody::Started(run.started())).unwrap()
 }
 
 fn result(run: &Run, status: ExecStatus, exit_code: Option<i32>) -> RunWrite {
-    RunWrite::from_event(&EventBody::Result(run.result(status, exit_code))).unwrap()
+    RunWrite::from_event(EventBody::Result(run.result(status, exit_code))).unwrap()
 }
 
 fn id(run: &Run) -> Uuid {
@@ -263,7 +263,7 @@ async fn nul_bytes_and_any_unicode_are_stored(backend: Backend) {
     let mut res = run.result(ExecStatus::Failed, Some(1));
     res.stdout = "a\0b — ✓ 日本語 🎉 \u{7f}\r\n".into();
     res.stderr = "\0\0".into();
-    let write = RunWrite::from_event(&EventBody::Result(res)).unwrap();
+    let write = RunWrite::from_event(EventBody::Result(res)).unwrap();
     store.apply(&[write], now()).await.unwrap();
     let out = get(store.as_ref(), &run).await.outcome.unwrap();
     assert_eq!(out.stdout, "a\u{FFFD}b — ✓ 日本語 🎉 \u{7f}\r\n");
@@ -504,7 +504,7 @@ async fn both_stores_give_identical_answers() {
             let mut r = run.result(status, (i % 2 == 0).then_some(i as i32));
             r.stdout = format!("line {i}\0 ünïcödé\n").repeat(i as usize);
             r.stdout_dropped_bytes = i as u64 * 1000;
-            let w = RunWrite::from_event(&EventBody::Result(r)).unwrap();
+            let w = RunWrite::from_event(EventBody::Result(r)).unwrap();
             writes.last_mut().unwrap().absorb(w);
         }
     }

@@ -8,6 +8,7 @@ mod deploy;
 mod faults;
 mod grpcurl;
 mod listeners;
+mod memory;
 mod stream;
 mod telemetry;
 mod tls;

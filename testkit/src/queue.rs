@@ -1,0 +1,181 @@
+//! Simulated agents' queues: what the outbox is to the sender, in memory and without SQLite, so
+//! a test or a benchmark can run hundreds of real senders in one process. Every ack is timed
+//! from enqueue.
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use chrono::{SubsecRound, Utc};
+use kanade_agent::{
+    outbox::Pending,
+    sender::{Queue, SenderConfig},
+};
+use kanade_shared::{
+    backoff::Backoff,
+    pb,
+    wire::{Event, EventBody, EventStarted, ExecResult, ExecStatus},
+};
+use prost::Message;
+use tokio::sync::Notify;
+
+/// The run lifecycle of one simulated run.
+pub fn run_events(pc_id: &str, output_bytes: usize) -> (EventStarted, ExecResult) {
+    let started_at = Utc::now().trunc_subsecs(6);
+    let started = EventStarted {
+        result_id: uuid::Uuid::now_v7().to_string(),
+        request_id: format!("req-{}", fastrand::u32(..)),
+        exec_id: uuid::Uuid::now_v7().to_string(),
+        pc_id: pc_id.to_string(),
+        started_at,
+        manifest_id: "inventory".into(),
+        version: "3".into(),
+        timeout_secs: Some(300),
+    };
+    let line = "disk / 93% used; 12 packages upgradable; uptime 41 days\n";
+    let stdout: String = line.chars().cycle().take(output_bytes).collect();
+    let result = ExecResult {
+        result_id: started.result_id.clone(),
+        request_id: started.request_id.clone(),
+        exec_id: started.exec_id.clone(),
+        pc_id: pc_id.to_string(),
+        manifest_id: started.manifest_id.clone(),
+        version: started.version.clone(),
+        status: ExecStatus::Succeeded,
+        exit_code: Some(0),
+        stdout,
+        stderr: String::new(),
+        stdout_dropped_bytes: 0,
+        stderr_dropped_bytes: 0,
+        started_at,
+        finished_at: started_at + chrono::Duration::milliseconds(1234),
+    };
+    (started, result)
+}
+
+/// Ack latencies of every event, shared by all agents.
+#[derive(Debug, Default)]
+pub struct Latencies {
+    samples: Mutex<Vec<Duration>>,
+    pub acked: AtomicU64,
+    pub all_acked: Notify,
+}
+
+impl Latencies {
+    pub fn record(&self, latency: Duration) {
+        self.samples.lock().unwrap().push(latency);
+        self.acked.fetch_add(1, Ordering::SeqCst);
+        self.all_acked.notify_waiters();
+    }
+
+    /// (p50, p99, max).
+    pub fn summary(&self) -> (Duration, Duration, Duration) {
+        let mut s = self.samples.lock().unwrap().clone();
+        if s.is_empty() {
+            return Default::default();
+        }
+        s.sort_unstable();
+        let at = |q: f64| s[((s.len() - 1) as f64 * q).round() as usize];
+        (at(0.5), at(0.99), *s.last().unwrap())
+    }
+}
+
+/// An agent's queue in memory: what the outbox is, without SQLite.
+pub struct MemoryQueue {
+    events: Mutex<BTreeMap<u64, (pb::Event, u64, Instant)>>,
+    next_seq: AtomicU64,
+    wake: Notify,
+    latencies: Arc<Latencies>,
+}
+
+impl MemoryQueue {
+    pub fn new(latencies: Arc<Latencies>) -> MemoryQueue {
+        MemoryQueue {
+            events: Mutex::new(BTreeMap::new()),
+            next_seq: AtomicU64::new(1),
+            wake: Notify::new(),
+            latencies,
+        }
+    }
+
+    /// Whether every event enqueued was acknowledged.
+    pub fn is_empty(&self) -> bool {
+        self.events.lock().unwrap().is_empty()
+    }
+
+    pub fn enqueue(&self, body: EventBody) {
+        let seq = self.next_seq.fetch_add(1, Ordering::SeqCst);
+        let event: pb::Event = Event {
+            seq,
+            body,
+            trace_context: Default::default(),
+        }
+        .into();
+        let bytes = event.encoded_len() as u64;
+        self.events
+            .lock()
+            .unwrap()
+            .insert(seq, (event, bytes, Instant::now()));
+        self.wake.notify_one();
+    }
+}
+
+impl Queue for MemoryQueue {
+    async fn pending(&self, after_seq: u64, limit: usize) -> anyhow::Result<Vec<Pending>> {
+        let events = self.events.lock().unwrap();
+        Ok(events
+            .range(after_seq + 1..)
+            .take(limit)
+            .map(|(&seq, (event, bytes, _))| Pending {
+                seq,
+                event: event.clone(),
+                bytes: *bytes,
+            })
+            .collect())
+    }
+
+    async fn ack(&self, seqs: &[u64]) -> anyhow::Result<()> {
+        let mut events = self.events.lock().unwrap();
+        for seq in seqs {
+            if let Some((_, _, at)) = events.remove(seq) {
+                self.latencies.record(at.elapsed());
+            }
+        }
+        Ok(())
+    }
+
+    async fn dead_letter(&self, seq: u64, reason: &str) -> anyhow::Result<()> {
+        anyhow::bail!("benchmark event {seq} was rejected: {reason}")
+    }
+
+    async fn set_connection(&self, _state: &str) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    fn wake(&self) -> &Notify {
+        &self.wake
+    }
+}
+
+/// The sender settings of a simulated agent.
+pub fn sender_config(ingest: &str, pc_id: &str) -> SenderConfig {
+    SenderConfig {
+        ingest: ingest.to_string(),
+        pc_id: pc_id.to_string(),
+        tls: None,
+        token: None,
+        window: kanade_shared::limits::DEFAULT_MAX_UNACKED,
+        window_bytes: kanade_shared::limits::DEFAULT_MAX_UNACKED_BYTES,
+        keepalive: Duration::from_secs(10),
+        keepalive_timeout: Duration::from_secs(10),
+        reconnect: Backoff {
+            base: Duration::from_millis(100),
+            cap: Duration::from_secs(5),
+        },
+    }
+}
