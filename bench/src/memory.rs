@@ -39,9 +39,9 @@ pub struct MemoryArgs {
     /// Bytes of stdout per result.
     #[arg(long, default_value_t = 1 << 20)]
     pub output_bytes: usize,
-    /// Ingest's --memory-budget.
-    #[arg(long, default_value = "64MiB")]
-    pub memory_budget: String,
+    /// Ingest's --memory-budget (omitted: ingest's default).
+    #[arg(long)]
+    pub memory_budget: Option<String>,
     /// How long after the last ack ingest's RSS is read again.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub settle: Duration,
@@ -59,12 +59,10 @@ fn mib(bytes: u64) -> f64 {
 
 pub async fn run(args: MemoryArgs) -> anyhow::Result<()> {
     let db = BenchDb::fresh(&args.database_url).await?;
-    let mut ingest_args = vec![
-        "--max-streams".to_string(),
-        (args.agents + 100).to_string(),
-        "--memory-budget".to_string(),
-        args.memory_budget.clone(),
-    ];
+    let mut ingest_args = vec!["--max-streams".to_string(), (args.agents + 100).to_string()];
+    if let Some(budget) = &args.memory_budget {
+        ingest_args.extend(["--memory-budget".to_string(), budget.clone()]);
+    }
     ingest_args.extend(args.ingest_args.iter().cloned());
     let ingest = IngestProcess::start(&db.url, "127.0.0.1:0", &ingest_args)?;
     let url = format!("http://{}", ingest.addr);
@@ -127,7 +125,13 @@ pub async fn run(args: MemoryArgs) -> anyhow::Result<()> {
     times.sort_unstable();
     let median = times[times.len() / 2];
     let slowest = *times.last().unwrap_or(&Duration::ZERO);
-    let budget = kanade_ingest::config::bytes(&args.memory_budget).map_err(anyhow::Error::msg)?;
+    let budget = args
+        .memory_budget
+        .as_deref()
+        .map(kanade_ingest::config::bytes)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let budget_text = budget.map_or("ingest's default".to_string(), |b| format!("{:.0} MiB", mib(b)));
     println!(
         "{} agents × {} runs with {} KiB outputs: {} events ({:.0} MiB) committed in {:.2} s",
         args.agents,
@@ -139,11 +143,10 @@ pub async fn run(args: MemoryArgs) -> anyhow::Result<()> {
     );
     println!(
         "ingest RSS: base {:.1} MiB (agents connected, idle); peak {:.1} MiB = base + {:.1} MiB \
-         (budget {:.0} MiB); {:.0?} after the burst {:.1} MiB",
+         (budget {budget_text}); {:.0?} after the burst {:.1} MiB",
         mib(base),
         mib(peak),
         mib(peak.saturating_sub(base)),
-        mib(budget),
         args.settle,
         mib(after)
     );
@@ -154,11 +157,11 @@ pub async fn run(args: MemoryArgs) -> anyhow::Result<()> {
         slowest.as_secs_f64() / median.as_secs_f64().max(1e-9)
     );
     let summary = format!(
-        "mode=memory agents={} runs={} output_bytes={} budget_mib={:.0} events={} seconds={:.2} base_rss_mib={:.1} peak_rss_mib={:.1} peak_over_base_mib={:.1} after_rss_mib={:.1} median_drain_s={:.2} slowest_drain_s={:.2}",
+        "mode=memory agents={} runs={} output_bytes={} budget_mib={} events={} seconds={:.2} base_rss_mib={:.1} peak_rss_mib={:.1} peak_over_base_mib={:.1} after_rss_mib={:.1} median_drain_s={:.2} slowest_drain_s={:.2}",
         args.agents,
         args.runs,
         args.output_bytes,
-        mib(budget),
+        budget.map_or("default".to_string(), |b| format!("{:.0}", mib(b))),
         total,
         elapsed.as_secs_f64(),
         mib(base),
