@@ -131,7 +131,9 @@ pub async fn run(args: MemoryArgs) -> anyhow::Result<()> {
         .map(kanade_ingest::config::bytes)
         .transpose()
         .map_err(anyhow::Error::msg)?;
-    let budget_text = budget.map_or("ingest's default".to_string(), |b| format!("{:.0} MiB", mib(b)));
+    let budget_text = budget.map_or("ingest's default".to_string(), |b| {
+        format!("{:.0} MiB", mib(b))
+    });
     println!(
         "{} agents × {} runs with {} KiB outputs: {} events ({:.0} MiB) committed in {:.2} s",
         args.agents,

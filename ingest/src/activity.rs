@@ -12,7 +12,9 @@ use kanade_shared::{limits, pb, wire::ExecStatus};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use crate::store::{Cursor, ExecutionRow, ListQuery, RunState, Store, StoreError};
+use crate::store::{
+    Cursor, ExecutionRow, ListQuery, ManifestSummary, RunState, Store, StoreError, SummaryQuery,
+};
 
 /// The Activity service.
 #[derive(Debug, Clone)]
@@ -166,6 +168,35 @@ fn to_proto(row: ExecutionRow, output_limit: Option<usize>) -> pb::Execution {
     e
 }
 
+/// The window SummarizeManifests covers when the request gives no start.
+pub const DEFAULT_SUMMARY_WINDOW: Duration = Duration::hours(24);
+
+fn duration_to_proto(d: std::time::Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+fn summary_to_proto(s: ManifestSummary) -> pb::ManifestSummary {
+    let ts = kanade_shared::wire::timestamp_to_proto;
+    pb::ManifestSummary {
+        manifest_id: s.manifest_id,
+        runs: s.runs,
+        running: s.running,
+        succeeded: s.succeeded,
+        failed: s.failed,
+        lost: s.lost,
+        p50_duration: s.p50_duration.map(duration_to_proto),
+        p95_duration: s.p95_duration.map(duration_to_proto),
+        last_failure_result_id: s
+            .last_failure
+            .map(|(id, _)| id.hyphenated().to_string())
+            .unwrap_or_default(),
+        last_failure_at: s.last_failure.map(|(_, at)| ts(at)),
+    }
+}
+
 fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
 }
@@ -224,6 +255,38 @@ impl pb::activity_server::Activity for ActivityService {
             executions,
             next_page_token,
         }))
+    }
+
+    async fn summarize_manifests(
+        &self,
+        request: Request<pb::SummarizeManifestsRequest>,
+    ) -> Result<Response<pb::SummarizeManifestsResponse>, Status> {
+        let r = request.into_inner();
+        let now = now();
+        let started_before = timestamp("started_before", r.started_before)?.unwrap_or(now);
+        let started_after = timestamp("started_after", r.started_after)?
+            .unwrap_or(started_before - DEFAULT_SUMMARY_WINDOW);
+        if started_after >= started_before {
+            return Err(Status::invalid_argument(
+                "started_after must be before started_before",
+            ));
+        }
+        let query = SummaryQuery {
+            started_after,
+            started_before,
+            manifest_id: non_empty(r.manifest_id),
+            now,
+            lost_grace: self.lost_grace,
+        };
+        let manifests = self
+            .store
+            .summarize(&query)
+            .await
+            .map_err(store_status)?
+            .into_iter()
+            .map(summary_to_proto)
+            .collect();
+        Ok(Response::new(pb::SummarizeManifestsResponse { manifests }))
     }
 
     async fn get_execution(

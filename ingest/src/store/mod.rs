@@ -7,6 +7,7 @@
 //! once.
 
 mod postgres;
+mod sql;
 mod sqlite;
 
 use std::{fmt, sync::Arc};
@@ -53,7 +54,7 @@ pub struct RunOutcome {
 
 /// PostgreSQL `text` cannot hold U+0000, so no stored string ever does (SPEC §3). Moves the
 /// string through untouched (no copy) when it holds none.
-fn storable(s: String) -> String {
+pub(crate) fn storable(s: String) -> String {
     if s.contains('\0') {
         s.replace('\0', "\u{FFFD}")
     } else {
@@ -223,6 +224,37 @@ impl ListQuery {
     }
 }
 
+/// A summary of runs per manifest over a window of `started_at` (`SummarizeManifests`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SummaryQuery {
+    /// Inclusive.
+    pub started_after: DateTime<Utc>,
+    /// Exclusive.
+    pub started_before: DateTime<Utc>,
+    /// Only this manifest.
+    pub manifest_id: Option<String>,
+    /// The instant states are computed for.
+    pub now: DateTime<Utc>,
+    pub lost_grace: Duration,
+}
+
+/// One manifest's runs over a window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestSummary {
+    pub manifest_id: String,
+    pub runs: u64,
+    pub running: u64,
+    pub succeeded: u64,
+    /// Every finished state but succeeded.
+    pub failed: u64,
+    pub lost: u64,
+    /// Of finished runs (`percentile_disc`); `None` when none finished.
+    pub p50_duration: Option<std::time::Duration>,
+    pub p95_duration: Option<std::time::Duration>,
+    /// The newest failure: its run and when it finished.
+    pub last_failure: Option<(Uuid, DateTime<Utc>)>,
+}
+
 /// Why the store could not do what was asked, sorted by what the caller should do about it.
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -384,6 +416,9 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// A page of runs.
     async fn list(&self, query: &ListQuery) -> Result<Vec<ExecutionRow>, StoreError>;
 
+    /// Runs per manifest over a window, ordered by manifest id.
+    async fn summarize(&self, query: &SummaryQuery) -> Result<Vec<ManifestSummary>, StoreError>;
+
     /// Deletes at most `limit` rows first received before `cutoff`; returns how many went.
     async fn delete_received_before(
         &self,
@@ -416,214 +451,3 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
         Err(StoreError::UnsupportedUrl(url.to_string()))
     }
 }
-
-// ---------------------------------------------------------------- the list query, both dialects
-
-/// A bind value of the list query; each store binds it in its own column types.
-#[derive(Debug, Clone)]
-enum Param {
-    Text(String),
-    Time(DateTime<Utc>),
-    Id(Uuid),
-    Micros(i64),
-    Limit(i64),
-}
-
-/// The state of a row as SQL, identical in both stores because timestamps compare as
-/// microseconds: PostgreSQL via `interval '1 microsecond'`, SQLite natively. `{now}` and
-/// `{grace}` are placeholders.
-fn state_sql(time_plus_micros: impl Fn(&str, &str) -> String, now: &str, grace: &str) -> String {
-    let deadline = time_plus_micros(
-        "received_at",
-        &format!(
-            "COALESCE(timeout_secs * 1000000 + {grace}, {})",
-            LOST_AFTER_WITHOUT_TIMEOUT
-                .num_microseconds()
-                .unwrap_or(i64::MAX)
-        ),
-    );
-    format!(
-        "CASE WHEN status IS NOT NULL THEN status WHEN {deadline} < {now} THEN 'lost' ELSE 'running' END"
-    )
-}
-
-/// Builds the listing SQL from static fragments and numbered placeholders only; every value is
-/// a bind parameter.
-fn list_sql(
-    query: &ListQuery,
-    placeholder: impl Fn(usize) -> String,
-    time_plus_micros: impl Fn(&str, &str) -> String,
-    columns: &str,
-) -> (String, Vec<Param>) {
-    let mut params = Vec::new();
-    let next = |p: Param, params: &mut Vec<Param>| {
-        params.push(p);
-        placeholder(params.len())
-    };
-    let now = next(Param::Time(query.now), &mut params);
-    let grace = next(
-        Param::Micros(query.lost_grace.num_microseconds().unwrap_or(i64::MAX)),
-        &mut params,
-    );
-    let state = state_sql(time_plus_micros, &now, &grace);
-
-    let mut filters = Vec::new();
-    for (column, value) in [
-        ("pc_id", &query.pc_id),
-        ("manifest_id", &query.manifest_id),
-        ("exec_id", &query.exec_id),
-    ] {
-        if let Some(value) = value {
-            let p = next(Param::Text(storable(value.clone())), &mut params);
-            filters.push(format!("{column} = {p}"));
-        }
-    }
-    if let Some(after) = query.started_after {
-        let p = next(Param::Time(after), &mut params);
-        filters.push(format!("started_at >= {p}"));
-    }
-    if let Some(before) = query.started_before {
-        let p = next(Param::Time(before), &mut params);
-        filters.push(format!("started_at < {p}"));
-    }
-    if let Some(cursor) = query.after {
-        let t = next(Param::Time(cursor.started_at), &mut params);
-        let id = next(Param::Id(cursor.result_id), &mut params);
-        filters.push(format!(
-            "(started_at < {t} OR (started_at = {t} AND result_id < {id}))"
-        ));
-    }
-    if !query.states.is_empty() {
-        let unfinished = |s: &RunState| matches!(s, RunState::Running | RunState::Lost);
-        // Lets the partial index on running rows serve "what is running now".
-        if query.states.iter().all(unfinished) {
-            filters.push("status IS NULL".to_string());
-        } else if !query.states.iter().any(unfinished) {
-            filters.push("status IS NOT NULL".to_string());
-        }
-        let names: Vec<String> = query
-            .states
-            .iter()
-            .map(|s| next(Param::Text(s.as_str().to_string()), &mut params))
-            .collect();
-        filters.push(format!("({state}) IN ({})", names.join(", ")));
-    }
-    let limit = next(Param::Limit(i64::from(query.limit)), &mut params);
-    let where_clause = if filters.is_empty() {
-        String::new()
-    } else {
-        format!("WHERE {}", filters.join(" AND "))
-    };
-    let sql = format!(
-        "SELECT {columns}, {state} AS state FROM execution_results {where_clause} \
-         ORDER BY started_at DESC, result_id DESC LIMIT {limit}"
-    );
-    (sql, params)
-}
-
-/// One stored row as a store reads it, named column by column (`FromRow`), before its state
-/// and outcome are interpreted. Each store reads ids and times in its own column types
-/// (PostgreSQL `uuid`/`timestamptz`, SQLite text/integer microseconds) and maps them to
-/// `StoredRun<Uuid, DateTime<Utc>>`, which becomes an [`ExecutionRow`].
-#[derive(Debug, sqlx::FromRow)]
-struct StoredRun<Id, Time> {
-    result_id: Id,
-    request_id: String,
-    exec_id: String,
-    pc_id: String,
-    manifest_id: String,
-    version: String,
-    timeout_secs: Option<i64>,
-    state: String,
-    status: Option<String>,
-    exit_code: Option<i32>,
-    stdout: Option<String>,
-    stderr: Option<String>,
-    stdout_dropped_bytes: Option<i64>,
-    stderr_dropped_bytes: Option<i64>,
-    started_at: Time,
-    finished_at: Option<Time>,
-    received_at: Time,
-}
-
-impl<Id, Time> StoredRun<Id, Time> {
-    /// The same row with its id and times in other types.
-    fn map<I, T>(
-        self,
-        id: impl FnOnce(Id) -> Result<I, StoreError>,
-        time: impl Fn(Time) -> Result<T, StoreError>,
-    ) -> Result<StoredRun<I, T>, StoreError> {
-        Ok(StoredRun {
-            result_id: id(self.result_id)?,
-            request_id: self.request_id,
-            exec_id: self.exec_id,
-            pc_id: self.pc_id,
-            manifest_id: self.manifest_id,
-            version: self.version,
-            timeout_secs: self.timeout_secs,
-            state: self.state,
-            status: self.status,
-            exit_code: self.exit_code,
-            stdout: self.stdout,
-            stderr: self.stderr,
-            stdout_dropped_bytes: self.stdout_dropped_bytes,
-            stderr_dropped_bytes: self.stderr_dropped_bytes,
-            started_at: time(self.started_at)?,
-            finished_at: self.finished_at.map(&time).transpose()?,
-            received_at: time(self.received_at)?,
-        })
-    }
-}
-
-/// A value read from the store that Kanade never writes: the database was changed by hand.
-fn corrupt(what: String) -> StoreError {
-    StoreError::Other(sqlx::Error::Decode(what.into()))
-}
-
-impl TryFrom<StoredRun<Uuid, DateTime<Utc>>> for ExecutionRow {
-    type Error = StoreError;
-
-    fn try_from(row: StoredRun<Uuid, DateTime<Utc>>) -> Result<ExecutionRow, StoreError> {
-        let result_id = row.result_id;
-        let state = RunState::from_name(&row.state)
-            .ok_or_else(|| corrupt(format!("unknown state {:?} for run {result_id}", row.state)))?;
-        let outcome = match (row.status, row.finished_at) {
-            (Some(status), Some(finished_at)) => Some(RunOutcome {
-                status: ExecStatus::from_name(&status).ok_or_else(|| {
-                    corrupt(format!("unknown status {status:?} for run {result_id}"))
-                })?,
-                exit_code: row.exit_code,
-                stdout: row.stdout.unwrap_or_default(),
-                stderr: row.stderr.unwrap_or_default(),
-                stdout_dropped_bytes: row.stdout_dropped_bytes.unwrap_or(0).max(0) as u64,
-                stderr_dropped_bytes: row.stderr_dropped_bytes.unwrap_or(0).max(0) as u64,
-                finished_at,
-            }),
-            _ => None,
-        };
-        Ok(ExecutionRow {
-            result_id,
-            request_id: row.request_id,
-            exec_id: row.exec_id,
-            pc_id: row.pc_id,
-            manifest_id: row.manifest_id,
-            version: row.version,
-            timeout_secs: row.timeout_secs.and_then(|t| u32::try_from(t).ok()),
-            state,
-            outcome,
-            started_at: row.started_at,
-            received_at: row.received_at,
-        })
-    }
-}
-
-/// Dropped byte counts are `u64` on the wire and `bigint` in the table; counts past `i64::MAX`
-/// (which no real output reaches) are stored saturated.
-fn dropped_bytes(n: u64) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
-}
-
-/// The stored columns a read selects (with the computed `state`): the fields of [`StoredRun`].
-const COLUMNS: &str = "result_id, request_id, exec_id, pc_id, manifest_id, version, timeout_secs, \
-     status, exit_code, stdout, stderr, stdout_dropped_bytes, stderr_dropped_bytes, \
-     started_at, finished_at, received_at";

@@ -16,8 +16,8 @@ use sqlx::{
 use uuid::Uuid;
 
 use super::{
-    COLUMNS, ExecutionRow, ListQuery, Param, RunWrite, Store, StoreError, StoredRun, dropped_bytes,
-    list_sql,
+    ExecutionRow, ListQuery, ManifestSummary, RunWrite, Store, StoreError, SummaryQuery,
+    sql::{self, Dialect, Param, Params, StoredRun, StoredSummary, dropped_bytes},
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -119,12 +119,38 @@ fn read_row(row: &PgRow) -> Result<ExecutionRow, StoreError> {
     StoredRun::<Uuid, DateTime<Utc>>::from_row(row)?.try_into()
 }
 
-fn placeholder(n: usize) -> String {
-    format!("${n}")
+/// PostgreSQL's way of writing what differs between the stores.
+struct Pg;
+
+impl Dialect for Pg {
+    fn placeholder(n: usize) -> String {
+        format!("${n}")
+    }
+
+    fn time_plus_micros(time: &str, micros: &str) -> String {
+        format!("{time} + ({micros}) * interval '1 microsecond'")
+    }
+
+    fn micros_between(from: &str, to: &str) -> String {
+        format!("(EXTRACT(EPOCH FROM ({to} - {from})) * 1000000)::bigint")
+    }
 }
 
-fn time_plus_micros(time: &str, micros: &str) -> String {
-    format!("{time} + ({micros}) * interval '1 microsecond'")
+/// A query with its parameters bound in PostgreSQL's types.
+fn bound(
+    sql: String,
+    params: Params,
+) -> sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    let mut q = sqlx::query(AssertSqlSafe(sql));
+    for p in params.values {
+        q = match p {
+            Param::Text(s) => q.bind(s),
+            Param::Time(t) => q.bind(t),
+            Param::Id(id) => q.bind(id),
+            Param::Int(n) => q.bind(n),
+        };
+    }
+    q
 }
 
 #[async_trait]
@@ -223,32 +249,23 @@ impl Store for PostgresStore {
         now: DateTime<Utc>,
         lost_grace: Duration,
     ) -> Result<Option<ExecutionRow>, StoreError> {
-        let state = super::state_sql(time_plus_micros, "$2", "$3");
-        let sql = format!(
-            "SELECT {COLUMNS}, {state} AS state FROM execution_results WHERE result_id = $1"
-        );
-        let row = sqlx::query(AssertSqlSafe(sql))
-            .bind(result_id)
-            .bind(now)
-            .bind(lost_grace.num_microseconds().unwrap_or(i64::MAX))
-            .fetch_optional(&self.pool())
-            .await?;
+        let (sql, params) = sql::get_sql::<Pg>(result_id, now, lost_grace);
+        let row = bound(sql, params).fetch_optional(&self.pool()).await?;
         row.as_ref().map(read_row).transpose()
     }
 
     async fn list(&self, query: &ListQuery) -> Result<Vec<ExecutionRow>, StoreError> {
-        let (sql, params) = list_sql(query, placeholder, time_plus_micros, COLUMNS);
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for p in params {
-            q = match p {
-                Param::Text(s) => q.bind(s),
-                Param::Time(t) => q.bind(t),
-                Param::Id(id) => q.bind(id),
-                Param::Micros(n) | Param::Limit(n) => q.bind(n),
-            };
-        }
-        let rows = q.fetch_all(&self.pool()).await?;
+        let (sql, params) = sql::list_sql::<Pg>(query);
+        let rows = bound(sql, params).fetch_all(&self.pool()).await?;
         rows.iter().map(read_row).collect()
+    }
+
+    async fn summarize(&self, query: &SummaryQuery) -> Result<Vec<ManifestSummary>, StoreError> {
+        let (sql, params) = sql::summary_sql::<Pg>(query);
+        let rows = bound(sql, params).fetch_all(&self.pool()).await?;
+        rows.iter()
+            .map(|row| Ok(StoredSummary::<Uuid, DateTime<Utc>>::from_row(row)?.into_summary()))
+            .collect()
     }
 
     async fn delete_received_before(

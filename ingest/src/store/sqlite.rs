@@ -19,8 +19,8 @@ use sqlx::{
 use uuid::Uuid;
 
 use super::{
-    COLUMNS, ExecutionRow, ListQuery, Param, RunWrite, Store, StoreError, StoredRun, dropped_bytes,
-    list_sql,
+    ExecutionRow, ListQuery, ManifestSummary, RunWrite, Store, StoreError, SummaryQuery,
+    sql::{self, Dialect, Param, Params, StoredRun, StoredSummary, dropped_bytes},
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -94,20 +94,47 @@ fn from_micros(us: i64) -> Result<DateTime<Utc>, StoreError> {
 }
 
 fn read_row(row: &SqliteRow) -> Result<ExecutionRow, StoreError> {
-    let id = |text: String| {
-        Uuid::try_parse(&text).map_err(|e| StoreError::Other(sqlx::Error::Decode(Box::new(e))))
-    };
     StoredRun::<String, i64>::from_row(row)?
-        .map(id, from_micros)?
+        .map(parse_id, from_micros)?
         .try_into()
 }
 
-fn placeholder(n: usize) -> String {
-    format!("?{n}")
+/// SQLite's way of writing what differs between the stores.
+struct Lite;
+
+impl Dialect for Lite {
+    fn placeholder(n: usize) -> String {
+        format!("?{n}")
+    }
+
+    fn time_plus_micros(time: &str, micros: &str) -> String {
+        format!("{time} + ({micros})")
+    }
+
+    fn micros_between(from: &str, to: &str) -> String {
+        format!("({to} - {from})")
+    }
 }
 
-fn time_plus_micros(time: &str, micros: &str) -> String {
-    format!("{time} + ({micros})")
+/// A query with its parameters bound in SQLite's types.
+fn bound(
+    sql: String,
+    params: Params,
+) -> sqlx::query::Query<'static, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
+    let mut q = sqlx::query(AssertSqlSafe(sql));
+    for p in params.values {
+        q = match p {
+            Param::Text(s) => q.bind(s),
+            Param::Time(t) => q.bind(micros(t)),
+            Param::Id(id) => q.bind(id.hyphenated().to_string()),
+            Param::Int(n) => q.bind(n),
+        };
+    }
+    q
+}
+
+fn parse_id(text: String) -> Result<Uuid, StoreError> {
+    Uuid::try_parse(&text).map_err(|e| StoreError::Other(sqlx::Error::Decode(Box::new(e))))
 }
 
 #[async_trait]
@@ -161,32 +188,41 @@ impl Store for SqliteStore {
         now: DateTime<Utc>,
         lost_grace: Duration,
     ) -> Result<Option<ExecutionRow>, StoreError> {
-        let state = super::state_sql(time_plus_micros, "?2", "?3");
-        let sql = format!(
-            "SELECT {COLUMNS}, {state} AS state FROM execution_results WHERE result_id = ?1"
-        );
-        let row = sqlx::query(AssertSqlSafe(sql))
-            .bind(result_id.hyphenated().to_string())
-            .bind(micros(now))
-            .bind(lost_grace.num_microseconds().unwrap_or(i64::MAX))
-            .fetch_optional(&self.pool)
-            .await?;
+        let (sql, params) = sql::get_sql::<Lite>(result_id, now, lost_grace);
+        let row = bound(sql, params).fetch_optional(&self.pool).await?;
         row.as_ref().map(read_row).transpose()
     }
 
     async fn list(&self, query: &ListQuery) -> Result<Vec<ExecutionRow>, StoreError> {
-        let (sql, params) = list_sql(query, placeholder, time_plus_micros, COLUMNS);
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for p in params {
-            q = match p {
-                Param::Text(s) => q.bind(s),
-                Param::Time(t) => q.bind(micros(t)),
-                Param::Id(id) => q.bind(id.hyphenated().to_string()),
-                Param::Micros(n) | Param::Limit(n) => q.bind(n),
-            };
-        }
-        let rows = q.fetch_all(&self.pool).await?;
+        let (sql, params) = sql::list_sql::<Lite>(query);
+        let rows = bound(sql, params).fetch_all(&self.pool).await?;
         rows.iter().map(read_row).collect()
+    }
+
+    async fn summarize(&self, query: &SummaryQuery) -> Result<Vec<ManifestSummary>, StoreError> {
+        let (sql, params) = sql::summary_sql::<Lite>(query);
+        let rows = bound(sql, params).fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|row| {
+                let stored = StoredSummary::<String, i64>::from_row(row)?;
+                Ok(StoredSummary {
+                    last_failure_result_id: stored
+                        .last_failure_result_id
+                        .map(parse_id)
+                        .transpose()?,
+                    last_failure_at: stored.last_failure_at.map(from_micros).transpose()?,
+                    manifest_id: stored.manifest_id,
+                    runs: stored.runs,
+                    running: stored.running,
+                    succeeded: stored.succeeded,
+                    failed: stored.failed,
+                    lost: stored.lost,
+                    p50: stored.p50,
+                    p95: stored.p95,
+                }
+                .into_summary())
+            })
+            .collect()
     }
 
     async fn delete_received_before(

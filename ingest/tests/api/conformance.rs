@@ -2,7 +2,9 @@
 //! stores. `conformance!` instantiates each scenario once per backend.
 
 use chrono::Duration;
-use kanade_ingest::store::{Cursor, ExecutionRow, ListQuery, RunState, RunWrite, Store};
+use kanade_ingest::store::{
+    Cursor, ExecutionRow, ListQuery, ManifestSummary, RunState, RunWrite, Store, SummaryQuery,
+};
 use kanade_shared::wire::{EventBody, ExecStatus};
 use uuid::Uuid;
 
@@ -60,6 +62,7 @@ conformance!(
     a_run_without_result_turns_lost_after_timeout_and_grace,
     a_late_real_result_wins_over_lost,
     listing_filters_orders_newest_first_and_pages_by_keyset,
+    manifests_are_summarized_per_state_with_percentiles_and_the_last_failure,
     unknown_run_is_none,
     retention_deletes_only_old_rows_in_batches,
     migrations_are_idempotent,
@@ -444,6 +447,106 @@ async fn listing_filters_orders_newest_first_and_pages_by_keyset(backend: Backen
         ..ListQuery::all(now(), GRACE, 500)
     };
     assert_eq!(store.list(&by_exec).await.unwrap().len(), 30);
+}
+
+/// SummarizeManifests' numbers (SPEC §13): every state counted, `failed` = every finished state
+/// but succeeded, durations of finished runs only, percentile_disc (the value at ⌈p·n⌉), the
+/// newest failure, the window on started_at, one manifest on request.
+async fn manifests_are_summarized_per_state_with_percentiles_and_the_last_failure(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let store = db.store().await;
+    let base = now() - Duration::hours(1);
+    let mut writes = Vec::new();
+    let mut finished = |manifest: &str, minute: i64, secs: i64, status: ExecStatus| {
+        let run = Run::at("pc-a", base + Duration::minutes(minute));
+        let mut w = result(&run, status, (status == ExecStatus::Succeeded).then_some(0));
+        w.manifest_id = manifest.into();
+        let outcome = w.outcome.as_mut().unwrap();
+        outcome.finished_at = run.started_at + Duration::seconds(secs);
+        writes.push(w);
+        run
+    };
+    for (minute, secs) in [(1, 10), (2, 20), (3, 30)] {
+        finished("backup", minute, secs, ExecStatus::Succeeded);
+    }
+    finished("backup", 4, 40, ExecStatus::Failed);
+    let newest_failure = finished("backup", 5, 50, ExecStatus::TimedOut);
+    finished("inventory", 6, 5, ExecStatus::Succeeded);
+    // Outside the window.
+    finished("backup", -120, 1, ExecStatus::Failed);
+    let received = now();
+    let mut running = started(&Run::at("pc-a", base + Duration::minutes(7)));
+    running.manifest_id = "backup".into();
+    running.timeout_secs = None;
+    let mut lost = started(&Run::at("pc-a", base + Duration::minutes(8)));
+    lost.manifest_id = "backup".into();
+    lost.timeout_secs = Some(1);
+    writes.push(running);
+    writes.push(lost);
+    writes.sort_by_key(|w| w.result_id);
+    store.apply(&writes, received).await.unwrap();
+
+    let query = SummaryQuery {
+        started_after: base,
+        started_before: base + Duration::hours(1),
+        manifest_id: None,
+        // Past the lost run's timeout and grace, not past the 24 h of the one without timeout.
+        now: received + Duration::minutes(10),
+        lost_grace: GRACE,
+    };
+    let summaries = store.summarize(&query).await.unwrap();
+    let secs = |s: u64| Some(std::time::Duration::from_secs(s));
+    assert_eq!(
+        summaries,
+        [
+            ManifestSummary {
+                manifest_id: "backup".into(),
+                runs: 7,
+                running: 1,
+                succeeded: 3,
+                failed: 2,
+                lost: 1,
+                // Finished durations 10, 20, 30, 40, 50: position ⌈2.5⌉ = 3 and ⌈4.75⌉ = 5.
+                p50_duration: secs(30),
+                p95_duration: secs(50),
+                last_failure: Some((
+                    id(&newest_failure),
+                    newest_failure.started_at + Duration::seconds(50)
+                )),
+            },
+            ManifestSummary {
+                manifest_id: "inventory".into(),
+                runs: 1,
+                running: 0,
+                succeeded: 1,
+                failed: 0,
+                lost: 0,
+                p50_duration: secs(5),
+                p95_duration: secs(5),
+                last_failure: None,
+            },
+        ]
+    );
+    let only = store
+        .summarize(&SummaryQuery {
+            manifest_id: Some("inventory".into()),
+            ..query.clone()
+        })
+        .await
+        .unwrap();
+    assert_eq!(only.len(), 1);
+    assert_eq!(only[0].manifest_id, "inventory");
+    let empty = store
+        .summarize(&SummaryQuery {
+            started_after: base - Duration::days(7),
+            started_before: base - Duration::days(6),
+            ..query
+        })
+        .await
+        .unwrap();
+    assert!(empty.is_empty());
 }
 
 async fn unknown_run_is_none(backend: Backend) {

@@ -1,0 +1,350 @@
+//! The SQL both stores share: the Activity queries are built here once, from static fragments and
+//! numbered placeholders (every value is a bind parameter), and each store only says how its
+//! dialect writes a placeholder, a time plus some microseconds, and a duration
+//! ([`Dialect`]). Timestamps compare as microseconds in both (PostgreSQL `timestamptz`, SQLite
+//! integer microseconds), so both answer byte for byte the same.
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::{
+    ExecutionRow, LOST_AFTER_WITHOUT_TIMEOUT, ListQuery, RunOutcome, RunState, StoreError,
+    SummaryQuery, storable,
+};
+use kanade_shared::wire::ExecStatus;
+
+/// How one store's SQL writes what differs between the two.
+pub(super) trait Dialect {
+    /// The `n`th bind parameter (1-based).
+    fn placeholder(n: usize) -> String;
+    /// `time` plus `micros` microseconds (both SQL expressions).
+    fn time_plus_micros(time: &str, micros: &str) -> String;
+    /// Microseconds from `from` to `to` (both SQL expressions), as an integer.
+    fn micros_between(from: &str, to: &str) -> String;
+}
+
+/// A bind value; each store binds it in its own column types.
+#[derive(Debug, Clone)]
+pub(super) enum Param {
+    Text(String),
+    Time(DateTime<Utc>),
+    Id(Uuid),
+    Int(i64),
+}
+
+/// Collects bind values while a query is built.
+#[derive(Debug, Default)]
+pub(super) struct Params {
+    pub values: Vec<Param>,
+}
+
+impl Params {
+    /// Adds a value; returns its placeholder.
+    fn add<D: Dialect>(&mut self, value: Param) -> String {
+        self.values.push(value);
+        D::placeholder(self.values.len())
+    }
+}
+
+/// The stored columns a read selects (with the computed `state`): the fields of [`StoredRun`].
+pub(super) const COLUMNS: &str = "result_id, request_id, exec_id, pc_id, manifest_id, version, \
+     timeout_secs, status, exit_code, stdout, stderr, stdout_dropped_bytes, stderr_dropped_bytes, \
+     started_at, finished_at, received_at";
+
+/// The state of a row as SQL: its status once finished, else `lost` past `received_at` plus its
+/// timeout plus the grace (24 h without a timeout), else `running`.
+fn state_sql<D: Dialect>(now: &str, grace: &str) -> String {
+    let deadline = D::time_plus_micros(
+        "received_at",
+        &format!(
+            "COALESCE(timeout_secs * 1000000 + {grace}, {})",
+            LOST_AFTER_WITHOUT_TIMEOUT
+                .num_microseconds()
+                .unwrap_or(i64::MAX)
+        ),
+    );
+    format!(
+        "CASE WHEN status IS NOT NULL THEN status WHEN {deadline} < {now} THEN 'lost' ELSE 'running' END"
+    )
+}
+
+/// The state expression with its `now` and grace bound.
+fn bound_state<D: Dialect>(
+    params: &mut Params,
+    now: DateTime<Utc>,
+    grace: chrono::Duration,
+) -> String {
+    let now = params.add::<D>(Param::Time(now));
+    let grace = params.add::<D>(Param::Int(grace.num_microseconds().unwrap_or(i64::MAX)));
+    state_sql::<D>(&now, &grace)
+}
+
+/// One run by id, outputs whole.
+pub(super) fn get_sql<D: Dialect>(
+    result_id: Uuid,
+    now: DateTime<Utc>,
+    grace: chrono::Duration,
+) -> (String, Params) {
+    let mut params = Params::default();
+    let id = params.add::<D>(Param::Id(result_id));
+    let state = bound_state::<D>(&mut params, now, grace);
+    let sql =
+        format!("SELECT {COLUMNS}, {state} AS state FROM execution_results WHERE result_id = {id}");
+    (sql, params)
+}
+
+/// A page of a listing.
+pub(super) fn list_sql<D: Dialect>(query: &ListQuery) -> (String, Params) {
+    let mut params = Params::default();
+    let state = bound_state::<D>(&mut params, query.now, query.lost_grace);
+    let mut filters = Vec::new();
+    for (column, value) in [
+        ("pc_id", &query.pc_id),
+        ("manifest_id", &query.manifest_id),
+        ("exec_id", &query.exec_id),
+    ] {
+        if let Some(value) = value {
+            let p = params.add::<D>(Param::Text(storable(value.clone())));
+            filters.push(format!("{column} = {p}"));
+        }
+    }
+    if let Some(after) = query.started_after {
+        let p = params.add::<D>(Param::Time(after));
+        filters.push(format!("started_at >= {p}"));
+    }
+    if let Some(before) = query.started_before {
+        let p = params.add::<D>(Param::Time(before));
+        filters.push(format!("started_at < {p}"));
+    }
+    if let Some(cursor) = query.after {
+        let t = params.add::<D>(Param::Time(cursor.started_at));
+        let id = params.add::<D>(Param::Id(cursor.result_id));
+        filters.push(format!(
+            "(started_at < {t} OR (started_at = {t} AND result_id < {id}))"
+        ));
+    }
+    if !query.states.is_empty() {
+        let unfinished = |s: &RunState| matches!(s, RunState::Running | RunState::Lost);
+        // Lets the partial index on running rows serve "what is running now".
+        if query.states.iter().all(unfinished) {
+            filters.push("status IS NULL".to_string());
+        } else if !query.states.iter().any(unfinished) {
+            filters.push("status IS NOT NULL".to_string());
+        }
+        let names: Vec<String> = query
+            .states
+            .iter()
+            .map(|s| params.add::<D>(Param::Text(s.as_str().to_string())))
+            .collect();
+        filters.push(format!("({state}) IN ({})", names.join(", ")));
+    }
+    let limit = params.add::<D>(Param::Int(i64::from(query.limit)));
+    let where_clause = if filters.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", filters.join(" AND "))
+    };
+    let sql = format!(
+        "SELECT {COLUMNS}, {state} AS state FROM execution_results {where_clause} \
+         ORDER BY started_at DESC, result_id DESC LIMIT {limit}"
+    );
+    (sql, params)
+}
+
+/// Per manifest over a window of `started_at`: counts by state, the p50 and p95 duration of
+/// finished runs (`percentile_disc`: the value at position ⌈p·n⌉ of the sorted durations,
+/// computed with window functions both stores have), and the newest failure.
+pub(super) fn summary_sql<D: Dialect>(query: &SummaryQuery) -> (String, Params) {
+    let mut params = Params::default();
+    let state = bound_state::<D>(&mut params, query.now, query.lost_grace);
+    let after = params.add::<D>(Param::Time(query.started_after));
+    let before = params.add::<D>(Param::Time(query.started_before));
+    let mut filters = vec![
+        format!("started_at >= {after}"),
+        format!("started_at < {before}"),
+    ];
+    if let Some(manifest) = &query.manifest_id {
+        let p = params.add::<D>(Param::Text(storable(manifest.clone())));
+        filters.push(format!("manifest_id = {p}"));
+    }
+    let duration = D::micros_between("started_at", "finished_at");
+    let sql = format!(
+        "WITH runs AS (
+            SELECT manifest_id, result_id, finished_at, {state} AS state,
+                CASE WHEN status IS NULL THEN NULL ELSE {duration} END AS duration
+            FROM execution_results WHERE {filters}
+        ),
+        finished AS (
+            SELECT manifest_id, duration,
+                ROW_NUMBER() OVER (PARTITION BY manifest_id ORDER BY duration) AS position,
+                COUNT(*) OVER (PARTITION BY manifest_id) AS n
+            FROM runs WHERE duration IS NOT NULL
+        ),
+        percentiles AS (
+            SELECT manifest_id,
+                MAX(CASE WHEN position = (n + 1) / 2 THEN duration END) AS p50,
+                MAX(CASE WHEN position = (95 * n + 99) / 100 THEN duration END) AS p95
+            FROM finished GROUP BY manifest_id
+        ),
+        failures AS (
+            SELECT manifest_id, result_id, finished_at,
+                ROW_NUMBER() OVER (PARTITION BY manifest_id ORDER BY finished_at DESC, result_id DESC)
+                    AS newest
+            FROM runs WHERE state NOT IN ('succeeded', 'running', 'lost')
+        ),
+        counts AS (
+            SELECT manifest_id,
+                COUNT(*) AS runs,
+                SUM(CASE WHEN state = 'running' THEN 1 ELSE 0 END) AS running,
+                SUM(CASE WHEN state = 'succeeded' THEN 1 ELSE 0 END) AS succeeded,
+                SUM(CASE WHEN state NOT IN ('succeeded', 'running', 'lost') THEN 1 ELSE 0 END)
+                    AS failed,
+                SUM(CASE WHEN state = 'lost' THEN 1 ELSE 0 END) AS lost
+            FROM runs GROUP BY manifest_id
+        )
+        SELECT c.manifest_id, c.runs, c.running, c.succeeded, c.failed, c.lost, p.p50, p.p95,
+            f.result_id AS last_failure_result_id, f.finished_at AS last_failure_at
+        FROM counts c
+        LEFT JOIN percentiles p ON p.manifest_id = c.manifest_id
+        LEFT JOIN failures f ON f.manifest_id = c.manifest_id AND f.newest = 1
+        ORDER BY c.manifest_id",
+        filters = filters.join(" AND ")
+    );
+    (sql, params)
+}
+
+/// Dropped byte counts are `u64` on the wire and `bigint` in the table; counts past `i64::MAX`
+/// (which no real output reaches) are stored saturated.
+pub(super) fn dropped_bytes(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// One stored row as a store reads it, named column by column (`FromRow`), before its state
+/// and outcome are interpreted. Each store reads ids and times in its own column types
+/// (PostgreSQL `uuid`/`timestamptz`, SQLite text/integer microseconds) and maps them to
+/// `StoredRun<Uuid, DateTime<Utc>>`, which becomes an [`ExecutionRow`].
+#[derive(Debug, sqlx::FromRow)]
+pub(super) struct StoredRun<Id, Time> {
+    result_id: Id,
+    request_id: String,
+    exec_id: String,
+    pc_id: String,
+    manifest_id: String,
+    version: String,
+    timeout_secs: Option<i64>,
+    state: String,
+    status: Option<String>,
+    exit_code: Option<i32>,
+    stdout: Option<String>,
+    stderr: Option<String>,
+    stdout_dropped_bytes: Option<i64>,
+    stderr_dropped_bytes: Option<i64>,
+    started_at: Time,
+    finished_at: Option<Time>,
+    received_at: Time,
+}
+
+impl<Id, Time> StoredRun<Id, Time> {
+    /// The same row with its id and times in other types.
+    pub(super) fn map<I, T>(
+        self,
+        id: impl FnOnce(Id) -> Result<I, StoreError>,
+        time: impl Fn(Time) -> Result<T, StoreError>,
+    ) -> Result<StoredRun<I, T>, StoreError> {
+        Ok(StoredRun {
+            result_id: id(self.result_id)?,
+            request_id: self.request_id,
+            exec_id: self.exec_id,
+            pc_id: self.pc_id,
+            manifest_id: self.manifest_id,
+            version: self.version,
+            timeout_secs: self.timeout_secs,
+            state: self.state,
+            status: self.status,
+            exit_code: self.exit_code,
+            stdout: self.stdout,
+            stderr: self.stderr,
+            stdout_dropped_bytes: self.stdout_dropped_bytes,
+            stderr_dropped_bytes: self.stderr_dropped_bytes,
+            started_at: time(self.started_at)?,
+            finished_at: self.finished_at.map(&time).transpose()?,
+            received_at: time(self.received_at)?,
+        })
+    }
+}
+
+/// A value read from the store that Kanade never writes: the database was changed by hand.
+pub(super) fn corrupt(what: String) -> StoreError {
+    StoreError::Other(sqlx::Error::Decode(what.into()))
+}
+
+impl TryFrom<StoredRun<Uuid, DateTime<Utc>>> for ExecutionRow {
+    type Error = StoreError;
+
+    fn try_from(row: StoredRun<Uuid, DateTime<Utc>>) -> Result<ExecutionRow, StoreError> {
+        let result_id = row.result_id;
+        let state = RunState::from_name(&row.state)
+            .ok_or_else(|| corrupt(format!("unknown state {:?} for run {result_id}", row.state)))?;
+        let outcome = match (row.status, row.finished_at) {
+            (Some(status), Some(finished_at)) => Some(RunOutcome {
+                status: ExecStatus::from_name(&status).ok_or_else(|| {
+                    corrupt(format!("unknown status {status:?} for run {result_id}"))
+                })?,
+                exit_code: row.exit_code,
+                stdout: row.stdout.unwrap_or_default(),
+                stderr: row.stderr.unwrap_or_default(),
+                stdout_dropped_bytes: row.stdout_dropped_bytes.unwrap_or(0).max(0) as u64,
+                stderr_dropped_bytes: row.stderr_dropped_bytes.unwrap_or(0).max(0) as u64,
+                finished_at,
+            }),
+            _ => None,
+        };
+        Ok(ExecutionRow {
+            result_id,
+            request_id: row.request_id,
+            exec_id: row.exec_id,
+            pc_id: row.pc_id,
+            manifest_id: row.manifest_id,
+            version: row.version,
+            timeout_secs: row.timeout_secs.and_then(|t| u32::try_from(t).ok()),
+            state,
+            outcome,
+            started_at: row.started_at,
+            received_at: row.received_at,
+        })
+    }
+}
+
+/// One manifest's summary as a store reads it (`FromRow`), before ids and times are mapped.
+#[derive(Debug, sqlx::FromRow)]
+pub(super) struct StoredSummary<Id, Time> {
+    pub manifest_id: String,
+    pub runs: i64,
+    pub running: i64,
+    pub succeeded: i64,
+    pub failed: i64,
+    pub lost: i64,
+    pub p50: Option<i64>,
+    pub p95: Option<i64>,
+    pub last_failure_result_id: Option<Id>,
+    pub last_failure_at: Option<Time>,
+}
+
+impl StoredSummary<Uuid, DateTime<Utc>> {
+    pub(super) fn into_summary(self) -> super::ManifestSummary {
+        let count = |n: i64| n.max(0) as u64;
+        let duration =
+            |micros: Option<i64>| micros.map(|m| std::time::Duration::from_micros(m.max(0) as u64));
+        super::ManifestSummary {
+            manifest_id: self.manifest_id,
+            runs: count(self.runs),
+            running: count(self.running),
+            succeeded: count(self.succeeded),
+            failed: count(self.failed),
+            lost: count(self.lost),
+            p50_duration: duration(self.p50),
+            p95_duration: duration(self.p95),
+            last_failure: self.last_failure_result_id.zip(self.last_failure_at),
+        }
+    }
+}
