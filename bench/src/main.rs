@@ -4,6 +4,7 @@
 
 #![forbid(unsafe_code)]
 
+mod activity;
 mod agent;
 mod ceiling;
 mod connections;
@@ -26,6 +27,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Mode {
+    /// The read path on a table of N runs: every Activity filter and state, deep pages, the
+    /// manifest summary; p50/p99 and the plans of cases over target.
+    Activity(activity::ActivityArgs),
     /// Events/s through the real ingest from N agents, against PostgreSQL's own ceiling.
     Throughput(throughput::ThroughputArgs),
     /// Ingest memory per idle stream for K streams, then the reconnect storm after a SIGKILL.
@@ -49,6 +53,7 @@ enum Mode {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().mode {
+        Mode::Activity(args) => activity::run(args).await,
         Mode::Throughput(args) => throughput::run(args).await,
         Mode::Connections(args) => connections::run(args).await,
         Mode::Agent(args) => agent::run(args).await,

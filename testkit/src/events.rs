@@ -44,6 +44,21 @@ impl Run {
         }
     }
 
+    /// A run started at `at` whose result_id was minted then too (UUIDv7 of `at`), as an agent
+    /// running at that time would have made it.
+    pub fn minted_at(pc_id: &str, at: DateTime<Utc>) -> Run {
+        let minted = uuid::Timestamp::from_unix(
+            uuid::NoContext,
+            at.timestamp() as u64,
+            at.timestamp_subsec_nanos(),
+        );
+        Run {
+            result_id: Uuid::new_v7(minted).to_string(),
+            pc_id: pc_id.to_string(),
+            started_at: at,
+        }
+    }
+
     pub fn started(&self) -> EventStarted {
         EventStarted {
             result_id: self.result_id.clone(),

@@ -13,7 +13,7 @@ mod sqlite;
 use std::{fmt, sync::Arc};
 
 use async_trait::async_trait;
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Duration, NaiveDate, Utc};
 use kanade_shared::wire::{EventBody, ExecStatus};
 use thiserror::Error;
 use uuid::Uuid;
@@ -419,12 +419,25 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Runs per manifest over a window, ordered by manifest id.
     async fn summarize(&self, query: &SummaryQuery) -> Result<Vec<ManifestSummary>, StoreError>;
 
-    /// Deletes at most `limit` rows first received before `cutoff`; returns how many went.
+    /// Deletes at most `limit` rows first received before `cutoff` that are not in a day
+    /// partition (those go whole, [`Store::drop_days_before`]); returns how many went.
     async fn delete_received_before(
         &self,
         cutoff: DateTime<Utc>,
         limit: u32,
     ) -> Result<u64, StoreError>;
+
+    /// Makes sure the days from `today` to `days_ahead` days later have their partitions
+    /// (PostgreSQL); returns how many were created. Safe with several replicas.
+    async fn prepare_days(&self, _today: NaiveDate, _days_ahead: u32) -> Result<u32, StoreError> {
+        Ok(0)
+    }
+
+    /// Drops the partitions of days that ended before `cutoff` whole (PostgreSQL), whatever
+    /// they hold; returns the days dropped.
+    async fn drop_days_before(&self, _cutoff: DateTime<Utc>) -> Result<Vec<NaiveDate>, StoreError> {
+        Ok(Vec::new())
+    }
 
     /// Answers when the store is reachable.
     async fn ping(&self) -> Result<(), StoreError>;

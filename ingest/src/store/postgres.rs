@@ -8,9 +8,9 @@
 use std::{str::FromStr, time::Duration as StdDuration};
 
 use async_trait::async_trait;
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Duration, NaiveDate, Utc};
 use sqlx::{
-    AssertSqlSafe, FromRow,
+    AssertSqlSafe, FromRow, Row,
     postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow},
 };
 use uuid::Uuid;
@@ -27,6 +27,8 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 const POOL_SIZE: u32 = 8;
 /// How long a caller waits for a pooled connection before the store counts as unavailable.
 const ACQUIRE_TIMEOUT: StdDuration = StdDuration::from_secs(5);
+/// The advisory lock replicas take turns on to create and drop day partitions.
+const PARTITIONS_LOCK: i64 = 0x6b61_6e61_6465_7031; // "kanadep1"
 /// How long the server keeps a transaction of ours that stopped talking (see `connect`).
 const IDLE_IN_TRANSACTION_TIMEOUT_MS: u64 = 5_000;
 
@@ -91,6 +93,30 @@ impl PostgresStore {
             pool: std::sync::RwLock::new(lazy_pool(&options)),
             options,
         })
+    }
+
+    /// The plan PostgreSQL runs for a listing, with what it did (`EXPLAIN (ANALYZE, BUFFERS)`),
+    /// for the benchmark's report of cases over target.
+    pub async fn explain_list(&self, query: &ListQuery) -> Result<String, StoreError> {
+        let (sql, params) = sql::list_sql::<Pg>(query);
+        self.explain(sql, params).await
+    }
+
+    /// Like [`PostgresStore::explain_list`], for the manifest summary.
+    pub async fn explain_summary(&self, query: &SummaryQuery) -> Result<String, StoreError> {
+        let (sql, params) = sql::summary_sql::<Pg>(query);
+        self.explain(sql, params).await
+    }
+
+    async fn explain(&self, sql: String, params: Params) -> Result<String, StoreError> {
+        let rows = bound(format!("EXPLAIN (ANALYZE, BUFFERS) {sql}"), params)
+            .fetch_all(&self.pool())
+            .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| r.try_get::<String, _>(0).ok())
+            .collect::<Vec<_>>()
+            .join("\n"))
     }
 
     /// The pool (a cheap handle), for the operations, tests and the benchmark.
@@ -273,15 +299,72 @@ impl Store for PostgresStore {
         cutoff: DateTime<Utc>,
         limit: u32,
     ) -> Result<u64, StoreError> {
+        // The day partitions are dropped whole; only the default partition goes row by row.
         let done = sqlx::query(
-            "DELETE FROM execution_results WHERE result_id IN \
-             (SELECT result_id FROM execution_results WHERE received_at < $1 LIMIT $2)",
+            "DELETE FROM execution_results_default WHERE result_id IN \
+             (SELECT result_id FROM execution_results_default WHERE received_at < $1 LIMIT $2)",
         )
         .bind(cutoff)
         .bind(i64::from(limit))
         .execute(&self.pool())
         .await?;
         Ok(done.rows_affected())
+    }
+
+    async fn prepare_days(&self, today: NaiveDate, days_ahead: u32) -> Result<u32, StoreError> {
+        let mut tx = self.pool().begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(PARTITIONS_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        let mut created = 0;
+        for ahead in 0..=days_ahead {
+            let day = today + chrono::Days::new(u64::from(ahead));
+            let new: bool = sqlx::query_scalar("SELECT kanade_ensure_day_partition($1)")
+                .bind(day)
+                .fetch_one(&mut *tx)
+                .await?;
+            created += u32::from(new);
+        }
+        tx.commit().await?;
+        Ok(created)
+    }
+
+    async fn drop_days_before(&self, cutoff: DateTime<Utc>) -> Result<Vec<NaiveDate>, StoreError> {
+        let mut tx = self.pool().begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(PARTITIONS_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        let names: Vec<String> = sqlx::query_scalar(
+            "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+             WHERE i.inhparent = 'execution_results'::regclass \
+             AND c.relname LIKE 'execution_results_p%'",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut dropped = Vec::new();
+        for name in names {
+            let Some(day) = name
+                .strip_prefix("execution_results_p")
+                .and_then(|d| NaiveDate::parse_from_str(d, "%Y%m%d").ok())
+            else {
+                continue;
+            };
+            // Whole days only: the day's last instant is before the cutoff.
+            if day
+                .succ_opt()
+                .is_some_and(|next| next <= cutoff.date_naive())
+            {
+                sqlx::query(AssertSqlSafe(format!("DROP TABLE {name}")))
+                    .execute(&mut *tx)
+                    .await?;
+                dropped.push(day);
+            }
+        }
+        tx.commit().await?;
+        dropped.sort();
+        Ok(dropped)
     }
 
     fn discard_connections(&self) {

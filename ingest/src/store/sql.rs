@@ -93,7 +93,48 @@ pub(super) fn get_sql<D: Dialect>(
     (sql, params)
 }
 
-/// A page of a listing.
+/// Where a state filter sends the query: each finished state is one range of the rare-state
+/// index (or, for `succeeded`, 98 % of rows: any ordered index finds 50 fast), and running and
+/// lost rows are the few without a status (their own partial index). States are written as
+/// literals — they are Kanade's own names, never input — so the planner can prove that a branch
+/// only needs a partial index, even in a generic plan.
+fn state_branches(states: &[RunState], state: &str) -> Vec<String> {
+    let mut branches = Vec::new();
+    let mut unfinished = Vec::new();
+    for s in states {
+        match s {
+            RunState::Running | RunState::Lost => {
+                if !unfinished.contains(s) {
+                    unfinished.push(*s);
+                }
+            }
+            RunState::Finished(ExecStatus::Succeeded) => {
+                branches.push("status = 'succeeded'".to_string())
+            }
+            RunState::Finished(status) => branches.push(format!(
+                "status IS NOT NULL AND status <> 'succeeded' AND status = '{}'",
+                status.as_str()
+            )),
+        }
+    }
+    branches.sort();
+    branches.dedup();
+    if !unfinished.is_empty() {
+        let names: Vec<String> = unfinished
+            .iter()
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect();
+        branches.push(format!(
+            "status IS NULL AND ({state}) IN ({})",
+            names.join(", ")
+        ));
+    }
+    branches
+}
+
+/// A page of a listing, newest first. A filter on several states is a `UNION ALL` of one
+/// branch per state (each ordered and limited on its own index), merged: one `IN` over states
+/// would have PostgreSQL sort every matching row before it could return the first 50.
 pub(super) fn list_sql<D: Dialect>(query: &ListQuery) -> (String, Params) {
     let mut params = Params::default();
     let state = bound_state::<D>(&mut params, query.now, query.lost_grace);
@@ -123,31 +164,39 @@ pub(super) fn list_sql<D: Dialect>(query: &ListQuery) -> (String, Params) {
             "(started_at < {t} OR (started_at = {t} AND result_id < {id}))"
         ));
     }
-    if !query.states.is_empty() {
-        let unfinished = |s: &RunState| matches!(s, RunState::Running | RunState::Lost);
-        // Lets the partial index on running rows serve "what is running now".
-        if query.states.iter().all(unfinished) {
-            filters.push("status IS NULL".to_string());
-        } else if !query.states.iter().any(unfinished) {
-            filters.push("status IS NOT NULL".to_string());
-        }
-        let names: Vec<String> = query
-            .states
-            .iter()
-            .map(|s| params.add::<D>(Param::Text(s.as_str().to_string())))
-            .collect();
-        filters.push(format!("({state}) IN ({})", names.join(", ")));
-    }
     let limit = params.add::<D>(Param::Int(i64::from(query.limit)));
-    let where_clause = if filters.is_empty() {
-        String::new()
-    } else {
-        format!("WHERE {}", filters.join(" AND "))
+    let select = |branch: Option<&String>| {
+        let conditions: Vec<&str> = filters
+            .iter()
+            .map(String::as_str)
+            .chain(branch.map(String::as_str))
+            .collect();
+        let where_clause = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", conditions.join(" AND "))
+        };
+        format!(
+            "SELECT {COLUMNS}, {state} AS state FROM execution_results {where_clause} \
+             ORDER BY started_at DESC, result_id DESC LIMIT {limit}"
+        )
     };
-    let sql = format!(
-        "SELECT {COLUMNS}, {state} AS state FROM execution_results {where_clause} \
-         ORDER BY started_at DESC, result_id DESC LIMIT {limit}"
-    );
+    let branches = state_branches(&query.states, &state);
+    let sql = match branches.as_slice() {
+        [] => select(None),
+        [one] => select(Some(one)),
+        many => {
+            let parts: Vec<String> = many
+                .iter()
+                .enumerate()
+                .map(|(i, b)| format!("SELECT * FROM ({}) AS b{i}", select(Some(b))))
+                .collect();
+            format!(
+                "SELECT * FROM ({}) AS u ORDER BY started_at DESC, result_id DESC LIMIT {limit}",
+                parts.join(" UNION ALL ")
+            )
+        }
+    };
     (sql, params)
 }
 

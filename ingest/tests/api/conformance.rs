@@ -564,13 +564,13 @@ async fn unknown_run_is_none(backend: Backend) {
 async fn retention_deletes_only_old_rows_in_batches(backend: Backend) {
     let db = TestDb::new(backend).await;
     let store = db.store().await;
-    let old: Vec<RunWrite> = (0..25).map(|_| started(&Run::new("pc-a"))).collect();
-    let mut old_sorted = old.clone();
-    old_sorted.sort_by_key(|w| w.result_id);
-    store
-        .apply(&old_sorted, now() - Duration::days(100))
-        .await
-        .unwrap();
+    // Minted 100 days ago, older than any day partition PostgreSQL keeps: deleted row by row.
+    let long_ago = now() - Duration::days(100);
+    let mut old: Vec<RunWrite> = (0..25)
+        .map(|_| started(&Run::minted_at("pc-a", long_ago)))
+        .collect();
+    old.sort_by_key(|w| w.result_id);
+    store.apply(&old, long_ago).await.unwrap();
     let young = Run::new("pc-a");
     store.apply(&[started(&young)], now()).await.unwrap();
     let cutoff = now() - Duration::days(90);

@@ -9,6 +9,7 @@ mod faults;
 mod grpcurl;
 mod listeners;
 mod memory;
+mod partitions;
 mod stream;
 mod telemetry;
 mod tls;
