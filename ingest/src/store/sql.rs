@@ -51,10 +51,10 @@ pub(super) const COLUMNS: &str = "result_id, request_id, exec_id, pc_id, manifes
      timeout_secs, status, exit_code, stdout, stderr, stdout_dropped_bytes, stderr_dropped_bytes, \
      started_at, finished_at, received_at";
 
-/// The state of a row as SQL: its status once finished, else `lost` past `received_at` plus its
-/// timeout plus the grace (24 h without a timeout), else `running`.
-fn state_sql<D: Dialect>(now: &str, grace: &str) -> String {
-    let deadline = D::time_plus_micros(
+/// When a run without a result counts as lost: `received_at` plus its timeout plus the grace
+/// (24 h without a timeout).
+fn lost_deadline<D: Dialect>(grace: &str) -> String {
+    D::time_plus_micros(
         "received_at",
         &format!(
             "COALESCE(timeout_secs * 1000000 + {grace}, {})",
@@ -62,7 +62,13 @@ fn state_sql<D: Dialect>(now: &str, grace: &str) -> String {
                 .num_microseconds()
                 .unwrap_or(i64::MAX)
         ),
-    );
+    )
+}
+
+/// The state of a row as SQL: its status once finished, else `lost` past its deadline, else
+/// `running`.
+fn state_sql<D: Dialect>(now: &str, grace: &str) -> String {
+    let deadline = lost_deadline::<D>(grace);
     format!(
         "CASE WHEN status IS NOT NULL THEN status WHEN {deadline} < {now} THEN 'lost' ELSE 'running' END"
     )
@@ -164,7 +170,9 @@ pub(super) fn list_sql<D: Dialect>(query: &ListQuery) -> (String, Params) {
             "(started_at < {t} OR (started_at = {t} AND result_id < {id}))"
         ));
     }
-    let limit = params.add::<D>(Param::Int(i64::from(query.limit)));
+    // A literal (a number Kanade computes, at most 501): planned once for every call (generic
+    // plans), a LIMIT the planner cannot see makes it plan for every row.
+    let limit = query.limit;
     let select = |branch: Option<&String>| {
         let conditions: Vec<&str> = filters
             .iter()
@@ -200,12 +208,17 @@ pub(super) fn list_sql<D: Dialect>(query: &ListQuery) -> (String, Params) {
     (sql, params)
 }
 
-/// Per manifest over a window of `started_at`: counts by state, the p50 and p95 duration of
-/// finished runs (`percentile_disc`: the value at position ⌈p·n⌉ of the sorted durations,
-/// computed with window functions both stores have), and the newest failure.
-pub(super) fn summary_sql<D: Dialect>(query: &SummaryQuery) -> (String, Params) {
+/// The window and filter of a manifest summary, its lost-deadline expression, and their
+/// parameters (with the placeholder of `now`), for either store's summary query.
+pub(super) fn summary_window<D: Dialect>(
+    query: &SummaryQuery,
+) -> (Vec<String>, String, SummaryParams) {
     let mut params = Params::default();
-    let state = bound_state::<D>(&mut params, query.now, query.lost_grace);
+    let now = params.add::<D>(Param::Time(query.now));
+    let grace = params.add::<D>(Param::Int(
+        query.lost_grace.num_microseconds().unwrap_or(i64::MAX),
+    ));
+    let deadline = lost_deadline::<D>(&grace);
     let after = params.add::<D>(Param::Time(query.started_after));
     let before = params.add::<D>(Param::Time(query.started_before));
     let mut filters = vec![
@@ -216,6 +229,33 @@ pub(super) fn summary_sql<D: Dialect>(query: &SummaryQuery) -> (String, Params) 
         let p = params.add::<D>(Param::Text(storable(manifest.clone())));
         filters.push(format!("manifest_id = {p}"));
     }
+    (
+        filters,
+        deadline,
+        SummaryParams {
+            now,
+            values: params,
+        },
+    )
+}
+
+/// Parameters of a summary query.
+pub(super) struct SummaryParams {
+    /// The placeholder of `now`.
+    pub now: String,
+    pub values: Params,
+}
+
+/// Per manifest over a window of `started_at`: counts by state, the p50 and p95 duration of
+/// finished runs (`percentile_disc`: the value at position ⌈p·n⌉ of the sorted durations,
+/// computed with window functions), and the newest failure. SQLite's; PostgreSQL computes the
+/// same numbers its own faster way.
+pub(super) fn summary_sql<D: Dialect>(query: &SummaryQuery) -> (String, Params) {
+    let (filters, deadline, params) = summary_window::<D>(query);
+    let now = params.now;
+    let state = format!(
+        "CASE WHEN status IS NOT NULL THEN status WHEN {deadline} < {now} THEN 'lost' ELSE 'running' END"
+    );
     let duration = D::micros_between("started_at", "finished_at");
     let sql = format!(
         "WITH runs AS (
@@ -259,7 +299,7 @@ pub(super) fn summary_sql<D: Dialect>(query: &SummaryQuery) -> (String, Params) 
         ORDER BY c.manifest_id",
         filters = filters.join(" AND ")
     );
-    (sql, params)
+    (sql, params.values)
 }
 
 /// Dropped byte counts are `u64` on the wire and `bigint` in the table; counts past `i64::MAX`
