@@ -66,7 +66,7 @@ const CASE_MIN_CALLS: usize = 10;
 /// data ends at, `$4` the days it spans. Rows come in start order (±30 s), as a fleet inserts
 /// them: a day's runs sit together on disk, as in a real table. Row i's kind comes from a hash of i: 2 % failed, 0.01 % running (started in the last
 /// hour), 0.05 % lost (no result, past its timeout), 0.01 % interrupted, the rest succeeded.
-const GENERATE: &str = "
+pub const GENERATE: &str = "
 INSERT INTO execution_results (result_id, request_id, exec_id, pc_id, manifest_id, version,
     timeout_secs, status, exit_code, stdout, stderr, stdout_dropped_bytes, stderr_dropped_bytes,
     started_at, finished_at, received_at)

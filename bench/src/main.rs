@@ -12,6 +12,7 @@ mod load;
 mod memory;
 mod process;
 mod report;
+mod retention;
 mod throughput;
 
 use std::path::PathBuf;
@@ -39,6 +40,9 @@ enum Mode {
     Agent(agent::AgentArgs),
     /// Ingest's memory under a burst of large events from many agents, against its budget.
     Memory(memory::MemoryArgs),
+    /// What retention costs for a day of runs: a small and a large day dropped whole, against
+    /// deleting the large day's rows one batch at a time.
+    Retention(retention::RetentionArgs),
     /// Draws throughput and p99 latency against agents from a throughput CSV.
     Plot {
         /// CSV written by `throughput --csv`.
@@ -58,6 +62,7 @@ async fn main() -> anyhow::Result<()> {
         Mode::Connections(args) => connections::run(args).await,
         Mode::Agent(args) => agent::run(args).await,
         Mode::Memory(args) => memory::run(args).await,
+        Mode::Retention(args) => retention::run(args).await,
         Mode::Plot { csv, png } => {
             report::plot(&csv, &png)?;
             println!("mode=plot png={}", png.display());
