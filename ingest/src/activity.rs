@@ -13,18 +13,18 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use crate::store::{
-    Cursor, ExecutionRow, ListQuery, ManifestSummary, RunState, Store, StoreError, SummaryQuery,
+    Cursor, ExecutionRow, ListQuery, ManifestSummary, ReadStore, RunState, StoreError, SummaryQuery,
 };
 
 /// The Activity service.
 #[derive(Debug, Clone)]
 pub struct ActivityService {
-    store: Arc<dyn Store>,
+    store: Arc<dyn ReadStore>,
     lost_grace: Duration,
 }
 
 impl ActivityService {
-    pub fn new(store: Arc<dyn Store>, lost_grace: Duration) -> ActivityService {
+    pub fn new(store: Arc<dyn ReadStore>, lost_grace: Duration) -> ActivityService {
         ActivityService { store, lost_grace }
     }
 }

@@ -23,7 +23,7 @@ use crate::{
     batcher::{self, BatchConfig},
     budget::{Budgeted, MemoryBudget},
     config::ServeArgs,
-    health::Readiness,
+    health::{Database, Readiness},
     listen::{self, AcceptLimits, Http1RequestHead, Http2Preface},
     metrics::{self, Metrics},
     retention,
@@ -31,7 +31,7 @@ use crate::{
         IngestLimits, IngestParts, IngestService,
         registry::{RegistryLimits, StreamRegistry},
     },
-    store::{self, Store},
+    store::{self, ReadStore, Store},
     tls::{ServerTls, TlsFiles, TlsHandshake},
 };
 
@@ -167,6 +167,8 @@ struct Prepared {
     tokens: Option<Arc<Tokens>>,
     tls: Option<Arc<ServerTls>>,
     store: Arc<dyn Store>,
+    /// Where Activity reads: the read replica, or the primary `store` itself.
+    reads: Arc<dyn ReadStore>,
     readiness: Readiness,
     health: HealthServer<HealthService>,
     listeners: Listeners,
@@ -206,16 +208,34 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<RunningIngest> {
     let addr = listeners.grpc.local_addr()?;
 
     let store = open_store(&args.database_url, &shutdown).await?;
+    let reads: Arc<dyn ReadStore> = match &args.read_database_url {
+        Some(url) => store::open_reader(url)
+            .await
+            .with_context(|| format!("opening the read replica {}", redact(url)))?,
+        None => store.clone(),
+    };
     let reporter = HealthReporter::new();
     let health = HealthServer::new(HealthService::from_health_reporter(reporter.clone()));
-    let readiness = Readiness::new(reporter).await;
-    readiness.set_store_ok(store.ping().await.is_ok()).await;
+    let readiness = Readiness::new(reporter, args.read_database_url.is_some()).await;
+    readiness
+        .set_ok(Database::Primary, store.ping().await.is_ok())
+        .await;
+    if args.read_database_url.is_some() {
+        let answered = reads.ping().await;
+        if let Err(err) = &answered {
+            tracing::warn!(error = %err, "the read replica does not answer yet: Activity is NOT_SERVING until it does");
+        }
+        readiness
+            .set_ok(Database::ReadReplica, answered.is_ok())
+            .await;
+    }
 
     let prepared = Prepared {
         args,
         tokens,
         tls,
         store,
+        reads,
         readiness,
         health,
         listeners,
@@ -289,10 +309,20 @@ impl Prepared {
         ));
         tasks.spawn(watch_store(
             self.store.clone(),
+            Database::Primary,
             self.readiness.clone(),
             args.health_check_every,
             stop.clone(),
         ));
+        if args.read_database_url.is_some() {
+            tasks.spawn(watch_store(
+                self.reads.clone(),
+                Database::ReadReplica,
+                self.readiness.clone(),
+                args.health_check_every,
+                stop.clone(),
+            ));
+        }
         let limits = AcceptLimits::from(args);
         if let Some(listener) = self.listeners.metrics.take() {
             tasks.spawn(listen::serve_http1(
@@ -379,7 +409,7 @@ async fn serve(mut prepared: Prepared, shutdown: CancellationToken) -> anyhow::R
     });
     let lost_grace =
         chrono::Duration::from_std(args.lost_grace).context("--lost-grace is too long")?;
-    let activity = ActivityService::new(prepared.store.clone(), lost_grace);
+    let activity = ActivityService::new(prepared.reads.clone(), lost_grace);
     let mut background_tasks = prepared.spawn_background(&metrics, &background);
     let (budget_bytes, budget_from) = args.memory_budget();
     tracing::info!(
@@ -490,9 +520,10 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
         .include_reflection_service(false)
 }
 
-/// Probes the store so readiness follows it even when no events flow.
+/// Probes a database so readiness follows it even when no events flow.
 async fn watch_store(
-    store: Arc<dyn Store>,
+    store: Arc<dyn ReadStore>,
+    database: Database,
     readiness: Readiness,
     every: Duration,
     stop: CancellationToken,
@@ -510,7 +541,7 @@ async fn watch_store(
                 false
             }
         };
-        readiness.set_store_ok(ok).await;
+        readiness.set_ok(database, ok).await;
     }
 }
 

@@ -25,7 +25,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::{
     budget::Charge,
-    health::Readiness,
+    health::{Database, Readiness},
     metrics::{Metrics, reject},
     outbound::StreamSink,
     store::{RunWrite, Store, StoreError},
@@ -252,7 +252,7 @@ impl Batcher<'_> {
             drop(db_span);
             match attempt_result {
                 Ok(applied) => {
-                    self.readiness.set_store_ok(true).await;
+                    self.readiness.set_ok(Database::Primary, true).await;
                     return Some(
                         applied
                             .into_iter()
@@ -267,7 +267,7 @@ impl Batcher<'_> {
                     );
                 }
                 Err(StoreError::Refused(err)) => {
-                    self.readiness.set_store_ok(true).await;
+                    self.readiness.set_ok(Database::Primary, true).await;
                     if writes.len() == 1 {
                         tracing::warn!(result_id = %writes[0].result_id, error = %err, "database refused an event");
                         return Some(vec![Outcome::Refused(database_message(&err))]);
@@ -279,7 +279,7 @@ impl Batcher<'_> {
                 }
                 Err(err) => {
                     // Nothing commits while this lasts: not ready, whatever the cause.
-                    self.readiness.set_store_ok(false).await;
+                    self.readiness.set_ok(Database::Primary, false).await;
                     if err.is_transient() {
                         tracing::warn!(error = %err, rows = writes.len(), attempt, "batch not committed; retrying");
                     } else {

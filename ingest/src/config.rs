@@ -134,6 +134,12 @@ pub struct ServeArgs {
     )]
     pub database_url: String,
 
+    /// A PostgreSQL streaming replica of --database-url for reads: Activity's queries go there
+    /// (and lag behind the primary by the replica's replay delay); writes, migrations,
+    /// and retention never do. Unset: reads go to --database-url.
+    #[arg(long, env = "KANADE_INGEST_READ_DATABASE_URL")]
+    pub read_database_url: Option<String>,
+
     /// Require bearer tokens (TOML `[[token]]` entries of SHA-256 hashes bound to a pc_id or to
     /// role = "reader"; create them with `kanade-ingest token add`).
     #[arg(long, env = "KANADE_INGEST_TOKENS_FILE")]
@@ -321,6 +327,24 @@ impl ServeArgs {
                 self.listen
             ));
         }
+        if let Some(read_url) = &self.read_database_url {
+            let postgres =
+                |url: &str| url.starts_with("postgres://") || url.starts_with("postgresql://");
+            if !postgres(&self.database_url) {
+                return Err(
+                    "--read-database-url needs a PostgreSQL --database-url: a read replica is a \
+                     streaming replica of the primary (SQLite has none; leave it unset)"
+                        .to_string(),
+                );
+            }
+            if !postgres(read_url) {
+                return Err(
+                    "--read-database-url must be a postgres://… URL of a streaming replica of \
+                     --database-url"
+                        .to_string(),
+                );
+            }
+        }
         if self.max_event_bytes > limits::MAX_DECODING_MESSAGE_BYTES - 64 * 1024 {
             return Err(format!(
                 "--max-event-bytes {} is above the largest supported value {}",
@@ -470,6 +494,31 @@ mod tests {
         assert_eq!(
             cli.serve.validate().unwrap_err(),
             "--max-streams must be at least 1"
+        );
+    }
+
+    #[test]
+    fn a_read_replica_is_postgresql_beside_a_postgresql_primary() {
+        let pg = "postgres://kanade@db/kanade";
+        let replica = "postgres://kanade@db-replica/kanade";
+        assert!(
+            serve(&["--database-url", pg, "--read-database-url", replica])
+                .validate()
+                .is_ok()
+        );
+        let beside_sqlite = serve(&["--read-database-url", replica])
+            .validate()
+            .unwrap_err();
+        assert!(
+            beside_sqlite.contains("needs a PostgreSQL --database-url"),
+            "{beside_sqlite}"
+        );
+        let sqlite_replica = serve(&["--database-url", pg, "--read-database-url", "sqlite://r.db"])
+            .validate()
+            .unwrap_err();
+        assert!(
+            sqlite_replica.contains("must be a postgres://"),
+            "{sqlite_replica}"
         );
     }
 }

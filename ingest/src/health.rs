@@ -1,6 +1,8 @@
-//! Readiness as the gRPC health service reports it (SPEC §5): `""`, `kanade.v1.Ingest` and
-//! `kanade.v1.Activity` are SERVING only while the store answers and ingest is not draining;
-//! `liveness` is SERVING for as long as the process runs.
+//! Readiness as the gRPC health service reports it (SPEC §5): `""` and `kanade.v1.Ingest` are
+//! SERVING only while the primary database answers and ingest is not draining;
+//! `kanade.v1.Activity` follows the database its reads go to (the read replica when
+//! `--read-database-url` names one, else the primary); `liveness` is SERVING for as long as the
+//! process runs.
 
 use std::sync::{
     Arc,
@@ -9,41 +11,71 @@ use std::sync::{
 
 use tonic_health::{ServingStatus, server::HealthReporter};
 
-/// Services whose status follows readiness.
-const READINESS_SERVICES: [&str; 3] = ["", "kanade.v1.Ingest", "kanade.v1.Activity"];
+/// Services whose status follows the primary database.
+const WRITE_SERVICES: [&str; 2] = ["", "kanade.v1.Ingest"];
+/// Services whose status follows the database reads go to.
+const READ_SERVICES: [&str; 1] = ["kanade.v1.Activity"];
 /// The service that only says the process is alive.
 pub const LIVENESS_SERVICE: &str = "liveness";
+
+/// Which database a probe's answer is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Database {
+    /// `--database-url`: writes, and reads when there is no replica.
+    Primary,
+    /// `--read-database-url`.
+    ReadReplica,
+}
+
+impl Database {
+    fn name(self) -> &'static str {
+        match self {
+            Database::Primary => "database",
+            Database::ReadReplica => "read replica",
+        }
+    }
+}
 
 /// Shared readiness state; every change is pushed to the health service at once.
 #[derive(Debug, Clone)]
 pub struct Readiness {
     reporter: HealthReporter,
-    store_ok: Arc<AtomicBool>,
+    primary_ok: Arc<AtomicBool>,
+    /// `None`: reads go to the primary.
+    replica_ok: Option<Arc<AtomicBool>>,
     draining: Arc<AtomicBool>,
 }
 
 impl Readiness {
-    /// Starts NOT_SERVING until the store has answered once.
-    pub async fn new(reporter: HealthReporter) -> Readiness {
+    /// Starts NOT_SERVING until the databases have answered once; `read_replica` says whether
+    /// reads have a database of their own.
+    pub async fn new(reporter: HealthReporter, read_replica: bool) -> Readiness {
         reporter
             .set_service_status(LIVENESS_SERVICE, ServingStatus::Serving)
             .await;
         let readiness = Readiness {
             reporter,
-            store_ok: Arc::new(AtomicBool::new(false)),
+            primary_ok: Arc::new(AtomicBool::new(false)),
+            replica_ok: read_replica.then(|| Arc::new(AtomicBool::new(false))),
             draining: Arc::new(AtomicBool::new(false)),
         };
         readiness.publish().await;
         readiness
     }
 
-    /// Records whether the store answered its last request.
-    pub async fn set_store_ok(&self, ok: bool) {
-        if self.store_ok.swap(ok, Ordering::SeqCst) != ok {
+    /// Records whether `database` answered its last request.
+    pub async fn set_ok(&self, database: Database, ok: bool) {
+        let flag = match (database, &self.replica_ok) {
+            (Database::Primary, _) => &self.primary_ok,
+            (Database::ReadReplica, Some(replica)) => replica,
+            (Database::ReadReplica, None) => return,
+        };
+        if flag.swap(ok, Ordering::SeqCst) != ok {
+            let name = database.name();
             if ok {
-                tracing::info!("store is answering: ready");
+                tracing::info!("{name} is answering: ready");
             } else {
-                tracing::warn!("store is unavailable: not ready");
+                tracing::warn!("{name} is unavailable: not ready");
             }
             self.publish().await;
         }
@@ -60,14 +92,28 @@ impl Readiness {
     }
 
     async fn publish(&self) {
-        let ready = self.store_ok.load(Ordering::SeqCst) && !self.draining.load(Ordering::SeqCst);
-        let status = if ready {
-            ServingStatus::Serving
-        } else {
-            ServingStatus::NotServing
+        let draining = self.draining.load(Ordering::SeqCst);
+        let primary = self.primary_ok.load(Ordering::SeqCst);
+        let reads = match &self.replica_ok {
+            Some(replica) => replica.load(Ordering::SeqCst),
+            None => primary,
         };
-        for service in READINESS_SERVICES {
-            self.reporter.set_service_status(service, status).await;
+        let status = |ok: bool| {
+            if ok && !draining {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            }
+        };
+        for service in WRITE_SERVICES {
+            self.reporter
+                .set_service_status(service, status(primary))
+                .await;
+        }
+        for service in READ_SERVICES {
+            self.reporter
+                .set_service_status(service, status(reads))
+                .await;
         }
     }
 }

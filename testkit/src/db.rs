@@ -62,6 +62,11 @@ impl TestDb {
         }
     }
 
+    /// The PostgreSQL database's name (`None` for SQLite).
+    pub fn postgres_name(&self) -> Option<&str> {
+        self.pg_name.as_deref()
+    }
+
     /// The store itself, migrated, for direct inspection.
     pub async fn store(&self) -> Arc<dyn Store> {
         let store = store::open(&self.url).await.expect("opening the store");

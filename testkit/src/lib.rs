@@ -1,6 +1,6 @@
 //! The harness every Kanade integration test uses, by concern: fresh databases ([`db`]), the
 //! real `kanade-ingest` ([`ingest`]) and `kanade-agent` ([`agent`]) binaries, test traffic
-//! ([`events`]), raw agent streams ([`stream`]) and in-memory queues for real senders ([`queue`]), fault injection ([`proxy`]), an OTLP
+//! ([`events`]), raw agent streams ([`stream`]) and in-memory queues for real senders ([`queue`]), fault injection ([`proxy`]), a streaming standby of the test server ([`standby`]), an OTLP
 //! receiver ([`otlp`]), a test CA ([`ca`]) and what `/proc` says about a server ([`procfs`]). Everything talks to the real thing: PostgreSQL,
 //! SQLite files, gRPC over loopback, child processes.
 
@@ -13,6 +13,7 @@ pub mod otlp;
 pub mod procfs;
 pub mod proxy;
 pub mod queue;
+pub mod standby;
 pub mod stream;
 
 use std::{net::SocketAddr, time::Duration};
@@ -24,6 +25,7 @@ pub use events::{Run, now};
 pub use ingest::{NOT_SERVING, SERVING, TestIngest, TestIngestBuilder, health};
 pub use otlp::{CollectedSpan, OtlpReceiver};
 pub use proxy::FaultProxy;
+pub use standby::Standby;
 pub use stream::{AgentStream, event_msg, hello};
 
 /// A binary of this workspace: cargo says where for the package under test; the others sit next

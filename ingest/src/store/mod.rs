@@ -280,6 +280,12 @@ pub enum StoreError {
         "unsupported database URL {0:?}: use postgres://… (or postgresql://…) or sqlite://PATH"
     )]
     UnsupportedUrl(String),
+    /// A read replica must be PostgreSQL.
+    #[error(
+        "unsupported read database URL {0:?}: a read replica is a PostgreSQL streaming replica, \
+         postgres://… (or postgresql://…)"
+    )]
+    UnsupportedReadUrl(String),
     /// Another process serves this SQLite database already.
     #[error(
         "another kanade-ingest already serves {path}: an SQLite database is for one ingest \
@@ -372,7 +378,7 @@ impl StoreError {
             StoreError::Refused(_) => "refused",
             StoreError::Other(_) => "other",
             StoreError::Migrate(_) => "migrate",
-            StoreError::UnsupportedUrl(_) => "unsupported_url",
+            StoreError::UnsupportedUrl(_) | StoreError::UnsupportedReadUrl(_) => "unsupported_url",
             StoreError::InUse { .. } | StoreError::Lock { .. } => "in_use",
         }
     }
@@ -386,24 +392,13 @@ impl StoreError {
     }
 }
 
-/// The operations ingest needs from a store. Implementations must be safe to share across tasks.
+/// What readers may ask of a store: queries and a probe, nothing that writes. Activity (and every
+/// other reader) holds one of these, so a read replica (`--read-database-url`) can only ever be
+/// asked to read. Implementations must be safe to share across tasks.
 #[async_trait]
-pub trait Store: Send + Sync + fmt::Debug {
+pub trait ReadStore: Send + Sync + fmt::Debug {
     /// The database system, as OpenTelemetry's `db.system.name` names it.
     fn system(&self) -> &'static str;
-
-    /// Applies the embedded migrations; safe when several replicas start at once.
-    async fn migrate(&self) -> Result<(), StoreError>;
-
-    /// Applies `writes` in ONE transaction, in the given order, with the coalescing rules of
-    /// SPEC §3; `received_at` is recorded on rows this inserts. A `result_id` may appear more than
-    /// once only with different `pc_id`s. Returns, for each write, whether it was applied
-    /// (`false`: the run belongs to another endpoint and was left untouched).
-    async fn apply(
-        &self,
-        writes: &[RunWrite],
-        received_at: DateTime<Utc>,
-    ) -> Result<Vec<bool>, StoreError>;
 
     /// One run, with outputs whole.
     async fn get(
@@ -418,6 +413,31 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     /// Runs per manifest over a window, ordered by manifest id.
     async fn summarize(&self, query: &SummaryQuery) -> Result<Vec<ManifestSummary>, StoreError>;
+
+    /// Answers when the store is reachable.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Drops every pooled connection: called when a request got no answer in time, because a
+    /// connection that went silent would otherwise be handed out again.
+    fn discard_connections(&self) {}
+}
+
+/// Everything ingest does to its primary database: the reads, and the writes, migrations and
+/// retention that only the primary may see.
+#[async_trait]
+pub trait Store: ReadStore {
+    /// Applies the embedded migrations; safe when several replicas start at once.
+    async fn migrate(&self) -> Result<(), StoreError>;
+
+    /// Applies `writes` in ONE transaction, in the given order, with the coalescing rules of
+    /// SPEC §3; `received_at` is recorded on rows this inserts. A `result_id` may appear more than
+    /// once only with different `pc_id`s. Returns, for each write, whether it was applied
+    /// (`false`: the run belongs to another endpoint and was left untouched).
+    async fn apply(
+        &self,
+        writes: &[RunWrite],
+        received_at: DateTime<Utc>,
+    ) -> Result<Vec<bool>, StoreError>;
 
     /// Deletes at most `limit` rows first received before `cutoff` that are not in a day
     /// partition (those go whole, [`Store::drop_days_before`]); returns how many went.
@@ -439,18 +459,11 @@ pub trait Store: Send + Sync + fmt::Debug {
         Ok(Vec::new())
     }
 
-    /// Answers when the store is reachable.
-    async fn ping(&self) -> Result<(), StoreError>;
-
     /// Claims the database for this serving process where only one may serve it (SQLite);
     /// fails, saying so, when another process holds it. The claim lasts as long as the store.
     fn claim_for_serving(&self) -> Result<(), StoreError> {
         Ok(())
     }
-
-    /// Drops every pooled connection: called when a commit got no answer in time, because a
-    /// connection that went silent would otherwise be handed out again.
-    fn discard_connections(&self) {}
 }
 
 /// Opens the store a database URL names: `postgres://…`/`postgresql://…` or `sqlite://PATH`
@@ -462,5 +475,15 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
         Ok(Arc::new(SqliteStore::open(url).await?))
     } else {
         Err(StoreError::UnsupportedUrl(url.to_string()))
+    }
+}
+
+/// Opens the read replica `--read-database-url` names: PostgreSQL only (a streaming replica of
+/// the primary), connected lazily and read-only.
+pub async fn open_reader(url: &str) -> Result<Arc<dyn ReadStore>, StoreError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(PostgresStore::connect_reader(url).await?))
+    } else {
+        Err(StoreError::UnsupportedReadUrl(url.to_string()))
     }
 }

@@ -16,7 +16,7 @@ use sqlx::{
 use uuid::Uuid;
 
 use super::{
-    ExecutionRow, ListQuery, ManifestSummary, RunWrite, Store, StoreError, SummaryQuery,
+    ExecutionRow, ListQuery, ManifestSummary, ReadStore, RunWrite, Store, StoreError, SummaryQuery,
     sql::{self, Dialect, Param, Params, StoredRun, StoredSummary, dropped_bytes},
 };
 
@@ -81,16 +81,37 @@ fn lazy_pool(options: &PgConnectOptions) -> PgPool {
 impl PostgresStore {
     /// Connects lazily: the store exists even while the database is down, and health reports it.
     pub async fn connect(url: &str) -> Result<PostgresStore, StoreError> {
+        PostgresStore::connect_as(url, "kanade-ingest", false)
+    }
+
+    /// A store for reads only, on a streaming replica (`--read-database-url`): its sessions are
+    /// read-only (`default_transaction_read_only`), so even a replica promoted to primary is
+    /// never written through it.
+    pub async fn connect_reader(url: &str) -> Result<PostgresStore, StoreError> {
+        PostgresStore::connect_as(url, "kanade-ingest-reads", true)
+    }
+
+    fn connect_as(
+        url: &str,
+        application_name: &str,
+        read_only: bool,
+    ) -> Result<PostgresStore, StoreError> {
         let options = PgConnectOptions::from_str(url)?
-            .application_name("kanade-ingest")
+            .application_name(application_name)
             // A transaction whose client went silent mid-commit would hold its row locks for as
             // long as the TCP connection looks alive, blocking every retry of the same rows.
             // Kanade's transactions never idle between statements, so the server may end any
             // that does after a few seconds.
-            .options([(
-                "idle_in_transaction_session_timeout",
-                IDLE_IN_TRANSACTION_TIMEOUT_MS.to_string(),
-            )]);
+            .options([
+                (
+                    "idle_in_transaction_session_timeout",
+                    IDLE_IN_TRANSACTION_TIMEOUT_MS.to_string(),
+                ),
+                (
+                    "default_transaction_read_only",
+                    if read_only { "on" } else { "off" }.to_string(),
+                ),
+            ]);
         Ok(PostgresStore {
             pool: std::sync::RwLock::new(lazy_pool(&options)),
             options,
@@ -217,11 +238,60 @@ fn bound(
 }
 
 #[async_trait]
-impl Store for PostgresStore {
+impl ReadStore for PostgresStore {
     fn system(&self) -> &'static str {
         "postgresql"
     }
 
+    async fn get(
+        &self,
+        result_id: Uuid,
+        now: DateTime<Utc>,
+        lost_grace: Duration,
+    ) -> Result<Option<ExecutionRow>, StoreError> {
+        let (sql, params) = sql::get_sql::<Pg>(result_id, now, lost_grace);
+        let row = bound(sql, params).fetch_optional(&self.pool()).await?;
+        row.as_ref().map(read_row).transpose()
+    }
+
+    async fn list(&self, query: &ListQuery) -> Result<Vec<ExecutionRow>, StoreError> {
+        let (sql, params) = sql::list_sql::<Pg>(query);
+        let rows = bound(sql, params).fetch_all(&self.pool()).await?;
+        rows.iter().map(read_row).collect()
+    }
+
+    async fn summarize(&self, query: &SummaryQuery) -> Result<Vec<ManifestSummary>, StoreError> {
+        let (sql, params) = summary_sql(query);
+        // The percentiles sort a day's durations (tens of MB for hundreds of thousands of runs):
+        // in memory, not in temporary files (PostgreSQL's default work_mem is 4 MB).
+        let mut tx = self.pool().begin().await?;
+        sqlx::query(AssertSqlSafe(format!(
+            "SET LOCAL work_mem = '{SUMMARY_WORK_MEM}'"
+        )))
+        .execute(&mut *tx)
+        .await?;
+        let rows = bound(sql, params).fetch_all(&mut *tx).await?;
+        tx.commit().await?;
+        rows.iter()
+            .map(|row| Ok(StoredSummary::<Uuid, DateTime<Utc>>::from_row(row)?.into_summary()))
+            .collect()
+    }
+
+    fn discard_connections(&self) {
+        // Connections that went silent stay "open" forever (no FIN, no RST); the pool would keep
+        // handing them out. A fresh pool connects anew; the old one's connections close as the
+        // last handles to them drop.
+        *self.pool.write().unwrap_or_else(|e| e.into_inner()) = lazy_pool(&self.options);
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool()).await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
     async fn migrate(&self) -> Result<(), StoreError> {
         // sqlx holds a PostgreSQL advisory lock while it migrates, so replicas starting together
         // take turns and all but the first find nothing to do.
@@ -306,40 +376,6 @@ impl Store for PostgresStore {
         Ok(applied)
     }
 
-    async fn get(
-        &self,
-        result_id: Uuid,
-        now: DateTime<Utc>,
-        lost_grace: Duration,
-    ) -> Result<Option<ExecutionRow>, StoreError> {
-        let (sql, params) = sql::get_sql::<Pg>(result_id, now, lost_grace);
-        let row = bound(sql, params).fetch_optional(&self.pool()).await?;
-        row.as_ref().map(read_row).transpose()
-    }
-
-    async fn list(&self, query: &ListQuery) -> Result<Vec<ExecutionRow>, StoreError> {
-        let (sql, params) = sql::list_sql::<Pg>(query);
-        let rows = bound(sql, params).fetch_all(&self.pool()).await?;
-        rows.iter().map(read_row).collect()
-    }
-
-    async fn summarize(&self, query: &SummaryQuery) -> Result<Vec<ManifestSummary>, StoreError> {
-        let (sql, params) = summary_sql(query);
-        // The percentiles sort a day's durations (tens of MB for hundreds of thousands of runs):
-        // in memory, not in temporary files (PostgreSQL's default work_mem is 4 MB).
-        let mut tx = self.pool().begin().await?;
-        sqlx::query(AssertSqlSafe(format!(
-            "SET LOCAL work_mem = '{SUMMARY_WORK_MEM}'"
-        )))
-        .execute(&mut *tx)
-        .await?;
-        let rows = bound(sql, params).fetch_all(&mut *tx).await?;
-        tx.commit().await?;
-        rows.iter()
-            .map(|row| Ok(StoredSummary::<Uuid, DateTime<Utc>>::from_row(row)?.into_summary()))
-            .collect()
-    }
-
     async fn delete_received_before(
         &self,
         cutoff: DateTime<Utc>,
@@ -411,18 +447,6 @@ impl Store for PostgresStore {
         tx.commit().await?;
         dropped.sort();
         Ok(dropped)
-    }
-
-    fn discard_connections(&self) {
-        // Connections that went silent stay "open" forever (no FIN, no RST); the pool would keep
-        // handing them out. A fresh pool connects anew; the old one's connections close as the
-        // last handles to them drop.
-        *self.pool.write().unwrap_or_else(|e| e.into_inner()) = lazy_pool(&self.options);
-    }
-
-    async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool()).await?;
-        Ok(())
     }
 }
 

@@ -19,7 +19,7 @@ use sqlx::{
 use uuid::Uuid;
 
 use super::{
-    ExecutionRow, ListQuery, ManifestSummary, RunWrite, Store, StoreError, SummaryQuery,
+    ExecutionRow, ListQuery, ManifestSummary, ReadStore, RunWrite, Store, StoreError, SummaryQuery,
     sql::{self, Dialect, Param, Params, StoredRun, StoredSummary, dropped_bytes},
 };
 
@@ -138,48 +138,9 @@ fn parse_id(text: String) -> Result<Uuid, StoreError> {
 }
 
 #[async_trait]
-impl Store for SqliteStore {
+impl ReadStore for SqliteStore {
     fn system(&self) -> &'static str {
         "sqlite"
-    }
-
-    async fn migrate(&self) -> Result<(), StoreError> {
-        MIGRATOR.run(&self.pool).await?;
-        Ok(())
-    }
-
-    async fn apply(
-        &self,
-        writes: &[RunWrite],
-        received_at: DateTime<Utc>,
-    ) -> Result<Vec<bool>, StoreError> {
-        let mut applied = Vec::with_capacity(writes.len());
-        let mut tx = self.pool.begin().await?;
-        for w in writes {
-            let o = w.outcome.as_ref();
-            let returned = sqlx::query(UPSERT)
-                .bind(w.result_id.hyphenated().to_string())
-                .bind(&w.request_id)
-                .bind(&w.exec_id)
-                .bind(&w.pc_id)
-                .bind(&w.manifest_id)
-                .bind(&w.version)
-                .bind(w.timeout_secs.map(i64::from))
-                .bind(o.map(|o| o.status.as_str()))
-                .bind(o.and_then(|o| o.exit_code))
-                .bind(o.map(|o| o.stdout.as_str()))
-                .bind(o.map(|o| o.stderr.as_str()))
-                .bind(o.map(|o| dropped_bytes(o.stdout_dropped_bytes)))
-                .bind(o.map(|o| dropped_bytes(o.stderr_dropped_bytes)))
-                .bind(micros(w.started_at))
-                .bind(o.map(|o| micros(o.finished_at)))
-                .bind(micros(received_at))
-                .fetch_optional(&mut *tx)
-                .await?;
-            applied.push(returned.is_some());
-        }
-        tx.commit().await?;
-        Ok(applied)
     }
 
     async fn get(
@@ -225,6 +186,53 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn apply(
+        &self,
+        writes: &[RunWrite],
+        received_at: DateTime<Utc>,
+    ) -> Result<Vec<bool>, StoreError> {
+        let mut applied = Vec::with_capacity(writes.len());
+        let mut tx = self.pool.begin().await?;
+        for w in writes {
+            let o = w.outcome.as_ref();
+            let returned = sqlx::query(UPSERT)
+                .bind(w.result_id.hyphenated().to_string())
+                .bind(&w.request_id)
+                .bind(&w.exec_id)
+                .bind(&w.pc_id)
+                .bind(&w.manifest_id)
+                .bind(&w.version)
+                .bind(w.timeout_secs.map(i64::from))
+                .bind(o.map(|o| o.status.as_str()))
+                .bind(o.and_then(|o| o.exit_code))
+                .bind(o.map(|o| o.stdout.as_str()))
+                .bind(o.map(|o| o.stderr.as_str()))
+                .bind(o.map(|o| dropped_bytes(o.stdout_dropped_bytes)))
+                .bind(o.map(|o| dropped_bytes(o.stderr_dropped_bytes)))
+                .bind(micros(w.started_at))
+                .bind(o.map(|o| micros(o.finished_at)))
+                .bind(micros(received_at))
+                .fetch_optional(&mut *tx)
+                .await?;
+            applied.push(returned.is_some());
+        }
+        tx.commit().await?;
+        Ok(applied)
+    }
+
     async fn delete_received_before(
         &self,
         cutoff: DateTime<Utc>,
@@ -239,11 +247,6 @@ impl Store for SqliteStore {
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected())
-    }
-
-    async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
     }
 
     fn claim_for_serving(&self) -> Result<(), StoreError> {

@@ -10,6 +10,7 @@ mod grpcurl;
 mod listeners;
 mod memory;
 mod partitions;
+mod replica;
 mod stream;
 mod telemetry;
 mod tls;
