@@ -434,6 +434,32 @@ async fn published_run_is_listed_running_then_failed_and_fetched_whole(backend: 
     .await
     .json();
     assert_eq!(&got, row, "GetExecution and ListExecutions disagree");
+
+    // The manifest's summary over the default window (the last 24 hours): uint64 counts come as
+    // JSON strings, durations as seconds, zero counts are left out.
+    let summary = grpcurl(
+        &ingest,
+        Some(&json!({ "manifest_id": "inventory" })),
+        &["kanade.v1.Activity/SummarizeManifests"],
+    )
+    .await
+    .json();
+    let mut manifest = summary["manifests"][0].clone();
+    assert_eq!(timestamp(&manifest, "lastFailureAt"), finished_at);
+    manifest.as_object_mut().unwrap().remove("lastFailureAt");
+    assert_eq!(
+        json!({ "manifests": [manifest] }),
+        json!({ "manifests": [{
+            "manifestId": "inventory",
+            "runs": "2",
+            "running": "1",
+            "failed": "1",
+            "p50Duration": "1.500s",
+            "p95Duration": "1.500s",
+            "lastFailureResultId": run,
+        }]}),
+        "{summary:#}"
+    );
 }
 
 #[tokio::test]
