@@ -8,6 +8,7 @@ mod activity;
 mod agent;
 mod ceiling;
 mod connections;
+mod indexes;
 mod load;
 mod memory;
 mod process;
@@ -31,6 +32,9 @@ enum Mode {
     /// The read path on a table of N runs: every Activity filter and state, deep pages, the
     /// manifest summary; p50/p99 and the plans of cases over target.
     Activity(activity::ActivityArgs),
+    /// What each index of execution_results costs the writes: the ceiling's rows written with
+    /// every index, without each one in turn, and with none.
+    Indexes(indexes::IndexesArgs),
     /// Events/s through the real ingest from N agents, against PostgreSQL's own ceiling.
     Throughput(throughput::ThroughputArgs),
     /// Ingest memory per idle stream for K streams, then the reconnect storm after a SIGKILL.
@@ -58,6 +62,7 @@ enum Mode {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().mode {
         Mode::Activity(args) => activity::run(args).await,
+        Mode::Indexes(args) => indexes::run(args).await,
         Mode::Throughput(args) => throughput::run(args).await,
         Mode::Connections(args) => connections::run(args).await,
         Mode::Agent(args) => agent::run(args).await,
