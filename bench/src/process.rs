@@ -50,6 +50,8 @@ impl IngestProcess {
     ) -> anyhow::Result<IngestProcess> {
         let mut child = Command::new(workspace_binary("kanade-ingest")?)
             .args(["--listen", listen, "--database-url", database_url])
+            // Several replicas run side by side: none takes the console's default port.
+            .args(["--console-listen", "127.0.0.1:0"])
             .args(extra)
             .env("RUST_LOG", rust_log)
             .stdout(Stdio::piped())

@@ -22,7 +22,9 @@ use crate::{
     auth::{Authenticator, Tokens},
     batcher::{self, BatchConfig},
     budget::{Budgeted, MemoryBudget},
+    changes::Changes,
     config::ServeArgs,
+    console::{self, Console, ConsoleConfig},
     health::{Database, Readiness},
     listen::{self, AcceptLimits, Http1RequestHead, Http2Preface},
     metrics::{self, Metrics},
@@ -53,6 +55,8 @@ const MIGRATE_BACKOFF: Backoff = Backoff {
 pub struct RunningIngest {
     /// Where the gRPC services listen (with the real port when port 0 was asked for).
     pub addr: SocketAddr,
+    /// Where the web console listens, unless it is off.
+    pub console_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -89,6 +93,7 @@ struct Listeners {
     grpc: TcpListener,
     health: Option<TcpListener>,
     metrics: Option<TcpListener>,
+    console: Option<TcpListener>,
 }
 
 /// The span of one gRPC call. A `traceparent` header makes it part of the caller's trace, so
@@ -172,6 +177,8 @@ struct Prepared {
     readiness: Readiness,
     health: HealthServer<HealthService>,
     listeners: Listeners,
+    /// Where gRPC listens (the console shows it in grpcurl commands).
+    grpc_addr: SocketAddr,
 }
 
 /// Starts ingest: returns once it listens.
@@ -204,8 +211,14 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<RunningIngest> {
             .with_context(|| format!("listening on {}", args.listen))?,
         health: bind_optional(args.health_listen, "--health-listen").await?,
         metrics: bind_optional(args.metrics_listen, "--metrics-listen").await?,
+        console: bind_optional(args.console_listen.0, "--console-listen").await?,
     };
     let addr = listeners.grpc.local_addr()?;
+    let console_addr = listeners
+        .console
+        .as_ref()
+        .map(TcpListener::local_addr)
+        .transpose()?;
 
     let store = open_store(&args.database_url, &shutdown).await?;
     let reads: Arc<dyn ReadStore> = match &args.read_database_url {
@@ -239,10 +252,12 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<RunningIngest> {
         readiness,
         health,
         listeners,
+        grpc_addr: addr,
     };
     let task = tokio::spawn(serve(prepared, shutdown.clone()));
     Ok(RunningIngest {
         addr,
+        console_addr,
         shutdown,
         task,
     })
@@ -297,6 +312,7 @@ impl Prepared {
     fn spawn_background(
         &mut self,
         metrics: &Arc<Metrics>,
+        changes: &Changes,
         stop: &CancellationToken,
     ) -> tokio::task::JoinSet<()> {
         let args = &self.args;
@@ -334,6 +350,36 @@ impl Prepared {
         }
         if let Some(tls) = &self.tls {
             tasks.spawn(tls.clone().watch(args.tls_reload_every, stop.clone()));
+        }
+        if let Some(listener) = self.listeners.console.take() {
+            let addr = listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            let (store, commits, until) = (self.store.clone(), changes.clone(), stop.clone());
+            tasks.spawn(async move { store.watch_commits(commits, until).await });
+            let console = Console::new(
+                self.reads.clone(),
+                self.store.clone(),
+                self.tokens.clone(),
+                changes.clone(),
+                ConsoleConfig {
+                    lost_grace: chrono::Duration::from_std(args.lost_grace)
+                        .unwrap_or(chrono::Duration::MAX),
+                    session_ttl: args.session_ttl,
+                    tls: false,
+                    grpc_addr: self.grpc_addr.to_string(),
+                    read_replica: args.read_database_url.is_some(),
+                },
+                stop.clone(),
+            );
+            tracing::info!(%addr, "console listening");
+            tasks.spawn(listen::serve_http1(
+                console::router(console),
+                listen::incoming(listener, "console", Http1RequestHead, limits, stop.clone()),
+                args.hello_timeout,
+                stop.clone(),
+            ));
         }
         if let Some(listener) = self.listeners.health.take() {
             tasks.spawn(serve_health_only(
@@ -389,12 +435,14 @@ async fn serve(mut prepared: Prepared, shutdown: CancellationToken) -> anyhow::R
     let metrics = Arc::new(Metrics::default());
     let args = prepared.args.clone();
     let (queue, queue_rx) = mpsc::channel(args.queue_capacity);
+    let changes = Changes::default();
     let batcher = tokio::spawn(batcher::run(
         queue_rx,
         prepared.store.clone(),
         BatchConfig::from(&args),
         prepared.readiness.clone(),
         metrics.clone(),
+        changes.clone(),
         hard_stop.clone(),
     ));
     let stream_tasks = TaskTracker::new();
@@ -410,7 +458,7 @@ async fn serve(mut prepared: Prepared, shutdown: CancellationToken) -> anyhow::R
     let lost_grace =
         chrono::Duration::from_std(args.lost_grace).context("--lost-grace is too long")?;
     let activity = ActivityService::new(prepared.reads.clone(), lost_grace);
-    let mut background_tasks = prepared.spawn_background(&metrics, &background);
+    let mut background_tasks = prepared.spawn_background(&metrics, &changes, &background);
     let (budget_bytes, budget_from) = args.memory_budget();
     tracing::info!(
         bytes = budget_bytes,

@@ -41,7 +41,8 @@ struct TokenEntry {
     role: Option<String>,
 }
 
-fn sha256_hex(token: &str) -> String {
+/// SHA-256 of a secret, in lowercase hex (how the tokens file names a token).
+pub fn sha256_hex(token: &str) -> String {
     Sha256::digest(token.as_bytes())
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -80,7 +81,12 @@ impl Tokens {
 
     /// The identity a presented token proves, if any.
     pub fn identify(&self, token: &str) -> Option<&Identity> {
-        self.by_hash.get(&sha256_hex(token))
+        self.by_sha256(&sha256_hex(token))
+    }
+
+    /// The identity of the token whose SHA-256 (hex) this is, while the file still lists it.
+    pub fn by_sha256(&self, sha256: &str) -> Option<&Identity> {
+        self.by_hash.get(sha256)
     }
 }
 

@@ -25,6 +25,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::{
     budget::Charge,
+    changes::Changes,
     health::{Database, Readiness},
     metrics::{Metrics, reject},
     outbound::StreamSink,
@@ -106,6 +107,7 @@ pub async fn run(
     config: BatchConfig,
     readiness: Readiness,
     metrics: Arc<Metrics>,
+    changes: Changes,
     hard_stop: CancellationToken,
 ) {
     while let Some(first) = queue.recv().await {
@@ -132,6 +134,7 @@ pub async fn run(
             config: &config,
             readiness: &readiness,
             metrics: &metrics,
+            changes: &changes,
             hard_stop: &hard_stop,
         };
         if !batcher.commit(batch).await {
@@ -182,6 +185,8 @@ struct Batcher<'a> {
     config: &'a BatchConfig,
     readiness: &'a Readiness,
     metrics: &'a Metrics,
+    /// Told of every commit (the console's live pages).
+    changes: &'a Changes,
     hard_stop: &'a CancellationToken,
 }
 
@@ -253,6 +258,7 @@ impl Batcher<'_> {
             match attempt_result {
                 Ok(applied) => {
                     self.readiness.set_ok(Database::Primary, true).await;
+                    self.changes.announce();
                     return Some(
                         applied
                             .into_iter()

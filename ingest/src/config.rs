@@ -10,6 +10,20 @@ fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
     humantime::parse_duration(s)
 }
 
+/// `--console-listen`: an address, or `off`.
+fn console_listen(s: &str) -> Result<ConsoleListen, String> {
+    if s == "off" {
+        return Ok(ConsoleListen(None));
+    }
+    s.parse()
+        .map(|addr| ConsoleListen(Some(addr)))
+        .map_err(|_| format!("{s:?} is not an address like 127.0.0.1:8080, or off"))
+}
+
+/// Where the web console listens; `None`: it is off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConsoleListen(pub Option<SocketAddr>);
+
 /// A size in bytes as people write it: `1048576`, `64KiB`, `256MiB`, `2GiB` (powers of 1024),
 /// `500MB`, `1GB` (powers of 1000).
 pub fn bytes(s: &str) -> Result<u64, String> {
@@ -174,6 +188,20 @@ pub struct ServeArgs {
     #[arg(long, env = "KANADE_INGEST_HEALTH_LISTEN")]
     pub health_listen: Option<SocketAddr>,
 
+    /// Serve the web console (SPEC §13) on this address (port 0 picks a free port), or `off`.
+    /// Beyond loopback it follows the same rule as --listen: TLS or tokens, or --allow-insecure.
+    #[arg(long, env = "KANADE_INGEST_CONSOLE_LISTEN", default_value = "127.0.0.1:8080", value_parser = console_listen)]
+    pub console_listen: ConsoleListen,
+
+    /// The console links a run's trace id here: a URL template with {trace_id}, such as
+    /// http://jaeger:16686/trace/{trace_id}.
+    #[arg(long, env = "KANADE_INGEST_TRACE_URL")]
+    pub trace_url: Option<String>,
+
+    /// A console sign-in lasts this long.
+    #[arg(long, env = "KANADE_INGEST_SESSION_TTL", default_value = "12h", value_parser = duration)]
+    pub session_ttl: Duration,
+
     /// Serve Prometheus metrics on this address at /metrics.
     #[arg(long, env = "KANADE_INGEST_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -313,11 +341,30 @@ impl ServeArgs {
 
     /// Checks what clap cannot: relations between values.
     pub fn validate(&self) -> Result<(), String> {
-        if !self.listen.ip().is_loopback()
-            && !self.allow_insecure
-            && self.tokens_file.is_none()
-            && self.tls_cert.is_none()
+        let open = |addr: SocketAddr| {
+            !addr.ip().is_loopback()
+                && !self.allow_insecure
+                && self.tokens_file.is_none()
+                && self.tls_cert.is_none()
+        };
+        if let Some(console) = self.console_listen.0.filter(|&addr| open(addr)) {
+            return Err(format!(
+                "refusing to serve the console without authentication on {console}: anyone who \
+                 can reach it could read every run's output. Require sign-in with --tokens-file, \
+                 serve TLS with --tls-cert and --tls-key, listen on a loopback address (e.g. \
+                 --console-listen 127.0.0.1:8080), turn it off with --console-listen off, or \
+                 pass --allow-insecure if this network is fully trusted"
+            ));
+        }
+        if let Some(template) = &self.trace_url
+            && !template.contains("{trace_id}")
         {
+            return Err(format!(
+                "--trace-url {template:?} has no {{trace_id}} to fill in (e.g. \
+                 http://jaeger:16686/trace/{{trace_id}})"
+            ));
+        }
+        if open(self.listen) {
             return Err(format!(
                 "refusing to serve plaintext without authentication on {}: anyone who can reach \
                  it could write runs for any endpoint and read every output. Serve TLS with \

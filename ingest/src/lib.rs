@@ -7,6 +7,8 @@
 //! - [`outbound`]: the bounded queue of acks towards one agent stream.
 //! - [`store`]: `execution_results` in PostgreSQL or SQLite, behind one trait.
 //! - [`activity`]: the Activity gRPC service (listing and reading runs).
+//! - [`console`]: the web console for people (the Activity view in a browser), kept live by
+//!   [`changes`], the announcements of commits.
 //! - [`auth`], [`tls`]: tokens, TLS with reloaded certificates, mTLS identities.
 //! - [`listen`]: accepting connections on every listener (nodelay, proof of protocol, limits).
 //! - [`health`], [`retention`]: readiness, deleting old runs.
@@ -20,7 +22,9 @@ pub mod app;
 pub mod auth;
 pub mod batcher;
 pub mod budget;
+pub mod changes;
 pub mod config;
+pub mod console;
 pub mod health;
 pub mod listen;
 pub mod metrics;

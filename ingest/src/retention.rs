@@ -45,6 +45,9 @@ pub async fn run(
         let Some(cutoff) = now.checked_sub_signed(retention) else {
             return;
         };
+        if let Err(err) = store.delete_expired_sessions(now).await {
+            tracing::warn!(error = %err, "retention: deleting expired console sessions failed; will try again");
+        }
         match store.drop_days_before(cutoff).await {
             Ok(days) if days.is_empty() => {}
             Ok(days) => tracing::info!(?days, %cutoff, "retention: dropped days of runs"),

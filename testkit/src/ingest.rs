@@ -20,6 +20,9 @@ use crate::{
 pub struct TestIngest {
     /// Where its gRPC services listen.
     pub addr: SocketAddr,
+    /// Where its web console listens (on a free loopback port unless the test said otherwise),
+    /// `None` when it is off.
+    pub console_addr: Option<SocketAddr>,
     pub child: Child,
     /// Its stderr (the log), kept in a file of its own.
     pub stderr_log: PathBuf,
@@ -94,6 +97,16 @@ impl TestIngestBuilder {
             }
             None => Command::new(binary),
         };
+        // The console on a free port (never the default 8080 that concurrent tests would share),
+        // unless the test chose.
+        let console_chosen = self.args.iter().position(|a| a == "--console-listen");
+        let console_on =
+            console_chosen.is_none_or(|i| self.args.get(i + 1).is_some_and(|v| v != "off"));
+        let console_default: &[&str] = if console_chosen.is_none() {
+            &["--console-listen", "127.0.0.1:0"]
+        } else {
+            &[]
+        };
         let mut child = command
             .args([
                 "--listen",
@@ -101,6 +114,7 @@ impl TestIngestBuilder {
                 "--database-url",
                 &self.database_url,
             ])
+            .args(console_default)
             .args(["--health-check-every", "200ms", "--retry-max", "300ms"])
             .args(&self.args)
             .env("RUST_LOG", "info")
@@ -110,22 +124,34 @@ impl TestIngestBuilder {
             .spawn()
             .expect("starting kanade-ingest");
         let stdout = child.stdout.take().expect("stdout");
-        let addr = tokio::task::spawn_blocking(move || {
+        let (addr, console_addr) = tokio::task::spawn_blocking(move || {
             let mut lines = BufReader::new(stdout).lines();
-            let line = lines
-                .next()
-                .expect("kanade-ingest exited before listening")
-                .expect("reading stdout");
+            let mut next_line = |what: &str| {
+                lines
+                    .next()
+                    .unwrap_or_else(|| panic!("kanade-ingest exited before printing {what}"))
+                    .expect("reading stdout")
+            };
+            let line = next_line("where it listens");
+            let addr = line
+                .rsplit_once("listening on ")
+                .map(|(_, a)| a.trim().parse::<SocketAddr>().expect("address"))
+                .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+            let console_addr = console_on.then(|| {
+                let line = next_line("where the console listens");
+                line.strip_prefix("console on http://")
+                    .map(|a| a.trim().parse::<SocketAddr>().expect("console address"))
+                    .unwrap_or_else(|| panic!("unexpected second line {line:?}"))
+            });
             // Keep draining stdout so the child never blocks on a full pipe.
             std::thread::spawn(move || for _ in lines {});
-            line.rsplit_once("listening on ")
-                .map(|(_, a)| a.trim().parse::<SocketAddr>().expect("address"))
-                .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            (addr, console_addr)
         })
         .await
-        .expect("reading the listening line");
+        .expect("reading the listening lines");
         TestIngest {
             addr,
+            console_addr,
             child,
             stderr_log,
             _log_dir: log_dir,
@@ -162,6 +188,14 @@ impl TestIngest {
         ActivityClient::connect(self.url())
             .await
             .expect("connecting")
+    }
+
+    /// The console's base URL (`http://127.0.0.1:PORT`); panics when the console is off.
+    pub fn console_url(&self) -> String {
+        format!(
+            "http://{}",
+            self.console_addr.expect("this ingest serves no console")
+        )
     }
 
     /// What ingest logged so far.

@@ -1,10 +1,11 @@
 //! The harness every Kanade integration test uses, by concern: fresh databases ([`db`]), the
 //! real `kanade-ingest` ([`ingest`]) and `kanade-agent` ([`agent`]) binaries, test traffic
 //! ([`events`]), raw agent streams ([`stream`]) and in-memory queues for real senders ([`queue`]), fault injection ([`proxy`]), a streaming standby of the test server ([`standby`]), an OTLP
-//! receiver ([`otlp`]), a test CA ([`ca`]) and what `/proc` says about a server ([`procfs`]). Everything talks to the real thing: PostgreSQL,
+//! receiver ([`otlp`]), a test CA ([`ca`]), a headless browser ([`browser`]) and what `/proc` says about a server ([`procfs`]). Everything talks to the real thing: PostgreSQL,
 //! SQLite files, gRPC over loopback, child processes.
 
 pub mod agent;
+pub mod browser;
 pub mod ca;
 pub mod db;
 pub mod events;
@@ -19,6 +20,7 @@ pub mod stream;
 use std::{net::SocketAddr, time::Duration};
 
 pub use agent::{AgentHome, Daemon, SmallDisk};
+pub use browser::Browser;
 pub use ca::{IssuedCert, TestCa, tls_channel};
 pub use db::{Backend, TestDb, postgres_admin_url};
 pub use events::{Run, now};

@@ -16,9 +16,14 @@ use sqlx::{ConnectOptions, postgres::PgConnectOptions};
 
 use crate::{db::postgres_admin_url, eventually, free_addr};
 
+/// Names of the replication slots test standbys use on the test server.
+const SLOT_PREFIX: &str = "kanade_test_standby_";
+
 /// A standby streaming from the test server; stopped (immediately) when dropped.
 pub struct Standby {
     port: u16,
+    /// Its replication slot on the primary (dropped with the standby).
+    slot: String,
     data: PathBuf,
     user: String,
     run_as: Option<String>,
@@ -97,6 +102,23 @@ impl Standby {
             std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).expect("chown standby dir");
         }
         let data = dir.path().join("data");
+        // A replication slot keeps the primary's WAL until the standby has it, so a standby that
+        // was stopped catches up however much the other tests wrote meanwhile (CREATE DATABASE
+        // checkpoints, which would otherwise recycle the segments it needs). Slots left behind
+        // by a killed test run would keep WAL forever: those go first.
+        let slot = format!("{SLOT_PREFIX}{}", uuid::Uuid::new_v4().simple());
+        let mut conn = primary
+            .connect()
+            .await
+            .expect("connecting to the test server");
+        sqlx::query(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+             WHERE slot_name LIKE $1 AND NOT active",
+        )
+        .bind(format!("{SLOT_PREFIX}%"))
+        .execute(&mut conn)
+        .await
+        .expect("dropping stale test slots");
         let mut backup = pg_command(run_as.as_deref(), "pg_basebackup");
         backup
             .args(["-h", primary.get_host()])
@@ -104,7 +126,8 @@ impl Standby {
             .args(["-U", primary.get_username()])
             .arg("-D")
             .arg(&data)
-            .args(["-X", "stream", "-R", "--checkpoint=fast", "--no-sync"]);
+            .args(["-X", "stream", "-R", "--checkpoint=fast", "--no-sync"])
+            .args(["--create-slot", "--slot", &slot]);
         let out = backup.output().expect("running pg_basebackup");
         if !out.status.success() {
             let err = String::from_utf8_lossy(&out.stderr);
@@ -137,6 +160,7 @@ impl Standby {
         write_config(&data, port, dir.path(), &at_least_primary);
         let standby = Standby {
             port,
+            slot,
             data,
             user: primary.get_username().to_string(),
             run_as,
@@ -267,5 +291,25 @@ impl Drop for Standby {
             .arg(&self.data)
             .args(["stop", "-m", "immediate", "-w"]);
         let _ = command.output();
+        let slot = std::mem::take(&mut self.slot);
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                if let Ok(mut conn) = PgConnectOptions::from_str(&postgres_admin_url())
+                    .expect("admin URL")
+                    .connect()
+                    .await
+                {
+                    let _ = sqlx::query("SELECT pg_drop_replication_slot($1)")
+                        .bind(slot)
+                        .execute(&mut conn)
+                        .await;
+                }
+            });
+        })
+        .join();
     }
 }

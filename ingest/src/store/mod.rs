@@ -16,7 +16,10 @@ use async_trait::async_trait;
 use chrono::{DateTime, Duration, NaiveDate, Utc};
 use kanade_shared::wire::{EventBody, ExecStatus};
 use thiserror::Error;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+use crate::changes::Changes;
 
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
@@ -186,6 +189,41 @@ pub struct Cursor {
     pub result_id: Uuid,
 }
 
+impl Cursor {
+    /// The cursor as an opaque page token (Activity's `page_token`, the console's `page`): 8
+    /// bytes of `started_at` microseconds and the 16 bytes of `result_id`, hex.
+    pub fn to_token(self) -> String {
+        let mut bytes = self.started_at.timestamp_micros().to_be_bytes().to_vec();
+        bytes.extend_from_slice(self.result_id.as_bytes());
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// A token [`Cursor::to_token`] made; `None` for anything else.
+    pub fn from_token(token: &str) -> Option<Cursor> {
+        if token.len() != 48 || !token.is_ascii() {
+            return None;
+        }
+        let bytes: Vec<u8> = (0..48)
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&token[i..i + 2], 16))
+            .collect::<Result<_, _>>()
+            .ok()?;
+        let micros = i64::from_be_bytes(bytes[..8].try_into().ok()?);
+        Some(Cursor {
+            started_at: DateTime::from_timestamp_micros(micros)?,
+            result_id: Uuid::from_slice(&bytes[8..]).ok()?,
+        })
+    }
+
+    /// Where the page after `row` starts.
+    pub fn after(row: &ExecutionRow) -> Cursor {
+        Cursor {
+            started_at: row.started_at,
+            result_id: row.result_id,
+        }
+    }
+}
+
 /// A listing of runs, newest first by `(started_at, result_id)`. Every filter given must match.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListQuery {
@@ -253,6 +291,19 @@ pub struct ManifestSummary {
     pub p95_duration: Option<std::time::Duration>,
     /// The newest failure: its run and when it finished.
     pub last_failure: Option<(Uuid, DateTime<Utc>)>,
+}
+
+/// A signed-in console session (SPEC §13), as stored: never the session id itself, never a
+/// token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsoleSession {
+    /// SHA-256 (hex) of the random id the browser's cookie holds.
+    pub id_sha256: String,
+    /// SHA-256 (hex) of the token the session was opened with, as the tokens file lists it.
+    pub token_sha256: String,
+    /// The token forms that change anything must carry.
+    pub csrf: String,
+    pub expires_at: DateTime<Utc>,
 }
 
 /// Why the store could not do what was asked, sorted by what the caller should do about it.
@@ -458,6 +509,29 @@ pub trait Store: ReadStore {
     async fn drop_days_before(&self, _cutoff: DateTime<Utc>) -> Result<Vec<NaiveDate>, StoreError> {
         Ok(Vec::new())
     }
+
+    /// Announces on `changes` every commit any process makes to this database, until `stop`
+    /// (PostgreSQL: `LISTEN` for the `NOTIFY` each commit sends). The default does nothing:
+    /// an SQLite database has one serving process, whose batcher announces its own commits.
+    async fn watch_commits(&self, _changes: Changes, stop: CancellationToken) {
+        stop.cancelled().await;
+    }
+
+    /// Opens a console session.
+    async fn open_session(&self, session: &ConsoleSession) -> Result<(), StoreError>;
+
+    /// The session whose id hashes to `id_sha256`, if it exists and has not expired at `now`.
+    async fn session(
+        &self,
+        id_sha256: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<ConsoleSession>, StoreError>;
+
+    /// Ends a session (sign-out); ending one that does not exist is not an error.
+    async fn end_session(&self, id_sha256: &str) -> Result<(), StoreError>;
+
+    /// Deletes the sessions expired at `now`; returns how many.
+    async fn delete_expired_sessions(&self, now: DateTime<Utc>) -> Result<u64, StoreError>;
 
     /// Claims the database for this serving process where only one may serve it (SQLite);
     /// fails, saying so, when another process holds it. The claim lasts as long as the store.

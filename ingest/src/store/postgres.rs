@@ -9,16 +9,20 @@ use std::{str::FromStr, time::Duration as StdDuration};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Duration, NaiveDate, Utc};
+use kanade_shared::backoff::Backoff;
 use sqlx::{
     AssertSqlSafe, FromRow, Row,
-    postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow},
+    postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow},
 };
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::{
-    ExecutionRow, ListQuery, ManifestSummary, ReadStore, RunWrite, Store, StoreError, SummaryQuery,
+    ConsoleSession, ExecutionRow, ListQuery, ManifestSummary, ReadStore, RunWrite, Store,
+    StoreError, SummaryQuery,
     sql::{self, Dialect, Param, Params, StoredRun, StoredSummary, dropped_bytes},
 };
+use crate::changes::{self, Changes};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -31,6 +35,11 @@ const ACQUIRE_TIMEOUT: StdDuration = StdDuration::from_secs(5);
 const SUMMARY_WORK_MEM: &str = "128MB";
 /// The advisory lock replicas take turns on to create and drop day partitions.
 const PARTITIONS_LOCK: i64 = 0x6b61_6e61_6465_7031; // "kanadep1"
+/// Retries of `LISTEN` after the connection it was on was lost.
+const LISTEN_BACKOFF: Backoff = Backoff {
+    base: StdDuration::from_millis(200),
+    cap: StdDuration::from_secs(5),
+};
 /// How long the server keeps a transaction of ours that stopped talking (see `connect`).
 const IDLE_IN_TRANSACTION_TIMEOUT_MS: u64 = 5_000;
 
@@ -372,6 +381,12 @@ impl Store for PostgresStore {
                 applied[i] = returned.contains(&writes[i].result_id);
             }
         }
+        // Every replica's console learns of the commit (delivered once it commits; PostgreSQL
+        // folds the same notification sent twice in one transaction).
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(changes::CHANNEL)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(applied)
     }
@@ -390,6 +405,90 @@ impl Store for PostgresStore {
         .bind(i64::from(limit))
         .execute(&self.pool())
         .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn watch_commits(&self, changes: Changes, stop: CancellationToken) {
+        let mut attempt = 0;
+        loop {
+            let listened = async {
+                let mut listener = PgListener::connect_with(&self.pool()).await?;
+                listener.listen(changes::CHANNEL).await?;
+                // Commits made while not listening were missed: the pages re-read.
+                changes.announce();
+                loop {
+                    listener.recv().await?;
+                    changes.announce();
+                }
+                #[allow(unreachable_code)]
+                Ok::<(), sqlx::Error>(())
+            };
+            tokio::select! {
+                ended = listened => {
+                    if let Err(err) = ended {
+                        tracing::warn!(error = %err, "listening for other replicas' commits failed; retrying");
+                    }
+                }
+                _ = stop.cancelled() => return,
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(LISTEN_BACKOFF.next_delay(attempt)) => {}
+                _ = stop.cancelled() => return,
+            }
+            attempt += 1;
+        }
+    }
+
+    async fn open_session(&self, session: &ConsoleSession) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO console_sessions (id_sha256, token_sha256, csrf, expires_at) \
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&session.id_sha256)
+        .bind(&session.token_sha256)
+        .bind(&session.csrf)
+        .bind(session.expires_at)
+        .execute(&self.pool())
+        .await?;
+        Ok(())
+    }
+
+    async fn session(
+        &self,
+        id_sha256: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<ConsoleSession>, StoreError> {
+        let row: Option<(String, String, String, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT id_sha256, token_sha256, csrf, expires_at FROM console_sessions \
+             WHERE id_sha256 = $1 AND expires_at > $2",
+        )
+        .bind(id_sha256)
+        .bind(now)
+        .fetch_optional(&self.pool())
+        .await?;
+        Ok(row.map(
+            |(id_sha256, token_sha256, csrf, expires_at)| ConsoleSession {
+                id_sha256,
+                token_sha256,
+                csrf,
+                expires_at,
+            },
+        ))
+    }
+
+    async fn end_session(&self, id_sha256: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM console_sessions WHERE id_sha256 = $1")
+            .bind(id_sha256)
+            .execute(&self.pool())
+            .await?;
+        Ok(())
+    }
+
+    async fn delete_expired_sessions(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
+        let done = sqlx::query("DELETE FROM console_sessions WHERE expires_at <= $1")
+            .bind(now)
+            .execute(&self.pool())
+            .await?;
         Ok(done.rows_affected())
     }
 

@@ -19,7 +19,8 @@ use sqlx::{
 use uuid::Uuid;
 
 use super::{
-    ExecutionRow, ListQuery, ManifestSummary, ReadStore, RunWrite, Store, StoreError, SummaryQuery,
+    ConsoleSession, ExecutionRow, ListQuery, ManifestSummary, ReadStore, RunWrite, Store,
+    StoreError, SummaryQuery,
     sql::{self, Dialect, Param, Params, StoredRun, StoredSummary, dropped_bytes},
 };
 
@@ -246,6 +247,60 @@ impl Store for SqliteStore {
         .bind(i64::from(limit))
         .execute(&self.pool)
         .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn open_session(&self, session: &ConsoleSession) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO console_sessions (id_sha256, token_sha256, csrf, expires_at) \
+             VALUES (?1, ?2, ?3, ?4)",
+        )
+        .bind(&session.id_sha256)
+        .bind(&session.token_sha256)
+        .bind(&session.csrf)
+        .bind(micros(session.expires_at))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn session(
+        &self,
+        id_sha256: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<ConsoleSession>, StoreError> {
+        let row: Option<(String, String, String, i64)> = sqlx::query_as(
+            "SELECT id_sha256, token_sha256, csrf, expires_at FROM console_sessions \
+             WHERE id_sha256 = ?1 AND expires_at > ?2",
+        )
+        .bind(id_sha256)
+        .bind(micros(now))
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|(id_sha256, token_sha256, csrf, expires_at)| {
+            Ok(ConsoleSession {
+                id_sha256,
+                token_sha256,
+                csrf,
+                expires_at: from_micros(expires_at)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn end_session(&self, id_sha256: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM console_sessions WHERE id_sha256 = ?1")
+            .bind(id_sha256)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn delete_expired_sessions(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
+        let done = sqlx::query("DELETE FROM console_sessions WHERE expires_at <= ?1")
+            .bind(micros(now))
+            .execute(&self.pool)
+            .await?;
         Ok(done.rows_affected())
     }
 

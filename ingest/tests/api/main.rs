@@ -4,6 +4,7 @@
 mod activity;
 mod auth;
 mod conformance;
+mod console;
 mod deploy;
 mod faults;
 mod grpcurl;

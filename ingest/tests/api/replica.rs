@@ -15,7 +15,6 @@ async fn get(ingest: &TestIngest, run: &Run) -> Result<pb::Execution, tonic::Sta
         .await
         .get_execution(pb::GetExecutionRequest {
             result_id: run.result_id.to_string(),
-            ..Default::default()
         })
         .await
         .map(|r| r.into_inner())

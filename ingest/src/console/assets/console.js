@@ -1,0 +1,83 @@
+// Kanade console: local times, live elapsed times, live updates and copy buttons. Every page
+// works without this script; it only keeps pages current.
+"use strict";
+(function () {
+  function localTimes(root) {
+    root.querySelectorAll("time[datetime]").forEach(function (t) {
+      var at = new Date(t.getAttribute("datetime"));
+      if (!isNaN(at)) {
+        t.title = t.getAttribute("datetime") + " (UTC)";
+        t.textContent = at.toLocaleString();
+      }
+    });
+  }
+  function duration(ms) {
+    if (ms < 1000) return Math.max(0, Math.floor(ms)) + " ms";
+    if (ms < 60000) return (ms / 1000).toFixed(1) + " s";
+    var s = Math.floor(ms / 1000);
+    if (ms < 3600000) return Math.floor(s / 60) + " m " + String(s % 60).padStart(2, "0") + " s";
+    return Math.floor(s / 3600) + " h " + String(Math.floor(s / 60) % 60).padStart(2, "0") + " m";
+  }
+  function tick() {
+    document.querySelectorAll("[data-since]").forEach(function (e) {
+      e.textContent = duration(Date.now() - Date.parse(e.getAttribute("data-since")));
+    });
+  }
+  function copyButtons(root) {
+    root.querySelectorAll("button[data-copy]").forEach(function (b) {
+      var source = document.getElementById(b.getAttribute("data-copy"));
+      if (!source || !navigator.clipboard) return;
+      b.hidden = false;
+      b.addEventListener("click", function () {
+        navigator.clipboard.writeText(source.textContent).then(function () {
+          b.textContent = "Copied";
+          setTimeout(function () { b.textContent = "Copy"; }, 1500);
+        });
+      });
+    });
+  }
+
+  // Live: on "changed", re-read this page and swap in its [data-live] part. One re-read at a
+  // time; changes during one fold into a single re-read after it (nothing queues).
+  function live() {
+    if (!document.querySelector("[data-live]") || !window.EventSource) return;
+    var busy = false, again = false;
+    function refresh() {
+      if (busy) { again = true; return; }
+      busy = true;
+      fetch(location.href, { credentials: "same-origin", headers: { Accept: "text/html" } })
+        .then(function (r) { return r.ok ? r.text() : null; })
+        .then(function (html) {
+          if (html === null) return;
+          var fresh = new DOMParser().parseFromString(html, "text/html").querySelector("[data-live]");
+          var current = document.querySelector("[data-live]");
+          if (fresh && current) {
+            current.replaceWith(document.adoptNode(fresh));
+            localTimes(fresh);
+            tick();
+          }
+          if (!fresh) events.close(); // the run finished: its page is final
+        })
+        .catch(function () {})
+        .then(function () {
+          busy = false;
+          if (again) { again = false; refresh(); }
+        });
+    }
+    var status = document.querySelector("[data-live-status]");
+    var events = new EventSource("/events");
+    events.addEventListener("ready", function () { if (status) status.hidden = false; });
+    events.addEventListener("changed", refresh);
+    events.onerror = function () { if (status) status.hidden = true; };
+  }
+
+  function start() {
+    localTimes(document);
+    copyButtons(document);
+    tick();
+    setInterval(tick, 1000);
+    live();
+  }
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
+  else start();
+})();

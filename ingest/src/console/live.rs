@@ -1,0 +1,49 @@
+//! Live pages (SPEC §13): `/events` is a Server-Sent Events stream that says `changed` when runs
+//! were committed — by this replica or, through PostgreSQL `NOTIFY`, by any other. The page's
+//! script then re-reads its own URL and swaps in the fresh view. Announcements are coalesced: at
+//! most one event per [`COALESCE`], and announcements that arrive meanwhile fold into the next
+//! (nothing queues behind a slow page).
+
+use std::{convert::Infallible, time::Duration};
+
+use axum::{
+    extract::State,
+    response::sse::{Event, KeepAlive, Sse},
+};
+use futures::Stream;
+
+use super::Console;
+
+/// The shortest gap between two events on one page.
+const COALESCE: Duration = Duration::from_millis(500);
+/// With a read replica, a change is announced once more this much later: the replica may not
+/// have replayed the commit when the page first re-reads.
+const REPLICA_CATCH_UP: Duration = Duration::from_secs(1);
+/// A comment line this often keeps proxies from closing a quiet stream.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+pub async fn events(
+    State(console): State<Console>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let mut changes = console.inner.changes.follow();
+    let catch_up = console.inner.config.read_replica;
+    let stop = console.inner.stop.clone();
+    let stream = async_stream::stream! {
+        // Tells the page the stream is open (its script shows "live").
+        yield Ok(Event::default().event("ready").data("ready"));
+        loop {
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return },
+                _ = stop.cancelled() => return,
+            }
+            changes.borrow_and_update();
+            yield Ok(Event::default().event("changed").data("changed"));
+            tokio::time::sleep(COALESCE).await;
+            if catch_up && !changes.has_changed().unwrap_or(false) {
+                tokio::time::sleep(REPLICA_CATCH_UP.saturating_sub(COALESCE)).await;
+                yield Ok(Event::default().event("changed").data("changed"));
+            }
+        }
+    };
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+}

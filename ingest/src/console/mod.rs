@@ -1,0 +1,432 @@
+//! The web console (SPEC §13): the Activity view for people, served by ingest over HTTP/1.1.
+//!
+//! - this module: the routes, their handlers and the headers every answer carries;
+//! - [`filters`]: the Activity page's URL parameters, read and written (URLs are a contract);
+//! - [`pages`]: the HTML of every page (maud templates: every value is escaped by construction);
+//! - [`live`]: Server-Sent Events telling open pages to re-read when runs change;
+//! - [`session`]: sign-in with a reader token, sessions, CSRF tokens;
+//! - `assets/`: the stylesheet and the one script, embedded in the binary.
+//!
+//! A new page is a route in [`router`], a handler here reading through the store's queries (the
+//! same ones the Activity service uses), and its markup in [`pages`].
+
+mod filters;
+mod live;
+mod pages;
+mod session;
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    Extension, Router,
+    extract::{Path, RawQuery, State},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Redirect, Response},
+    routing::{get, post},
+};
+use chrono::{DateTime, SubsecRound, Utc};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::{
+    auth::Tokens,
+    changes::Changes,
+    store::{ListQuery, ReadStore, RunState, Store, StoreError, SummaryQuery},
+};
+
+pub use filters::Filters;
+use session::{Sessions, SignedIn};
+
+/// Runs per page of the Activity table.
+const PAGE_SIZE: u32 = 50;
+/// Runs shown at most in the "running now" section.
+const RUNNING_NOW: u32 = 50;
+/// Characters of output shown in a table cell.
+const FIRST_LINE_CHARS: usize = 120;
+
+/// What the console is configured with.
+#[derive(Debug, Clone)]
+pub struct ConsoleConfig {
+    pub lost_grace: chrono::Duration,
+    pub session_ttl: Duration,
+    /// Served over TLS: cookies are `Secure`, grpcurl commands drop `-plaintext`.
+    pub tls: bool,
+    /// Where gRPC listens, for the grpcurl commands shown.
+    pub grpc_addr: String,
+    /// A read replica serves the queries: a commit shows there a moment later.
+    pub read_replica: bool,
+}
+
+/// The console's shared state; cheap to clone.
+#[derive(Clone)]
+pub struct Console {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// Every page's queries.
+    reads: Arc<dyn ReadStore>,
+    changes: Changes,
+    /// `None`: no authentication configured, every page is open.
+    sessions: Option<Sessions>,
+    config: ConsoleConfig,
+    /// Ends the live streams at shutdown (they would otherwise hold it up forever).
+    stop: CancellationToken,
+}
+
+impl Console {
+    /// `tokens`: with a tokens file, every page needs a sign-in with a reader token; sessions
+    /// are kept in `store` (the primary: a sign-in must hold at once, on every replica).
+    pub fn new(
+        reads: Arc<dyn ReadStore>,
+        store: Arc<dyn Store>,
+        tokens: Option<Arc<Tokens>>,
+        changes: Changes,
+        config: ConsoleConfig,
+        stop: CancellationToken,
+    ) -> Console {
+        let sessions =
+            tokens.map(|tokens| Sessions::new(store, tokens, config.session_ttl, config.tls));
+        Console {
+            inner: Arc::new(Inner {
+                reads,
+                changes,
+                sessions,
+                config,
+                stop,
+            }),
+        }
+    }
+}
+
+/// Every route of the console.
+pub fn router(console: Console) -> Router {
+    let pages = Router::new()
+        .route("/", get(activity))
+        .route("/runs/{result_id}", get(run))
+        .route("/runs/{result_id}/{output}", get(download))
+        .route("/manifests", get(manifests))
+        .route("/events", get(live::events))
+        .route("/signout", post(session::sign_out))
+        .route_layer(middleware::from_fn_with_state(
+            console.clone(),
+            session::require_sign_in,
+        ));
+    Router::new()
+        .merge(pages)
+        .route("/signin", get(session::sign_in_page).post(session::sign_in))
+        .route("/assets/console.css", get(stylesheet))
+        .route("/assets/console.js", get(script))
+        .fallback(not_found)
+        .layer(middleware::from_fn(security_headers))
+        .with_state(console)
+}
+
+/// What a page failed with, shown as a page (and its status).
+#[derive(Debug)]
+pub enum PageError {
+    /// The request itself is wrong: say what to change.
+    BadRequest(String),
+    NotFound(String),
+    /// The store is unavailable: try again.
+    Unavailable(String),
+    /// A bug or a misconfigured database; details are in the log.
+    Internal,
+}
+
+impl From<StoreError> for PageError {
+    fn from(err: StoreError) -> PageError {
+        if err.is_transient() {
+            PageError::Unavailable(format!("{err}; reload in a moment"))
+        } else {
+            tracing::error!(error = %err, "console: store error");
+            PageError::Internal
+        }
+    }
+}
+
+impl IntoResponse for PageError {
+    fn into_response(self) -> Response {
+        let (status, title, message) = match self {
+            PageError::BadRequest(m) => (StatusCode::BAD_REQUEST, "Bad request", m),
+            PageError::NotFound(m) => (StatusCode::NOT_FOUND, "Not found", m),
+            PageError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, "Unavailable", m),
+            PageError::Internal => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Error",
+                "the console failed; see ingest's log".to_string(),
+            ),
+        };
+        (status, pages::error(title, &message)).into_response()
+    }
+}
+
+fn now() -> DateTime<Utc> {
+    Utc::now().trunc_subsecs(6)
+}
+
+/// `/`: the running runs, then every run matching the filters, newest first.
+async fn activity(
+    State(console): State<Console>,
+    signed_in: Option<Extension<SignedIn>>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, PageError> {
+    let raw = query.unwrap_or_default();
+    let filters = Filters::parse(&raw).map_err(PageError::BadRequest)?;
+    // The filter form submits empty fields too: show the same view at its canonical URL.
+    let canonical = filters.to_query();
+    if canonical != raw {
+        return Ok(Redirect::to(&format!("/{}", with_question_mark(&canonical))).into_response());
+    }
+    let console = &console.inner;
+    let now = now();
+    let mut query = filters.list_query(now, console.config.lost_grace, PAGE_SIZE + 1)?;
+    let mut runs = console.reads.list(&query).await?;
+    let older = (runs.len() > PAGE_SIZE as usize).then(|| {
+        runs.truncate(PAGE_SIZE as usize);
+        let last = runs.last().expect("a full page");
+        filters.older(crate::store::Cursor::after(last))
+    });
+    // The running section: on the first page, when the filters let running runs through.
+    let running = if filters.page.is_none()
+        && (filters.states.is_empty() || filters.states.contains(&RunState::Running))
+    {
+        query.states = vec![RunState::Running];
+        query.after = None;
+        query.limit = RUNNING_NOW;
+        console.reads.list(&query).await?
+    } else {
+        Vec::new()
+    };
+    Ok(pages::activity(&pages::ActivityView {
+        filters: &filters,
+        running: &running,
+        runs: &runs,
+        older: older.as_deref(),
+        now,
+        csrf: signed_in.as_ref().map(|s| s.csrf.as_str()),
+        grpc_addr: &console.config.grpc_addr,
+        tls: console.config.tls,
+    })
+    .into_response())
+}
+
+fn with_question_mark(query: &str) -> String {
+    if query.is_empty() {
+        String::new()
+    } else {
+        format!("?{query}")
+    }
+}
+
+fn parse_result_id(text: &str) -> Result<Uuid, PageError> {
+    Uuid::try_parse(text)
+        .map_err(|_| PageError::BadRequest(format!("{text:?} is not a run's result_id (a UUID)")))
+}
+
+/// `/runs/{result_id}`: one run, outputs whole.
+async fn run(
+    State(console): State<Console>,
+    signed_in: Option<Extension<SignedIn>>,
+    Path(result_id): Path<String>,
+) -> Result<Response, PageError> {
+    let result_id = parse_result_id(&result_id)?;
+    let console = &console.inner;
+    let now = now();
+    let row = console
+        .reads
+        .get(result_id, now, console.config.lost_grace)
+        .await?
+        .ok_or_else(|| not_yet(result_id, console.config.read_replica))?;
+    Ok(pages::run(&pages::RunView {
+        run: &row,
+        now,
+        grpc_addr: &console.config.grpc_addr,
+        tls: console.config.tls,
+        tokens: console.sessions.is_some(),
+        csrf: signed_in.as_ref().map(|s| s.csrf.as_str()),
+    })
+    .into_response())
+}
+
+fn not_yet(result_id: Uuid, read_replica: bool) -> PageError {
+    PageError::NotFound(if read_replica {
+        format!(
+            "no run has result_id {result_id} (yet: this console reads a replica, which shows \
+             a run a moment after it is committed)"
+        )
+    } else {
+        format!("no run has result_id {result_id}")
+    })
+}
+
+/// `/runs/{result_id}/stdout.txt` and `…/stderr.txt`: one output, raw, as a download.
+async fn download(
+    State(console): State<Console>,
+    Path((result_id, output)): Path<(String, String)>,
+) -> Result<Response, PageError> {
+    let result_id = parse_result_id(&result_id)?;
+    let stream = match output.as_str() {
+        "stdout.txt" => Output::Stdout,
+        "stderr.txt" => Output::Stderr,
+        other => {
+            return Err(PageError::NotFound(format!(
+                "a run has stdout.txt and stderr.txt, not {other:?}"
+            )));
+        }
+    };
+    let console = &console.inner;
+    let row = console
+        .reads
+        .get(result_id, now(), console.config.lost_grace)
+        .await?
+        .ok_or_else(|| not_yet(result_id, console.config.read_replica))?;
+    let text = row
+        .outcome
+        .map(|o| match stream {
+            Output::Stdout => o.stdout,
+            Output::Stderr => o.stderr,
+        })
+        .unwrap_or_default();
+    let disposition = format!("attachment; filename=\"{result_id}-{output}\"");
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            ),
+            (
+                header::CONTENT_DISPOSITION,
+                HeaderValue::from_str(&disposition).expect("a UUID and a fixed name"),
+            ),
+        ],
+        text,
+    )
+        .into_response())
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Output {
+    Stdout,
+    Stderr,
+}
+
+/// The windows `/manifests` offers.
+const WINDOWS: [(&str, i64); 3] = [("1h", 1), ("24h", 24), ("7d", 7 * 24)];
+
+/// `/manifests?window=24h`: per manifest over the window.
+async fn manifests(
+    State(console): State<Console>,
+    signed_in: Option<Extension<SignedIn>>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, PageError> {
+    let mut window = "24h".to_string();
+    for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match key.as_ref() {
+            "window" => window = value.into_owned(),
+            other => {
+                return Err(PageError::BadRequest(format!(
+                    "unknown parameter {other:?}: /manifests takes window=1h, 24h or 7d"
+                )));
+            }
+        }
+    }
+    let hours = WINDOWS
+        .iter()
+        .find(|(name, _)| *name == window)
+        .map(|(_, hours)| *hours)
+        .ok_or_else(|| {
+            PageError::BadRequest(format!("window must be 1h, 24h or 7d, not {window:?}"))
+        })?;
+    let console = &console.inner;
+    let now = now();
+    let summaries = console
+        .reads
+        .summarize(&SummaryQuery {
+            started_after: now - chrono::Duration::hours(hours),
+            started_before: now,
+            manifest_id: None,
+            now,
+            lost_grace: console.config.lost_grace,
+        })
+        .await?;
+    Ok(pages::manifests(
+        &window,
+        &WINDOWS.map(|(w, _)| w),
+        &summaries,
+        signed_in.as_ref().map(|s| s.csrf.as_str()),
+    )
+    .into_response())
+}
+
+async fn not_found() -> PageError {
+    PageError::NotFound("no such page: the console has /, /runs/…, /manifests".into())
+}
+
+async fn stylesheet() -> impl IntoResponse {
+    asset(
+        "text/css; charset=utf-8",
+        include_str!("assets/console.css"),
+    )
+}
+
+async fn script() -> impl IntoResponse {
+    asset(
+        "text/javascript; charset=utf-8",
+        include_str!("assets/console.js"),
+    )
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+}
+
+/// The page is attacker-written text in a frame of ours: nothing but the console's own script
+/// and style runs, nothing embeds it, nothing sniffs a download into HTML.
+const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+     img-src 'self'; connect-src 'self'; form-action 'self'; base-uri 'none'; \
+     frame-ancestors 'none'";
+
+async fn security_headers(request: axum::extract::Request, next: Next) -> Response {
+    let mut response = next.run(request).await;
+    let headers: &mut HeaderMap = response.headers_mut();
+    for (name, value) in [
+        (header::CONTENT_SECURITY_POLICY, CONTENT_SECURITY_POLICY),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::REFERRER_POLICY, "same-origin"),
+    ] {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
+    if !headers.contains_key(header::CACHE_CONTROL) {
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    response
+}
+
+/// A `ListQuery` for filters, at `now`.
+impl Filters {
+    fn list_query(
+        &self,
+        now: DateTime<Utc>,
+        lost_grace: chrono::Duration,
+        limit: u32,
+    ) -> Result<ListQuery, PageError> {
+        let mut query = ListQuery::all(now, lost_grace, limit);
+        query.states = self.states.clone();
+        query.pc_id = self.pc.clone();
+        query.manifest_id = self.manifest.clone();
+        query.exec_id = self.exec.clone();
+        query.started_after = self.after.as_ref().map(|t| t.at(now));
+        query.started_before = self.before.as_ref().map(|t| t.at(now));
+        query.after = self.page;
+        Ok(query)
+    }
+}

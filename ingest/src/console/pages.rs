@@ -1,0 +1,459 @@
+//! The HTML of every console page. maud escapes every value it interpolates, and outputs are
+//! only ever interpolated (never `PreEscaped`): what an endpoint wrote is shown as text.
+
+use axum::response::Html;
+use chrono::{DateTime, SecondsFormat, Utc};
+use maud::{DOCTYPE, Markup, html};
+
+use super::{FIRST_LINE_CHARS, Filters, filters::STATE_NAMES};
+use crate::store::{ExecutionRow, ManifestSummary, RunState};
+
+/// A whole page, ready to send.
+pub type Page = Html<String>;
+
+/// The frame of every page: the navigation, the sign-out form when signed in, `main`.
+fn layout(title: &str, current: &str, csrf: Option<&str>, main: Markup) -> Page {
+    let page = html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { (title) " · Kanade" }
+                link rel="stylesheet" href="/assets/console.css";
+                script src="/assets/console.js" defer {}
+            }
+            body {
+                header.top {
+                    a.brand href="/" { "Kanade" }
+                    nav aria-label="Pages" {
+                        @for (href, name) in [("/", "Activity"), ("/manifests", "Manifests")] {
+                            @if name == current {
+                                a href=(href) aria-current="page" { (name) }
+                            } @else {
+                                a href=(href) { (name) }
+                            }
+                        }
+                    }
+                    span.live-status data-live-status hidden { "live" }
+                    @if let Some(csrf) = csrf {
+                        form.signout method="post" action="/signout" {
+                            input type="hidden" name="csrf" value=(csrf);
+                            button type="submit" { "Sign out" }
+                        }
+                    }
+                }
+                main { (main) }
+            }
+        }
+    };
+    Html(page.into_string())
+}
+
+/// `<time>`: UTC in the markup; the script shows it in the browser's time zone, UTC on hover.
+fn time(at: DateTime<Utc>) -> Markup {
+    let utc = at.to_rfc3339_opts(SecondsFormat::Millis, true);
+    html! { time datetime=(utc) title=(utc) { (at.format("%Y-%m-%d %H:%M:%S UTC")) } }
+}
+
+/// A duration as people read it: `850 ms`, `12.3 s`, `4 m 05 s`, `2 h 10 m`.
+pub fn duration(d: chrono::Duration) -> String {
+    let ms = d.num_milliseconds().max(0);
+    match ms {
+        0..1_000 => format!("{ms} ms"),
+        1_000..60_000 => format!("{:.1} s", ms as f64 / 1000.0),
+        60_000..3_600_000 => format!("{} m {:02} s", ms / 60_000, ms / 1000 % 60),
+        _ => format!("{} h {:02} m", ms / 3_600_000, ms / 60_000 % 60),
+    }
+}
+
+fn state_badge(state: RunState) -> Markup {
+    html! { span class={"state state-" (state.as_str())} { (state.as_str().replace('_', " ")) } }
+}
+
+/// The first non-empty line of the run's output (stdout, else stderr), cut for a table cell.
+fn first_line(run: &ExecutionRow) -> String {
+    let Some(outcome) = &run.outcome else {
+        return String::new();
+    };
+    let line = [&outcome.stdout, &outcome.stderr]
+        .into_iter()
+        .flat_map(|s| s.lines())
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("");
+    let mut cut: String = line.chars().take(FIRST_LINE_CHARS).collect();
+    if cut.len() < line.len() {
+        cut.push('…');
+    }
+    cut
+}
+
+fn run_href(run: &ExecutionRow) -> String {
+    format!("/runs/{}", run.result_id)
+}
+
+/// How long the run took, or (running) has been going: the script keeps the latter current.
+fn elapsed(run: &ExecutionRow, now: DateTime<Utc>) -> Markup {
+    match &run.outcome {
+        Some(o) => html! { (duration(o.finished_at - run.started_at)) },
+        None => {
+            let since = run.started_at.to_rfc3339_opts(SecondsFormat::Millis, true);
+            html! { span data-since=(since) { (duration(now - run.started_at)) } }
+        }
+    }
+}
+
+fn runs_table(runs: &[ExecutionRow], now: DateTime<Utc>, caption: &str) -> Markup {
+    html! {
+        div.table-wrap {
+            table.runs {
+                caption.visually-hidden { (caption) }
+                thead {
+                    tr {
+                        th scope="col" { "State" }
+                        th scope="col" { "Endpoint" }
+                        th scope="col" { "Manifest" }
+                        th scope="col" { "Exec" }
+                        th scope="col" { "Started" }
+                        th scope="col" { "Duration" }
+                        th scope="col" { "Exit" }
+                        th scope="col" { "Output" }
+                    }
+                }
+                tbody {
+                    @for run in runs {
+                        tr {
+                            td { a href=(run_href(run)) { (state_badge(run.state)) } }
+                            td { a href={"/?pc=" (urlencode(&run.pc_id))} { (run.pc_id) } }
+                            td {
+                                a href={"/?manifest=" (urlencode(&run.manifest_id))} { (run.manifest_id) }
+                                @if !run.version.is_empty() { span.version { "@" (run.version) } }
+                            }
+                            td.mono { (run.exec_id) }
+                            td { (time(run.started_at)) }
+                            td.num { (elapsed(run, now)) }
+                            td.num {
+                                @if let Some(code) = run.outcome.as_ref().and_then(|o| o.exit_code) { (code) }
+                            }
+                            td.output { a href=(run_href(run)) { (first_line(run)) } }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn urlencode(value: &str) -> String {
+    form_urlencoded::byte_serialize(value.as_bytes()).collect()
+}
+
+/// What the Activity page shows.
+pub struct ActivityView<'a> {
+    pub filters: &'a Filters,
+    pub running: &'a [ExecutionRow],
+    pub runs: &'a [ExecutionRow],
+    pub older: Option<&'a str>,
+    pub now: DateTime<Utc>,
+    pub csrf: Option<&'a str>,
+    pub grpc_addr: &'a str,
+    pub tls: bool,
+}
+
+fn filter_form(f: &Filters) -> Markup {
+    let text = |v: &Option<String>| v.clone().unwrap_or_default();
+    let bound =
+        |b: &Option<super::filters::TimeBound>| b.as_ref().map(|b| b.text()).unwrap_or_default();
+    html! {
+        form.filters method="get" action="/" aria-label="Filter runs" {
+            fieldset.states {
+                legend { "State" }
+                @for name in STATE_NAMES {
+                    @let checked = f.states.iter().any(|s| s.as_str() == name);
+                    label {
+                        input type="checkbox" name="state" value=(name) checked[checked];
+                        " " (name.replace('_', " "))
+                    }
+                }
+            }
+            div.fields {
+                label { "Endpoint " input type="text" name="pc" value=(text(&f.pc)) placeholder="pc_id"; }
+                label { "Manifest " input type="text" name="manifest" value=(text(&f.manifest)); }
+                label { "Exec " input type="text" name="exec" value=(text(&f.exec)); }
+                label { "Started after " input type="text" name="after" value=(bound(&f.after)) placeholder="1h, 7d or RFC 3339"; }
+                label { "before " input type="text" name="before" value=(bound(&f.before)) placeholder="RFC 3339 or 30m"; }
+                button type="submit" { "Apply" }
+                @if !f.is_empty() { a href="/" { "Clear filters" } }
+            }
+        }
+    }
+}
+
+fn grpcurl_prefix(tls: bool) -> &'static str {
+    if tls { "grpcurl" } else { "grpcurl -plaintext" }
+}
+
+pub fn activity(v: &ActivityView<'_>) -> Page {
+    let main = html! {
+        h1 { "Activity" }
+        (filter_form(v.filters))
+        div data-live {
+            @if v.filters.page.is_none() && (v.filters.states.is_empty() || v.filters.states.contains(&RunState::Running)) {
+                section.running aria-labelledby="running-now" {
+                    h2 #running-now { "Running now " span.count { "(" (v.running.len()) ")" } }
+                    @if v.running.is_empty() {
+                        p.empty { "Nothing is running." }
+                    } @else {
+                        (runs_table(v.running, v.now, "Runs in progress"))
+                    }
+                }
+            }
+            section aria-labelledby="runs" {
+                h2 #runs { "Runs" }
+                @if v.runs.is_empty() {
+                    @if v.filters.is_empty() {
+                        div.empty {
+                            p { "No runs yet. Run a script through an agent and it shows up here:" }
+                            pre { "kanade-agent exec --ingest " (if v.tls { "https://" } else { "http://" }) (v.grpc_addr) " --data-dir ./agent-data --pc-id my-laptop \\\n  --wait --manifest hello -- sh -c 'echo hello from kanade'" }
+                            p { "or publish one by hand with grpcurl (README, \"Talking to ingest with grpcurl\"):" }
+                            pre { (grpcurl_prefix(v.tls)) " " (v.grpc_addr) " list" }
+                        }
+                    } @else {
+                        p.empty { "No runs match these filters. " a href="/" { "Clear filters" } }
+                    }
+                } @else {
+                    (runs_table(v.runs, v.now, "Runs, newest first"))
+                    @if let Some(older) = v.older {
+                        p.paging { a href=(older) rel="next" { "Older runs →" } }
+                    }
+                }
+            }
+        }
+    };
+    layout("Activity", "Activity", v.csrf, main)
+}
+
+/// What a run page shows.
+pub struct RunView<'a> {
+    pub run: &'a ExecutionRow,
+    pub now: DateTime<Utc>,
+    pub grpc_addr: &'a str,
+    pub tls: bool,
+    pub tokens: bool,
+    pub csrf: Option<&'a str>,
+}
+
+fn output_block(name: &str, file: &str, run: &ExecutionRow) -> Markup {
+    let (text, dropped) = match &run.outcome {
+        Some(o) if name == "stdout" => (o.stdout.as_str(), o.stdout_dropped_bytes),
+        Some(o) => (o.stderr.as_str(), o.stderr_dropped_bytes),
+        None => ("", 0),
+    };
+    html! {
+        section.output aria-labelledby={"h-" (name)} {
+            h2 #{"h-" (name)} {
+                (name) " "
+                span.meta { (text.len()) " bytes" }
+                @if run.outcome.is_some() {
+                    " " a.download href={"/runs/" (run.result_id) "/" (file)} download { "download" }
+                }
+            }
+            @if dropped > 0 {
+                p.dropped { (dropped) " more bytes were dropped by the agent (output beyond its limit)." }
+            }
+            @if text.is_empty() {
+                p.empty { @if run.outcome.is_some() { "(empty)" } @else { "(no result yet)" } }
+            } @else {
+                pre.out #{"out-" (name)} tabindex="0" { (text) }
+            }
+        }
+    }
+}
+
+pub fn run(v: &RunView<'_>) -> Page {
+    let run = v.run;
+    let command = format!(
+        "{} {}-d '{{\"result_id\": \"{}\"}}' {} kanade.v1.Activity/GetExecution",
+        grpcurl_prefix(v.tls),
+        if v.tokens {
+            "-H \"authorization: Bearer $KANADE_TOKEN\" "
+        } else {
+            ""
+        },
+        run.result_id,
+        v.grpc_addr
+    );
+    let live = run.state == RunState::Running;
+    let main = html! {
+        div data-live[live] {
+            h1 { "Run " span.mono { (run.result_id) } " " (state_badge(run.state)) }
+            dl.fields {
+                dt { "Endpoint" } dd { a href={"/?pc=" (urlencode(&run.pc_id))} { (run.pc_id) } }
+                dt { "Manifest" } dd {
+                    a href={"/?manifest=" (urlencode(&run.manifest_id))} { (run.manifest_id) }
+                    @if !run.version.is_empty() { span.version { "@" (run.version) } }
+                }
+                dt { "Exec" } dd.mono { a href={"/?exec=" (urlencode(&run.exec_id))} { (run.exec_id) } }
+                dt { "Request" } dd.mono { (run.request_id) }
+                dt { "Started" } dd { (time(run.started_at)) }
+                dt { "Finished" } dd {
+                    @if let Some(o) = &run.outcome { (time(o.finished_at)) } @else { "—" }
+                }
+                dt { "Duration" } dd { (elapsed(run, v.now)) }
+                dt { "Status" } dd {
+                    @if let Some(o) = &run.outcome {
+                        (o.status.as_str())
+                        @if let Some(code) = o.exit_code { ", exit code " (code) }
+                    } @else { "no result yet" }
+                }
+                dt { "Timeout" } dd {
+                    @if let Some(t) = run.timeout_secs { (t) " s" } @else { "none" }
+                }
+                dt { "Received" } dd { (time(run.received_at)) }
+            }
+            (output_block("stdout", "stdout.txt", run))
+            (output_block("stderr", "stderr.txt", run))
+        }
+        section.grpcurl aria-labelledby="h-grpcurl" {
+            h2 #h-grpcurl { "The same run with grpcurl " button.copy type="button" data-copy="grpcurl-command" hidden { "Copy" } }
+            pre #grpcurl-command tabindex="0" { (command) }
+        }
+    };
+    layout(&format!("Run {}", run.result_id), "", v.csrf, main)
+}
+
+fn summary_duration(d: Option<std::time::Duration>) -> String {
+    d.and_then(|d| chrono::Duration::from_std(d).ok())
+        .map(duration)
+        .unwrap_or_else(|| "—".into())
+}
+
+pub fn manifests(
+    window: &str,
+    windows: &[&str],
+    summaries: &[ManifestSummary],
+    csrf: Option<&str>,
+) -> Page {
+    let main = html! {
+        h1 { "Manifests" }
+        nav.windows aria-label="Window" {
+            "Runs started in the last "
+            @for w in windows {
+                @if *w == window {
+                    a href={"/manifests?window=" (w)} aria-current="page" { (w) }
+                } @else {
+                    a href={"/manifests?window=" (w)} { (w) }
+                }
+                " "
+            }
+        }
+        div data-live {
+            @if summaries.is_empty() {
+                p.empty { "No runs started in the last " (window) "." }
+            } @else {
+                div.table-wrap {
+                    table.manifests {
+                        thead {
+                            tr {
+                                th scope="col" { "Manifest" }
+                                th scope="col" { "Runs" }
+                                th scope="col" { "Running" }
+                                th scope="col" { "Succeeded" }
+                                th scope="col" { "Failed" }
+                                th scope="col" { "Lost" }
+                                th scope="col" { "p50" }
+                                th scope="col" { "p95" }
+                                th scope="col" { "Last failure" }
+                            }
+                        }
+                        tbody {
+                            @for s in summaries {
+                                @let m = urlencode(&s.manifest_id);
+                                tr {
+                                    td { a href={"/?manifest=" (m) "&after=" (window)} { (s.manifest_id) } }
+                                    td.num { (s.runs) }
+                                    td.num { (s.running) }
+                                    td.num { (s.succeeded) }
+                                    td.num {
+                                        @if s.failed > 0 {
+                                            a.bad href={"/?state=failed&state=timed_out&state=killed&state=spawn_failed&state=interrupted&manifest=" (m) "&after=" (window)} { (s.failed) }
+                                        } @else { "0" }
+                                    }
+                                    td.num { (s.lost) }
+                                    td.num { (summary_duration(s.p50_duration)) }
+                                    td.num { (summary_duration(s.p95_duration)) }
+                                    td {
+                                        @if let Some((id, at)) = s.last_failure {
+                                            a href={"/runs/" (id)} { (time(at)) }
+                                        } @else { "—" }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    layout("Manifests", "Manifests", csrf, main)
+}
+
+pub fn sign_in(next: &str, refused: Option<&str>) -> Page {
+    let main = html! {
+        h1 { "Sign in" }
+        form.signin method="post" action="/signin" {
+            @if let Some(message) = refused {
+                p.error role="alert" { (message) }
+            }
+            input type="hidden" name="next" value=(next);
+            label {
+                "Reader token"
+                input type="password" name="token" autocomplete="current-password" required autofocus;
+            }
+            button type="submit" { "Sign in" }
+            p.hint { "Make one with " code { "kanade-ingest token add --reader --tokens-file FILE" } "." }
+        }
+    };
+    layout("Sign in", "", None, main)
+}
+
+pub fn error(title: &str, message: &str) -> Page {
+    layout(
+        title,
+        "",
+        None,
+        html! {
+            h1 { (title) }
+            p.error role="alert" { (message) }
+            p { a href="/" { "Back to Activity" } }
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_as_people_write_them() {
+        let ms = chrono::Duration::milliseconds;
+        assert_eq!(duration(ms(850)), "850 ms");
+        assert_eq!(duration(ms(12_340)), "12.3 s");
+        assert_eq!(duration(ms(245_000)), "4 m 05 s");
+        assert_eq!(duration(ms(7_800_000)), "2 h 10 m");
+        assert_eq!(duration(ms(-5)), "0 ms");
+    }
+
+    #[test]
+    fn markup_in_values_is_text() {
+        let page = error("x", "<script>alert(1)</script><img src=x onerror=alert(2)>");
+        let html = page.0;
+        assert!(!html.contains("<script>alert"), "{html}");
+        assert!(!html.contains("<img"), "{html}");
+        assert!(
+            html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
+            "{html}"
+        );
+    }
+}

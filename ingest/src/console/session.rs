@@ -1,0 +1,295 @@
+//! Sign-in (SPEC §13). With a tokens file every page needs a session: `/signin` takes a reader
+//! token, checks it against the tokens file and sets a cookie holding a random session id (never
+//! the token). The store keeps only the id's SHA-256, the token's SHA-256 (a session ends when
+//! its token leaves the tokens file) and the expiry, so any replica honours it. Forms that change
+//! anything carry the session's CSRF token and must come from the console's own origin.
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    body::Bytes,
+    extract::{Request, State},
+    http::{HeaderMap, HeaderValue, Method, StatusCode, header},
+    middleware::Next,
+    response::{IntoResponse, Redirect, Response},
+};
+use chrono::Utc;
+
+use super::{Console, PageError, pages};
+use crate::{
+    auth::{Identity, Tokens, sha256_hex},
+    store::{ConsoleSession, Store},
+};
+
+/// The session cookie's name.
+pub const COOKIE: &str = "kanade_session";
+
+/// What every page learns about its signed-in visitor.
+#[derive(Debug, Clone)]
+pub struct SignedIn {
+    /// The token forms must carry.
+    pub csrf: String,
+}
+
+pub struct Sessions {
+    store: Arc<dyn Store>,
+    tokens: Arc<Tokens>,
+    ttl: Duration,
+    /// Served over TLS: the cookie is `Secure`.
+    secure: bool,
+}
+
+fn random_hex() -> String {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).expect("the system's randomness");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn cookie_value(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == COOKIE)
+        .map(|(_, value)| value.to_string())
+}
+
+/// A `next=` target that stays on this console (no open redirect).
+fn local_path(next: &str) -> &str {
+    if next.starts_with('/') && !next.starts_with("//") && !next.contains('\\') {
+        next
+    } else {
+        "/"
+    }
+}
+
+impl Sessions {
+    pub fn new(store: Arc<dyn Store>, tokens: Arc<Tokens>, ttl: Duration, secure: bool) -> Self {
+        Sessions {
+            store,
+            tokens,
+            ttl,
+            secure,
+        }
+    }
+
+    /// The visitor's live session, if any.
+    async fn current(&self, headers: &HeaderMap) -> Result<Option<ConsoleSession>, PageError> {
+        let Some(id) = cookie_value(headers) else {
+            return Ok(None);
+        };
+        let Some(session) = self.store.session(&sha256_hex(&id), Utc::now()).await? else {
+            return Ok(None);
+        };
+        // A token removed from the tokens file (or no longer a reader's) ends its sessions.
+        Ok(matches!(
+            self.tokens.by_sha256(&session.token_sha256),
+            Some(Identity::Reader)
+        )
+        .then_some(session))
+    }
+
+    fn cookie(&self, value: &str, max_age: Duration) -> HeaderValue {
+        let secure = if self.secure { "; Secure" } else { "" };
+        HeaderValue::from_str(&format!(
+            "{COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{secure}",
+            max_age.as_secs()
+        ))
+        .expect("a cookie of hex digits")
+    }
+}
+
+/// Refuses a POST whose `Origin` (sent by every current browser) is not this console.
+fn same_origin(headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+        return true;
+    };
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    let origin_host = origin.split_once("://").map(|(_, rest)| rest);
+    host.is_some() && origin_host == host
+}
+
+/// Middleware of every page but `/signin` and the assets.
+pub async fn require_sign_in(
+    State(console): State<Console>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let Some(sessions) = &console.inner.sessions else {
+        return next.run(request).await;
+    };
+    match sessions.current(request.headers()).await {
+        Ok(Some(session)) => {
+            request
+                .extensions_mut()
+                .insert(SignedIn { csrf: session.csrf });
+            next.run(request).await
+        }
+        Ok(None) if request.method() == Method::GET && request.uri().path() != "/events" => {
+            let target = request
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/");
+            let next: String = form_urlencoded::byte_serialize(target.as_bytes()).collect();
+            Redirect::to(&format!("/signin?next={next}")).into_response()
+        }
+        Ok(None) => (
+            StatusCode::UNAUTHORIZED,
+            "sign in first: /signin takes a reader token\n",
+        )
+            .into_response(),
+        Err(err) => err.into_response(),
+    }
+}
+
+/// `GET /signin`.
+pub async fn sign_in_page(
+    State(console): State<Console>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Response {
+    let next = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+        .find(|(k, _)| k == "next")
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_else(|| "/".into());
+    if console.inner.sessions.is_none() {
+        return Redirect::to(local_path(&next)).into_response();
+    }
+    pages::sign_in(local_path(&next), None).into_response()
+}
+
+/// `POST /signin`: `token`, `next`.
+pub async fn sign_in(State(console): State<Console>, headers: HeaderMap, body: Bytes) -> Response {
+    let Some(sessions) = &console.inner.sessions else {
+        return Redirect::to("/").into_response();
+    };
+    if !same_origin(&headers) {
+        return (
+            StatusCode::FORBIDDEN,
+            pages::error("Refused", "a form from another site"),
+        )
+            .into_response();
+    }
+    let (mut token, mut next) = (String::new(), String::from("/"));
+    for (key, value) in form_urlencoded::parse(&body) {
+        match key.as_ref() {
+            "token" => token = value.trim().to_string(),
+            "next" => next = value.into_owned(),
+            _ => {}
+        }
+    }
+    let next = local_path(&next).to_string();
+    let refused = |status: StatusCode, message: &str| {
+        (status, pages::sign_in(&next, Some(message))).into_response()
+    };
+    match sessions.tokens.identify(&token) {
+        Some(Identity::Reader) => {}
+        Some(Identity::Agent { pc_id }) => {
+            return refused(
+                StatusCode::FORBIDDEN,
+                &format!(
+                    "that is an endpoint's token (pc_id {pc_id:?}): it may only write its own \
+                     runs. The console needs a reader token (kanade-ingest token add --reader)."
+                ),
+            );
+        }
+        None => {
+            return refused(
+                StatusCode::UNAUTHORIZED,
+                "not a token of this ingest's tokens file; the console needs a reader token \
+                 (kanade-ingest token add --reader)",
+            );
+        }
+    }
+    let id = random_hex();
+    let session = ConsoleSession {
+        id_sha256: sha256_hex(&id),
+        token_sha256: sha256_hex(&token),
+        csrf: random_hex(),
+        expires_at: Utc::now()
+            + chrono::Duration::from_std(sessions.ttl).unwrap_or(chrono::Duration::hours(12)),
+    };
+    if let Err(err) = sessions.store.open_session(&session).await {
+        return PageError::from(err).into_response();
+    }
+    let mut response = Redirect::to(&next).into_response();
+    response
+        .headers_mut()
+        .insert(header::SET_COOKIE, sessions.cookie(&id, sessions.ttl));
+    response
+}
+
+/// `POST /signout` (with the session's `csrf`).
+pub async fn sign_out(
+    State(console): State<Console>,
+    signed_in: Option<axum::Extension<SignedIn>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (Some(sessions), Some(signed_in)) = (&console.inner.sessions, signed_in) else {
+        return Redirect::to("/").into_response();
+    };
+    let csrf = form_urlencoded::parse(&body)
+        .find(|(k, _)| k == "csrf")
+        .map(|(_, v)| v.into_owned());
+    if !same_origin(&headers) || csrf.as_deref() != Some(signed_in.csrf.as_str()) {
+        return (
+            StatusCode::FORBIDDEN,
+            pages::error(
+                "Refused",
+                "the form's CSRF token does not match your session; reload the page and try again",
+            ),
+        )
+            .into_response();
+    }
+    if let Some(id) = cookie_value(&headers)
+        && let Err(err) = sessions.store.end_session(&sha256_hex(&id)).await
+    {
+        return PageError::from(err).into_response();
+    }
+    let mut response = Redirect::to("/signin").into_response();
+    response
+        .headers_mut()
+        .insert(header::SET_COOKIE, sessions.cookie("", Duration::ZERO));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_never_leaves_the_console() {
+        assert_eq!(local_path("/runs/x?y=1"), "/runs/x?y=1");
+        for outside in [
+            "//evil.example/",
+            "https://evil.example/",
+            "/\\evil",
+            "evil",
+        ] {
+            assert_eq!(local_path(outside), "/", "{outside}");
+        }
+    }
+
+    #[test]
+    fn a_form_from_another_origin_is_refused() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, HeaderValue::from_static("127.0.0.1:8080"));
+        assert!(
+            same_origin(&headers),
+            "no Origin: not a cross-site browser form"
+        );
+        headers.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("http://127.0.0.1:8080"),
+        );
+        assert!(same_origin(&headers));
+        headers.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("https://evil.example"),
+        );
+        assert!(!same_origin(&headers));
+    }
+}

@@ -1,0 +1,527 @@
+//! The web console (SPEC §13) in a real headless Chromium, and its HTTP contract (headers,
+//! downloads, errors) over a raw socket. Screenshots go to `target/console-screenshots/`.
+
+use std::time::Duration;
+
+use fantoccini::Locator;
+use kanade_shared::{
+    pb,
+    wire::{self, EventBody, ExecStatus},
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use kanade_testkit::{Browser, Run, TestDb, TestIngest, eventually};
+
+async fn publish(ingest: &TestIngest, body: EventBody) {
+    ingest
+        .ingest()
+        .await
+        .publish(pb::Event::from(wire::Event {
+            seq: 0,
+            body,
+            trace_context: Default::default(),
+        }))
+        .await
+        .expect("published");
+}
+
+/// Publishes a finished run whose stdout is `stdout`.
+async fn publish_finished(ingest: &TestIngest, run: &Run, status: ExecStatus, stdout: &str) {
+    publish(ingest, EventBody::Started(run.started())).await;
+    let mut result = run.result(
+        status,
+        Some(if status == ExecStatus::Succeeded {
+            0
+        } else {
+            2
+        }),
+    );
+    result.stdout = stdout.to_string();
+    result.stderr = "warning: disk almost full\n".into();
+    publish(ingest, EventBody::Result(result)).await;
+}
+
+/// One HTTP/1.1 GET over a raw socket: (status, head, body).
+async fn http_get(ingest: &TestIngest, path: &str) -> (u16, String, String) {
+    let addr = ingest.console_addr.expect("a console");
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).await.unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a response head");
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, head.to_ascii_lowercase(), body.to_string())
+}
+
+async fn wait_for_text(browser: &Browser, text: &str, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let page = browser.text().await;
+        if page.contains(text) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the page never showed {text:?}; it shows:\n{page}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Marks the document so a test can tell a live update (marker kept) from a reload (gone).
+async fn mark_document(browser: &Browser) {
+    browser
+        .client
+        .execute("window.kanadeTestMarker = 42;", vec![])
+        .await
+        .unwrap();
+}
+
+async fn still_marked(browser: &Browser) -> bool {
+    browser
+        .client
+        .execute("return window.kanadeTestMarker === 42;", vec![])
+        .await
+        .unwrap()
+        == serde_json::json!(true)
+}
+
+#[tokio::test]
+async fn a_newcomer_watches_a_run_arrive_opens_it_and_filters() {
+    let db = TestDb::sqlite();
+    let ingest = TestIngest::start(&db.url).await;
+    let browser = Browser::start(1280, 800).await;
+    let client = &browser.client;
+    client.goto(&ingest.console_url()).await.unwrap();
+    wait_for_text(&browser, "No runs yet", Duration::from_secs(5)).await;
+
+    // A run appears without a reload: first running, then failed.
+    mark_document(&browser).await;
+    let run = Run::new("pc-console");
+    publish(&ingest, EventBody::Started(run.started())).await;
+    wait_for_text(&browser, "Running now (1)", Duration::from_secs(5)).await;
+    let mut failed = run.result(ExecStatus::Failed, Some(2));
+    failed.stdout = "disk: 93% used\nsecond line\n".into();
+    failed.stderr = "warning: disk almost full\n".into();
+    publish(&ingest, EventBody::Result(failed)).await;
+    wait_for_text(&browser, "Running now (0)", Duration::from_secs(5)).await;
+    assert!(
+        still_marked(&browser).await,
+        "the page updated itself, no reload"
+    );
+    let page = browser.text().await;
+    assert!(
+        page.contains("pc-console") && page.contains("disk: 93% used"),
+        "{page}"
+    );
+    assert!(
+        !page.contains("second line"),
+        "a table cell shows the first line only"
+    );
+    // A successful run beside it, for the filter below.
+    publish_finished(
+        &ingest,
+        &Run::new("pc-other"),
+        ExecStatus::Succeeded,
+        "ok\n",
+    )
+    .await;
+    wait_for_text(&browser, "pc-other", Duration::from_secs(5)).await;
+    browser.screenshot("activity").await;
+
+    // Clicking the failed run opens its page with both outputs whole.
+    client
+        .find(Locator::Css(&format!("a[href='/runs/{}']", run.result_id)))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let stdout = client
+        .wait()
+        .for_element(Locator::Css("#out-stdout"))
+        .await
+        .unwrap();
+    assert_eq!(stdout.text().await.unwrap(), "disk: 93% used\nsecond line");
+    let stderr = client.find(Locator::Css("#out-stderr")).await.unwrap();
+    assert_eq!(stderr.text().await.unwrap(), "warning: disk almost full");
+    let page = browser.text().await;
+    assert!(page.contains("failed, exit code 2"), "{page}");
+    assert!(
+        page.contains("kanade.v1.Activity/GetExecution"),
+        "the grpcurl command: {page}"
+    );
+    browser.screenshot("run").await;
+
+    // The filter form writes the URL; the back button restores the earlier view.
+    client.goto(&ingest.console_url()).await.unwrap();
+    client
+        .find(Locator::Css("input[name=state][value=failed]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    client
+        .find(Locator::Css("form.filters button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(5), "the filtered URL", || async {
+        client.current_url().await.unwrap().query() == Some("state=failed")
+    })
+    .await;
+    let page = browser.text().await;
+    assert!(
+        page.contains("pc-console") && !page.contains("pc-other"),
+        "{page}"
+    );
+    client
+        .find(Locator::Css("input[name=pc]"))
+        .await
+        .unwrap()
+        .send_keys("pc-nobody")
+        .await
+        .unwrap();
+    client
+        .find(Locator::Css("form.filters button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_for_text(
+        &browser,
+        "No runs match these filters",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(
+        client.current_url().await.unwrap().query(),
+        Some("state=failed&pc=pc-nobody")
+    );
+    client.back().await.unwrap();
+    wait_for_text(&browser, "pc-console", Duration::from_secs(5)).await;
+    assert_eq!(
+        client.current_url().await.unwrap().query(),
+        Some("state=failed")
+    );
+    let checked = client
+        .find(Locator::Css("input[name=state][value=failed]"))
+        .await
+        .unwrap()
+        .prop("checked")
+        .await
+        .unwrap();
+    assert_eq!(
+        checked.as_deref(),
+        Some("true"),
+        "the form shows the view's filters"
+    );
+
+    // The manifests page counts both runs.
+    client
+        .goto(&format!("{}/manifests?window=1h", ingest.console_url()))
+        .await
+        .unwrap();
+    let row = client
+        .find(Locator::Css("table.manifests tbody tr"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(row.starts_with("inventory 2 0 1 1 0"), "{row}");
+    browser.close().await;
+}
+
+#[tokio::test]
+async fn on_a_phone_the_activity_page_fits_the_screen() {
+    let db = TestDb::sqlite();
+    let ingest = TestIngest::start(&db.url).await;
+    publish_finished(
+        &ingest,
+        &Run::new("pc-phone"),
+        ExecStatus::Failed,
+        "exit 2\n",
+    )
+    .await;
+    let browser = Browser::start(390, 844).await;
+    browser.client.goto(&ingest.console_url()).await.unwrap();
+    wait_for_text(&browser, "pc-phone", Duration::from_secs(5)).await;
+    // The page itself never scrolls sideways; the table scrolls inside its own box.
+    let overflow = browser
+        .client
+        .execute(
+            "return document.documentElement.scrollWidth - document.documentElement.clientWidth;",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(overflow, serde_json::json!(0), "horizontal overflow in px");
+    browser.screenshot("activity-phone").await;
+    browser.close().await;
+}
+
+#[tokio::test]
+async fn hostile_output_is_shown_as_text_and_runs_nothing() {
+    let db = TestDb::sqlite();
+    let ingest = TestIngest::start(&db.url).await;
+    let hostile =
+        "<script>window.kanadePwned = 1</script><img src=x onerror=\"window.kanadePwned = 2\">";
+    let run = Run::new("pc-\"><b>bold</b>");
+    publish_finished(&ingest, &run, ExecStatus::Failed, hostile).await;
+    let browser = Browser::start(1280, 800).await;
+    for page in ["/".to_string(), format!("/runs/{}", run.result_id)] {
+        browser
+            .client
+            .goto(&format!("{}{page}", ingest.console_url()))
+            .await
+            .unwrap();
+        wait_for_text(&browser, "window.kanadePwned = 1", Duration::from_secs(5)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let pwned = browser
+            .client
+            .execute("return typeof window.kanadePwned;", vec![])
+            .await
+            .unwrap();
+        assert_eq!(
+            pwned,
+            serde_json::json!("undefined"),
+            "output ran as code on {page}"
+        );
+        let injected = browser
+            .client
+            .find_all(Locator::Css("main img, main b"))
+            .await
+            .unwrap();
+        assert!(injected.is_empty(), "output became markup on {page}");
+        assert!(browser.text().await.contains("pc-\"><b>bold</b>"));
+    }
+    let stdout = browser
+        .client
+        .find(Locator::Css("#out-stdout"))
+        .await
+        .unwrap();
+    assert_eq!(stdout.text().await.unwrap(), hostile);
+    browser.close().await;
+
+    // The raw download is text, never rendered.
+    let (status, head, body) =
+        http_get(&ingest, &format!("/runs/{}/stdout.txt", run.result_id)).await;
+    assert_eq!(status, 200);
+    assert!(
+        head.contains("content-type: text/plain; charset=utf-8"),
+        "{head}"
+    );
+    assert!(
+        head.contains(&format!(
+            "content-disposition: attachment; filename=\"{}-stdout.txt\"",
+            run.result_id
+        )),
+        "{head}"
+    );
+    assert!(head.contains("x-content-type-options: nosniff"), "{head}");
+    assert_eq!(body, hostile);
+}
+
+#[tokio::test]
+async fn every_answer_carries_the_security_headers_and_bad_requests_say_why() {
+    let db = TestDb::sqlite();
+    let ingest = TestIngest::start(&db.url).await;
+    for path in [
+        "/",
+        "/manifests",
+        "/runs/not-a-uuid",
+        "/nowhere",
+        "/assets/console.js",
+    ] {
+        let (_, head, _) = http_get(&ingest, path).await;
+        assert!(
+            head.contains(
+                "content-security-policy: default-src 'none'; script-src 'self'; style-src 'self'"
+            ) && head.contains("frame-ancestors 'none'")
+                && head.contains("x-content-type-options: nosniff"),
+            "{path}: {head}"
+        );
+    }
+    let (status, _, body) = http_get(&ingest, "/?state=bogus").await;
+    assert_eq!(status, 400);
+    assert!(
+        body.contains("state=&quot;bogus&quot; is not a state"),
+        "{body}"
+    );
+    let (status, _, body) = http_get(&ingest, "/runs/not-a-uuid").await;
+    assert_eq!(status, 400);
+    assert!(
+        body.contains("is not a run&#39;s result_id") || body.contains("is not a run's result_id"),
+        "{body}"
+    );
+    let (status, _, _) = http_get(&ingest, &format!("/runs/{}", uuid::Uuid::now_v7())).await;
+    assert_eq!(status, 404);
+    let (status, _, body) = http_get(&ingest, "/manifests?window=2h").await;
+    assert_eq!(status, 400);
+    assert!(body.contains("window must be 1h, 24h or 7d"), "{body}");
+    // The form's empty fields: the same view at its canonical URL.
+    let (status, head, _) = http_get(&ingest, "/?state=failed&pc=&manifest=").await;
+    assert_eq!(status, 303, "{head}");
+    assert!(head.contains("location: /?state=failed"), "{head}");
+}
+
+#[tokio::test]
+async fn a_run_committed_through_another_replica_appears_without_a_reload() {
+    let db = TestDb::postgres().await;
+    let shown = TestIngest::start(&db.url).await;
+    let other = TestIngest::start(&db.url).await;
+    let browser = Browser::start(1280, 800).await;
+    browser.client.goto(&shown.console_url()).await.unwrap();
+    wait_for_text(&browser, "No runs yet", Duration::from_secs(5)).await;
+    // The live stream is open before the commit (the header says "live").
+    eventually(Duration::from_secs(5), "the live stream open", || async {
+        browser.text().await.contains("live")
+    })
+    .await;
+    mark_document(&browser).await;
+    let run = Run::new("pc-via-other-replica");
+    let committed = tokio::time::Instant::now();
+    publish_finished(
+        &other,
+        &run,
+        ExecStatus::Succeeded,
+        "hello from the other replica\n",
+    )
+    .await;
+    wait_for_text(&browser, "pc-via-other-replica", Duration::from_secs(2)).await;
+    let took = committed.elapsed();
+    assert!(still_marked(&browser).await, "a live update, not a reload");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    browser.close().await;
+}
+
+#[tokio::test]
+async fn sign_in_takes_a_reader_token_and_refuses_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.toml");
+    let token_add = |args: &[&str]| {
+        let out = std::process::Command::new(kanade_testkit::workspace_binary("kanade-ingest"))
+            .args(["token", "add"])
+            .args(args)
+            .args(["--tokens-file", tokens.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let reader = token_add(&["--reader"]);
+    let endpoint = token_add(&["pc-1"]);
+    let db = TestDb::sqlite();
+    let ingest = TestIngest::builder(&db.url)
+        .args(&["--tokens-file", tokens.to_str().unwrap()])
+        .start()
+        .await;
+    // Without a session every page sends to /signin, and the live stream is refused.
+    let (status, head, _) = http_get(&ingest, "/runs/x").await;
+    assert_eq!(status, 303);
+    assert!(
+        head.contains("location: /signin?next=%2fruns%2fx"),
+        "{head}"
+    );
+    assert_eq!(http_get(&ingest, "/events").await.0, 401);
+
+    let browser = Browser::start(1280, 800).await;
+    let client = &browser.client;
+    let sign_in = |token: String| async move {
+        let field = client
+            .wait()
+            .for_element(Locator::Css("input[name=token]"))
+            .await
+            .unwrap();
+        field.send_keys(&token).await.unwrap();
+        client
+            .find(Locator::Css("form.signin button[type=submit]"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+    };
+    client
+        .goto(&format!("{}/manifests", ingest.console_url()))
+        .await
+        .unwrap();
+    assert_eq!(client.current_url().await.unwrap().path(), "/signin");
+    sign_in("not-a-token".into()).await;
+    wait_for_text(
+        &browser,
+        "not a token of this ingest's tokens file",
+        Duration::from_secs(5),
+    )
+    .await;
+    sign_in(endpoint.clone()).await;
+    wait_for_text(
+        &browser,
+        "that is an endpoint's token (pc_id \"pc-1\")",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(browser.text().await.contains("reader token"));
+    sign_in(reader.clone()).await;
+    wait_for_text(&browser, "Runs started in the last", Duration::from_secs(5)).await;
+    assert_eq!(
+        client.current_url().await.unwrap().path(),
+        "/manifests",
+        "back where it was going"
+    );
+
+    let cookie = client.get_named_cookie("kanade_session").await.unwrap();
+    assert_eq!(cookie.http_only(), Some(true));
+    assert_eq!(format!("{:?}", cookie.same_site()), "Some(Strict)");
+    assert_eq!(
+        cookie.secure(),
+        Some(false),
+        "plaintext: a Secure cookie would never be sent"
+    );
+    assert!(
+        cookie.max_age().is_some() || cookie.expires().is_some(),
+        "the session expires"
+    );
+    assert!(
+        !cookie.value().contains(&reader) && cookie.value() != reader,
+        "no token in the cookie"
+    );
+    assert!(!ingest.log().contains(&reader), "no token in the log");
+
+    // Signing out ends the session: the same cookie no longer opens a page.
+    client
+        .find(Locator::Css("form.signout button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(5), "back at /signin", || async {
+        client.current_url().await.unwrap().path() == "/signin"
+    })
+    .await;
+    browser.close().await;
+    let addr = ingest.console_addr.unwrap();
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(
+        format!(
+            "GET / HTTP/1.1\r\nHost: {addr}\r\nCookie: kanade_session={}\r\nConnection: close\r\n\r\n",
+            cookie.value()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 303"), "{answer}");
+}
