@@ -34,7 +34,7 @@ use crate::{
         registry::{RegistryLimits, StreamRegistry},
     },
     store::{self, ReadStore, Store},
-    tls::{ServerTls, TlsFiles, TlsHandshake},
+    tls::{Served, ServerTls, TlsFiles, TlsHandshake},
 };
 
 /// HTTP/2 receive windows: how many bytes a client may send ahead of what ingest has read, per
@@ -367,19 +367,42 @@ impl Prepared {
                     lost_grace: chrono::Duration::from_std(args.lost_grace)
                         .unwrap_or(chrono::Duration::MAX),
                     session_ttl: args.session_ttl,
-                    tls: false,
+                    tls: self.tls.is_some(),
                     grpc_addr: self.grpc_addr.to_string(),
                     read_replica: args.read_database_url.is_some(),
                 },
                 stop.clone(),
             );
-            tracing::info!(%addr, "console listening");
-            tasks.spawn(listen::serve_http1(
-                console::router(console),
-                listen::incoming(listener, "console", Http1RequestHead, limits, stop.clone()),
-                args.hello_timeout,
-                stop.clone(),
-            ));
+            tracing::info!(%addr, tls = self.tls.is_some(), "console listening");
+            let router = console::router(console);
+            match &self.tls {
+                Some(tls) => {
+                    let handshake = TlsHandshake {
+                        tls: tls.clone(),
+                        served: Served::Console,
+                    };
+                    tasks.spawn(listen::serve_http1(
+                        router,
+                        listen::incoming(listener, "console", handshake, limits, stop.clone()),
+                        args.hello_timeout,
+                        stop.clone(),
+                    ));
+                }
+                None => {
+                    tasks.spawn(listen::serve_http1(
+                        router,
+                        listen::incoming(
+                            listener,
+                            "console",
+                            Http1RequestHead,
+                            limits,
+                            stop.clone(),
+                        ),
+                        args.hello_timeout,
+                        stop.clone(),
+                    ));
+                }
+            }
         }
         if let Some(listener) = self.listeners.health.take() {
             tasks.spawn(serve_health_only(
@@ -487,7 +510,10 @@ async fn serve(mut prepared: Prepared, shutdown: CancellationToken) -> anyhow::R
             listen::incoming(
                 listener,
                 "gRPC",
-                TlsHandshake { tls },
+                TlsHandshake {
+                    tls,
+                    served: Served::Grpc,
+                },
                 limits,
                 background.clone(),
             ),

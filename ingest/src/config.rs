@@ -356,6 +356,16 @@ impl ServeArgs {
                  pass --allow-insecure if this network is fully trusted"
             ));
         }
+        if self.console_listen.0.is_some() && self.client_ca.is_some() && self.tokens_file.is_none()
+        {
+            return Err(
+                "ingest requires client certificates (--client-ca), but browsers have none: the \
+                 console signs people in with reader tokens, so it needs --tokens-file (create \
+                 one with kanade-ingest token add --reader), or turn it off with \
+                 --console-listen off"
+                    .to_string(),
+            );
+        }
         if let Some(template) = &self.trace_url
             && !template.contains("{trace_id}")
         {
@@ -566,6 +576,50 @@ mod tests {
         assert!(
             sqlite_replica.contains("must be a postgres://"),
             "{sqlite_replica}"
+        );
+    }
+
+    #[test]
+    fn the_console_follows_the_exposure_rule_and_needs_tokens_under_mtls() {
+        let open = serve(&["--console-listen", "0.0.0.0:8080"])
+            .validate()
+            .unwrap_err();
+        assert!(
+            open.contains("console without authentication on 0.0.0.0:8080"),
+            "{open}"
+        );
+        assert!(
+            serve(&[
+                "--console-listen",
+                "0.0.0.0:8080",
+                "--tokens-file",
+                "t.toml"
+            ])
+            .validate()
+            .is_ok()
+        );
+        assert!(
+            serve(&["--console-listen", "off", "--listen", "127.0.0.1:1"])
+                .validate()
+                .is_ok()
+        );
+        let mtls = serve(&[
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+            "--client-ca",
+            "ca.pem",
+        ])
+        .validate()
+        .unwrap_err();
+        assert!(mtls.contains("needs --tokens-file"), "{mtls}");
+        let bad =
+            Cli::try_parse_from(["kanade-ingest", "--console-listen", "nowhere"]).unwrap_err();
+        assert!(
+            bad.to_string()
+                .contains("\"nowhere\" is not an address like 127.0.0.1:8080, or off"),
+            "{bad}"
         );
     }
 }

@@ -373,12 +373,14 @@ pub fn incoming<P: Proof>(
 /// Serves `app` over HTTP/1.1 on the connections `incoming` yields, until `stop` (then each
 /// connection finishes its request in flight). Every later request head on a kept-alive
 /// connection must also arrive within `header_timeout`, so an idle connection is closed.
-pub async fn serve_http1(
+pub async fn serve_http1<C>(
     app: axum::Router,
-    mut incoming: ReceiverStream<Result<Replayed, Infallible>>,
+    mut incoming: ReceiverStream<Result<C, Infallible>>,
     header_timeout: Duration,
     stop: CancellationToken,
-) {
+) where
+    C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     use tokio_stream::StreamExt;
     let connections = tokio_util::task::TaskTracker::new();
     loop {

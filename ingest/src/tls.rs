@@ -75,15 +75,15 @@ impl TlsContents {
         hash.finalize().into()
     }
 
-    /// Builds the server configuration; errors name the flag and the file at fault.
-    fn server_config(&self) -> anyhow::Result<Arc<ServerConfig>> {
+    /// Builds the server configurations; errors name the flag and the file at fault.
+    fn server_configs(&self) -> anyhow::Result<Configs> {
         let provider = crypto_provider();
-        let certs = self.cert.certificates()?;
-        let key = self.key.private_key()?;
-        let builder = ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .context("the TLS provider supports no safe protocol version")?;
-        let builder = match &self.client_ca {
+        let builder = || {
+            ServerConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .context("the TLS provider supports no safe protocol version")
+        };
+        let grpc = match &self.client_ca {
             Some(file) => {
                 let mut roots = RootCertStore::empty();
                 for cert in file.certificates()? {
@@ -92,28 +92,55 @@ impl TlsContents {
                         .with_context(|| format!("{file}: not a usable CA certificate"))?;
                 }
                 let verifier =
-                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                         .build()
                         .with_context(|| file.to_string())?;
-                builder.with_client_cert_verifier(verifier)
+                builder()?.with_client_cert_verifier(verifier)
             }
-            None => builder.with_no_client_auth(),
+            None => builder()?.with_no_client_auth(),
         };
-        let mut config = builder.with_single_cert(certs, key).with_context(|| {
-            format!(
-                "{} and {} do not form a usable certificate and key",
-                self.cert, self.key
-            )
-        })?;
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        Ok(Arc::new(config))
+        let with_cert =
+            |b: rustls::ConfigBuilder<ServerConfig, rustls::server::WantsServerCert>| {
+                let (certs, key) = (self.cert.certificates()?, self.key.private_key()?);
+                b.with_single_cert(certs, key).with_context(|| {
+                    format!(
+                        "{} and {} do not form a usable certificate and key",
+                        self.cert, self.key
+                    )
+                })
+            };
+        let mut grpc = with_cert(grpc)?;
+        grpc.alpn_protocols = vec![b"h2".to_vec()];
+        // Browsers have no client certificates: the console signs people in with tokens.
+        let mut console = with_cert(builder()?.with_no_client_auth())?;
+        console.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Configs {
+            grpc: Arc::new(grpc),
+            console: Arc::new(console),
+        })
     }
+}
+
+/// One configuration per kind of listener, from the same files.
+#[derive(Clone)]
+struct Configs {
+    /// HTTP/2 (ALPN h2), client certificates required under --client-ca.
+    grpc: Arc<ServerConfig>,
+    /// HTTP/1.1, no client certificates.
+    console: Arc<ServerConfig>,
+}
+
+/// Which listener a handshake is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Served {
+    Grpc,
+    Console,
 }
 
 /// The server's TLS configuration, swapped whole when the files change.
 pub struct ServerTls {
     files: TlsFiles,
-    current: RwLock<Arc<ServerConfig>>,
+    current: RwLock<Configs>,
     /// Fingerprint of the files last loaded (or last found unusable, so a bad file is reported
     /// once, not at every check).
     seen: RwLock<[u8; 32]>,
@@ -123,7 +150,7 @@ impl ServerTls {
     /// Loads the files; fails with a message naming the flag and file when they are unusable.
     pub fn load(files: TlsFiles) -> anyhow::Result<Arc<ServerTls>> {
         let contents = files.read()?;
-        let config = contents.server_config()?;
+        let config = contents.server_configs()?;
         let seen = contents.fingerprint();
         Ok(Arc::new(ServerTls {
             files,
@@ -137,13 +164,12 @@ impl ServerTls {
         self.files.client_ca.is_some()
     }
 
-    fn acceptor(&self) -> TlsAcceptor {
-        TlsAcceptor::from(
-            self.current
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone(),
-        )
+    fn acceptor(&self, served: Served) -> TlsAcceptor {
+        let configs = self.current.read().unwrap_or_else(|e| e.into_inner());
+        TlsAcceptor::from(match served {
+            Served::Grpc => configs.grpc.clone(),
+            Served::Console => configs.console.clone(),
+        })
     }
 
     /// Reloads the configuration if the files changed. A change that does not load keeps the
@@ -158,7 +184,7 @@ impl ServerTls {
             return;
         }
         *self.seen.write().unwrap_or_else(|e| e.into_inner()) = fingerprint;
-        match contents.server_config() {
+        match contents.server_configs() {
             Ok(config) => {
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = config;
                 tracing::info!(cert = %self.files.cert.display(), "TLS certificate files changed; reloaded");
@@ -271,6 +297,7 @@ pub fn certificate_identity(der: &[u8]) -> Result<String, String> {
 #[derive(Clone)]
 pub struct TlsHandshake {
     pub tls: Arc<ServerTls>,
+    pub served: Served,
 }
 
 impl Proof for TlsHandshake {
@@ -280,21 +307,22 @@ impl Proof for TlsHandshake {
     async fn prove(&self, tcp: TcpStream) -> Result<TlsConnection, String> {
         let stream = self
             .tls
-            .acceptor()
+            .acceptor(self.served)
             .accept(tcp)
             .await
             .map_err(|e| format!("TLS handshake failed: {e}"))?;
-        let certificate_identity = if self.tls.requires_client_certificates() {
-            let leaf = stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|chain| chain.first())
-                .ok_or("TLS handshake failed: no client certificate")?;
-            Some(Arc::from(certificate_identity(leaf)?))
-        } else {
-            None
-        };
+        let certificate_identity =
+            if self.served == Served::Grpc && self.tls.requires_client_certificates() {
+                let leaf = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|chain| chain.first())
+                    .ok_or("TLS handshake failed: no client certificate")?;
+                Some(Arc::from(certificate_identity(leaf)?))
+            } else {
+                None
+            };
         Ok(TlsConnection {
             stream,
             peer: Peer {

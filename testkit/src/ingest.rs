@@ -99,13 +99,17 @@ impl TestIngestBuilder {
         };
         // The console on a free port (never the default 8080 that concurrent tests would share),
         // unless the test chose.
+        // Under mTLS without tokens nobody could sign in: such an ingest serves no console.
+        let has = |flag: &str| self.args.iter().any(|a| a == flag);
         let console_chosen = self.args.iter().position(|a| a == "--console-listen");
-        let console_on =
-            console_chosen.is_none_or(|i| self.args.get(i + 1).is_some_and(|v| v != "off"));
-        let console_default: &[&str] = if console_chosen.is_none() {
-            &["--console-listen", "127.0.0.1:0"]
-        } else {
-            &[]
+        let console_default: &[&str] = match console_chosen {
+            Some(_) => &[],
+            None if has("--client-ca") && !has("--tokens-file") => &["--console-listen", "off"],
+            None => &["--console-listen", "127.0.0.1:0"],
+        };
+        let console_on = match console_chosen {
+            Some(i) => self.args.get(i + 1).is_some_and(|v| v != "off"),
+            None => console_default[1] != "off",
         };
         let mut child = command
             .args([

@@ -525,3 +525,98 @@ async fn sign_in_takes_a_reader_token_and_refuses_the_rest() {
     tcp.read_to_string(&mut answer).await.unwrap();
     assert!(answer.starts_with("HTTP/1.1 303"), "{answer}");
 }
+
+/// One HTTPS request to the console, trusting `ca`: the raw response.
+async fn https_request(
+    addr: std::net::SocketAddr,
+    ca: &kanade_testkit::TestCa,
+    request: &str,
+) -> String {
+    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca.cert_pem().as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .expect("a TLS handshake with the server's certificate");
+    tls.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tls.read_to_end(&mut answer).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test]
+async fn under_tls_the_console_is_https_with_the_same_certificate_and_secure_cookies() {
+    let ca = kanade_testkit::TestCa::new("console-ca");
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.toml");
+    let out = std::process::Command::new(kanade_testkit::workspace_binary("kanade-ingest"))
+        .args([
+            "token",
+            "add",
+            "--reader",
+            "--tokens-file",
+            tokens.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let reader = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let db = TestDb::sqlite();
+    let ingest = TestIngest::builder(&db.url)
+        .tls(&ca.server("server"))
+        .args(&["--tokens-file", tokens.to_str().unwrap()])
+        .start()
+        .await;
+    let addr = ingest.console_addr.unwrap();
+    let body = format!("token={reader}&next=%2Fmanifests");
+    let answer = https_request(
+        addr,
+        &ca,
+        &format!(
+            "POST /signin HTTP/1.1\r\nHost: localhost:{}\r\nOrigin: https://localhost:{}\r\n\
+             Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n{body}",
+            addr.port(),
+            addr.port(),
+            body.len()
+        ),
+    )
+    .await
+    .to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.1 303"), "{answer}");
+    assert!(answer.contains("location: /manifests"), "{answer}");
+    let cookie = answer
+        .lines()
+        .find(|l| l.starts_with("set-cookie: kanade_session="))
+        .unwrap_or_else(|| panic!("no session cookie: {answer}"));
+    for flag in [
+        "; httponly",
+        "; samesite=strict",
+        "; secure",
+        "; max-age=43200",
+    ] {
+        assert!(cookie.contains(flag), "{flag} missing: {cookie}");
+    }
+    // Plaintext HTTP to the TLS port gets no page.
+    let (status, _, _) = async {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = tcp.read_to_end(&mut answer).await;
+        (String::from_utf8_lossy(&answer).contains("200 OK"), (), ())
+    }
+    .await;
+    assert!(!status, "a plaintext page on the TLS console port");
+}
