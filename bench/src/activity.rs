@@ -402,9 +402,10 @@ pub async fn run(args: ActivityArgs) -> anyhow::Result<()> {
     anyhow::ensure!(!ids.is_empty(), "the table holds too few runs to sample");
     let mut rng = fastrand::Rng::with_seed(7);
     let mut cases = cases(end, grace, args.rows);
+    let sampled = ids.clone();
     cases.push(Case {
         name: "get one run",
-        make: Box::new(move |rng| Call::Get(ids[rng.usize(0..ids.len())])),
+        make: Box::new(move |rng| Call::Get(sampled[rng.usize(0..sampled.len())])),
         target: LIST_TARGET,
     });
     println!(
@@ -477,6 +478,54 @@ pub async fn run(args: ActivityArgs) -> anyhow::Result<()> {
         }
         report(name, LIST_TARGET, &mut times, rows, &args, &mut over, None);
     }
+    // The console's pages (SPEC §15: within 50 ms of their query): the same queries as the
+    // cases above, rendered as HTML, over HTTP/1.1.
+    let console = ingest
+        .console
+        .context("ingest printed no console address")?;
+    let sample = ids;
+    let pages: [(
+        &'static str,
+        Box<dyn Fn(&mut fastrand::Rng) -> String>,
+        Duration,
+    ); 4] = [
+        (
+            "console / (running now + newest 50)",
+            Box::new(|_| "/".into()),
+            LIST_TARGET + PAGE_RENDER,
+        ),
+        (
+            "console /?state=failed",
+            Box::new(|_| "/?state=failed".into()),
+            LIST_TARGET + PAGE_RENDER,
+        ),
+        (
+            "console /runs/{id}",
+            Box::new(move |rng| format!("/runs/{}", sample[rng.usize(0..sample.len())])),
+            LIST_TARGET + PAGE_RENDER,
+        ),
+        (
+            "console /manifests?window=24h",
+            Box::new(|_| "/manifests?window=24h".into()),
+            SUMMARY_TARGET + PAGE_RENDER,
+        ),
+    ];
+    for (name, path, target) in &pages {
+        let mut times = Vec::with_capacity(args.calls);
+        let mut bytes = 0usize;
+        let case_began = Instant::now();
+        for _ in 0..args.calls {
+            let path = path(&mut rng);
+            let began = Instant::now();
+            bytes += console_page(console, &path).await?;
+            times.push(began.elapsed());
+            if times.len() >= CASE_MIN_CALLS && case_began.elapsed() > CASE_TIME_BUDGET {
+                break;
+            }
+        }
+        let _ = bytes;
+        report(name, *target, &mut times, 1, &args, &mut Vec::new(), None);
+    }
     for (name, call) in over {
         let plan = match &call {
             Some(Call::List(q)) => store.explain_list(q).await?,
@@ -495,6 +544,28 @@ pub async fn run(args: ActivityArgs) -> anyhow::Result<()> {
         .await?;
     }
     Ok(())
+}
+
+/// How long rendering may add to a page's query (SPEC §15).
+const PAGE_RENDER: Duration = Duration::from_millis(50);
+
+/// One console page over a fresh HTTP/1.1 connection; its size in bytes.
+async fn console_page(console: std::net::SocketAddr, path: &str) -> anyhow::Result<usize> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(console).await?;
+    tcp.set_nodelay(true)?;
+    tcp.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {console}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut answer = Vec::new();
+    tcp.read_to_end(&mut answer).await?;
+    anyhow::ensure!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{path}: {}",
+        String::from_utf8_lossy(&answer[..answer.len().min(200)])
+    );
+    Ok(answer.len())
 }
 
 async fn timed_call(client: &mut ActivityClient<Channel>, call: &Call) -> anyhow::Result<usize> {

@@ -29,6 +29,8 @@ pub fn workspace_binary(name: &str) -> anyhow::Result<PathBuf> {
 pub struct IngestProcess {
     pub child: Child,
     pub addr: SocketAddr,
+    /// Where its web console listens.
+    pub console: Option<SocketAddr>,
 }
 
 impl IngestProcess {
@@ -63,14 +65,25 @@ impl IngestProcess {
         let line = lines
             .next()
             .context("kanade-ingest exited before listening")??;
-        std::thread::spawn(move || for _ in lines {});
         let addr = line
             .rsplit_once("listening on ")
             .context("unexpected first line from kanade-ingest")?
             .1
             .trim()
             .parse()?;
-        Ok(IngestProcess { child, addr })
+        let console = match lines.next() {
+            Some(line) => line?
+                .strip_prefix("console on http://")
+                .map(|a| a.trim().parse())
+                .transpose()?,
+            None => None,
+        };
+        std::thread::spawn(move || for _ in lines {});
+        Ok(IngestProcess {
+            child,
+            addr,
+            console,
+        })
     }
 
     pub fn pid(&self) -> u32 {

@@ -366,6 +366,7 @@ impl Prepared {
                 ConsoleConfig {
                     lost_grace: chrono::Duration::from_std(args.lost_grace)
                         .unwrap_or(chrono::Duration::MAX),
+                    trace_url: args.trace_url.clone(),
                     session_ttl: args.session_ttl,
                     tls: self.tls.is_some(),
                     grpc_addr: self.grpc_addr.to_string(),

@@ -383,6 +383,7 @@ mod tests {
                     stderr_dropped_bytes: 0,
                     finished_at: Utc::now(),
                 }),
+                trace_id: None,
             },
             bytes: 1,
             reply: Reply::Once(tx),

@@ -49,6 +49,8 @@ const FIRST_LINE_CHARS: usize = 120;
 #[derive(Debug, Clone)]
 pub struct ConsoleConfig {
     pub lost_grace: chrono::Duration,
+    /// Where a run's trace is shown: a URL template with `{trace_id}`.
+    pub trace_url: Option<String>,
     pub session_ttl: Duration,
     /// Served over TLS: cookies are `Secure`, grpcurl commands drop `-plaintext`.
     pub tls: bool,
@@ -242,6 +244,7 @@ async fn run(
     Ok(pages::run(&pages::RunView {
         run: &row,
         now,
+        trace_url: console.config.trace_url.as_deref(),
         grpc_addr: &console.config.grpc_addr,
         tls: console.config.tls,
         tokens: console.sessions.is_some(),

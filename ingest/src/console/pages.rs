@@ -238,6 +238,7 @@ pub fn activity(v: &ActivityView<'_>) -> Page {
 pub struct RunView<'a> {
     pub run: &'a ExecutionRow,
     pub now: DateTime<Utc>,
+    pub trace_url: Option<&'a str>,
     pub grpc_addr: &'a str,
     pub tls: bool,
     pub tokens: bool,
@@ -311,6 +312,13 @@ pub fn run(v: &RunView<'_>) -> Page {
                     @if let Some(t) = run.timeout_secs { (t) " s" } @else { "none" }
                 }
                 dt { "Received" } dd { (time(run.received_at)) }
+                dt { "Trace" } dd.mono {
+                    @match (&run.trace_id, v.trace_url) {
+                        (Some(id), Some(template)) => a href=(template.replace("{trace_id}", id)) { (id) },
+                        (Some(id), None) => (id),
+                        (None, _) => "none (the agent exported no trace)",
+                    }
+                }
             }
             (output_block("stdout", "stdout.txt", run))
             (output_block("stderr", "stderr.txt", run))

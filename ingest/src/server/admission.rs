@@ -50,12 +50,14 @@ pub fn admit(
         });
     }
     let claimed_id = event.body.result_id().to_string();
-    let write = RunWrite::from_event(event.body).ok_or_else(|| {
-        invalid(WireError::NotAUuid {
-            field: "result_id",
-            value: claimed_id,
-        })
-    })?;
+    let write = RunWrite::from_event(event.body)
+        .ok_or_else(|| {
+            invalid(WireError::NotAUuid {
+                field: "result_id",
+                value: claimed_id,
+            })
+        })?
+        .with_trace_context(event.trace_context.iter());
     Ok((write, size))
 }
 

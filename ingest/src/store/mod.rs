@@ -41,6 +41,9 @@ pub struct RunWrite {
     pub started_at: DateTime<Utc>,
     /// Present once a result is known; the first one wins.
     pub outcome: Option<RunOutcome>,
+    /// The run's W3C trace id (32 hex digits), when its events carried a trace context; the
+    /// first one known stays.
+    pub trace_id: Option<String>,
 }
 
 /// The result part of a run.
@@ -82,6 +85,7 @@ impl RunWrite {
                 timeout_secs: s.timeout_secs,
                 started_at: s.started_at,
                 outcome: None,
+                trace_id: None,
             },
             EventBody::Result(r) => RunWrite {
                 result_id,
@@ -101,8 +105,29 @@ impl RunWrite {
                     stderr_dropped_bytes: r.stderr_dropped_bytes,
                     finished_at: r.finished_at,
                 }),
+                trace_id: None,
             },
         })
+    }
+
+    /// Takes the trace id from an event's W3C trace context (`traceparent`
+    /// `00-TRACEID-SPANID-FLAGS`), when it holds a valid one.
+    pub fn with_trace_context<'a>(
+        mut self,
+        mut context: impl Iterator<Item = (&'a String, &'a String)>,
+    ) -> RunWrite {
+        self.trace_id = context
+            .find(|(key, _)| key.as_str() == "traceparent")
+            .and_then(|(_, value)| value.split('-').nth(1))
+            .filter(|id| {
+                id.len() == 32
+                    && id
+                        .bytes()
+                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+                    && id.bytes().any(|b| b != b'0')
+            })
+            .map(str::to_string);
+        self
     }
 
     /// Folds a later write for the same run and endpoint into this one, with exactly the rules
@@ -119,6 +144,9 @@ impl RunWrite {
         }
         if self.timeout_secs.is_none() {
             self.timeout_secs = later.timeout_secs;
+        }
+        if self.trace_id.is_none() {
+            self.trace_id = later.trace_id;
         }
         if self.outcome.is_none() {
             self.outcome = later.outcome;
@@ -180,6 +208,8 @@ pub struct ExecutionRow {
     pub outcome: Option<RunOutcome>,
     pub started_at: DateTime<Utc>,
     pub received_at: DateTime<Utc>,
+    /// The run's W3C trace id, when its events carried one.
+    pub trace_id: Option<String>,
 }
 
 /// Where a page of a listing starts: strictly after this row in listing order.

@@ -46,20 +46,21 @@ const IDLE_IN_TRANSACTION_TIMEOUT_MS: u64 = 5_000;
 const UPSERT: &str = "\
 INSERT INTO execution_results AS r (result_id, request_id, exec_id, pc_id, manifest_id, version,
     timeout_secs, status, exit_code, stdout, stderr, stdout_dropped_bytes, stderr_dropped_bytes,
-    started_at, finished_at, received_at)
+    started_at, finished_at, received_at, trace_id)
 SELECT u.result_id, u.request_id, u.exec_id, u.pc_id, u.manifest_id, u.version, u.timeout_secs,
     u.status, u.exit_code, u.stdout, u.stderr, u.stdout_dropped_bytes, u.stderr_dropped_bytes,
-    u.started_at, u.finished_at, $16
+    u.started_at, u.finished_at, $16, u.trace_id
 FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int8[],
     $8::text[], $9::int4[], $10::text[], $11::text[], $12::int8[], $13::int8[],
-    $14::timestamptz[], $15::timestamptz[]) WITH ORDINALITY
+    $14::timestamptz[], $15::timestamptz[], $17::text[]) WITH ORDINALITY
     AS u(result_id, request_id, exec_id, pc_id, manifest_id, version, timeout_secs, status,
     exit_code, stdout, stderr, stdout_dropped_bytes, stderr_dropped_bytes, started_at,
-    finished_at, ord)
+    finished_at, trace_id, ord)
 ORDER BY u.ord
 ON CONFLICT (result_id) DO UPDATE SET
     version = CASE WHEN r.version = '' THEN EXCLUDED.version ELSE r.version END,
     timeout_secs = COALESCE(r.timeout_secs, EXCLUDED.timeout_secs),
+    trace_id = COALESCE(r.trace_id, EXCLUDED.trace_id),
     status = COALESCE(r.status, EXCLUDED.status),
     exit_code = CASE WHEN r.status IS NULL THEN EXCLUDED.exit_code ELSE r.exit_code END,
     stdout = CASE WHEN r.status IS NULL THEN EXCLUDED.stdout ELSE r.stdout END,
@@ -374,6 +375,11 @@ impl Store for PostgresStore {
                         .collect::<Vec<_>>(),
                 )
                 .bind(received_at)
+                .bind(
+                    rows.iter()
+                        .map(|w| w.trace_id.as_deref())
+                        .collect::<Vec<_>>(),
+                )
                 .fetch_all(&mut *tx)
                 .await?;
             let returned: std::collections::HashSet<Uuid> = returned.into_iter().collect();
@@ -564,6 +570,7 @@ mod tests {
             timeout_secs: None,
             started_at: Utc::now(),
             outcome: None,
+            trace_id: None,
         }
     }
 

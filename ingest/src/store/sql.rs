@@ -49,7 +49,7 @@ impl Params {
 /// The stored columns a read selects (with the computed `state`): the fields of [`StoredRun`].
 pub(super) const COLUMNS: &str = "result_id, request_id, exec_id, pc_id, manifest_id, version, \
      timeout_secs, status, exit_code, stdout, stderr, stdout_dropped_bytes, stderr_dropped_bytes, \
-     started_at, finished_at, received_at";
+     started_at, finished_at, received_at, trace_id";
 
 /// When a run without a result counts as lost: `received_at` plus its timeout plus the grace
 /// (24 h without a timeout).
@@ -331,6 +331,7 @@ pub(super) struct StoredRun<Id, Time> {
     started_at: Time,
     finished_at: Option<Time>,
     received_at: Time,
+    trace_id: Option<String>,
 }
 
 impl<Id, Time> StoredRun<Id, Time> {
@@ -358,6 +359,7 @@ impl<Id, Time> StoredRun<Id, Time> {
             started_at: time(self.started_at)?,
             finished_at: self.finished_at.map(&time).transpose()?,
             received_at: time(self.received_at)?,
+            trace_id: self.trace_id,
         })
     }
 }
@@ -400,6 +402,7 @@ impl TryFrom<StoredRun<Uuid, DateTime<Utc>>> for ExecutionRow {
             outcome,
             started_at: row.started_at,
             received_at: row.received_at,
+            trace_id: row.trace_id,
         })
     }
 }

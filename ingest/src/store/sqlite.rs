@@ -33,11 +33,12 @@ const BUSY_TIMEOUT: StdDuration = StdDuration::from_secs(5);
 const UPSERT: &str = "\
 INSERT INTO execution_results AS r (result_id, request_id, exec_id, pc_id, manifest_id, version,
     timeout_secs, status, exit_code, stdout, stderr, stdout_dropped_bytes, stderr_dropped_bytes,
-    started_at, finished_at, received_at)
-VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
+    started_at, finished_at, received_at, trace_id)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)
 ON CONFLICT (result_id) DO UPDATE SET
     version = CASE WHEN r.version = '' THEN excluded.version ELSE r.version END,
     timeout_secs = COALESCE(r.timeout_secs, excluded.timeout_secs),
+    trace_id = COALESCE(r.trace_id, excluded.trace_id),
     status = COALESCE(r.status, excluded.status),
     exit_code = CASE WHEN r.status IS NULL THEN excluded.exit_code ELSE r.exit_code END,
     stdout = CASE WHEN r.status IS NULL THEN excluded.stdout ELSE r.stdout END,
@@ -226,6 +227,7 @@ impl Store for SqliteStore {
                 .bind(micros(w.started_at))
                 .bind(o.map(|o| micros(o.finished_at)))
                 .bind(micros(received_at))
+                .bind(w.trace_id.as_deref())
                 .fetch_optional(&mut *tx)
                 .await?;
             applied.push(returned.is_some());

@@ -55,6 +55,7 @@ conformance!(
     started_then_result_finishes_one_row,
     result_then_late_started_fills_only_missing_columns,
     an_empty_version_is_filled_whatever_the_order,
+    the_first_trace_id_known_stays,
     duplicates_are_no_ops,
     first_committed_result_wins,
     another_pc_can_never_modify_a_run,
@@ -123,6 +124,66 @@ async fn result_then_late_started_fills_only_missing_columns(backend: Backend) {
 /// proto3 cannot tell an unset string from an empty one: a result written with `version: ""`
 /// must not leave the row's version empty once the run's Started (which knows it) arrives, in
 /// another batch or in the same one.
+async fn the_first_trace_id_known_stays(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.store().await;
+    let traced = |w: RunWrite, trace: &str| {
+        let context = [(
+            "traceparent".to_string(),
+            format!("00-{trace}-00f067aa0ba902b7-01"),
+        )];
+        w.with_trace_context(context.iter().map(|(k, v)| (k, v)))
+    };
+    let (first, second) = (
+        "4bf92f3577b34da6a3ce929d0e0e4736",
+        "0af7651916cd43dd8448eb211c80319c",
+    );
+
+    // Started without a trace, the result with one: the result's fills it in.
+    let run = Run::new("pc-a");
+    store.apply(&[started(&run)], now()).await.unwrap();
+    assert_eq!(get(store.as_ref(), &run).await.trace_id, None);
+    let res = traced(result(&run, ExecStatus::Succeeded, Some(0)), first);
+    store.apply(&[res], now()).await.unwrap();
+    assert_eq!(
+        get(store.as_ref(), &run).await.trace_id.as_deref(),
+        Some(first)
+    );
+    // A later event with another trace (a resend from a restarted agent) changes nothing.
+    let again = traced(result(&run, ExecStatus::Succeeded, Some(0)), second);
+    store.apply(&[again], now()).await.unwrap();
+    assert_eq!(
+        get(store.as_ref(), &run).await.trace_id.as_deref(),
+        Some(first)
+    );
+
+    // Merged in one batch: the first event's trace.
+    let merged_run = Run::new("pc-a");
+    let mut merged = traced(started(&merged_run), first);
+    merged.absorb(traced(
+        result(&merged_run, ExecStatus::Failed, Some(1)),
+        second,
+    ));
+    store.apply(&[merged], now()).await.unwrap();
+    assert_eq!(
+        get(store.as_ref(), &merged_run).await.trace_id.as_deref(),
+        Some(first)
+    );
+
+    // Not a trace id: ignored.
+    for bad in [
+        "00000000000000000000000000000000",
+        "4BF92F3577B34DA6A3CE929D0E0E4736",
+        "short",
+    ] {
+        assert_eq!(
+            traced(started(&Run::new("pc-a")), bad).trace_id,
+            None,
+            "{bad}"
+        );
+    }
+}
+
 async fn an_empty_version_is_filled_whatever_the_order(backend: Backend) {
     let db = TestDb::new(backend).await;
     let store = db.store().await;

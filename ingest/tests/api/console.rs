@@ -620,3 +620,41 @@ async fn under_tls_the_console_is_https_with_the_same_certificate_and_secure_coo
     .await;
     assert!(!status, "a plaintext page on the TLS console port");
 }
+
+#[tokio::test]
+async fn a_run_page_links_the_run_s_trace() {
+    let db = TestDb::sqlite();
+    let ingest = TestIngest::builder(&db.url)
+        .args(&["--trace-url", "http://jaeger.test:16686/trace/{trace_id}"])
+        .start()
+        .await;
+    let run = Run::new("pc-traced");
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    ingest
+        .ingest()
+        .await
+        .publish(pb::Event::from(wire::Event {
+            seq: 0,
+            body: EventBody::Started(run.started()),
+            trace_context: [(
+                "traceparent".to_string(),
+                format!("00-{trace}-00f067aa0ba902b7-01"),
+            )]
+            .into(),
+        }))
+        .await
+        .unwrap();
+    let (status, _, body) = http_get(&ingest, &format!("/runs/{}", run.result_id)).await;
+    assert_eq!(status, 200);
+    assert!(
+        body.contains(&format!("href=\"http://jaeger.test:16686/trace/{trace}\"")),
+        "{body}"
+    );
+    let untraced = Run::new("pc-traced");
+    publish(&ingest, EventBody::Started(untraced.started())).await;
+    let (_, _, body) = http_get(&ingest, &format!("/runs/{}", untraced.result_id)).await;
+    assert!(
+        body.contains("none (the agent exported no trace)"),
+        "{body}"
+    );
+}
