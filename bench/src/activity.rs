@@ -484,11 +484,7 @@ pub async fn run(args: ActivityArgs) -> anyhow::Result<()> {
         .console
         .context("ingest printed no console address")?;
     let sample = ids;
-    let pages: [(
-        &'static str,
-        Box<dyn Fn(&mut fastrand::Rng) -> String>,
-        Duration,
-    ); 4] = [
+    let pages: [(&'static str, PagePath, Duration); 4] = [
         (
             "console / (running now + newest 50)",
             Box::new(|_| "/".into()),
@@ -512,18 +508,16 @@ pub async fn run(args: ActivityArgs) -> anyhow::Result<()> {
     ];
     for (name, path, target) in &pages {
         let mut times = Vec::with_capacity(args.calls);
-        let mut bytes = 0usize;
         let case_began = Instant::now();
         for _ in 0..args.calls {
             let path = path(&mut rng);
             let began = Instant::now();
-            bytes += console_page(console, &path).await?;
+            console_page(console, &path).await?;
             times.push(began.elapsed());
             if times.len() >= CASE_MIN_CALLS && case_began.elapsed() > CASE_TIME_BUDGET {
                 break;
             }
         }
-        let _ = bytes;
         report(name, *target, &mut times, 1, &args, &mut Vec::new(), None);
     }
     for (name, call) in over {
@@ -546,11 +540,14 @@ pub async fn run(args: ActivityArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Makes the path of a console page to time.
+type PagePath = Box<dyn Fn(&mut fastrand::Rng) -> String>;
+
 /// How long rendering may add to a page's query (SPEC §15).
 const PAGE_RENDER: Duration = Duration::from_millis(50);
 
-/// One console page over a fresh HTTP/1.1 connection; its size in bytes.
-async fn console_page(console: std::net::SocketAddr, path: &str) -> anyhow::Result<usize> {
+/// One console page over a fresh HTTP/1.1 connection.
+async fn console_page(console: std::net::SocketAddr, path: &str) -> anyhow::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut tcp = tokio::net::TcpStream::connect(console).await?;
     tcp.set_nodelay(true)?;
@@ -565,7 +562,7 @@ async fn console_page(console: std::net::SocketAddr, path: &str) -> anyhow::Resu
         "{path}: {}",
         String::from_utf8_lossy(&answer[..answer.len().min(200)])
     );
-    Ok(answer.len())
+    Ok(())
 }
 
 async fn timed_call(client: &mut ActivityClient<Channel>, call: &Call) -> anyhow::Result<usize> {
