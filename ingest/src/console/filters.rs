@@ -24,6 +24,8 @@ impl TimeBound {
         humantime::parse_duration(text)
             .ok()
             .and_then(|d| chrono::Duration::from_std(d).ok())
+            // Any later `now` minus the span must stay a time: a span up to 1000 years.
+            .filter(|d| *d <= chrono::Duration::days(366_000))
             .map(|d| TimeBound::Ago(text.to_string(), d))
             .ok_or_else(|| {
                 format!(
@@ -211,6 +213,10 @@ mod tests {
         assert_eq!(
             f.before.unwrap().at(now).to_rfc3339(),
             "2025-07-01T23:30:00+00:00"
+        );
+        assert!(
+            Filters::parse("after=1000000y").is_err(),
+            "a span no time is that long ago"
         );
         let err = Filters::parse("after=yesterday").unwrap_err();
         assert!(

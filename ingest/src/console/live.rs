@@ -10,7 +10,6 @@ use axum::{
     extract::State,
     response::sse::{Event, KeepAlive, Sse},
 };
-use futures::Stream;
 
 use super::Console;
 
@@ -22,15 +21,15 @@ const REPLICA_CATCH_UP: Duration = Duration::from_secs(1);
 /// A comment line this often keeps proxies from closing a quiet stream.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
-pub async fn events(
-    State(console): State<Console>,
-) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+pub async fn events(State(console): State<Console>) -> impl axum::response::IntoResponse {
     let mut changes = console.inner.changes.follow();
     let catch_up = console.inner.config.read_replica;
     let stop = console.inner.stop.clone();
     let stream = async_stream::stream! {
-        // Tells the page the stream is open (its script shows "live").
-        yield Ok(Event::default().event("ready").data("ready"));
+        // Tells the page the stream is open (its script shows "live" and re-reads once: what
+        // was committed between rendering the page and opening this stream, or while the
+        // browser was reconnecting, was announced to nobody).
+        yield Ok::<_, Infallible>(Event::default().event("ready").data("ready"));
         loop {
             tokio::select! {
                 changed = changes.changed() => if changed.is_err() { return },
@@ -45,5 +44,9 @@ pub async fn events(
             }
         }
     };
-    Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+    (
+        // Proxies that buffer responses (nginx) would hold the events back.
+        [("x-accel-buffering", "no")],
+        Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)),
+    )
 }

@@ -102,6 +102,37 @@ impl Console {
     }
 }
 
+impl Inner {
+    /// Where gRPC is reached, for the commands a page shows.
+    fn grpc_addr_for(&self, headers: &HeaderMap) -> String {
+        grpc_addr_shown(
+            &self.config.grpc_addr,
+            headers.get(header::HOST).and_then(|h| h.to_str().ok()),
+        )
+    }
+}
+
+/// The listen address, or, when ingest listens on every interface (0.0.0.0, [::]), the host the
+/// browser used (`host`, the request's `Host`) with gRPC's port.
+fn grpc_addr_shown(configured: &str, host: Option<&str>) -> String {
+    let Ok(addr) = configured.parse::<std::net::SocketAddr>() else {
+        return configured.to_string();
+    };
+    if !addr.ip().is_unspecified() {
+        return configured.to_string();
+    }
+    let name = host
+        .map(|h| match h.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => h,
+        })
+        .filter(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_graphic()));
+    match name {
+        Some(name) => format!("{name}:{}", addr.port()),
+        None => configured.to_string(),
+    }
+}
+
 /// Every route of the console.
 pub fn router(console: Console) -> Router {
     let pages = Router::new()
@@ -172,6 +203,7 @@ fn now() -> DateTime<Utc> {
 async fn activity(
     State(console): State<Console>,
     signed_in: Option<Extension<SignedIn>>,
+    headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Response, PageError> {
     let raw = query.unwrap_or_default();
@@ -196,19 +228,23 @@ async fn activity(
     {
         query.states = vec![RunState::Running];
         query.after = None;
-        query.limit = RUNNING_NOW;
+        query.limit = RUNNING_NOW + 1;
         console.reads.list(&query).await?
     } else {
         Vec::new()
     };
+    let more_running = running.len() > RUNNING_NOW as usize;
+    let running = &running[..running.len().min(RUNNING_NOW as usize)];
+    let grpc_addr = console.grpc_addr_for(&headers);
     Ok(pages::activity(&pages::ActivityView {
         filters: &filters,
-        running: &running,
+        running,
+        more_running,
         runs: &runs,
         older: older.as_deref(),
         now,
         csrf: signed_in.as_ref().map(|s| s.csrf.as_str()),
-        grpc_addr: &console.config.grpc_addr,
+        grpc_addr: &grpc_addr,
         tls: console.config.tls,
     })
     .into_response())
@@ -231,6 +267,7 @@ fn parse_result_id(text: &str) -> Result<Uuid, PageError> {
 async fn run(
     State(console): State<Console>,
     signed_in: Option<Extension<SignedIn>>,
+    headers: HeaderMap,
     Path(result_id): Path<String>,
 ) -> Result<Response, PageError> {
     let result_id = parse_result_id(&result_id)?;
@@ -245,7 +282,7 @@ async fn run(
         run: &row,
         now,
         trace_url: console.config.trace_url.as_deref(),
-        grpc_addr: &console.config.grpc_addr,
+        grpc_addr: &console.grpc_addr_for(&headers),
         tls: console.config.tls,
         tokens: console.sessions.is_some(),
         csrf: signed_in.as_ref().map(|s| s.csrf.as_str()),
@@ -431,5 +468,27 @@ impl Filters {
         query.started_before = self.before.as_ref().map(|t| t.at(now));
         query.after = self.page;
         Ok(query)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::grpc_addr_shown;
+
+    #[test]
+    fn commands_name_the_host_the_browser_used_when_ingest_listens_everywhere() {
+        assert_eq!(
+            grpc_addr_shown("127.0.0.1:50051", Some("x:8080")),
+            "127.0.0.1:50051"
+        );
+        assert_eq!(
+            grpc_addr_shown("0.0.0.0:50051", Some("ingest.example.com:8080")),
+            "ingest.example.com:50051"
+        );
+        assert_eq!(
+            grpc_addr_shown("[::]:50051", Some("[::1]:8080")),
+            "[::1]:50051"
+        );
+        assert_eq!(grpc_addr_shown("0.0.0.0:50051", None), "0.0.0.0:50051");
     }
 }

@@ -153,6 +153,8 @@ fn urlencode(value: &str) -> String {
 pub struct ActivityView<'a> {
     pub filters: &'a Filters,
     pub running: &'a [ExecutionRow],
+    /// More runs are running than `running` holds.
+    pub more_running: bool,
     pub runs: &'a [ExecutionRow],
     pub older: Option<&'a str>,
     pub now: DateTime<Utc>,
@@ -201,7 +203,15 @@ pub fn activity(v: &ActivityView<'_>) -> Page {
         div data-live {
             @if v.filters.page.is_none() && (v.filters.states.is_empty() || v.filters.states.contains(&RunState::Running)) {
                 section.running aria-labelledby="running-now" {
-                    h2 #running-now { "Running now " span.count { "(" (v.running.len()) ")" } }
+                    h2 #running-now {
+                        "Running now "
+                        span.count {
+                            "(" (v.running.len()) @if v.more_running { "+" } ")"
+                        }
+                    }
+                    @if v.more_running {
+                        p { "The newest " (v.running.len()) " are shown: " a href="/?state=running" { "every running run" } }
+                    }
                     @if v.running.is_empty() {
                         p.empty { "Nothing is running." }
                     } @else {
@@ -285,9 +295,14 @@ pub fn run(v: &RunView<'_>) -> Page {
         run.result_id,
         v.grpc_addr
     );
-    let live = run.state == RunState::Running;
+    // Followed live while it runs; once it has a result its view is final.
+    let live = if run.state == RunState::Running {
+        "running"
+    } else {
+        "final"
+    };
     let main = html! {
-        div data-live[live] {
+        div data-live=(live) {
             h1 { "Run " span.mono { (run.result_id) } " " (state_badge(run.state)) }
             dl.fields {
                 dt { "Endpoint" } dd { a href={"/?pc=" (urlencode(&run.pc_id))} { (run.pc_id) } }

@@ -56,13 +56,24 @@ fn cookie_value(headers: &HeaderMap) -> Option<String> {
         .map(|(_, value)| value.to_string())
 }
 
-/// A `next=` target that stays on this console (no open redirect).
+/// A `next=` target that stays on this console (no open redirect): a path of printable ASCII
+/// (browsers drop tabs and newlines from URLs, which would turn `/\t/evil` into `//evil`), not
+/// `//…` and without backslashes (which browsers read as slashes).
 fn local_path(next: &str) -> &str {
-    if next.starts_with('/') && !next.starts_with("//") && !next.contains('\\') {
-        next
-    } else {
-        "/"
-    }
+    let bytes = next.as_bytes();
+    let local = bytes.first() == Some(&b'/')
+        && !matches!(bytes.get(1), Some(b'/' | b'\\'))
+        && bytes.iter().all(|&b| b.is_ascii_graphic() && b != b'\\');
+    if local { next } else { "/" }
+}
+
+/// Compares two secrets in time independent of where they differ.
+fn same_secret(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |diff, (x, y)| diff | (x ^ y))
+            == 0
 }
 
 impl Sessions {
@@ -234,7 +245,7 @@ pub async fn sign_out(
     let csrf = form_urlencoded::parse(&body)
         .find(|(k, _)| k == "csrf")
         .map(|(_, v)| v.into_owned());
-    if !same_origin(&headers) || csrf.as_deref() != Some(signed_in.csrf.as_str()) {
+    if !same_origin(&headers) || !csrf.is_some_and(|c| same_secret(&c, &signed_in.csrf)) {
         return (
             StatusCode::FORBIDDEN,
             pages::error(
@@ -268,6 +279,9 @@ mod tests {
             "https://evil.example/",
             "/\\evil",
             "evil",
+            "/\t/evil.example",
+            "/\n/evil.example",
+            "/ /evil",
         ] {
             assert_eq!(local_path(outside), "/", "{outside}");
         }

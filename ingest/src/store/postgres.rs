@@ -132,19 +132,30 @@ impl PostgresStore {
     /// for the benchmark's report of cases over target.
     pub async fn explain_list(&self, query: &ListQuery) -> Result<String, StoreError> {
         let (sql, params) = sql::list_sql::<Pg>(query);
-        self.explain(sql, params).await
+        self.explain(sql, params, false).await
     }
 
     /// Like [`PostgresStore::explain_list`], for the manifest summary.
     pub async fn explain_summary(&self, query: &SummaryQuery) -> Result<String, StoreError> {
         let (sql, params) = summary_sql(query);
-        self.explain(sql, params).await
+        self.explain(sql, params, true).await
     }
 
-    async fn explain(&self, sql: String, params: Params) -> Result<String, StoreError> {
+    async fn explain(
+        &self,
+        sql: String,
+        params: Params,
+        summary: bool,
+    ) -> Result<String, StoreError> {
+        // Under the settings the query itself runs with.
+        let mut tx = self.pool().begin().await?;
+        if summary {
+            summary_settings(&mut tx).await?;
+        }
         let rows = bound(format!("EXPLAIN (ANALYZE, BUFFERS) {sql}"), params)
-            .fetch_all(&self.pool())
+            .fetch_all(&mut *tx)
             .await?;
+        tx.commit().await?;
         Ok(rows
             .iter()
             .filter_map(|r| r.try_get::<String, _>(0).ok())
@@ -156,6 +167,24 @@ impl PostgresStore {
     pub fn pool(&self) -> PgPool {
         self.pool.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
+}
+
+/// The session settings of a manifest summary, for the transaction it runs in.
+async fn summary_settings(tx: &mut sqlx::PgTransaction<'_>) -> Result<(), StoreError> {
+    // The percentiles sort a day's durations (tens of MB for hundreds of thousands of runs): in
+    // memory, not in temporary files (PostgreSQL's default work_mem is 4 MB).
+    sqlx::query(AssertSqlSafe(format!(
+        "SET LOCAL work_mem = '{SUMMARY_WORK_MEM}'"
+    )))
+    .execute(&mut **tx)
+    .await?;
+    // The plan's cost is above jit_above_cost, and compiling it took 450 of a 950 ms summary
+    // over a day of 10 million runs (kanade-bench activity's EXPLAIN, JIT "Emission 382 ms"):
+    // far more than it saves on a query this short.
+    sqlx::query("SET LOCAL jit = off")
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }
 
 /// Splits writes into rounds in which every `result_id` appears once: PostgreSQL refuses to
@@ -272,14 +301,8 @@ impl ReadStore for PostgresStore {
 
     async fn summarize(&self, query: &SummaryQuery) -> Result<Vec<ManifestSummary>, StoreError> {
         let (sql, params) = summary_sql(query);
-        // The percentiles sort a day's durations (tens of MB for hundreds of thousands of runs):
-        // in memory, not in temporary files (PostgreSQL's default work_mem is 4 MB).
         let mut tx = self.pool().begin().await?;
-        sqlx::query(AssertSqlSafe(format!(
-            "SET LOCAL work_mem = '{SUMMARY_WORK_MEM}'"
-        )))
-        .execute(&mut *tx)
-        .await?;
+        summary_settings(&mut tx).await?;
         let rows = bound(sql, params).fetch_all(&mut *tx).await?;
         tx.commit().await?;
         rows.iter()
@@ -423,7 +446,9 @@ impl Store for PostgresStore {
                 // Commits made while not listening were missed: the pages re-read.
                 changes.announce();
                 loop {
-                    listener.recv().await?;
+                    // `Ok(None)`: the connection was lost and is re-established at the next
+                    // call; what was sent meanwhile is gone, so the pages re-read.
+                    let _notification = listener.try_recv().await?;
                     changes.announce();
                 }
                 #[allow(unreachable_code)]

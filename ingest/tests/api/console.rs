@@ -658,3 +658,51 @@ async fn a_run_page_links_the_run_s_trace() {
         "{body}"
     );
 }
+
+#[tokio::test]
+async fn a_running_run_s_page_shows_its_result_when_it_comes() {
+    let db = TestDb::sqlite();
+    let ingest = TestIngest::start(&db.url).await;
+    let run = Run::new("pc-waiting");
+    publish(&ingest, EventBody::Started(run.started())).await;
+    let browser = Browser::start(1280, 800).await;
+    browser
+        .client
+        .goto(&format!("{}/runs/{}", ingest.console_url(), run.result_id))
+        .await
+        .unwrap();
+    wait_for_text(&browser, "no result yet", Duration::from_secs(5)).await;
+    eventually(Duration::from_secs(5), "the live stream open", || async {
+        browser.text().await.contains("live")
+    })
+    .await;
+    mark_document(&browser).await;
+    let mut result = run.result(ExecStatus::Failed, Some(3));
+    result.stdout = "finally done\n".into();
+    publish(&ingest, EventBody::Result(result)).await;
+    wait_for_text(&browser, "failed, exit code 3", Duration::from_secs(5)).await;
+    assert!(still_marked(&browser).await, "updated in place");
+    let stdout = browser
+        .client
+        .find(Locator::Css("#out-stdout"))
+        .await
+        .unwrap();
+    assert_eq!(stdout.text().await.unwrap(), "finally done");
+    // Final: the page stops following (the "live" badge goes away).
+    eventually(
+        Duration::from_secs(5),
+        "the page no longer live",
+        || async {
+            !browser
+                .client
+                .find(Locator::Css("[data-live-status]"))
+                .await
+                .unwrap()
+                .is_displayed()
+                .await
+                .unwrap()
+        },
+    )
+    .await;
+    browser.close().await;
+}

@@ -40,13 +40,18 @@
   // Live: on "changed", re-read this page and swap in its [data-live] part. One re-read at a
   // time; changes during one fold into a single re-read after it (nothing queues).
   function live() {
-    if (!document.querySelector("[data-live]") || !window.EventSource) return;
+    var view = document.querySelector("[data-live]");
+    if (!view || view.getAttribute("data-live") === "final" || !window.EventSource) return;
     var busy = false, again = false;
     function refresh() {
       if (busy) { again = true; return; }
       busy = true;
       fetch(location.href, { credentials: "same-origin", headers: { Accept: "text/html" } })
-        .then(function (r) { return r.ok ? r.text() : null; })
+        .then(function (r) {
+          // Sent elsewhere (the session ended: /signin): show that page, not a stale one.
+          if (r.redirected) { location.reload(); return null; }
+          return r.ok ? r.text() : null;
+        })
         .then(function (html) {
           if (html === null) return;
           var fresh = new DOMParser().parseFromString(html, "text/html").querySelector("[data-live]");
@@ -54,9 +59,14 @@
           if (fresh && current) {
             current.replaceWith(document.adoptNode(fresh));
             localTimes(fresh);
+            copyButtons(fresh);
             tick();
           }
-          if (!fresh) events.close(); // the run finished: its page is final
+          // A finished run's page is final: nothing more to follow.
+          if (fresh && fresh.getAttribute("data-live") === "final") {
+            events.close();
+            if (status) status.hidden = true;
+          }
         })
         .catch(function () {})
         .then(function () {
@@ -66,7 +76,10 @@
     }
     var status = document.querySelector("[data-live-status]");
     var events = new EventSource("/events");
-    events.addEventListener("ready", function () { if (status) status.hidden = false; });
+    events.addEventListener("ready", function () {
+      if (status) status.hidden = false;
+      refresh();
+    });
     events.addEventListener("changed", refresh);
     events.onerror = function () { if (status) status.hidden = true; };
   }
