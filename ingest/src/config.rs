@@ -148,9 +148,9 @@ pub struct ServeArgs {
     )]
     pub database_url: String,
 
-    /// A PostgreSQL streaming replica of --database-url for reads: Activity's queries go there
-    /// (and lag behind the primary by the replica's replay delay); writes, migrations,
-    /// and retention never do. Unset: reads go to --database-url.
+    /// A PostgreSQL streaming replica of --database-url for reads: Activity's and the console's
+    /// queries go there (and lag behind the primary by the replica's replay delay); writes,
+    /// migrations, retention and console sign-ins never do. Unset: reads go to --database-url.
     #[arg(long, env = "KANADE_INGEST_READ_DATABASE_URL")]
     pub read_database_url: Option<String>,
 
@@ -188,7 +188,8 @@ pub struct ServeArgs {
     #[arg(long, env = "KANADE_INGEST_HEALTH_LISTEN")]
     pub health_listen: Option<SocketAddr>,
 
-    /// Serve the web console (SPEC §13) on this address (port 0 picks a free port), or `off`.
+    /// Serve the web console (Activity in a browser) on this address (port 0 picks a free port),
+    /// or `off`.
     /// Beyond loopback it follows the same rule as --listen: TLS or tokens, or --allow-insecure.
     #[arg(long, env = "KANADE_INGEST_CONSOLE_LISTEN", default_value = "127.0.0.1:8080", value_parser = console_listen)]
     pub console_listen: ConsoleListen,

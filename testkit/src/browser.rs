@@ -117,6 +117,26 @@ impl Browser {
         let _ = self.client.clone().close().await;
     }
 
+    /// The visible text of the first element `css` selects. Live pages swap their content in
+    /// place, so an element found a moment ago may be gone: looked up again until it holds
+    /// still (5 s at most).
+    pub async fn text_of(&self, css: &str) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let found = self.client.find(fantoccini::Locator::Css(css)).await;
+            if let Ok(element) = found
+                && let Ok(text) = element.text().await
+            {
+                return text;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no element {css:?} on the page"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The page's visible text; empty while a navigation replaces the document.
     pub async fn text(&self) -> String {
         match self.client.find(fantoccini::Locator::Css("body")).await {

@@ -441,6 +441,23 @@ pub fn sign_in(next: &str, refused: Option<&str>) -> Page {
     layout("Sign in", "", None, main)
 }
 
+/// Loads `path` again from the console itself (a same-site navigation, so the session cookie
+/// comes along), without script: a meta refresh, with a link for browsers that ignore it.
+pub fn same_site_reload(path: &str) -> Page {
+    let page = html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta http-equiv="refresh" content={"0;url=" (path)};
+                title { "Kanade" }
+            }
+            body { p { a href=(path) { "Continue to the console" } } }
+        }
+    };
+    Html(page.into_string())
+}
+
 pub fn error(title: &str, message: &str) -> Page {
     layout(
         title,

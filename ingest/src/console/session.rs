@@ -144,6 +144,16 @@ pub async fn require_sign_in(
                 .path_and_query()
                 .map(|p| p.as_str())
                 .unwrap_or("/");
+            // A link followed from another site (chat, mail) arrives without the SameSite=Strict
+            // cookie even when the person is signed in: load the same URL once more from here,
+            // a same-site navigation that carries it.
+            let cross_site = request
+                .headers()
+                .get("sec-fetch-site")
+                .is_some_and(|v| v.as_bytes() == b"cross-site");
+            if cross_site {
+                return pages::same_site_reload(local_path(target)).into_response();
+            }
             let next: String = form_urlencoded::byte_serialize(target.as_bytes()).collect();
             Redirect::to(&format!("/signin?next={next}")).into_response()
         }

@@ -141,14 +141,19 @@ async fn a_newcomer_watches_a_run_arrive_opens_it_and_filters() {
         .click()
         .await
         .unwrap();
-    let stdout = client
+    client
         .wait()
         .for_element(Locator::Css("#out-stdout"))
         .await
         .unwrap();
-    assert_eq!(stdout.text().await.unwrap(), "disk: 93% used\nsecond line");
-    let stderr = client.find(Locator::Css("#out-stderr")).await.unwrap();
-    assert_eq!(stderr.text().await.unwrap(), "warning: disk almost full");
+    assert_eq!(
+        browser.text_of("#out-stdout").await,
+        "disk: 93% used\nsecond line"
+    );
+    assert_eq!(
+        browser.text_of("#out-stderr").await,
+        "warning: disk almost full"
+    );
     let page = browser.text().await;
     assert!(page.contains("failed, exit code 2"), "{page}");
     assert!(
@@ -230,13 +235,7 @@ async fn a_newcomer_watches_a_run_arrive_opens_it_and_filters() {
         .goto(&format!("{}/manifests?window=1h", ingest.console_url()))
         .await
         .unwrap();
-    let row = client
-        .find(Locator::Css("table.manifests tbody tr"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let row = browser.text_of("table.manifests tbody tr").await;
     assert!(row.starts_with("inventory 2 0 1 1 0"), "{row}");
     browser.close().await;
 }
@@ -304,12 +303,7 @@ async fn hostile_output_is_shown_as_text_and_runs_nothing() {
         assert!(injected.is_empty(), "output became markup on {page}");
         assert!(browser.text().await.contains("pc-\"><b>bold</b>"));
     }
-    let stdout = browser
-        .client
-        .find(Locator::Css("#out-stdout"))
-        .await
-        .unwrap();
-    assert_eq!(stdout.text().await.unwrap(), hostile);
+    assert_eq!(browser.text_of("#out-stdout").await, hostile);
     browser.close().await;
 
     // The raw download is text, never rendered.
@@ -433,6 +427,23 @@ async fn sign_in_takes_a_reader_token_and_refuses_the_rest() {
         "{head}"
     );
     assert_eq!(http_get(&ingest, "/events").await.0, 401);
+    // A link followed from another site comes without the SameSite=Strict cookie: the page
+    // loads itself once more, same-site, so a signed-in person gets there.
+    let addr = ingest.console_addr.unwrap();
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(
+        format!(
+            "GET /runs/x?y=1 HTTP/1.1\r\nHost: {addr}\r\nSec-Fetch-Site: cross-site\r\n\
+             Connection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("content=\"0;url=/runs/x?y=1\""), "{answer}");
 
     let browser = Browser::start(1280, 800).await;
     let client = &browser.client;
@@ -682,12 +693,7 @@ async fn a_running_run_s_page_shows_its_result_when_it_comes() {
     publish(&ingest, EventBody::Result(result)).await;
     wait_for_text(&browser, "failed, exit code 3", Duration::from_secs(5)).await;
     assert!(still_marked(&browser).await, "updated in place");
-    let stdout = browser
-        .client
-        .find(Locator::Css("#out-stdout"))
-        .await
-        .unwrap();
-    assert_eq!(stdout.text().await.unwrap(), "finally done");
+    assert_eq!(browser.text_of("#out-stdout").await, "finally done");
     // Final: the page stops following (the "live" badge goes away).
     eventually(
         Duration::from_secs(5),
