@@ -117,6 +117,28 @@ impl Browser {
         let _ = self.client.clone().close().await;
     }
 
+    /// Clicks the first element `css` selects.
+    pub async fn click(&self, css: &str) {
+        self.client
+            .find(fantoccini::Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("no element {css:?}: {e}"))
+            .click()
+            .await
+            .unwrap_or_else(|e| panic!("clicking {css:?}: {e}"));
+    }
+
+    /// Types `text` into the first element `css` selects.
+    pub async fn type_into(&self, css: &str, text: &str) {
+        self.client
+            .find(fantoccini::Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("no element {css:?}: {e}"))
+            .send_keys(text)
+            .await
+            .unwrap_or_else(|e| panic!("typing into {css:?}: {e}"));
+    }
+
     /// The visible text of the first element `css` selects. Live pages swap their content in
     /// place, so an element found a moment ago may be gone: looked up again until it holds
     /// still (5 s at most).

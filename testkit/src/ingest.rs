@@ -194,6 +194,20 @@ impl TestIngest {
             .expect("connecting")
     }
 
+    /// Publishes one event through the Ingest service's unary `Publish`; panics unless it is
+    /// committed.
+    pub async fn publish(&self, body: kanade_shared::wire::EventBody) {
+        self.ingest()
+            .await
+            .publish(kanade_shared::pb::Event::from(kanade_shared::wire::Event {
+                seq: 0,
+                body,
+                trace_context: Default::default(),
+            }))
+            .await
+            .expect("published");
+    }
+
     /// The console's base URL (`http://127.0.0.1:PORT`); panics when the console is off.
     pub fn console_url(&self) -> String {
         format!(
@@ -255,3 +269,20 @@ pub async fn health(addr: SocketAddr, service: &str) -> i32 {
 pub const SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
 pub const NOT_SERVING: i32 =
     tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+
+/// `kanade-ingest token add ARGS --tokens-file FILE` (ARGS: a pc_id, or `--reader`): the token it
+/// printed.
+pub fn add_token(tokens_file: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new(workspace_binary("kanade-ingest"))
+        .args(["token", "add"])
+        .args(args)
+        .arg("--tokens-file")
+        .arg(tokens_file)
+        .output()
+        .expect("running kanade-ingest token add");
+    assert!(out.status.success(), "token add failed: {out:?}");
+    String::from_utf8(out.stdout)
+        .expect("a printable token")
+        .trim()
+        .to_string()
+}

@@ -24,7 +24,7 @@ pub use browser::Browser;
 pub use ca::{IssuedCert, TestCa, tls_channel};
 pub use db::{Backend, TestDb, postgres_admin_url};
 pub use events::{Run, now};
-pub use ingest::{NOT_SERVING, SERVING, TestIngest, TestIngestBuilder, health};
+pub use ingest::{NOT_SERVING, SERVING, TestIngest, TestIngestBuilder, add_token, health};
 pub use otlp::{CollectedSpan, OtlpReceiver};
 pub use proxy::FaultProxy;
 pub use standby::Standby;

@@ -500,19 +500,9 @@ async fn a_backlog_larger_than_the_byte_window_is_delivered() {
 async fn an_agent_sends_its_token_and_one_without_waits() {
     let dir = tempfile::tempdir().unwrap();
     let tokens = dir.path().join("tokens.toml");
-    let out = std::process::Command::new(kanade_testkit::workspace_binary("kanade-ingest"))
-        .args([
-            "token",
-            "add",
-            "pc-test",
-            "--tokens-file",
-            tokens.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    let token = kanade_testkit::add_token(&tokens, &["pc-test"]);
     let token_file = dir.path().join("agent.token");
-    std::fs::write(&token_file, &out.stdout).unwrap();
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
     let db = TestDb::sqlite();
     let ingest = TestIngest::builder(&db.url)
         .args(&["--tokens-file", tokens.to_str().unwrap()])

@@ -2,24 +2,11 @@
 
 use kanade_shared::{
     limits, pb,
-    wire::{self, EventBody, ExecStatus},
+    wire::{EventBody, ExecStatus},
 };
 use tonic::Code;
 
 use kanade_testkit::{Run, TestDb, TestIngest, now};
-
-async fn publish(ingest: &TestIngest, body: EventBody) {
-    ingest
-        .ingest()
-        .await
-        .publish(pb::Event::from(wire::Event {
-            seq: 0,
-            body,
-            trace_context: Default::default(),
-        }))
-        .await
-        .expect("published");
-}
 
 #[tokio::test]
 async fn list_pages_newest_first_and_caps_page_size() {
@@ -29,7 +16,7 @@ async fn list_pages_newest_first_and_caps_page_size() {
     let mut ids = Vec::new();
     for i in 0..7 {
         let run = Run::at("pc-a", base + chrono::Duration::seconds(i));
-        publish(&ingest, EventBody::Started(run.started())).await;
+        ingest.publish(EventBody::Started(run.started())).await;
         ids.push(run.result_id);
     }
     ids.reverse();
@@ -75,7 +62,7 @@ async fn list_cuts_outputs_to_4_kib_and_get_returns_them_whole() {
     let mut result = run.result(ExecStatus::Failed, Some(3));
     result.stdout = "é".repeat(5000);
     result.stderr = "short".into();
-    publish(&ingest, EventBody::Result(result.clone())).await;
+    ingest.publish(EventBody::Result(result.clone())).await;
 
     let mut activity = ingest.activity().await;
     let listed = activity

@@ -3,21 +3,7 @@
 use kanade_shared::pb;
 use tonic::{Code, Request, metadata::MetadataValue};
 
-use kanade_testkit::{
-    AgentStream, Run, SERVING, TestDb, TestIngest, health, hello, workspace_binary,
-};
-
-/// `kanade-ingest token add ARGS --tokens-file FILE` → the printed token.
-fn token_add(file: &std::path::Path, args: &[&str]) -> String {
-    let out = std::process::Command::new(workspace_binary("kanade-ingest"))
-        .args(["token", "add"])
-        .args(args)
-        .args(["--tokens-file", file.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
+use kanade_testkit::{AgentStream, Run, SERVING, TestDb, TestIngest, add_token, health, hello};
 
 fn with_token<T>(message: T, token: &str) -> Request<T> {
     let mut request = Request::new(message);
@@ -30,8 +16,8 @@ fn with_token<T>(message: T, token: &str) -> Request<T> {
 async fn tokens_bind_writers_to_their_pc_and_readers_to_activity() {
     let dir = tempfile::tempdir().unwrap();
     let tokens = dir.path().join("tokens.toml");
-    let pc_a = token_add(&tokens, &["pc-a"]);
-    let reader = token_add(&tokens, &["--reader"]);
+    let pc_a = add_token(&tokens, &["pc-a"]);
+    let reader = add_token(&tokens, &["--reader"]);
     let stored = std::fs::read_to_string(&tokens).unwrap();
     assert!(
         !stored.contains(&pc_a) && !stored.contains(&reader),

@@ -10,24 +10,11 @@ use kanade_shared::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use kanade_testkit::{Browser, Run, TestDb, TestIngest, eventually};
-
-async fn publish(ingest: &TestIngest, body: EventBody) {
-    ingest
-        .ingest()
-        .await
-        .publish(pb::Event::from(wire::Event {
-            seq: 0,
-            body,
-            trace_context: Default::default(),
-        }))
-        .await
-        .expect("published");
-}
+use kanade_testkit::{Browser, Run, TestDb, TestIngest, add_token, eventually};
 
 /// Publishes a finished run whose stdout is `stdout`.
 async fn publish_finished(ingest: &TestIngest, run: &Run, status: ExecStatus, stdout: &str) {
-    publish(ingest, EventBody::Started(run.started())).await;
+    ingest.publish(EventBody::Started(run.started())).await;
     let mut result = run.result(
         status,
         Some(if status == ExecStatus::Succeeded {
@@ -38,7 +25,7 @@ async fn publish_finished(ingest: &TestIngest, run: &Run, status: ExecStatus, st
     );
     result.stdout = stdout.to_string();
     result.stderr = "warning: disk almost full\n".into();
-    publish(ingest, EventBody::Result(result)).await;
+    ingest.publish(EventBody::Result(result)).await;
 }
 
 /// One HTTP/1.1 GET over a raw socket: (status, head, body).
@@ -102,12 +89,12 @@ async fn a_newcomer_watches_a_run_arrive_opens_it_and_filters() {
     // A run appears without a reload: first running, then failed.
     mark_document(&browser).await;
     let run = Run::new("pc-console");
-    publish(&ingest, EventBody::Started(run.started())).await;
+    ingest.publish(EventBody::Started(run.started())).await;
     wait_for_text(&browser, "Running now (1)", Duration::from_secs(5)).await;
     let mut failed = run.result(ExecStatus::Failed, Some(2));
     failed.stdout = "disk: 93% used\nsecond line\n".into();
     failed.stderr = "warning: disk almost full\n".into();
-    publish(&ingest, EventBody::Result(failed)).await;
+    ingest.publish(EventBody::Result(failed)).await;
     wait_for_text(&browser, "Running now (0)", Duration::from_secs(5)).await;
     assert!(
         still_marked(&browser).await,
@@ -164,20 +151,8 @@ async fn a_newcomer_watches_a_run_arrive_opens_it_and_filters() {
 
     // The filter form writes the URL; the back button restores the earlier view.
     client.goto(&ingest.console_url()).await.unwrap();
-    client
-        .find(Locator::Css("input[name=state][value=failed]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    client
-        .find(Locator::Css("form.filters button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    browser.click("input[name=state][value=failed]").await;
+    browser.click("form.filters button[type=submit]").await;
     eventually(Duration::from_secs(5), "the filtered URL", || async {
         client.current_url().await.unwrap().query() == Some("state=failed")
     })
@@ -187,20 +162,8 @@ async fn a_newcomer_watches_a_run_arrive_opens_it_and_filters() {
         page.contains("pc-console") && !page.contains("pc-other"),
         "{page}"
     );
-    client
-        .find(Locator::Css("input[name=pc]"))
-        .await
-        .unwrap()
-        .send_keys("pc-nobody")
-        .await
-        .unwrap();
-    client
-        .find(Locator::Css("form.filters button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    browser.type_into("input[name=pc]", "pc-nobody").await;
+    browser.click("form.filters button[type=submit]").await;
     wait_for_text(
         &browser,
         "No runs match these filters",
@@ -402,18 +365,8 @@ async fn a_run_committed_through_another_replica_appears_without_a_reload() {
 async fn sign_in_takes_a_reader_token_and_refuses_the_rest() {
     let dir = tempfile::tempdir().unwrap();
     let tokens = dir.path().join("tokens.toml");
-    let token_add = |args: &[&str]| {
-        let out = std::process::Command::new(kanade_testkit::workspace_binary("kanade-ingest"))
-            .args(["token", "add"])
-            .args(args)
-            .args(["--tokens-file", tokens.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    };
-    let reader = token_add(&["--reader"]);
-    let endpoint = token_add(&["pc-1"]);
+    let reader = add_token(&tokens, &["--reader"]);
+    let endpoint = add_token(&tokens, &["pc-1"]);
     let db = TestDb::sqlite();
     let ingest = TestIngest::builder(&db.url)
         .args(&["--tokens-file", tokens.to_str().unwrap()])
@@ -447,6 +400,7 @@ async fn sign_in_takes_a_reader_token_and_refuses_the_rest() {
 
     let browser = Browser::start(1280, 800).await;
     let client = &browser.client;
+    let driven = &browser;
     let sign_in = |token: String| async move {
         let field = client
             .wait()
@@ -454,13 +408,7 @@ async fn sign_in_takes_a_reader_token_and_refuses_the_rest() {
             .await
             .unwrap();
         field.send_keys(&token).await.unwrap();
-        client
-            .find(Locator::Css("form.signin button[type=submit]"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        driven.click("form.signin button[type=submit]").await;
     };
     client
         .goto(&format!("{}/manifests", ingest.console_url()))
@@ -509,13 +457,7 @@ async fn sign_in_takes_a_reader_token_and_refuses_the_rest() {
     assert!(!ingest.log().contains(&reader), "no token in the log");
 
     // Signing out ends the session: the same cookie no longer opens a page.
-    client
-        .find(Locator::Css("form.signout button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    browser.click("form.signout button").await;
     eventually(Duration::from_secs(5), "back at /signin", || async {
         client.current_url().await.unwrap().path() == "/signin"
     })
@@ -571,17 +513,7 @@ async fn under_tls_the_console_is_https_with_the_same_certificate_and_secure_coo
     let ca = kanade_testkit::TestCa::new("console-ca");
     let dir = tempfile::tempdir().unwrap();
     let tokens = dir.path().join("tokens.toml");
-    let out = std::process::Command::new(kanade_testkit::workspace_binary("kanade-ingest"))
-        .args([
-            "token",
-            "add",
-            "--reader",
-            "--tokens-file",
-            tokens.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    let reader = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let reader = add_token(&tokens, &["--reader"]);
     let db = TestDb::sqlite();
     let ingest = TestIngest::builder(&db.url)
         .tls(&ca.server("server"))
@@ -662,7 +594,7 @@ async fn a_run_page_links_the_run_s_trace() {
         "{body}"
     );
     let untraced = Run::new("pc-traced");
-    publish(&ingest, EventBody::Started(untraced.started())).await;
+    ingest.publish(EventBody::Started(untraced.started())).await;
     let (_, _, body) = http_get(&ingest, &format!("/runs/{}", untraced.result_id)).await;
     assert!(
         body.contains("none (the agent exported no trace)"),
@@ -675,7 +607,7 @@ async fn a_running_run_s_page_shows_its_result_when_it_comes() {
     let db = TestDb::sqlite();
     let ingest = TestIngest::start(&db.url).await;
     let run = Run::new("pc-waiting");
-    publish(&ingest, EventBody::Started(run.started())).await;
+    ingest.publish(EventBody::Started(run.started())).await;
     let browser = Browser::start(1280, 800).await;
     browser
         .client
@@ -690,7 +622,7 @@ async fn a_running_run_s_page_shows_its_result_when_it_comes() {
     mark_document(&browser).await;
     let mut result = run.result(ExecStatus::Failed, Some(3));
     result.stdout = "finally done\n".into();
-    publish(&ingest, EventBody::Result(result)).await;
+    ingest.publish(EventBody::Result(result)).await;
     wait_for_text(&browser, "failed, exit code 3", Duration::from_secs(5)).await;
     assert!(still_marked(&browser).await, "updated in place");
     assert_eq!(browser.text_of("#out-stdout").await, "finally done");
