@@ -72,10 +72,13 @@ impl IngestProcess {
             .trim()
             .parse()?;
         let console = match lines.next() {
-            Some(line) => line?
-                .strip_prefix("console on http://")
-                .map(|a| a.trim().parse())
-                .transpose()?,
+            Some(line) => {
+                let line = line?;
+                line.strip_prefix("console on http://")
+                    .or_else(|| line.strip_prefix("console on https://"))
+                    .map(|a| a.trim().parse())
+                    .transpose()?
+            }
             None => None,
         };
         std::thread::spawn(move || for _ in lines {});

@@ -55,8 +55,8 @@ const MIGRATE_BACKOFF: Backoff = Backoff {
 pub struct RunningIngest {
     /// Where the gRPC services listen (with the real port when port 0 was asked for).
     pub addr: SocketAddr,
-    /// Where the web console listens, unless it is off.
-    pub console_addr: Option<SocketAddr>,
+    /// The web console's address (`http://…`, `https://…` under TLS), unless it is off.
+    pub console_url: Option<String>,
     shutdown: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -214,11 +214,17 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<RunningIngest> {
         console: bind_optional(args.console_listen.0, "--console-listen").await?,
     };
     let addr = listeners.grpc.local_addr()?;
-    let console_addr = listeners
+    let console_scheme = if args.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let console_url = listeners
         .console
         .as_ref()
         .map(TcpListener::local_addr)
-        .transpose()?;
+        .transpose()?
+        .map(|addr| format!("{console_scheme}://{addr}"));
 
     let store = open_store(&args.database_url, &shutdown).await?;
     let reads: Arc<dyn ReadStore> = match &args.read_database_url {
@@ -257,7 +263,7 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<RunningIngest> {
     let task = tokio::spawn(serve(prepared, shutdown.clone()));
     Ok(RunningIngest {
         addr,
-        console_addr,
+        console_url,
         shutdown,
         task,
     })

@@ -89,8 +89,8 @@ async fn serve(args: kanade_ingest::config::ServeArgs) -> anyhow::Result<()> {
     let ingest = app::start(args).await?;
     // Scripts and tests wait for this line.
     println!("kanade-ingest listening on {}", ingest.addr);
-    if let Some(console) = ingest.console_addr {
-        println!("console on http://{console}");
+    if let Some(console) = &ingest.console_url {
+        println!("console on {console}");
     }
     let shutdown = ingest.shutdown_token();
     tokio::spawn(async move {

@@ -117,26 +117,47 @@ impl Browser {
         let _ = self.client.clone().close().await;
     }
 
-    /// Clicks the first element `css` selects.
+    /// Clicks the first element `css` selects. Live pages swap their content in place, so the
+    /// element may be replaced between finding and clicking it: found again until the click
+    /// lands (5 s at most).
     pub async fn click(&self, css: &str) {
-        self.client
-            .find(fantoccini::Locator::Css(css))
-            .await
-            .unwrap_or_else(|e| panic!("no element {css:?}: {e}"))
-            .click()
-            .await
-            .unwrap_or_else(|e| panic!("clicking {css:?}: {e}"));
+        self.retry(
+            css,
+            "clicking",
+            |e| async move { e.click().await.map(|_| ()) },
+        )
+        .await;
     }
 
-    /// Types `text` into the first element `css` selects.
+    /// Types `text` into the first element `css` selects (found again like [`Browser::click`]).
     pub async fn type_into(&self, css: &str, text: &str) {
-        self.client
-            .find(fantoccini::Locator::Css(css))
-            .await
-            .unwrap_or_else(|e| panic!("no element {css:?}: {e}"))
-            .send_keys(text)
-            .await
-            .unwrap_or_else(|e| panic!("typing into {css:?}: {e}"));
+        self.retry(
+            css,
+            "typing into",
+            |e| async move { e.send_keys(text).await },
+        )
+        .await;
+    }
+
+    async fn retry<F, Fut>(&self, css: &str, what: &str, act: F)
+    where
+        F: Fn(fantoccini::elements::Element) -> Fut,
+        Fut: std::future::Future<Output = Result<(), fantoccini::error::CmdError>>,
+    {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let outcome = match self.client.find(fantoccini::Locator::Css(css)).await {
+                Ok(element) => act(element).await,
+                Err(err) => Err(err),
+            };
+            match outcome {
+                Ok(()) => return,
+                Err(err) if std::time::Instant::now() >= deadline => {
+                    panic!("{what} {css:?}: {err}")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
     }
 
     /// The visible text of the first element `css` selects. Live pages swap their content in

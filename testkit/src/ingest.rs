@@ -23,6 +23,8 @@ pub struct TestIngest {
     /// Where its web console listens (on a free loopback port unless the test said otherwise),
     /// `None` when it is off.
     pub console_addr: Option<SocketAddr>,
+    /// The console's URL as ingest printed it (`http://…`, or `https://…` under TLS).
+    console_url: Option<String>,
     pub child: Child,
     /// Its stderr (the log), kept in a file of its own.
     pub stderr_log: PathBuf,
@@ -128,7 +130,7 @@ impl TestIngestBuilder {
             .spawn()
             .expect("starting kanade-ingest");
         let stdout = child.stdout.take().expect("stdout");
-        let (addr, console_addr) = tokio::task::spawn_blocking(move || {
+        let (addr, console) = tokio::task::spawn_blocking(move || {
             let mut lines = BufReader::new(stdout).lines();
             let mut next_line = |what: &str| {
                 lines
@@ -141,21 +143,30 @@ impl TestIngestBuilder {
                 .rsplit_once("listening on ")
                 .map(|(_, a)| a.trim().parse::<SocketAddr>().expect("address"))
                 .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
-            let console_addr = console_on.then(|| {
+            let console = console_on.then(|| {
                 let line = next_line("where the console listens");
-                line.strip_prefix("console on http://")
-                    .map(|a| a.trim().parse::<SocketAddr>().expect("console address"))
+                let url = line
+                    .strip_prefix("console on ")
                     .unwrap_or_else(|| panic!("unexpected second line {line:?}"))
+                    .trim()
+                    .to_string();
+                let addr = url
+                    .split_once("://")
+                    .and_then(|(_, a)| a.parse::<SocketAddr>().ok())
+                    .unwrap_or_else(|| panic!("no address in {line:?}"));
+                (addr, url)
             });
             // Keep draining stdout so the child never blocks on a full pipe.
             std::thread::spawn(move || for _ in lines {});
-            (addr, console_addr)
+            (addr, console)
         })
         .await
         .expect("reading the listening lines");
+        let (console_addr, console_url) = console.unzip();
         TestIngest {
             addr,
             console_addr,
+            console_url,
             child,
             stderr_log,
             _log_dir: log_dir,
@@ -208,12 +219,12 @@ impl TestIngest {
             .expect("published");
     }
 
-    /// The console's base URL (`http://127.0.0.1:PORT`); panics when the console is off.
+    /// The console's base URL as ingest printed it (`http://127.0.0.1:PORT`, `https://…` under
+    /// TLS); panics when the console is off.
     pub fn console_url(&self) -> String {
-        format!(
-            "http://{}",
-            self.console_addr.expect("this ingest serves no console")
-        )
+        self.console_url
+            .clone()
+            .expect("this ingest serves no console")
     }
 
     /// What ingest logged so far.

@@ -121,13 +121,9 @@ async fn a_newcomer_watches_a_run_arrive_opens_it_and_filters() {
     browser.screenshot("activity").await;
 
     // Clicking the failed run opens its page with both outputs whole.
-    client
-        .find(Locator::Css(&format!("a[href='/runs/{}']", run.result_id)))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    browser
+        .click(&format!("a[href='/runs/{}']", run.result_id))
+        .await;
     client
         .wait()
         .for_element(Locator::Css("#out-stdout"))
@@ -521,6 +517,11 @@ async fn under_tls_the_console_is_https_with_the_same_certificate_and_secure_coo
         .start()
         .await;
     let addr = ingest.console_addr.unwrap();
+    assert_eq!(
+        ingest.console_url(),
+        format!("https://{addr}"),
+        "the printed console line"
+    );
     let body = format!("token={reader}&next=%2Fmanifests");
     let answer = https_request(
         addr,
