@@ -366,6 +366,21 @@ async fn status(common: &CommonArgs) -> anyhow::Result<u8> {
         "last ack:      {}",
         s.last_ack.as_deref().unwrap_or("never")
     );
+    // The outbox could be read (its files were already there), but nothing new can be written.
+    if let Some(free) = outbox
+        .data_dir()
+        .free_bytes()
+        .filter(|&free| free < crate::data_dir::RESERVE_BYTES as u64)
+    {
+        let full = format!(
+            "the disk holding {} is full ({free} bytes free): new events may not be recorded \
+             until space is freed",
+            settings.data_dir.display()
+        );
+        println!("disk:          {full}");
+        eprintln!("kanade-agent: {full}");
+        return Ok(125);
+    }
     Ok(0)
 }
 
