@@ -141,7 +141,10 @@ pub fn router(console: Console) -> Router {
         .route("/runs/{result_id}/{output}", get(download))
         .route("/manifests", get(manifests))
         .route("/events", get(live::events))
-        .route("/signout", post(session::sign_out))
+        .route(
+            "/signout",
+            post(session::sign_out).get(session::sign_out_page),
+        )
         .route_layer(middleware::from_fn_with_state(
             console.clone(),
             session::require_sign_in,

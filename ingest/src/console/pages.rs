@@ -441,6 +441,17 @@ pub fn sign_in(next: &str, refused: Option<&str>) -> Page {
     layout("Sign in", "", None, main)
 }
 
+pub fn sign_out(csrf: &str) -> Page {
+    let main = html! {
+        h1 { "Sign out" }
+        form.signin method="post" action="/signout" {
+            input type="hidden" name="csrf" value=(csrf);
+            button type="submit" { "Sign out" }
+        }
+    };
+    layout("Sign out", "", Some(csrf), main)
+}
+
 /// Loads `path` again from the console itself (a same-site navigation, so the session cookie
 /// comes along), without script: a meta refresh, with a link for browsers that ignore it.
 pub fn same_site_reload(path: &str) -> Page {

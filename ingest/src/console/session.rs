@@ -235,11 +235,25 @@ pub async fn sign_in(State(console): State<Console>, headers: HeaderMap, body: B
     if let Err(err) = sessions.store.open_session(&session).await {
         return PageError::from(err).into_response();
     }
+    // Signing in again replaces the browser's previous session rather than leaving it open.
+    if let Some(previous) = cookie_value(&headers)
+        && let Err(err) = sessions.store.end_session(&sha256_hex(&previous)).await
+    {
+        tracing::warn!(error = %err, "console: ending the previous session failed; it expires on its own");
+    }
     let mut response = Redirect::to(&next).into_response();
     response
         .headers_mut()
         .insert(header::SET_COOKIE, sessions.cookie(&id, sessions.ttl));
     response
+}
+
+/// `GET /signout` (a typed or bookmarked URL): the button, since signing out is a POST.
+pub async fn sign_out_page(signed_in: Option<axum::Extension<SignedIn>>) -> Response {
+    match signed_in {
+        Some(signed_in) => pages::sign_out(&signed_in.csrf).into_response(),
+        None => Redirect::to("/").into_response(),
+    }
 }
 
 /// `POST /signout` (with the session's `csrf`).

@@ -452,27 +452,49 @@ async fn sign_in_takes_a_reader_token_and_refuses_the_rest() {
     );
     assert!(!ingest.log().contains(&reader), "no token in the log");
 
-    // Signing out ends the session: the same cookie no longer opens a page.
-    browser.click("form.signout button").await;
+    // A cookie opens pages while its session lives.
+    let addr = ingest.console_addr.unwrap();
+    let with_cookie = |value: String| async move {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(
+            format!(
+                "GET / HTTP/1.1\r\nHost: {addr}\r\nCookie: kanade_session={value}\r\n\
+                 Connection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut answer = String::new();
+        tcp.read_to_string(&mut answer).await.unwrap();
+        answer.split(' ').nth(1).unwrap_or_default().to_string()
+    };
+    assert_eq!(with_cookie(cookie.value().to_string()).await, "200");
+
+    // Signing in again replaces the session: the old cookie opens nothing any more.
+    client
+        .goto(&format!("{}/signin", ingest.console_url()))
+        .await
+        .unwrap();
+    sign_in(reader.clone()).await;
+    wait_for_text(&browser, "Activity", Duration::from_secs(5)).await;
+    let second = client.get_named_cookie("kanade_session").await.unwrap();
+    assert_ne!(second.value(), cookie.value());
+    assert_eq!(with_cookie(cookie.value().to_string()).await, "303");
+
+    // A typed /signout shows the button (signing out is a POST with the CSRF token); signing
+    // out ends the session: its cookie no longer opens a page.
+    client
+        .goto(&format!("{}/signout", ingest.console_url()))
+        .await
+        .unwrap();
+    browser.click("main form button").await;
     eventually(Duration::from_secs(5), "back at /signin", || async {
         client.current_url().await.unwrap().path() == "/signin"
     })
     .await;
     browser.close().await;
-    let addr = ingest.console_addr.unwrap();
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(
-        format!(
-            "GET / HTTP/1.1\r\nHost: {addr}\r\nCookie: kanade_session={}\r\nConnection: close\r\n\r\n",
-            cookie.value()
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut answer = String::new();
-    tcp.read_to_string(&mut answer).await.unwrap();
-    assert!(answer.starts_with("HTTP/1.1 303"), "{answer}");
+    assert_eq!(with_cookie(second.value().to_string()).await, "303");
 }
 
 /// One HTTPS request to the console, trusting `ca`: the raw response.
