@@ -371,7 +371,8 @@ pub fn manifests(
                 " "
             }
         }
-        div data-live {
+        // The summary is an expensive query: re-read at most every half minute.
+        div data-live data-live-every="30" {
             @if summaries.is_empty() {
                 p.empty { "No runs started in the last " (window) "." }
             } @else {

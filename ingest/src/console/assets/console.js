@@ -42,10 +42,19 @@
   function live() {
     var view = document.querySelector("[data-live]");
     if (!view || view.getAttribute("data-live") === "final" || !window.EventSource) return;
-    var busy = false, again = false;
+    // A view may ask to be re-read at most every N seconds (data-live-every: the manifest
+    // summary is an expensive query); a change meanwhile is picked up when the wait ends.
+    var every = 1000 * (parseFloat(view.getAttribute("data-live-every")) || 0);
+    var busy = false, again = false, last = 0, waiting = null;
     function refresh() {
       if (busy) { again = true; return; }
+      var wait = last + every - Date.now();
+      if (wait > 0) {
+        if (!waiting) waiting = setTimeout(function () { waiting = null; refresh(); }, wait);
+        return;
+      }
       busy = true;
+      last = Date.now();
       fetch(location.href, { credentials: "same-origin", headers: { Accept: "text/html" } })
         .then(function (r) {
           // Sent elsewhere (the session ended: /signin): show that page, not a stale one.
