@@ -2,6 +2,7 @@
 //! its `chromedriver`, each test with a fresh profile. Never downloaded at test time: both come
 //! from the system's packages (`.ci/prepare-tests` installs them).
 use std::{
+    os::unix::process::CommandExt,
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::Duration,
@@ -55,7 +56,10 @@ impl Browser {
         let chromedriver = installed("chromedriver");
         let profile = tempfile::tempdir().expect("a profile directory");
         let port = free_addr().port();
+        // Its own process group: the browser it starts stays in it, so a test that panics
+        // before `close` still takes the browser down with the driver (see Drop).
         let driver = Command::new(chromedriver)
+            .process_group(0)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -191,8 +195,11 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        // Ending chromedriver ends the browser it started.
-        let _ = self.driver.kill();
+        // The whole group: chromedriver and the browser processes it started (a SIGKILLed
+        // chromedriver would leave them running, reparented to init).
+        if let Some(group) = rustix::process::Pid::from_raw(self.driver.id() as i32) {
+            let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+        }
         let _ = self.driver.wait();
     }
 }
