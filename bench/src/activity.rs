@@ -16,7 +16,10 @@ use std::{
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use clap::Args;
-use kanade_ingest::store::{ListQuery, PostgresStore, RunState, SummaryQuery};
+use kanade_ingest::{
+    activity::state_to_proto,
+    store::{ListQuery, PostgresStore, RunState, SummaryQuery},
+};
 use kanade_shared::{
     pb::{self, activity_client::ActivityClient},
     wire::{ExecStatus, timestamp_to_proto},
@@ -118,23 +121,9 @@ enum Call {
     Summary(SummaryQuery),
 }
 
-fn state_to_proto(state: RunState) -> i32 {
-    use pb::ExecutionState as S;
-    (match state {
-        RunState::Running => S::Running,
-        RunState::Lost => S::Lost,
-        RunState::Finished(ExecStatus::Succeeded) => S::Succeeded,
-        RunState::Finished(ExecStatus::Failed) => S::Failed,
-        RunState::Finished(ExecStatus::TimedOut) => S::TimedOut,
-        RunState::Finished(ExecStatus::Killed) => S::Killed,
-        RunState::Finished(ExecStatus::SpawnFailed) => S::SpawnFailed,
-        RunState::Finished(ExecStatus::Interrupted) => S::Interrupted,
-    }) as i32
-}
-
 fn list_request(q: &ListQuery, page_token: String) -> pb::ListExecutionsRequest {
     pb::ListExecutionsRequest {
-        states: q.states.iter().map(|&s| state_to_proto(s)).collect(),
+        states: q.states.iter().map(|&s| state_to_proto(s) as i32).collect(),
         pc_id: q.pc_id.clone().unwrap_or_default(),
         manifest_id: q.manifest_id.clone().unwrap_or_default(),
         exec_id: q.exec_id.clone().unwrap_or_default(),

@@ -63,7 +63,8 @@ fn state_from_proto(value: i32) -> Result<RunState, Status> {
     })
 }
 
-fn state_to_proto(state: RunState) -> pb::ExecutionState {
+/// A run's state as the wire contract names it (also what a `states` filter carries).
+pub fn state_to_proto(state: RunState) -> pb::ExecutionState {
     use pb::ExecutionState as S;
     match state {
         RunState::Running => S::Running,

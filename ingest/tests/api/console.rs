@@ -28,12 +28,18 @@ async fn publish_finished(ingest: &TestIngest, run: &Run, status: ExecStatus, st
     ingest.publish(EventBody::Result(result)).await;
 }
 
-/// One HTTP/1.1 GET over a raw socket: (status, head, body).
+/// One HTTP/1.1 GET over a raw socket: (status, head lowercased, body).
 async fn http_get(ingest: &TestIngest, path: &str) -> (u16, String, String) {
+    http_get_with(ingest, path, "").await
+}
+
+/// The same with `headers` (each line ending in `\r\n`) added to the request.
+async fn http_get_with(ingest: &TestIngest, path: &str, headers: &str) -> (u16, String, String) {
     let addr = ingest.console_addr.expect("a console");
     let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     tcp.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Connection: close\r\n\r\n")
+            .as_bytes(),
     )
     .await
     .unwrap();
@@ -378,21 +384,10 @@ async fn sign_in_takes_a_reader_token_and_refuses_the_rest() {
     assert_eq!(http_get(&ingest, "/events").await.0, 401);
     // A link followed from another site comes without the SameSite=Strict cookie: the page
     // loads itself once more, same-site, so a signed-in person gets there.
-    let addr = ingest.console_addr.unwrap();
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(
-        format!(
-            "GET /runs/x?y=1 HTTP/1.1\r\nHost: {addr}\r\nSec-Fetch-Site: cross-site\r\n\
-             Connection: close\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut answer = String::new();
-    tcp.read_to_string(&mut answer).await.unwrap();
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    assert!(answer.contains("content=\"0;url=/runs/x?y=1\""), "{answer}");
+    let (status, _, body) =
+        http_get_with(&ingest, "/runs/x?y=1", "Sec-Fetch-Site: cross-site\r\n").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("content=\"0;url=/runs/x?y=1\""), "{body}");
 
     let browser = Browser::start(1280, 800).await;
     let client = &browser.client;
@@ -453,23 +448,14 @@ async fn sign_in_takes_a_reader_token_and_refuses_the_rest() {
     assert!(!ingest.log().contains(&reader), "no token in the log");
 
     // A cookie opens pages while its session lives.
-    let addr = ingest.console_addr.unwrap();
-    let with_cookie = |value: String| async move {
-        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        tcp.write_all(
-            format!(
-                "GET / HTTP/1.1\r\nHost: {addr}\r\nCookie: kanade_session={value}\r\n\
-                 Connection: close\r\n\r\n"
-            )
-            .as_bytes(),
-        )
-        .await
-        .unwrap();
-        let mut answer = String::new();
-        tcp.read_to_string(&mut answer).await.unwrap();
-        answer.split(' ').nth(1).unwrap_or_default().to_string()
+    let with_cookie = |value: String| {
+        let ingest = &ingest;
+        async move {
+            let cookie = format!("Cookie: kanade_session={value}\r\n");
+            http_get_with(ingest, "/", &cookie).await.0
+        }
     };
-    assert_eq!(with_cookie(cookie.value().to_string()).await, "200");
+    assert_eq!(with_cookie(cookie.value().to_string()).await, 200);
 
     // Signing in again replaces the session: the old cookie opens nothing any more.
     client
@@ -480,7 +466,7 @@ async fn sign_in_takes_a_reader_token_and_refuses_the_rest() {
     wait_for_text(&browser, "Activity", Duration::from_secs(5)).await;
     let second = client.get_named_cookie("kanade_session").await.unwrap();
     assert_ne!(second.value(), cookie.value());
-    assert_eq!(with_cookie(cookie.value().to_string()).await, "303");
+    assert_eq!(with_cookie(cookie.value().to_string()).await, 303);
 
     // A typed /signout shows the button (signing out is a POST with the CSRF token); signing
     // out ends the session: its cookie no longer opens a page.
@@ -494,7 +480,7 @@ async fn sign_in_takes_a_reader_token_and_refuses_the_rest() {
     })
     .await;
     browser.close().await;
-    assert_eq!(with_cookie(second.value().to_string()).await, "303");
+    assert_eq!(with_cookie(second.value().to_string()).await, 303);
 }
 
 /// One HTTPS request to the console, trusting `ca`: the raw response.
