@@ -80,23 +80,27 @@ impl Drop for TestDb {
         let Some(name) = self.pg_name.take() else {
             return;
         };
-        // Drop runs outside any runtime guarantee: use a small one of its own.
-        let admin = postgres_admin_url();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async {
-                if let Ok(pool) = sqlx::PgPool::connect(&admin).await {
-                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                    )))
+        cleanup_on_test_server(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+    }
+}
+
+/// Runs one clean-up statement on the test server, from a `Drop`: outside any runtime
+/// guarantee, so on a small runtime of its own in a thread of its own; a failure is ignored
+/// (the server is gone, or so is the thing to clean up).
+pub(crate) fn cleanup_on_test_server(statement: String) {
+    let admin = postgres_admin_url();
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            if let Ok(pool) = sqlx::PgPool::connect(&admin).await {
+                let _ = sqlx::query(sqlx::AssertSqlSafe(statement))
                     .execute(&pool)
                     .await;
-                }
-            });
-        })
-        .join();
-    }
+            }
+        });
+    })
+    .join();
 }

@@ -14,7 +14,10 @@ use std::{
 
 use sqlx::{ConnectOptions, postgres::PgConnectOptions};
 
-use crate::{db::postgres_admin_url, eventually, free_addr};
+use crate::{
+    db::{cleanup_on_test_server, postgres_admin_url},
+    eventually, free_addr,
+};
 
 /// Names of the replication slots test standbys use on the test server.
 const SLOT_PREFIX: &str = "kanade_test_standby_";
@@ -291,25 +294,7 @@ impl Drop for Standby {
             .arg(&self.data)
             .args(["stop", "-m", "immediate", "-w"]);
         let _ = command.output();
-        let slot = std::mem::take(&mut self.slot);
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async {
-                if let Ok(mut conn) = PgConnectOptions::from_str(&postgres_admin_url())
-                    .expect("admin URL")
-                    .connect()
-                    .await
-                {
-                    let _ = sqlx::query("SELECT pg_drop_replication_slot($1)")
-                        .bind(slot)
-                        .execute(&mut conn)
-                        .await;
-                }
-            });
-        })
-        .join();
+        // The slot name is ours (a prefix and a UUID's hex digits): safe to write in.
+        cleanup_on_test_server(format!("SELECT pg_drop_replication_slot('{}')", self.slot));
     }
 }
