@@ -1,104 +1,131 @@
-//! PostgreSQL's own ceiling for the rows a throughput run wrote: the same Started inserts, then
-//! Result upserts, written directly (no gRPC, no batcher) by multi-row `INSERT … ON CONFLICT DO
-//! UPDATE` at the best batch size; and the one-row-per-transaction figure a per-message consumer
-//! reaches.
+//! PostgreSQL's own ceiling for the writes a throughput run makes: the same rows written
+//! directly, without gRPC and without the batcher, by the statement ingest itself runs
+//! (`Store::apply` of kanade-ingest's PostgreSQL store) on the table its migrations create, in
+//! 1,000-row statements from two connections at once — the most a perfect ingest could reach.
+//!
+//! Two shapes, as the throughput benchmark has them:
+//! - separated: every run's running row inserted first, then every run's result upserted onto
+//!   it (jobs outlive a batch, so ingest writes a run twice);
+//! - back to back: each run's Started and Result merged into one finished row, as the batcher
+//!   merges a run whose two events arrive in one batch (a backlog flushed after an outage).
+//!
+//! Figures are events per second, so they compare with what ingest acks: a merged row carries
+//! two events.
 
-use std::time::Instant;
+use std::{sync::Arc, time::Instant};
 
-use kanade_ingest::store::RunWrite;
-use sqlx::{PgPool, Postgres, QueryBuilder};
+use chrono::{SubsecRound, Utc};
+use kanade_ingest::store::{PostgresStore, RunWrite, Store};
 
-const COLUMNS: &str = "INSERT INTO execution_results AS r (result_id, request_id, exec_id, pc_id, \
-    manifest_id, version, timeout_secs, status, exit_code, stdout, stderr, stdout_dropped_bytes, \
-    stderr_dropped_bytes, started_at, finished_at, received_at) ";
+/// Rows per statement, as ingest's default batch closes at.
+pub const STATEMENT_ROWS: usize = 1000;
+/// Connections writing at once.
+pub const CONNECTIONS: usize = 2;
 
-const ON_CONFLICT: &str = " ON CONFLICT (result_id) DO UPDATE SET \
-    timeout_secs = COALESCE(r.timeout_secs, EXCLUDED.timeout_secs), \
-    status = COALESCE(r.status, EXCLUDED.status), \
-    exit_code = COALESCE(r.exit_code, EXCLUDED.exit_code), \
-    stdout = COALESCE(r.stdout, EXCLUDED.stdout), \
-    stderr = COALESCE(r.stderr, EXCLUDED.stderr), \
-    stdout_dropped_bytes = COALESCE(r.stdout_dropped_bytes, EXCLUDED.stdout_dropped_bytes), \
-    stderr_dropped_bytes = COALESCE(r.stderr_dropped_bytes, EXCLUDED.stderr_dropped_bytes), \
-    finished_at = COALESCE(r.finished_at, EXCLUDED.finished_at) \
-    WHERE r.pc_id = EXCLUDED.pc_id";
+/// What one ceiling measurement found.
+#[derive(Debug, Clone, Copy)]
+pub struct Ceiling {
+    pub events_per_s: f64,
+    /// PostgreSQL's CPU (every server process) per 1,000 events, in seconds.
+    pub pg_cpu_per_1k: f64,
+}
 
-async fn upsert(pool: &PgPool, rows: &[RunWrite]) -> anyhow::Result<()> {
-    let now = chrono::Utc::now();
-    let mut q = QueryBuilder::<Postgres>::new(COLUMNS);
-    q.push_values(rows, |mut b, w| {
-        let o = w.outcome.as_ref();
-        b.push_bind(w.result_id)
-            .push_bind(&w.request_id)
-            .push_bind(&w.exec_id)
-            .push_bind(&w.pc_id)
-            .push_bind(&w.manifest_id)
-            .push_bind(&w.version)
-            .push_bind(w.timeout_secs.map(i64::from))
-            .push_bind(o.map(|o| o.status.as_str()))
-            .push_bind(o.and_then(|o| o.exit_code))
-            .push_bind(o.map(|o| o.stdout.as_str()))
-            .push_bind(o.map(|o| o.stderr.as_str()))
-            .push_bind(o.map(|o| o.stdout_dropped_bytes as i64))
-            .push_bind(o.map(|o| o.stderr_dropped_bytes as i64))
-            .push_bind(w.started_at)
-            .push_bind(o.map(|o| o.finished_at))
-            .push_bind(now);
-    });
-    q.push(ON_CONFLICT);
-    q.build().execute(pool).await?;
+/// Empties the table (and gives back its space) between measurements.
+async fn empty(store: &PostgresStore) -> anyhow::Result<()> {
+    sqlx::query("TRUNCATE execution_results")
+        .execute(&store.pool())
+        .await?;
+    sqlx::query("CHECKPOINT").execute(&store.pool()).await?;
     Ok(())
 }
 
-/// Rows per second writing `started` then `results` in batches of `batch` rows, each batch one
-/// transaction.
-pub async fn batched_rows_per_second(
-    pool: &PgPool,
-    started: &[RunWrite],
-    results: &[RunWrite],
-    batch: usize,
-) -> anyhow::Result<f64> {
-    sqlx::query("TRUNCATE execution_results")
-        .execute(pool)
-        .await?;
-    let t = Instant::now();
-    for rows in started.chunks(batch).chain(results.chunks(batch)) {
-        upsert(pool, rows).await?;
+/// Writes `rows` in statements of `STATEMENT_ROWS`, the statements shared out over
+/// `CONNECTIONS` concurrent writers; returns when all committed.
+async fn write_all(store: &Arc<PostgresStore>, rows: &Arc<Vec<RunWrite>>) -> anyhow::Result<()> {
+    let mut writers = tokio::task::JoinSet::new();
+    for writer in 0..CONNECTIONS {
+        let (store, rows) = (store.clone(), rows.clone());
+        writers.spawn(async move {
+            for chunk in rows
+                .chunks(STATEMENT_ROWS)
+                .skip(writer)
+                .step_by(CONNECTIONS)
+            {
+                store.apply(chunk, Utc::now().trunc_subsecs(6)).await?;
+            }
+            anyhow::Ok(())
+        });
     }
-    Ok((started.len() + results.len()) as f64 / t.elapsed().as_secs_f64())
+    while let Some(done) = writers.join_next().await {
+        done??;
+    }
+    Ok(())
 }
 
-/// Rows per second writing one row per transaction (the first `sample` rows of each kind).
-pub async fn single_rows_per_second(
-    pool: &PgPool,
+/// Times `phases` written one after the other (each phase fully committed before the next
+/// starts); `events` is how many events they stand for.
+async fn measure(
+    store: &Arc<PostgresStore>,
+    phases: &[Arc<Vec<RunWrite>>],
+    events: usize,
+) -> anyhow::Result<Ceiling> {
+    empty(store).await?;
+    let pg_before = crate::process::postgres_cpu_seconds();
+    let t = Instant::now();
+    for rows in phases {
+        write_all(store, rows).await?;
+    }
+    let elapsed = t.elapsed().as_secs_f64();
+    let pg = crate::process::postgres_cpu_seconds() - pg_before;
+    Ok(Ceiling {
+        events_per_s: events as f64 / elapsed,
+        pg_cpu_per_1k: 1000.0 * pg / events as f64,
+    })
+}
+
+/// The separated shape: the running rows, then the results onto them.
+pub async fn separated(
+    store: &Arc<PostgresStore>,
+    started: &[RunWrite],
+    results: &[RunWrite],
+) -> anyhow::Result<Ceiling> {
+    let phases = [Arc::new(started.to_vec()), Arc::new(results.to_vec())];
+    measure(store, &phases, started.len() + results.len()).await
+}
+
+/// The back-to-back shape: one merged, finished row per run.
+pub async fn back_to_back(
+    store: &Arc<PostgresStore>,
+    started: &[RunWrite],
+    results: &[RunWrite],
+) -> anyhow::Result<Ceiling> {
+    let merged: Vec<RunWrite> = started
+        .iter()
+        .zip(results)
+        .map(|(s, r)| {
+            let mut run = s.clone();
+            run.absorb(r.clone());
+            run
+        })
+        .collect();
+    measure(store, &[Arc::new(merged)], started.len() + results.len()).await
+}
+
+/// Events per second writing one row per transaction (the first `sample` runs, started then
+/// finished): what a consumer that commits each message reaches.
+pub async fn one_row_per_transaction(
+    store: &PostgresStore,
     started: &[RunWrite],
     results: &[RunWrite],
     sample: usize,
 ) -> anyhow::Result<f64> {
-    sqlx::query("TRUNCATE execution_results")
-        .execute(pool)
-        .await?;
+    empty(store).await?;
     let n = sample.min(started.len());
     let t = Instant::now();
     for row in started[..n].iter().chain(&results[..n]) {
-        upsert(pool, std::slice::from_ref(row)).await?;
+        store
+            .apply(std::slice::from_ref(row), Utc::now().trunc_subsecs(6))
+            .await?;
     }
     Ok((2 * n) as f64 / t.elapsed().as_secs_f64())
-}
-
-/// The best batched figure over a few batch sizes: (rows/s, batch size).
-pub async fn best_batched(
-    pool: &PgPool,
-    started: &[RunWrite],
-    results: &[RunWrite],
-) -> anyhow::Result<(f64, usize)> {
-    let mut best = (0.0, 0);
-    // 16 parameters per row: 1000 rows stay under PostgreSQL's 65,535.
-    for batch in [100, 500, 1000] {
-        let rate = batched_rows_per_second(pool, started, results, batch).await?;
-        if rate > best.0 {
-            best = (rate, batch);
-        }
-    }
-    Ok(best)
 }

@@ -136,6 +136,29 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// CPU seconds used so far by every process of the PostgreSQL server on this machine (its
+/// backends, WAL writer, checkpointer…): what the database spent, whoever asked. Other work on
+/// the same server counts too, so a measurement says what else ran.
+pub fn postgres_cpu_seconds() -> f64 {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| comm.trim_end() == "postgres")
+        })
+        .map(cpu_seconds)
+        .sum()
+}
+
+/// CPU seconds this benchmark process used so far (its simulated agents).
+pub fn own_cpu_seconds() -> f64 {
+    cpu_seconds(std::process::id())
+}
+
 /// A `VmXXX:` line of /proc/PID/status, in KiB.
 pub fn status_kib(pid: u32, key: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -179,10 +202,6 @@ impl BenchDb {
             admin: Some((url.to_string(), name)),
             _dir: None,
         })
-    }
-
-    pub fn is_postgres(&self) -> bool {
-        self.admin.is_some()
     }
 
     /// Drops the PostgreSQL database (call when done).

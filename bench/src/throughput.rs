@@ -1,24 +1,51 @@
-//! `kanade-bench throughput`: the real ingest and N simulated agents using the real sender over
-//! real gRPC; events/s committed and acked, ack latency, ingest CPU and peak RSS — and, in the
-//! same run, PostgreSQL's own ceiling for the same rows.
+//! `kanade-bench throughput`: the real ingest (one or several replicas on one database) and N
+//! simulated agents using the real sender over real gRPC; events/s committed and acked, ack
+//! latency, and who spent the CPU (ingest, PostgreSQL, the simulated agents) per 1,000 events —
+//! against PostgreSQL's own ceiling for the same writes, measured in the same run.
+//!
+//! Two shapes of load:
+//! - `separated` (the default, and the realistic one): each agent sends its runs' Started
+//!   events, and a run's Result only once its Started was acknowledged, as real jobs, which
+//!   outlive a batch, do. A run's two events never share a batch: ingest writes every run twice.
+//! - `back-to-back`: each run's Started and Result queued together, as a backlog flushed after
+//!   an outage; the batcher merges them into one write.
 
 use std::{
+    collections::VecDeque,
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::Context;
-use clap::Args;
-use kanade_ingest::store::{self, RunWrite};
+use clap::{Args, ValueEnum};
+use kanade_ingest::store::{self, RunWrite, Store};
 use kanade_shared::wire::{EventBody, EventStarted, ExecResult};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    ceiling,
+    ceiling::{self, Ceiling},
     load::{self, Latencies, MemoryQueue, TimedOutbox},
-    process::{BenchDb, IngestProcess},
+    process::{self, BenchDb, IngestProcess},
 };
+
+/// How each agent's runs reach its queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Shape {
+    /// A run's Result only after its Started was acknowledged: the two never share a batch.
+    Separated,
+    /// A run's Started and Result queued together: they merge into one write.
+    BackToBack,
+}
+
+impl Shape {
+    fn name(self) -> &'static str {
+        match self {
+            Shape::Separated => "separated",
+            Shape::BackToBack => "back-to-back",
+        }
+    }
+}
 
 #[derive(Debug, Args)]
 pub struct ThroughputArgs {
@@ -29,16 +56,24 @@ pub struct ThroughputArgs {
         default_value = "postgres://postgres@127.0.0.1:5432/postgres"
     )]
     pub database_url: String,
+    /// How runs reach the agents' queues.
+    #[arg(long, value_enum, default_value_t = Shape::Separated)]
+    pub shape: Shape,
     /// Simulated agents, each with its own stream.
     #[arg(long, default_value_t = 100)]
     pub agents: usize,
     /// Runs per agent (two events each).
     #[arg(long, default_value_t = 100)]
     pub runs: usize,
+    /// Ingest replicas on the one database, agents spread over them evenly. With more than one,
+    /// the same load is first measured against a single replica, for the ratio.
+    #[arg(long, default_value_t = 1)]
+    pub replicas: usize,
     /// Bytes of stdout per run.
     #[arg(long, default_value_t = 200)]
     pub output_bytes: usize,
-    /// Go through real SQLite outboxes (one per agent, synchronous=FULL) instead of memory.
+    /// Go through real SQLite outboxes (one per agent, synchronous=FULL) instead of memory
+    /// (back-to-back only: the outbox writes a run's two events in one go).
     #[arg(long)]
     pub outbox: bool,
     /// Offer events at this total rate (events/s) instead of all at once, for latency figures.
@@ -59,6 +94,9 @@ pub struct ThroughputArgs {
     pub ingest_args: Vec<String>,
 }
 
+/// One agent's runs, generated up front so that generating them costs nothing measured.
+type Runs = Vec<(EventStarted, ExecResult)>;
+
 /// Where a simulated agent's runs go before its sender takes them.
 enum AgentQueue {
     Memory(Arc<MemoryQueue>),
@@ -66,69 +104,142 @@ enum AgentQueue {
 }
 
 impl AgentQueue {
-    async fn enqueue_run(&self, started: EventStarted, result: ExecResult) -> anyhow::Result<()> {
-        match self {
-            AgentQueue::Memory(q) => {
-                q.enqueue(EventBody::Started(started));
-                q.enqueue(EventBody::Result(result));
-                Ok(())
+    /// Feeds one agent's runs in the given shape, at `interval` per run when pacing.
+    async fn feed(
+        &self,
+        runs: Runs,
+        shape: Shape,
+        interval: Option<Duration>,
+    ) -> anyhow::Result<()> {
+        let mut tick = interval.map(tokio::time::interval);
+        match (self, shape) {
+            (AgentQueue::Outbox(q), _) => {
+                for (started, result) in runs {
+                    if let Some(t) = tick.as_mut() {
+                        t.tick().await;
+                    }
+                    q.enqueue_run(&started, result).await?;
+                }
             }
-            AgentQueue::Outbox(q) => q.enqueue_run(&started, result).await,
+            (AgentQueue::Memory(q), Shape::BackToBack) => {
+                for (started, result) in runs {
+                    if let Some(t) = tick.as_mut() {
+                        t.tick().await;
+                    }
+                    q.enqueue(EventBody::Started(started));
+                    q.enqueue(EventBody::Result(result));
+                }
+            }
+            (AgentQueue::Memory(q), Shape::Separated) => {
+                // Results wait here until their run's Started is acknowledged.
+                let mut waiting: VecDeque<(u64, ExecResult)> = VecDeque::new();
+                let release = |waiting: &mut VecDeque<(u64, ExecResult)>| {
+                    while waiting.front().is_some_and(|(seq, _)| !q.is_pending(*seq)) {
+                        let (_, result) = waiting.pop_front().expect("checked");
+                        q.enqueue(EventBody::Result(result));
+                    }
+                };
+                for (started, result) in runs {
+                    if let Some(t) = tick.as_mut() {
+                        t.tick().await;
+                    }
+                    waiting.push_back((q.enqueue(EventBody::Started(started)), result));
+                    release(&mut waiting);
+                }
+                while !waiting.is_empty() {
+                    let acked = q.acked.notified();
+                    release(&mut waiting);
+                    if waiting.is_empty() {
+                        break;
+                    }
+                    tokio::time::timeout(Duration::from_secs(60), acked)
+                        .await
+                        .context("no ack for 60 s: is ingest stuck?")?;
+                }
+            }
         }
+        Ok(())
     }
 }
 
-pub async fn run(args: ThroughputArgs) -> anyhow::Result<()> {
+/// What one measurement of ingest found.
+#[derive(Debug, Clone, Copy)]
+struct Measured {
+    events: u64,
+    elapsed: Duration,
+    p50: Duration,
+    p99: Duration,
+    max: Duration,
+    /// CPU seconds per 1,000 events.
+    ingest_cpu_per_1k: f64,
+    pg_cpu_per_1k: f64,
+    agents_cpu_per_1k: f64,
+    /// Of the busiest replica, in MiB.
+    peak_rss_mib: f64,
+}
+
+impl Measured {
+    fn events_per_s(&self) -> f64 {
+        self.events as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// Runs the load once against `replicas` ingest processes on a fresh database.
+async fn measure(
+    args: &ThroughputArgs,
+    runs: &[Runs],
+    replicas: usize,
+) -> anyhow::Result<Measured> {
     let db = BenchDb::fresh(&args.database_url).await?;
-    let mut ingest_args = vec!["--max-streams".to_string(), (args.agents + 100).to_string()];
+    let per_replica = args.agents.div_ceil(replicas);
+    let mut ingest_args = vec!["--max-streams".to_string(), (per_replica + 100).to_string()];
     ingest_args.extend(args.ingest_args.iter().cloned());
-    let ingest =
-        IngestProcess::start_logging(&db.url, "127.0.0.1:0", &ingest_args, &args.ingest_rust_log)?;
-    let url = format!("http://{}", ingest.addr);
+    let ingests = (0..replicas)
+        .map(|_| {
+            IngestProcess::start_logging(
+                &db.url,
+                "127.0.0.1:0",
+                &ingest_args,
+                &args.ingest_rust_log,
+            )
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let urls: Vec<String> = ingests
+        .iter()
+        .map(|i| format!("http://{}", i.addr))
+        .collect();
     let total_events = (2 * args.agents * args.runs) as u64;
     let latencies = Arc::new(Latencies::default());
     let stop = CancellationToken::new();
     let dir = tempfile::tempdir()?;
+    let interval = args
+        .rate
+        .map(|r| Duration::from_secs_f64(2.0 * args.agents as f64 / r));
 
-    // The runs, generated up front so that generating them costs nothing during the measurement.
-    let runs: Vec<Vec<_>> = (0..args.agents)
-        .map(|a| {
-            (0..args.runs)
-                .map(|_| load::run_events(&format!("bench-{a:05}"), args.output_bytes))
-                .collect()
-        })
-        .collect();
-
-    let cpu_before = ingest.cpu_seconds();
+    let ingest_cpu = || ingests.iter().map(IngestProcess::cpu_seconds).sum::<f64>();
+    let cpu_before = (
+        ingest_cpu(),
+        process::postgres_cpu_seconds(),
+        process::own_cpu_seconds(),
+    );
     let started = Instant::now();
     let mut senders = Vec::new();
     let mut feeders = tokio::task::JoinSet::new();
-    let per_agent_interval = args
-        .rate
-        .map(|r| Duration::from_secs_f64(2.0 * args.agents as f64 / r));
     for (a, agent_runs) in runs.iter().enumerate() {
         let pc = format!("bench-{a:05}");
+        let url = &urls[a % replicas];
         let queue = if args.outbox {
             let outbox = TimedOutbox::open(&dir.path().join(&pc), latencies.clone()).await?;
-            AgentQueue::Outbox(Arc::new(outbox))
+            let outbox = Arc::new(outbox);
+            senders.push(load::spawn_sender(outbox.clone(), url, &pc, &stop));
+            AgentQueue::Outbox(outbox)
         } else {
-            AgentQueue::Memory(Arc::new(MemoryQueue::new(latencies.clone())))
+            let queue = Arc::new(MemoryQueue::new(latencies.clone()));
+            senders.push(load::spawn_sender(queue.clone(), url, &pc, &stop));
+            AgentQueue::Memory(queue)
         };
-        senders.push(match &queue {
-            AgentQueue::Outbox(q) => load::spawn_sender(q.clone(), &url, &pc, &stop),
-            AgentQueue::Memory(q) => load::spawn_sender(q.clone(), &url, &pc, &stop),
-        });
-        let agent_runs = agent_runs.clone();
-        feeders.spawn(async move {
-            let mut tick = per_agent_interval.map(tokio::time::interval);
-            for (s, r) in agent_runs {
-                if let Some(t) = tick.as_mut() {
-                    t.tick().await;
-                }
-                queue.enqueue_run(s, r).await?;
-            }
-            anyhow::Ok(())
-        });
+        let (agent_runs, shape) = (agent_runs.clone(), args.shape);
+        feeders.spawn(async move { queue.feed(agent_runs, shape, interval).await });
     }
     while let Some(fed) = feeders.join_next().await {
         fed??;
@@ -143,52 +254,102 @@ pub async fn run(args: ThroughputArgs) -> anyhow::Result<()> {
             .context("no ack for 60 s: is ingest stuck?")?;
     }
     let elapsed = started.elapsed();
-    let cpu = ingest.cpu_seconds() - cpu_before;
-    let peak_rss = ingest.peak_rss_bytes();
+    let per_1k = |seconds: f64| 1000.0 * seconds / total_events as f64;
+    let (p50, p99, max) = latencies.summary();
+    let measured = Measured {
+        events: total_events,
+        elapsed,
+        p50,
+        p99,
+        max,
+        ingest_cpu_per_1k: per_1k(ingest_cpu() - cpu_before.0),
+        pg_cpu_per_1k: per_1k(process::postgres_cpu_seconds() - cpu_before.1),
+        agents_cpu_per_1k: per_1k(process::own_cpu_seconds() - cpu_before.2),
+        peak_rss_mib: ingests
+            .iter()
+            .map(|i| i.peak_rss_bytes() as f64 / 1048576.0)
+            .fold(0.0, f64::max),
+    };
     stop.cancel();
     for s in senders {
         let _ = s.await;
     }
-    let events_per_s = total_events as f64 / elapsed.as_secs_f64();
-    let (p50, p99, max) = latencies.summary();
-
-    // The same rows, written by PostgreSQL directly.
-    let (ceiling, ceiling_batch, single) = if db.is_postgres() && !args.no_ceiling {
-        let baseline = BenchDb::fresh(&args.database_url).await?;
-        let store = store::PostgresStore::connect(&baseline.url).await?;
-        store::Store::migrate(&store).await?;
-        let to_writes = |body: EventBody| RunWrite::from_event(body).expect("valid ids");
-        let started_rows: Vec<RunWrite> = runs
-            .iter()
-            .flatten()
-            .map(|(s, _)| to_writes(EventBody::Started(s.clone())))
-            .collect();
-        let result_rows: Vec<RunWrite> = runs
-            .iter()
-            .flatten()
-            .map(|(_, r)| to_writes(EventBody::Result(r.clone())))
-            .collect();
-        let (best, batch) =
-            ceiling::best_batched(&store.pool(), &started_rows, &result_rows).await?;
-        let single =
-            ceiling::single_rows_per_second(&store.pool(), &started_rows, &result_rows, 1500)
-                .await?;
-        store.pool().close().await;
-        baseline.drop_database().await;
-        (Some(best), Some(batch), Some(single))
-    } else {
-        (None, None, None)
-    };
-    drop(ingest);
+    drop(ingests);
     db.drop_database().await;
+    Ok(measured)
+}
+
+/// PostgreSQL's ceilings for the same runs: (separated, back-to-back, one row per transaction).
+async fn measure_ceilings(
+    args: &ThroughputArgs,
+    runs: &[Runs],
+) -> anyhow::Result<(Ceiling, Ceiling, f64)> {
+    let baseline = BenchDb::fresh(&args.database_url).await?;
+    let store = Arc::new(store::PostgresStore::connect(&baseline.url).await?);
+    store.migrate().await?;
+    // Today's partition, as a serving ingest creates it (the runs' ids were minted now).
+    store
+        .prepare_days(chrono::Utc::now().date_naive(), 1)
+        .await?;
+    let to_write = |body: EventBody| RunWrite::from_event(body).expect("valid ids");
+    let (started, results): (Vec<RunWrite>, Vec<RunWrite>) = runs
+        .iter()
+        .flatten()
+        .map(|(s, r)| {
+            (
+                to_write(EventBody::Started(s.clone())),
+                to_write(EventBody::Result(r.clone())),
+            )
+        })
+        .unzip();
+    let separated = ceiling::separated(&store, &started, &results).await?;
+    let back_to_back = ceiling::back_to_back(&store, &started, &results).await?;
+    let single = ceiling::one_row_per_transaction(&store, &started, &results, 1500).await?;
+    store.pool().close().await;
+    baseline.drop_database().await;
+    Ok((separated, back_to_back, single))
+}
+
+pub async fn run(args: ThroughputArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.agents >= 1 && args.runs >= 1 && args.replicas >= 1,
+        "--agents, --runs and --replicas must be at least 1"
+    );
+    anyhow::ensure!(
+        !(args.outbox && args.shape == Shape::Separated),
+        "--outbox writes a run's Started and Result in one go: use it with --shape back-to-back"
+    );
+    let runs: Vec<Runs> = (0..args.agents)
+        .map(|a| {
+            (0..args.runs)
+                .map(|_| load::run_events(&format!("bench-{a:05}"), args.output_bytes))
+                .collect()
+        })
+        .collect();
+    let one_replica = if args.replicas > 1 {
+        Some(measure(&args, &runs, 1).await?)
+    } else {
+        None
+    };
+    let kanade = measure(&args, &runs, args.replicas).await?;
+    let is_postgres = args.database_url.starts_with("postgres");
+    let ceilings = if is_postgres && !args.no_ceiling {
+        Some(measure_ceilings(&args, &runs).await?)
+    } else {
+        None
+    };
 
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let events_per_s = kanade.events_per_s();
     println!(
-        "kanade: {events_per_s:.0} events/s committed and acked ({} agents × {} runs, {} events in {:.2} s{})",
+        "kanade ({} shape): {events_per_s:.0} events/s committed and acked ({} agents × {} runs over {} replica{}, {} events in {:.2} s{})",
+        args.shape.name(),
         args.agents,
         args.runs,
-        total_events,
-        elapsed.as_secs_f64(),
+        args.replicas,
+        if args.replicas == 1 { "" } else { "s" },
+        kanade.events,
+        kanade.elapsed.as_secs_f64(),
         if args.outbox {
             ", through SQLite outboxes"
         } else {
@@ -197,46 +358,77 @@ pub async fn run(args: ThroughputArgs) -> anyhow::Result<()> {
     );
     println!(
         "ack latency: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-        ms(p50),
-        ms(p99),
-        ms(max)
+        ms(kanade.p50),
+        ms(kanade.p99),
+        ms(kanade.max)
     );
     println!(
-        "ingest: {:.0} % of one core, peak RSS {:.1} MiB",
-        100.0 * cpu / elapsed.as_secs_f64(),
-        peak_rss as f64 / 1048576.0
+        "CPU per 1,000 events: ingest {:.3} s, PostgreSQL {:.3} s, simulated agents {:.3} s; ingest peak RSS {:.1} MiB",
+        kanade.ingest_cpu_per_1k,
+        kanade.pg_cpu_per_1k,
+        kanade.agents_cpu_per_1k,
+        kanade.peak_rss_mib
     );
-    if let (Some(c), Some(b), Some(s)) = (ceiling, ceiling_batch, single) {
+    if let Some(one) = &one_replica {
         println!(
-            "postgres ceiling: {c:.0} rows/s (multi-row upserts of {b}); one row per transaction: {s:.0} rows/s"
-        );
-        println!(
-            "ratio = kanade / ceiling = {:.2}; kanade / one-row = {:.1}×",
-            events_per_s / c,
-            events_per_s / s
+            "one replica, same load: {:.0} events/s; {} replicas / one = {:.2}",
+            one.events_per_s(),
+            args.replicas,
+            events_per_s / one.events_per_s()
         );
     }
-    let fmt_opt = |v: Option<f64>| v.map_or("na".to_string(), |v| format!("{v:.0}"));
-    let ratio = ceiling.map_or("na".to_string(), |c| format!("{:.3}", events_per_s / c));
+    if let Some((separated, back_to_back, single)) = &ceilings {
+        println!(
+            "PostgreSQL ceiling (ingest's statement, {}-row statements, {} connections): separated {:.0} events/s ({:.3} s CPU per 1,000), back to back {:.0} events/s ({:.3} s CPU per 1,000); one row per transaction {single:.0} events/s",
+            ceiling::STATEMENT_ROWS,
+            ceiling::CONNECTIONS,
+            separated.events_per_s,
+            separated.pg_cpu_per_1k,
+            back_to_back.events_per_s,
+            back_to_back.pg_cpu_per_1k,
+        );
+        let own = match args.shape {
+            Shape::Separated => separated,
+            Shape::BackToBack => back_to_back,
+        };
+        println!(
+            "ratio = kanade / its shape's ceiling = {:.2}; kanade / separated ceiling = {:.2}",
+            events_per_s / own.events_per_s,
+            events_per_s / separated.events_per_s
+        );
+    }
+    let opt =
+        |v: Option<f64>, digits: usize| v.map_or("na".to_string(), |v| format!("{v:.digits$}"));
+    let own_ceiling = ceilings.map(|(s, b, _)| match args.shape {
+        Shape::Separated => s,
+        Shape::BackToBack => b,
+    });
     let summary = format!(
-        "mode=throughput agents={} runs={} outbox={} rate={} rust_log={} events={} events_per_s={:.0} p50_ms={:.2} p99_ms={:.2} max_ms={:.2} ingest_cpu_pct={:.0} ingest_cpu_us_per_event={:.2} ingest_peak_rss_mib={:.1} ceiling_rows_per_s={} ceiling_batch={} single_row_per_s={} ratio={}",
+        "mode=throughput shape={} agents={} runs={} replicas={} outbox={} rate={} rust_log={} events={} events_per_s={:.0} p50_ms={:.2} p99_ms={:.2} max_ms={:.2} ingest_cpu_s_per_1k={:.4} pg_cpu_s_per_1k={:.4} agents_cpu_s_per_1k={:.4} ingest_peak_rss_mib={:.1} one_replica_events_per_s={} replicas_ratio={} ceiling_separated={} ceiling_back_to_back={} ceiling_pg_cpu_s_per_1k={} single_row_per_s={} ratio={} ratio_vs_separated={}",
+        args.shape.name(),
         args.agents,
         args.runs,
+        args.replicas,
         args.outbox,
         args.rate.map_or("max".into(), |r| format!("{r:.0}")),
         args.ingest_rust_log,
-        total_events,
+        kanade.events,
         events_per_s,
-        ms(p50),
-        ms(p99),
-        ms(max),
-        100.0 * cpu / elapsed.as_secs_f64(),
-        1e6 * cpu / total_events as f64,
-        peak_rss as f64 / 1048576.0,
-        fmt_opt(ceiling),
-        ceiling_batch.map_or("na".into(), |b| b.to_string()),
-        fmt_opt(single),
-        ratio,
+        ms(kanade.p50),
+        ms(kanade.p99),
+        ms(kanade.max),
+        kanade.ingest_cpu_per_1k,
+        kanade.pg_cpu_per_1k,
+        kanade.agents_cpu_per_1k,
+        kanade.peak_rss_mib,
+        opt(one_replica.map(|o| o.events_per_s()), 0),
+        opt(one_replica.map(|o| events_per_s / o.events_per_s()), 3),
+        opt(ceilings.map(|c| c.0.events_per_s), 0),
+        opt(ceilings.map(|c| c.1.events_per_s), 0),
+        opt(own_ceiling.map(|c| c.pg_cpu_per_1k), 4),
+        opt(ceilings.map(|c| c.2), 0),
+        opt(own_ceiling.map(|c| events_per_s / c.events_per_s), 3),
+        opt(ceilings.map(|c| events_per_s / c.0.events_per_s), 3),
     );
     if let Some(csv) = &args.csv {
         crate::report::append_csv(csv, &summary)?;

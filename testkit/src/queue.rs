@@ -90,6 +90,8 @@ pub struct MemoryQueue {
     events: Mutex<BTreeMap<u64, (pb::Event, u64, Instant)>>,
     next_seq: AtomicU64,
     wake: Notify,
+    /// Told of every ack (a feeder waiting for its runs' starts to be acknowledged).
+    pub acked: Notify,
     latencies: Arc<Latencies>,
 }
 
@@ -99,6 +101,7 @@ impl MemoryQueue {
             events: Mutex::new(BTreeMap::new()),
             next_seq: AtomicU64::new(1),
             wake: Notify::new(),
+            acked: Notify::new(),
             latencies,
         }
     }
@@ -108,7 +111,13 @@ impl MemoryQueue {
         self.events.lock().unwrap().is_empty()
     }
 
-    pub fn enqueue(&self, body: EventBody) {
+    /// Whether the event with this seq still waits for its ack.
+    pub fn is_pending(&self, seq: u64) -> bool {
+        self.events.lock().unwrap().contains_key(&seq)
+    }
+
+    /// Queues an event; returns its seq.
+    pub fn enqueue(&self, body: EventBody) -> u64 {
         let seq = self.next_seq.fetch_add(1, Ordering::SeqCst);
         let event: pb::Event = Event {
             seq,
@@ -122,6 +131,7 @@ impl MemoryQueue {
             .unwrap()
             .insert(seq, (event, bytes, Instant::now()));
         self.wake.notify_one();
+        seq
     }
 }
 
@@ -146,6 +156,8 @@ impl Queue for MemoryQueue {
                 self.latencies.record(at.elapsed());
             }
         }
+        drop(events);
+        self.acked.notify_waiters();
         Ok(())
     }
 
