@@ -275,6 +275,7 @@ impl From<&ServeArgs> for BatchConfig {
             max_rows: args.batch_max_rows,
             max_bytes: args.batch_max_bytes,
             linger: args.batch_linger,
+            commits_in_flight: args.commits_in_flight,
             retry_max: args.retry_max,
             commit_timeout: args.commit_timeout,
         }
@@ -357,6 +358,10 @@ impl Prepared {
         if let Some(tls) = &self.tls {
             tasks.spawn(tls.clone().watch(args.tls_reload_every, stop.clone()));
         }
+        // Other replicas' consoles learn of this one's commits, whether it serves a console or
+        // not.
+        let (store, commits, until) = (self.store.clone(), changes.clone(), stop.clone());
+        tasks.spawn(async move { store.publish_commits(commits, until).await });
         if let Some(listener) = self.listeners.console.take() {
             let addr = listener
                 .local_addr()

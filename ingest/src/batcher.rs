@@ -3,7 +3,8 @@
 //!
 //! A batch closes at `max_rows` events, `max_bytes` bytes, or `linger` after its first event.
 //! Events of one run in a batch are merged in arrival order first (one upsert per run), and runs
-//! are written in `result_id` order so concurrent writers cannot deadlock. The queue in front is
+//! are written in `result_id` order so concurrent writers cannot deadlock. Several batches commit
+//! at once (`commits_in_flight`): one is built and sent while another waits for its commit. The queue in front is
 //! bounded: when the database is slow, submitters wait, streams stop being read, agents stall on
 //! their windows, and memory stays flat.
 //!
@@ -13,11 +14,15 @@
 //! commit. The batcher never waits on a stream: acks are queued without waiting, and a stream
 //! whose outbound queue is full is ended instead.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use chrono::{SubsecRound, Utc};
 use kanade_shared::{backoff::Backoff, pb, telemetry};
-use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use tracing::Instrument;
@@ -43,6 +48,8 @@ pub struct BatchConfig {
     pub linger: Duration,
     /// The longest pause between retries while the store is unavailable.
     pub retry_max: Duration,
+    /// Batches committing at once (each its own transaction), at most what the store allows.
+    pub commits_in_flight: usize,
     /// How long one attempt to commit a batch may take. A connection that went silent (no FIN,
     /// no RST) would otherwise hold the batch forever; past this the outcome is unknown, and the
     /// batch is retried on another connection (the upserts are idempotent).
@@ -101,6 +108,12 @@ pub struct Submission {
 }
 
 /// The batcher's end of the queue; runs until every submitter is gone, flushing what is queued.
+///
+/// Up to `commits_in_flight` batches commit at once (each in its own transaction on its own
+/// connection), so the next batch is built and sent while one waits for its commit. Runs are
+/// locked in `result_id` order in every batch, so concurrent batches cannot deadlock; and a
+/// batch sharing a run with an earlier batch still in flight waits for that one to end first,
+/// so each run's events reach its row in the order they arrived.
 pub async fn run(
     mut queue: mpsc::Receiver<Submission>,
     store: Arc<dyn Store>,
@@ -110,38 +123,112 @@ pub async fn run(
     changes: Changes,
     hard_stop: CancellationToken,
 ) {
-    while let Some(first) = queue.recv().await {
-        let mut bytes = first.bytes;
-        let mut batch = vec![first];
-        let linger = tokio::time::sleep(config.linger);
-        tokio::pin!(linger);
-        while batch.len() < config.max_rows && bytes < config.max_bytes {
-            let next = match queue.try_recv() {
-                Ok(s) => Some(s),
-                Err(mpsc::error::TryRecvError::Disconnected) => None,
-                Err(mpsc::error::TryRecvError::Empty) => tokio::select! {
-                    s = queue.recv() => s,
-                    _ = &mut linger => None,
-                },
-            };
-            let Some(s) = next else { break };
-            bytes += s.bytes;
-            batch.push(s);
+    let slots = Arc::new(Semaphore::new(
+        config.commits_in_flight.clamp(1, store.max_writers()),
+    ));
+    let batcher = Arc::new(Batcher {
+        store,
+        config,
+        readiness,
+        metrics,
+        changes,
+        hard_stop,
+    });
+    let mut in_flight = InFlight::default();
+    let mut commits = tokio::task::JoinSet::new();
+    loop {
+        // A free slot first: while every slot is committing, events gather in the queue and
+        // the next batch starts out full.
+        let slot = slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        while let Some(done) = commits.try_join_next() {
+            reap(done);
         }
-        metrics.queue_depth.set(queue.len() as i64);
-        let batcher = Batcher {
-            store: store.as_ref(),
-            config: &config,
-            readiness: &readiness,
-            metrics: &metrics,
-            changes: &changes,
-            hard_stop: &hard_stop,
+        let Some(batch) = gather(&mut queue, &batcher.config).await else {
+            break;
         };
-        if !batcher.commit(batch).await {
-            return;
+        batcher.metrics.queue_depth.set(queue.len() as i64);
+        if batcher.hard_stop.is_cancelled() {
+            break;
         }
+        let (done, before) = in_flight.admit(batch.iter().map(|s| s.write.result_id).collect());
+        let batcher = batcher.clone();
+        commits.spawn(async move {
+            let _done = done.drop_guard();
+            for earlier in before {
+                earlier.cancelled().await;
+            }
+            batcher.commit(batch).await;
+            drop(slot);
+        });
+    }
+    while let Some(done) = commits.join_next().await {
+        reap(done);
     }
     tracing::debug!("batcher: queue closed and flushed");
+}
+
+/// The batches committing, by the runs they hold: a new batch must wait for every one that
+/// holds one of its runs, so each run's events reach its row in arrival order.
+#[derive(Default)]
+struct InFlight {
+    batches: Vec<(HashSet<uuid::Uuid>, CancellationToken)>,
+}
+
+impl InFlight {
+    /// Admits a batch of `runs`: returns the token to cancel when it is answered, and the
+    /// tokens of the earlier batches it must wait for.
+    fn admit(&mut self, runs: HashSet<uuid::Uuid>) -> (CancellationToken, Vec<CancellationToken>) {
+        self.batches.retain(|(_, done)| !done.is_cancelled());
+        let before = self
+            .batches
+            .iter()
+            .filter(|(held, _)| !held.is_disjoint(&runs))
+            .map(|(_, done)| done.clone())
+            .collect();
+        let done = CancellationToken::new();
+        self.batches.push((runs, done.clone()));
+        (done, before)
+    }
+}
+
+/// A commit task's end: a panic in one is the batcher's panic.
+fn reap(done: Result<(), tokio::task::JoinError>) {
+    if let Err(err) = done
+        && err.is_panic()
+    {
+        std::panic::resume_unwind(err.into_panic());
+    }
+}
+
+/// The next batch: waits for its first event, then takes more until `max_rows`, `max_bytes` or
+/// `linger` after the first. `None`: every submitter is gone and the queue is empty.
+async fn gather(
+    queue: &mut mpsc::Receiver<Submission>,
+    config: &BatchConfig,
+) -> Option<Vec<Submission>> {
+    let first = queue.recv().await?;
+    let mut bytes = first.bytes;
+    let mut batch = vec![first];
+    let linger = tokio::time::sleep(config.linger);
+    tokio::pin!(linger);
+    while batch.len() < config.max_rows && bytes < config.max_bytes {
+        let next = match queue.try_recv() {
+            Ok(s) => Some(s),
+            Err(mpsc::error::TryRecvError::Disconnected) => None,
+            Err(mpsc::error::TryRecvError::Empty) => tokio::select! {
+                s = queue.recv() => s,
+                _ = &mut linger => None,
+            },
+        };
+        let Some(s) = next else { break };
+        bytes += s.bytes;
+        batch.push(s);
+    }
+    Some(batch)
 }
 
 /// Merges a batch into one write per (run, endpoint), in arrival order; returns the writes sorted
@@ -179,21 +266,21 @@ fn merge(batch: &mut [Submission]) -> (Vec<RunWrite>, Vec<usize>) {
     (sorted, carrier.into_iter().map(|i| position[i]).collect())
 }
 
-/// What committing a batch needs.
-struct Batcher<'a> {
-    store: &'a dyn Store,
-    config: &'a BatchConfig,
-    readiness: &'a Readiness,
-    metrics: &'a Metrics,
+/// What committing a batch needs, shared by the batches in flight.
+struct Batcher {
+    store: Arc<dyn Store>,
+    config: BatchConfig,
+    readiness: Readiness,
+    metrics: Arc<Metrics>,
     /// Told of every commit (the console's live pages).
-    changes: &'a Changes,
-    hard_stop: &'a CancellationToken,
+    changes: Changes,
+    hard_stop: CancellationToken,
 }
 
-impl Batcher<'_> {
-    /// Writes one batch and answers every submission in it. Returns false when the hard stop
-    /// came first (nothing more can be committed).
-    async fn commit(&self, mut batch: Vec<Submission>) -> bool {
+impl Batcher {
+    /// Writes one batch and answers every submission in it. When the hard stop comes first,
+    /// nothing more can be committed: the batch is dropped unanswered (its agents resend it).
+    async fn commit(&self, mut batch: Vec<Submission>) {
         let span = tracing::info_span!(
             "ingest.batch",
             batch.size = batch.len(),
@@ -210,14 +297,13 @@ impl Batcher<'_> {
         let (writes, carrier) = merge(&mut batch);
         let started = std::time::Instant::now();
         let Some(outcomes) = self.write_isolating(&writes).instrument(span.clone()).await else {
-            return false;
+            return;
         };
         let elapsed = started.elapsed();
         span.record("commit_ms", elapsed.as_secs_f64() * 1000.0);
         self.metrics.commit_seconds.observe(elapsed.as_secs_f64());
         self.metrics.batch_size.observe(batch.len() as f64);
-        deliver(batch, &writes, &carrier, &outcomes, self.metrics);
-        true
+        deliver(batch, &writes, &carrier, &outcomes, &self.metrics);
     }
 
     /// Applies `writes` in one transaction, retrying transient failures; when the database
@@ -258,7 +344,7 @@ impl Batcher<'_> {
             match attempt_result {
                 Ok(applied) => {
                     self.readiness.set_ok(Database::Primary, true).await;
-                    self.changes.announce();
+                    self.changes.committed();
                     return Some(
                         applied
                             .into_iter()
@@ -390,6 +476,24 @@ mod tests {
             charge: None,
             span: tracing::Span::none(),
         }
+    }
+
+    #[test]
+    fn a_batch_waits_only_for_batches_in_flight_that_hold_one_of_its_runs() {
+        let ids = |ids: &[u128]| ids.iter().map(|&i| Uuid::from_u128(i)).collect();
+        let mut in_flight = InFlight::default();
+        let (first, before) = in_flight.admit(ids(&[1, 2, 3]));
+        assert!(before.is_empty());
+        let (second, before) = in_flight.admit(ids(&[4, 5]));
+        assert!(before.is_empty(), "no run in common: commits alongside");
+        let (_third, before) = in_flight.admit(ids(&[3, 4]));
+        assert_eq!(before.len(), 2, "holds a run of each earlier batch");
+        first.cancel();
+        let (_fourth, before) = in_flight.admit(ids(&[1, 5]));
+        assert_eq!(before.len(), 1, "run 1's batch is done; run 5's is not");
+        second.cancel();
+        let (_, before) = in_flight.admit(ids(&[1, 2]));
+        assert_eq!(before.len(), 1, "the fourth batch still holds run 1");
     }
 
     #[test]

@@ -283,6 +283,12 @@ pub struct ServeArgs {
     #[arg(long, env = "KANADE_INGEST_BATCH_LINGER", default_value = "5ms", value_parser = duration)]
     pub batch_linger: Duration,
 
+    /// Batches committing at once, each in its own transaction: the next batch is built and
+    /// sent while one waits for its commit (PostgreSQL; at most 4, half the pool; SQLite has
+    /// one writer and commits one at a time).
+    #[arg(long, env = "KANADE_INGEST_COMMITS_IN_FLIGHT", default_value_t = 2)]
+    pub commits_in_flight: usize,
+
     /// One attempt to commit a batch may take this long before it counts as failed and is
     /// retried on another connection.
     #[arg(long, env = "KANADE_INGEST_COMMIT_TIMEOUT", default_value = "10s", value_parser = duration)]
@@ -424,6 +430,7 @@ impl ServeArgs {
             ("--max-pending-connections", self.max_pending_connections),
             ("--batch-max-rows", self.batch_max_rows),
             ("--batch-max-bytes", self.batch_max_bytes),
+            ("--commits-in-flight", self.commits_in_flight),
             ("--queue-capacity", self.queue_capacity),
             ("--max-unacked", self.max_unacked as usize),
         ] {

@@ -541,10 +541,24 @@ pub trait Store: ReadStore {
     }
 
     /// Announces on `changes` every commit any process makes to this database, until `stop`
-    /// (PostgreSQL: `LISTEN` for the `NOTIFY` each commit sends). The default does nothing:
-    /// an SQLite database has one serving process, whose batcher announces its own commits.
+    /// (PostgreSQL: `LISTEN` for what [`Store::publish_commits`] sends). The default does
+    /// nothing: an SQLite database has one serving process, whose batcher announces its own
+    /// commits.
     async fn watch_commits(&self, _changes: Changes, stop: CancellationToken) {
         stop.cancelled().await;
+    }
+
+    /// Tells every process on this database of this one's commits, until `stop` (PostgreSQL:
+    /// one `NOTIFY` after a commit, at most every [`changes::PUBLISH_EVERY`]). The default
+    /// does nothing (one serving process).
+    async fn publish_commits(&self, _changes: Changes, stop: CancellationToken) {
+        stop.cancelled().await;
+    }
+
+    /// How many transactions may write at once (the batcher's commits in flight): SQLite has
+    /// one writer.
+    fn max_writers(&self) -> usize {
+        1
     }
 
     /// Opens a console session.

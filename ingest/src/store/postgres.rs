@@ -3,7 +3,8 @@
 //! A batch is one transaction of `INSERT … SELECT FROM UNNEST(arrays) ON CONFLICT DO UPDATE`: one
 //! statement whatever the batch size (no bind-parameter limit, one prepared plan), rows in the
 //! order given (the batcher sorts by `result_id`, so concurrent batches lock rows in one order
-//! and cannot deadlock).
+//! and cannot deadlock). A write that would change nothing (a resend) is answered from a
+//! primary-key probe and never touches its row: no new row version, no WAL.
 
 use std::{str::FromStr, time::Duration as StdDuration};
 
@@ -44,34 +45,56 @@ const LISTEN_BACKOFF: Backoff = Backoff {
 const IDLE_IN_TRANSACTION_TIMEOUT_MS: u64 = 5_000;
 
 const UPSERT: &str = "\
-INSERT INTO execution_results AS r (result_id, request_id, exec_id, pc_id, manifest_id, version,
-    timeout_secs, status, exit_code, stdout, stderr, stdout_dropped_bytes, stderr_dropped_bytes,
-    started_at, finished_at, received_at, trace_id)
-SELECT u.result_id, u.request_id, u.exec_id, u.pc_id, u.manifest_id, u.version, u.timeout_secs,
-    u.status, u.exit_code, u.stdout, u.stderr, u.stdout_dropped_bytes, u.stderr_dropped_bytes,
-    u.started_at, u.finished_at, $16, u.trace_id
-FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int8[],
-    $8::text[], $9::int4[], $10::text[], $11::text[], $12::int8[], $13::int8[],
-    $14::timestamptz[], $15::timestamptz[], $17::text[]) WITH ORDINALITY
-    AS u(result_id, request_id, exec_id, pc_id, manifest_id, version, timeout_secs, status,
-    exit_code, stdout, stderr, stdout_dropped_bytes, stderr_dropped_bytes, started_at,
-    finished_at, trace_id, ord)
-ORDER BY u.ord
-ON CONFLICT (result_id) DO UPDATE SET
-    version = CASE WHEN r.version = '' THEN EXCLUDED.version ELSE r.version END,
-    timeout_secs = COALESCE(r.timeout_secs, EXCLUDED.timeout_secs),
-    trace_id = COALESCE(r.trace_id, EXCLUDED.trace_id),
-    status = COALESCE(r.status, EXCLUDED.status),
-    exit_code = CASE WHEN r.status IS NULL THEN EXCLUDED.exit_code ELSE r.exit_code END,
-    stdout = CASE WHEN r.status IS NULL THEN EXCLUDED.stdout ELSE r.stdout END,
-    stderr = CASE WHEN r.status IS NULL THEN EXCLUDED.stderr ELSE r.stderr END,
-    stdout_dropped_bytes = CASE WHEN r.status IS NULL THEN EXCLUDED.stdout_dropped_bytes
-        ELSE r.stdout_dropped_bytes END,
-    stderr_dropped_bytes = CASE WHEN r.status IS NULL THEN EXCLUDED.stderr_dropped_bytes
-        ELSE r.stderr_dropped_bytes END,
-    finished_at = CASE WHEN r.status IS NULL THEN EXCLUDED.finished_at ELSE r.finished_at END
-WHERE r.pc_id = EXCLUDED.pc_id
-RETURNING r.result_id";
+WITH u AS (
+    SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+        $7::int8[], $8::text[], $9::int4[], $10::text[], $11::text[], $12::int8[], $13::int8[],
+        $14::timestamptz[], $15::timestamptz[], $17::text[]) WITH ORDINALITY
+        AS u(result_id, request_id, exec_id, pc_id, manifest_id, version, timeout_secs, status,
+        exit_code, stdout, stderr, stdout_dropped_bytes, stderr_dropped_bytes, started_at,
+        finished_at, trace_id, ord)
+),
+-- The runs already stored, probed once each: whose they are, and whether this write would
+-- change anything. A write that would not (a resend of what the row holds) is answered without
+-- touching the row, and one for another endpoint's run is left out: neither makes a row
+-- version, a row lock or WAL, so a redelivery storm costs reads, not writes.
+known AS (
+    SELECT u.result_id, e.pc_id = u.pc_id AS ours,
+        (u.status IS NULL OR e.status IS NOT NULL)
+        AND (u.timeout_secs IS NULL OR e.timeout_secs IS NOT NULL)
+        AND (u.version = '' OR e.version <> '')
+        AND (u.trace_id IS NULL OR e.trace_id IS NOT NULL) AS unchanged
+    FROM u, LATERAL (
+        -- LIMIT keeps this a primary-key probe per write, never a join over the table.
+        SELECT e.pc_id, e.status, e.timeout_secs, e.version, e.trace_id
+        FROM execution_results e WHERE e.result_id = u.result_id LIMIT 1) e
+),
+written AS (
+    INSERT INTO execution_results AS r (result_id, request_id, exec_id, pc_id, manifest_id,
+        version, timeout_secs, status, exit_code, stdout, stderr, stdout_dropped_bytes,
+        stderr_dropped_bytes, started_at, finished_at, received_at, trace_id)
+    SELECT u.result_id, u.request_id, u.exec_id, u.pc_id, u.manifest_id, u.version,
+        u.timeout_secs, u.status, u.exit_code, u.stdout, u.stderr, u.stdout_dropped_bytes,
+        u.stderr_dropped_bytes, u.started_at, u.finished_at, $16, u.trace_id
+    FROM u WHERE u.result_id NOT IN (SELECT result_id FROM known WHERE unchanged OR NOT ours)
+    ORDER BY u.ord
+    ON CONFLICT (result_id) DO UPDATE SET
+        version = CASE WHEN r.version = '' THEN EXCLUDED.version ELSE r.version END,
+        timeout_secs = COALESCE(r.timeout_secs, EXCLUDED.timeout_secs),
+        trace_id = COALESCE(r.trace_id, EXCLUDED.trace_id),
+        status = COALESCE(r.status, EXCLUDED.status),
+        exit_code = CASE WHEN r.status IS NULL THEN EXCLUDED.exit_code ELSE r.exit_code END,
+        stdout = CASE WHEN r.status IS NULL THEN EXCLUDED.stdout ELSE r.stdout END,
+        stderr = CASE WHEN r.status IS NULL THEN EXCLUDED.stderr ELSE r.stderr END,
+        stdout_dropped_bytes = CASE WHEN r.status IS NULL THEN EXCLUDED.stdout_dropped_bytes
+            ELSE r.stdout_dropped_bytes END,
+        stderr_dropped_bytes = CASE WHEN r.status IS NULL THEN EXCLUDED.stderr_dropped_bytes
+            ELSE r.stderr_dropped_bytes END,
+        finished_at = CASE WHEN r.status IS NULL THEN EXCLUDED.finished_at ELSE r.finished_at END
+    WHERE r.pc_id = EXCLUDED.pc_id
+    RETURNING r.result_id
+)
+SELECT result_id FROM written
+UNION ALL SELECT result_id FROM known WHERE ours AND unchanged";
 
 /// `execution_results` in PostgreSQL.
 #[derive(Debug)]
@@ -410,12 +433,6 @@ impl Store for PostgresStore {
                 applied[i] = returned.contains(&writes[i].result_id);
             }
         }
-        // Every replica's console learns of the commit (delivered once it commits; PostgreSQL
-        // folds the same notification sent twice in one transaction).
-        sqlx::query("SELECT pg_notify($1, '')")
-            .bind(changes::CHANNEL)
-            .execute(&mut *tx)
-            .await?;
         tx.commit().await?;
         Ok(applied)
     }
@@ -468,6 +485,39 @@ impl Store for PostgresStore {
             }
             attempt += 1;
         }
+    }
+
+    async fn publish_commits(&self, changes: Changes, stop: CancellationToken) {
+        let mut own = changes.follow_own();
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                changed = own.changed() => if changed.is_err() { return },
+                _ = stop.cancelled() => return,
+            }
+            own.borrow_and_update();
+            let sent = sqlx::query("SELECT pg_notify($1, '')")
+                .bind(changes::CHANNEL)
+                .execute(&self.pool())
+                .await;
+            match sent {
+                // Other replicas' pages catch up at the next commit told.
+                Err(err) if !failing => {
+                    tracing::warn!(error = %err, "telling other replicas of commits failed");
+                    failing = true;
+                }
+                Err(_) => {}
+                Ok(_) => failing = false,
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(changes::PUBLISH_EVERY) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+
+    fn max_writers(&self) -> usize {
+        POOL_SIZE as usize / 2
     }
 
     async fn open_session(&self, session: &ConsoleSession) -> Result<(), StoreError> {

@@ -109,6 +109,76 @@ async fn redelivered_events_are_acked_again_without_duplicate_rows() {
     );
 }
 
+/// Each run's row version: the transaction that wrote it (`xmin`) and the one that last
+/// updated, deleted or locked it (`xmax`, 0 when none did), in the order of `runs`.
+async fn row_versions(db: &TestDb, runs: &[&Run]) -> Vec<(String, String)> {
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    let mut versions = Vec::new();
+    for run in runs {
+        versions.push(
+            sqlx::query_as(
+                "SELECT xmin::text, xmax::text FROM execution_results WHERE result_id = $1::uuid",
+            )
+            .bind(&run.result_id)
+            .fetch_one(&pool)
+            .await
+            .unwrap(),
+        );
+    }
+    pool.close().await;
+    versions
+}
+
+/// SPEC §15, Duplicates: a redelivered event that changes nothing writes nothing — no new row
+/// version, no row lock — and is still acked; an event that does change its row still writes
+/// it, and an endpoint resending another's run is still refused.
+#[tokio::test]
+async fn a_resend_that_changes_nothing_writes_no_row_version_and_is_acked() {
+    let db = TestDb::postgres().await;
+    let ingest = TestIngest::start(&db.url).await;
+    let mut client = ingest.ingest().await;
+    let (running, finished) = (Run::new("pc-a"), Run::new("pc-a"));
+    let mut stream = AgentStream::open(&mut client, "pc-a").await;
+    stream.send(running.started_event(1)).await;
+    stream.send(finished.started_event(2)).await;
+    stream.send(finished.result_event(3)).await;
+    assert_eq!(stream.answers(3).await, (vec![1, 2, 3], vec![]));
+    let before = row_versions(&db, &[&running, &finished]).await;
+
+    // Everything again on a fresh stream, as after a lost ack, in another order; and a late
+    // Started of the finished run on its own.
+    let mut stream = AgentStream::open(&mut client, "pc-a").await;
+    stream.send(finished.result_event(1)).await;
+    stream.send(running.started_event(2)).await;
+    assert_eq!(stream.answers(2).await, (vec![1, 2], vec![]));
+    stream.send(finished.started_event(3)).await;
+    assert_eq!(stream.answers(1).await, (vec![3], vec![]));
+    assert_eq!(
+        row_versions(&db, &[&running, &finished]).await,
+        before,
+        "a resend that changes nothing wrote or locked its row"
+    );
+
+    // The running run's result does change its row.
+    stream.send(running.result_event(4)).await;
+    assert_eq!(stream.answers(1).await, (vec![4], vec![]));
+    let after = row_versions(&db, &[&running, &finished]).await;
+    assert_ne!(after[0], before[0], "a result must write its run's row");
+    assert_eq!(after[1], before[1]);
+
+    // Another endpoint's resend of a run it does not own is refused, not taken for a no-op.
+    let mut other = AgentStream::open(&mut client, "pc-b").await;
+    let stolen = Run {
+        pc_id: "pc-b".into(),
+        ..finished.clone()
+    };
+    other.send(stolen.result_event(1)).await;
+    let (acked, rejected) = other.answers(1).await;
+    assert!(acked.is_empty(), "{rejected:?}");
+    assert!(rejected[0].1.contains("another pc_id"), "{}", rejected[0].1);
+    assert_eq!(row_versions(&db, &[&finished]).await[0], before[1]);
+}
+
 #[tokio::test]
 async fn a_stream_must_start_with_hello() {
     let db = TestDb::sqlite();
