@@ -26,7 +26,8 @@ pub const CONNECTIONS: usize = 2;
 #[derive(Debug, Clone, Copy)]
 pub struct Ceiling {
     pub events_per_s: f64,
-    /// PostgreSQL's CPU (every server process) per 1,000 events, in seconds.
+    /// PostgreSQL's CPU (the database's backends and the server's writers) per 1,000 events,
+    /// in seconds.
     pub pg_cpu_per_1k: f64,
 }
 
@@ -70,13 +71,16 @@ async fn measure(
     events: usize,
 ) -> anyhow::Result<Ceiling> {
     empty(store).await?;
-    let pg_before = crate::process::postgres_cpu_seconds();
+    let database: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&store.pool())
+        .await?;
+    let pg_cpu = crate::process::PgCpu::start(&database);
     let t = Instant::now();
     for rows in phases {
         write_all(store, rows).await?;
     }
     let elapsed = t.elapsed().as_secs_f64();
-    let pg = crate::process::postgres_cpu_seconds() - pg_before;
+    let pg = pg_cpu.seconds();
     Ok(Ceiling {
         events_per_s: events as f64 / elapsed,
         pg_cpu_per_1k: 1000.0 * pg / events as f64,

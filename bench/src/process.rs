@@ -136,12 +136,13 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-/// CPU seconds used so far by every process of the PostgreSQL server on this machine (its
-/// backends, WAL writer, checkpointer…): what the database spent, whoever asked. Other work on
-/// the same server counts too, so a measurement says what else ran.
-pub fn postgres_cpu_seconds() -> f64 {
+/// The PostgreSQL server processes working for `database`: its backends (their process title
+/// names the database) and the server's shared writers (WAL writer, checkpointer, background
+/// writer), which work for every database and so also count what else ran meanwhile.
+fn postgres_processes(database: &str) -> Vec<u32> {
+    const SHARED: [&str; 3] = ["walwriter", "checkpointer", "background writer"];
     let Ok(entries) = std::fs::read_dir("/proc") else {
-        return 0.0;
+        return Vec::new();
     };
     entries
         .flatten()
@@ -150,8 +151,39 @@ pub fn postgres_cpu_seconds() -> f64 {
             std::fs::read_to_string(format!("/proc/{pid}/comm"))
                 .is_ok_and(|comm| comm.trim_end() == "postgres")
         })
-        .map(cpu_seconds)
-        .sum()
+        .filter(|pid| {
+            let title = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let title = title.trim_end_matches('\0');
+            title.split_whitespace().any(|word| word == database)
+                || SHARED.iter().any(|shared| title.ends_with(shared))
+        })
+        .collect()
+}
+
+/// PostgreSQL's CPU for one database, measured from [`PgCpu::start`] to [`PgCpu::seconds`]:
+/// backends that ended in between are missed (the pools here keep theirs open).
+pub struct PgCpu {
+    database: String,
+    before: std::collections::HashMap<u32, f64>,
+}
+
+impl PgCpu {
+    pub fn start(database: &str) -> PgCpu {
+        let database = database.to_string();
+        let before = postgres_processes(&database)
+            .into_iter()
+            .map(|pid| (pid, cpu_seconds(pid)))
+            .collect();
+        PgCpu { database, before }
+    }
+
+    /// CPU seconds since `start`, backends started since included whole.
+    pub fn seconds(&self) -> f64 {
+        postgres_processes(&self.database)
+            .into_iter()
+            .map(|pid| cpu_seconds(pid) - self.before.get(&pid).copied().unwrap_or(0.0))
+            .sum()
+    }
 }
 
 /// CPU seconds this benchmark process used so far (its simulated agents).
@@ -202,6 +234,13 @@ impl BenchDb {
             admin: Some((url.to_string(), name)),
             _dir: None,
         })
+    }
+
+    /// The database's name (the SQLite file's path).
+    pub fn name(&self) -> &str {
+        self.admin
+            .as_ref()
+            .map_or(self.url.as_str(), |(_, name)| name.as_str())
     }
 
     /// Drops the PostgreSQL database (call when done).

@@ -69,28 +69,40 @@ fn font() -> anyhow::Result<&'static [u8]> {
     anyhow::bail!("no DejaVu Sans font found (apt-get install fonts-dejavu-core)")
 }
 
-/// Draws events/s and p99 ack latency against agents (log scale) from throughput rows.
+/// Draws events/s against agents (log scale) for both load shapes, with the separated shape's
+/// PostgreSQL ceiling measured in the same runs, and p99 ack latency at a fixed offered rate,
+/// from throughput rows.
 pub fn plot(csv: &Path, png: &Path) -> anyhow::Result<()> {
     let rows = read_csv(csv)?;
-    let series = |offered_max: bool, value: &str| -> Vec<(f64, f64)> {
+    // Rows without a shape predate it: their runs were queued back to back.
+    let shape_of = |r: &BTreeMap<String, String>| {
+        r.get("shape")
+            .cloned()
+            .unwrap_or_else(|| "back-to-back".into())
+    };
+    let series = |shape: &str, offered_max: bool, value: &str| -> Vec<(f64, f64)> {
         let mut points: Vec<(f64, f64)> = rows
             .iter()
             .filter(|r| r.get("mode").map(String::as_str) == Some("throughput"))
+            .filter(|r| shape_of(r) == shape)
+            .filter(|r| r.get("replicas").is_none_or(|n| n == "1"))
             .filter(|r| (r.get("rate").map(String::as_str) == Some("max")) == offered_max)
             .filter_map(|r| Some((r.get("agents")?.parse().ok()?, r.get(value)?.parse().ok()?)))
             .collect();
         points.sort_by(|a, b| a.0.total_cmp(&b.0));
         points
     };
-    // Throughput at full offered load; latency at a fixed offered rate (at full load every
-    // event waits behind all the others, so its latency only says how long the queue was).
-    let throughput = series(true, "events_per_s");
-    let mut latency = series(false, "p99_ms");
+    // Throughput at full load; latency at a fixed offered rate (at full load every event waits
+    // behind all the others, so its latency only says how long the queue was).
+    let separated = series("separated", true, "events_per_s");
+    let back_to_back = series("back-to-back", true, "events_per_s");
+    let ceiling = series("separated", true, "ceiling_separated");
+    let mut latency = series("separated", false, "p99_ms");
     if latency.is_empty() {
-        latency = series(true, "p99_ms");
+        latency = series("back-to-back", false, "p99_ms");
     }
     anyhow::ensure!(
-        !throughput.is_empty(),
+        !separated.is_empty() || !back_to_back.is_empty(),
         "no full-load throughput rows in {}",
         csv.display()
     );
@@ -105,13 +117,20 @@ pub fn plot(csv: &Path, png: &Path) -> anyhow::Result<()> {
     let root = BitMapBackend::new(png, (1000, 420)).into_drawing_area();
     root.fill(&WHITE)?;
     let (left, right) = root.split_horizontally(500);
-    let max_x = throughput
+    let max_x = separated
         .iter()
+        .chain(&back_to_back)
         .chain(&latency)
         .map(|p| p.0)
         .fold(1.0, f64::max)
         * 1.5;
-    let max_tp = throughput.iter().map(|p| p.1).fold(0.0, f64::max) * 1.2;
+    let max_tp = separated
+        .iter()
+        .chain(&back_to_back)
+        .chain(&ceiling)
+        .map(|p| p.1)
+        .fold(0.0, f64::max)
+        * 1.2;
     let max_p99 = latency.iter().map(|p| p.1).fold(0.0, f64::max) * 1.2;
 
     let mut chart = ChartBuilder::on(&left)
@@ -128,11 +147,35 @@ pub fn plot(csv: &Path, png: &Path) -> anyhow::Result<()> {
         .x_desc("agents")
         .y_desc("events/s")
         .draw()?;
-    chart.draw_series(LineSeries::new(throughput.iter().copied(), &BLUE))?;
-    chart.draw_series(throughput.iter().map(|&p| Circle::new(p, 4, BLUE.filled())))?;
+    let grey = RGBColor(150, 150, 150);
+    let green = RGBColor(0, 140, 60);
+    for (points, color, label) in [
+        (&ceiling, grey, "PostgreSQL ceiling (separated)"),
+        (&separated, BLUE, "separated"),
+        (&back_to_back, green, "back to back"),
+    ] {
+        if points.is_empty() {
+            continue;
+        }
+        chart
+            .draw_series(LineSeries::new(points.iter().copied(), color))?
+            .label(label)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+        chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerLeft)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 13))
+        .draw()?;
 
     let mut chart = ChartBuilder::on(&right)
-        .caption(format!("p99 ack latency at {rate}"), ("sans-serif", 18))
+        .caption(
+            format!("p99 ack latency at {rate} (separated)"),
+            ("sans-serif", 18),
+        )
         .margin(15)
         .x_label_area_size(40)
         .y_label_area_size(70)

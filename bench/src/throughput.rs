@@ -217,11 +217,8 @@ async fn measure(
         .map(|r| Duration::from_secs_f64(2.0 * args.agents as f64 / r));
 
     let ingest_cpu = || ingests.iter().map(IngestProcess::cpu_seconds).sum::<f64>();
-    let cpu_before = (
-        ingest_cpu(),
-        process::postgres_cpu_seconds(),
-        process::own_cpu_seconds(),
-    );
+    let cpu_before = (ingest_cpu(), process::own_cpu_seconds());
+    let pg_cpu = process::PgCpu::start(db.name());
     let started = Instant::now();
     let mut senders = Vec::new();
     let mut feeders = tokio::task::JoinSet::new();
@@ -263,8 +260,8 @@ async fn measure(
         p99,
         max,
         ingest_cpu_per_1k: per_1k(ingest_cpu() - cpu_before.0),
-        pg_cpu_per_1k: per_1k(process::postgres_cpu_seconds() - cpu_before.1),
-        agents_cpu_per_1k: per_1k(process::own_cpu_seconds() - cpu_before.2),
+        pg_cpu_per_1k: per_1k(pg_cpu.seconds()),
+        agents_cpu_per_1k: per_1k(process::own_cpu_seconds() - cpu_before.1),
         peak_rss_mib: ingests
             .iter()
             .map(|i| i.peak_rss_bytes() as f64 / 1048576.0)
