@@ -17,7 +17,11 @@ pub struct AgentHome {
     pub config: PathBuf,
     data_dir: PathBuf,
     ingest: String,
+    pc_id: String,
 }
+
+/// The endpoint every [`AgentHome`] speaks for unless the test names another.
+pub const TEST_PC_ID: &str = "pc-test";
 
 /// Fast timings so no test waits for production defaults.
 pub const FAST: &str = r#"
@@ -37,6 +41,15 @@ impl AgentHome {
 
     /// Like [`AgentHome::new`], with the data dir at `data_dir` (say, on a [`SmallDisk`]).
     pub fn with_data_dir(ingest: &str, extra: &str, data_dir: Option<PathBuf>) -> AgentHome {
+        AgentHome::build(TEST_PC_ID, ingest, extra, data_dir)
+    }
+
+    /// Like [`AgentHome::new`], for the endpoint `pc_id` (one of several agents in a test).
+    pub fn named(pc_id: &str, ingest: &str, extra: &str) -> AgentHome {
+        AgentHome::build(pc_id, ingest, extra, None)
+    }
+
+    fn build(pc_id: &str, ingest: &str, extra: &str, data_dir: Option<PathBuf>) -> AgentHome {
         let dir = tempfile::tempdir().expect("temp dir");
         let config = dir.path().join("agent.toml");
         let home = AgentHome {
@@ -44,6 +57,7 @@ impl AgentHome {
             dir,
             config,
             ingest: ingest.to_string(),
+            pc_id: pc_id.to_string(),
         };
         home.rewrite(extra);
         home
@@ -54,12 +68,18 @@ impl AgentHome {
         std::fs::write(
             &self.config,
             format!(
-                "pc_id = \"pc-test\"\ningest = \"{}\"\ndata_dir = \"{}\"\n{FAST}{extra}",
+                "pc_id = \"{}\"\ningest = \"{}\"\ndata_dir = \"{}\"\n{FAST}{extra}",
+                self.pc_id,
                 self.ingest,
                 self.data_dir().display()
             ),
         )
         .unwrap();
+    }
+
+    /// The endpoint this agent speaks for.
+    pub fn pc_id(&self) -> &str {
+        &self.pc_id
     }
 
     pub fn data_dir(&self) -> PathBuf {

@@ -1,7 +1,8 @@
 //! A database of its own for every test: a fresh PostgreSQL database on the test server, or a
 //! fresh SQLite file.
-use std::sync::Arc;
+use std::{collections::BTreeMap, sync::Arc};
 
+use chrono::{DateTime, Utc};
 use kanade_ingest::store::{self, Store};
 use uuid::Uuid;
 
@@ -9,6 +10,21 @@ use uuid::Uuid;
 pub fn postgres_admin_url() -> String {
     std::env::var("KANADE_TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
+}
+
+/// One row of `execution_results` as PostgreSQL holds it: the columns that say which run it is,
+/// whose, whether its EventStarted arrived, and whether it finished.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct StoredRun {
+    pub result_id: Uuid,
+    pub pc_id: String,
+    pub exec_id: String,
+    /// Known only from the run's EventStarted.
+    pub timeout_secs: Option<i64>,
+    /// `None` while running.
+    pub status: Option<String>,
+    pub exit_code: Option<i32>,
+    pub finished_at: Option<DateTime<Utc>>,
 }
 
 /// A database of its own for one test: a fresh PostgreSQL database (dropped afterwards) or a
@@ -65,6 +81,28 @@ impl TestDb {
     /// The PostgreSQL database's name (`None` for SQLite).
     pub fn postgres_name(&self) -> Option<&str> {
         self.pg_name.as_deref()
+    }
+
+    /// Every row of PostgreSQL's `execution_results`, read straight from the database (not
+    /// through ingest, nor any proxy in front of it), by `result_id`; panics if a `result_id` is
+    /// stored twice.
+    pub async fn stored_runs(&self) -> BTreeMap<Uuid, StoredRun> {
+        assert!(self.pg_name.is_some(), "stored_runs reads PostgreSQL");
+        let pool = sqlx::PgPool::connect(&self.url)
+            .await
+            .expect("connecting to the test database");
+        let rows: Vec<StoredRun> = sqlx::query_as(
+            "SELECT result_id, pc_id, exec_id, timeout_secs, status, exit_code, finished_at \
+             FROM execution_results",
+        )
+        .fetch_all(&pool)
+        .await
+        .expect("reading execution_results");
+        pool.close().await;
+        let count = rows.len();
+        let by_id: BTreeMap<_, _> = rows.into_iter().map(|r| (r.result_id, r)).collect();
+        assert_eq!(by_id.len(), count, "a result_id is stored twice");
+        by_id
     }
 
     /// The store itself, migrated, for direct inspection.

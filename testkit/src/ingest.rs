@@ -232,6 +232,22 @@ impl TestIngest {
         std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
     }
 
+    /// The lines ingest logged so far at `level` (`"ERROR"`, `"WARN"`, …: the text format's
+    /// second field, after the timestamp).
+    pub fn log_lines_at(&self, level: &str) -> Vec<String> {
+        self.log()
+            .lines()
+            .filter(|line| line.split_whitespace().nth(1) == Some(level))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// SIGKILL, as a crash or the OOM killer would; waits until the process is gone.
+    pub fn sigkill(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reaping ingest");
+    }
+
     /// Sends SIGTERM and waits for the process to exit; returns whether it exited successfully.
     pub async fn terminate(&mut self) -> bool {
         let pid = self.child.id().to_string();

@@ -1,6 +1,6 @@
 //! The harness every Kanade integration test uses, by concern: fresh databases ([`db`]), the
 //! real `kanade-ingest` ([`ingest`]) and `kanade-agent` ([`agent`]) binaries, test traffic
-//! ([`events`]), raw agent streams ([`stream`]) and in-memory queues for real senders ([`queue`]), fault injection ([`proxy`]), a streaming standby of the test server ([`standby`]), an OTLP
+//! ([`events`]), raw agent streams ([`stream`]) and in-memory queues for real senders ([`queue`]), fault injection and a round-robin front over replicas ([`proxy`]), a streaming standby of the test server ([`standby`]), an OTLP
 //! receiver ([`otlp`]), a test CA ([`ca`]), a headless browser ([`browser`]) and what `/proc` says about a server ([`procfs`]). Everything talks to the real thing: PostgreSQL,
 //! SQLite files, gRPC over loopback, child processes.
 
@@ -22,11 +22,11 @@ use std::{net::SocketAddr, time::Duration};
 pub use agent::{AgentHome, Daemon, SmallDisk};
 pub use browser::Browser;
 pub use ca::{IssuedCert, TestCa, tls_channel};
-pub use db::{Backend, TestDb, postgres_admin_url};
+pub use db::{Backend, StoredRun, TestDb, postgres_admin_url};
 pub use events::{Run, now};
 pub use ingest::{NOT_SERVING, SERVING, TestIngest, TestIngestBuilder, add_token, health};
 pub use otlp::{CollectedSpan, OtlpReceiver};
-pub use proxy::FaultProxy;
+pub use proxy::{FaultProxy, RoundRobin};
 pub use standby::Standby;
 pub use stream::{AgentStream, event_msg, hello};
 

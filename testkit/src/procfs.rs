@@ -1,6 +1,6 @@
-//! What Linux tells about a running server process: its memory, its CPU time, and the options
+//! What Linux tells about a running server process: its memory, its CPU time, the options
 //! of its own side of an accepted socket (fetched with `pidfd_getfd`, so a test checks the real
-//! server's socket, not a copy of the client's view).
+//! server's socket, not a copy of the client's view), and the ports of its outgoing connections.
 
 use std::{net::SocketAddr, os::fd::AsFd};
 
@@ -80,4 +80,46 @@ pub fn server_side_nodelay(pid: u32, server_port: u16, client: SocketAddr) -> Op
         rustix::process::pidfd_getfd(pidfd.as_fd(), fd, rustix::process::PidfdGetfdFlags::empty())
             .expect("pidfd_getfd (Linux 5.6+, and permission to trace the server)");
     Some(rustix::net::sockopt::tcp_nodelay(&socket).expect("getsockopt TCP_NODELAY"))
+}
+
+/// The inodes of the sockets process `pid` holds open.
+fn socket_inodes(pid: u32) -> std::collections::HashSet<u64> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|fds| {
+            fds.filter_map(Result::ok)
+                .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+                .filter_map(|link| {
+                    let link = link.to_string_lossy().into_owned();
+                    link.strip_prefix("socket:[")?
+                        .strip_suffix(']')?
+                        .parse()
+                        .ok()
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The local ports of the TCP connections process `pid` holds to port `remote_port` (say, its
+/// database sessions, which `pg_stat_activity` shows by `client_port`). Empty once it is gone.
+pub fn ports_connected_to(pid: u32, remote_port: u16) -> Vec<u16> {
+    let inodes = socket_inodes(pid);
+    let mut ports = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        // The table lists the whole network namespace: the process's own sockets are those
+        // whose inode it holds.
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() > 9
+                && port_of(f[2]) == Some(remote_port)
+                && f[9].parse().is_ok_and(|inode: u64| inodes.contains(&inode))
+            {
+                ports.extend(port_of(f[1]));
+            }
+        }
+    }
+    ports
 }

@@ -69,19 +69,11 @@ async fn send_all(stream: &AgentStream, runs: &[Run], sent: &[Sent]) {
 /// Every row of `execution_results`, read straight from PostgreSQL (not through any proxy):
 /// `result_id` → `status` (None while running).
 async fn rows(db: &TestDb) -> BTreeMap<Uuid, Option<String>> {
-    let pool = sqlx::PgPool::connect(&db.url)
+    db.stored_runs()
         .await
-        .expect("connecting to the test database");
-    let rows: Vec<(Uuid, Option<String>)> =
-        sqlx::query_as("SELECT result_id, status FROM execution_results")
-            .fetch_all(&pool)
-            .await
-            .expect("reading execution_results");
-    pool.close().await;
-    let count = rows.len();
-    let by_id: BTreeMap<_, _> = rows.into_iter().collect();
-    assert_eq!(by_id.len(), count, "a result_id is stored twice");
-    by_id
+        .into_iter()
+        .map(|(id, row)| (id, row.status))
+        .collect()
 }
 
 fn id(run: &Run) -> Uuid {
@@ -360,8 +352,7 @@ async fn sigkill_of_ingest_loses_nothing_acked() {
             other => panic!("unexpected {other:?}"),
         }
     }
-    first.child.kill().expect("SIGKILL");
-    first.child.wait().expect("reaping ingest");
+    first.sigkill();
     // Anything acked just before the kill counts too.
     while let Ok(Some(message)) = stream.try_next().await {
         match message {

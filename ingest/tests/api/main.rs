@@ -12,6 +12,7 @@ mod listeners;
 mod memory;
 mod partitions;
 mod replica;
+mod replicas;
 mod stream;
 mod telemetry;
 mod tls;
