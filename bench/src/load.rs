@@ -5,15 +5,18 @@
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use kanade_agent::{
-    config::Synchronous,
+    config::{DEFAULT_KEEPALIVE, DEFAULT_KEEPALIVE_TIMEOUT, RECONNECT_BASE, Synchronous},
     outbox::{Outbox, Pending},
-    sender::{self, Queue},
+    sender::{self, Queue, SenderConfig},
 };
-use kanade_shared::wire::{EventStarted, ExecResult};
+use kanade_shared::{
+    backoff::Backoff,
+    wire::{EventStarted, ExecResult},
+};
 pub use kanade_testkit::queue::{Latencies, MemoryQueue, run_events, sender_config};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -82,6 +85,21 @@ impl Queue for TimedOutbox {
     }
 }
 
+/// The sender settings of a real agent left at its defaults (keepalive, and the reconnect
+/// backoff's base), with its `reconnect_max`: for benchmarks that measure reconnecting, where
+/// [`sender_config`]'s short test cap would flatter the fleet.
+pub fn agent_sender_config(ingest: &str, pc_id: &str, reconnect_max: Duration) -> SenderConfig {
+    SenderConfig {
+        keepalive: DEFAULT_KEEPALIVE,
+        keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
+        reconnect: Backoff {
+            base: RECONNECT_BASE,
+            cap: reconnect_max,
+        },
+        ..sender_config(ingest, pc_id)
+    }
+}
+
 /// Starts the real sender for one agent.
 pub fn spawn_sender<Q: Queue>(
     queue: Q,
@@ -89,7 +107,16 @@ pub fn spawn_sender<Q: Queue>(
     pc_id: &str,
     stop: &CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
-    let (config, stop) = (sender_config(ingest, pc_id), stop.clone());
+    spawn_sender_with(queue, sender_config(ingest, pc_id), stop)
+}
+
+/// Starts the real sender for one agent with the given settings.
+pub fn spawn_sender_with<Q: Queue>(
+    queue: Q,
+    config: SenderConfig,
+    stop: &CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let stop = stop.clone();
     tokio::spawn(async move {
         if let Err(err) = sender::run(queue, config, stop).await {
             eprintln!("kanade-bench: a sender stopped: {err:#}");

@@ -14,6 +14,7 @@ mod memory;
 mod process;
 mod report;
 mod retention;
+mod storm;
 mod throughput;
 
 use std::path::PathBuf;
@@ -39,6 +40,10 @@ enum Mode {
     Throughput(throughput::ThroughputArgs),
     /// Ingest memory per idle stream for K streams, then the reconnect storm after a SIGKILL.
     Connections(connections::ConnectionsArgs),
+    /// N agents with a backlog each reconnect after an ingest outage: time until every event is
+    /// committed, and each agent's drain time (median, slowest), with what the reconnect
+    /// backoff and what ingest contribute to it.
+    Storm(storm::StormArgs),
     /// The agent's footprint: idle daemon CPU, RSS and wake-ups, exec overhead, outbox enqueue
     /// rate, binary sizes.
     Agent(agent::AgentArgs),
@@ -65,6 +70,7 @@ async fn main() -> anyhow::Result<()> {
         Mode::Indexes(args) => indexes::run(args).await,
         Mode::Throughput(args) => throughput::run(args).await,
         Mode::Connections(args) => connections::run(args).await,
+        Mode::Storm(args) => storm::run(args).await,
         Mode::Agent(args) => agent::run(args).await,
         Mode::Memory(args) => memory::run(args).await,
         Mode::Retention(args) => retention::run(args).await,

@@ -25,6 +25,24 @@ pub fn workspace_binary(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// Applies ingest's migrations to a database (`kanade-ingest migrate`), as an upgrade does
+/// before the servers restart.
+pub fn migrate(database_url: &str) -> anyhow::Result<()> {
+    let out = Command::new(workspace_binary("kanade-ingest")?)
+        .args(["migrate", "--database-url", database_url])
+        .stdin(Stdio::null())
+        .output()
+        .context("running kanade-ingest migrate")?;
+    if !out.status.success() {
+        bail!(
+            "kanade-ingest migrate failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 /// A running ingest process.
 pub struct IngestProcess {
     pub child: Child,
@@ -191,6 +209,59 @@ pub fn own_cpu_seconds() -> f64 {
     cpu_seconds(std::process::id())
 }
 
+/// The whole machine's CPU time so far from /proc/stat, in clock ticks: (busy, total), where
+/// busy is everything but idle and iowait.
+pub fn machine_cpu_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("cpu "))
+        .map(|l| {
+            l.split_whitespace()
+                .filter_map(|f| f.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let total: u64 = ticks.iter().sum();
+    let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+/// A free port on 127.0.0.1 outside the kernel's ephemeral range, for a server that is down
+/// while clients keep trying to reach it and must then come up on that port. Each failed
+/// connect takes a source port from the ephemeral range; when one is the target port itself, the
+/// socket can connect to itself (TCP simultaneous open) and holds the port, and the server's bind
+/// fails. A port the kernel never hands out as a source port cannot be taken that way.
+pub fn free_port_outside_ephemeral_range() -> anyhow::Result<u16> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .context("reading /proc/sys/net/ipv4/ip_local_port_range")?;
+    let bounds: Vec<u16> = range
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    let [low, high] = bounds[..] else {
+        bail!("unexpected ip_local_port_range: {range:?}");
+    };
+    // Registered ports below the range, else the few above it.
+    let candidates = if low > 11_000 {
+        10_000..low
+    } else {
+        high.saturating_add(1)..u16::MAX
+    };
+    anyhow::ensure!(
+        !candidates.is_empty(),
+        "the ephemeral range {low}-{high} leaves no port outside it"
+    );
+    for _ in 0..200 {
+        let port = fastrand::u16(candidates.clone());
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free port on 127.0.0.1 between {candidates:?} after 200 tries")
+}
+
 /// A `VmXXX:` line of /proc/PID/status, in KiB.
 pub fn status_kib(pid: u32, key: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -199,6 +270,19 @@ pub fn status_kib(pid: u32, key: &str) -> u64 {
         .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
+}
+
+/// Counts over `execution_results`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunCounts {
+    /// Rows.
+    pub rows: u64,
+    /// Distinct `result_id`s: equal to `rows` when no run has two rows.
+    pub runs: u64,
+    /// Rows with a result (`finished_at` set).
+    pub finished: u64,
+    /// Distinct `pc_id`s.
+    pub pcs: u64,
 }
 
 /// A database of its own for one measurement: a fresh PostgreSQL database on the server the URL
@@ -236,11 +320,39 @@ impl BenchDb {
         })
     }
 
+    pub fn is_postgres(&self) -> bool {
+        self.admin.is_some()
+    }
+
     /// The database's name (the SQLite file's path).
     pub fn name(&self) -> &str {
         self.admin
             .as_ref()
             .map_or(self.url.as_str(), |(_, name)| name.as_str())
+    }
+
+    /// What `execution_results` holds, counted by the database.
+    pub async fn run_counts(&self) -> anyhow::Result<RunCounts> {
+        const COUNTS: &str = "SELECT count(*), count(DISTINCT result_id), \
+             count(*) FILTER (WHERE finished_at IS NOT NULL), count(DISTINCT pc_id) \
+             FROM execution_results";
+        let (rows, runs, finished, pcs): (i64, i64, i64, i64) = if self.is_postgres() {
+            let pool = sqlx::PgPool::connect(&self.url).await?;
+            let counts = sqlx::query_as(COUNTS).fetch_one(&pool).await?;
+            pool.close().await;
+            counts
+        } else {
+            let pool = sqlx::SqlitePool::connect(&self.url).await?;
+            let counts = sqlx::query_as(COUNTS).fetch_one(&pool).await?;
+            pool.close().await;
+            counts
+        };
+        Ok(RunCounts {
+            rows: rows as u64,
+            runs: runs as u64,
+            finished: finished as u64,
+            pcs: pcs as u64,
+        })
     }
 
     /// Drops the PostgreSQL database (call when done).

@@ -3,6 +3,8 @@
 
 use std::process::Command;
 
+use kanade_testkit::postgres_admin_url;
+
 fn run(args: &[&str]) -> std::collections::BTreeMap<String, String> {
     let out = Command::new(env!("CARGO_BIN_EXE_kanade-bench"))
         .args(args)
@@ -25,8 +27,7 @@ fn run(args: &[&str]) -> std::collections::BTreeMap<String, String> {
 fn throughput_delivers_every_event_and_measures_the_ceiling() {
     let dir = tempfile::tempdir().unwrap();
     let csv = dir.path().join("bench.csv");
-    let admin = std::env::var("KANADE_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string());
+    let admin = postgres_admin_url();
     let s = run(&[
         "throughput",
         "--database-url",
@@ -81,6 +82,36 @@ fn connections_open_idle_streams_and_survive_a_restart() {
     ]);
     assert_eq!(s["mode"], "connections");
     assert_eq!(s["failed"], "0");
+}
+
+#[test]
+fn storm_commits_every_backlog_after_an_outage() {
+    let admin = postgres_admin_url();
+    let s = run(&[
+        "storm",
+        "--database-url",
+        &admin,
+        "--agents",
+        "200",
+        "--events-per-agent",
+        "20",
+        "--outage",
+        "2s",
+        "--reconnect-max",
+        "1s",
+        "--stall-timeout",
+        "30s",
+    ]);
+    assert_eq!(s["mode"], "storm");
+    assert_eq!(s["events"], "4000");
+    assert_eq!(
+        s["refused_agents"], "200",
+        "every agent tried during the outage: {s:?}"
+    );
+    assert_eq!(s["rows"], "2000");
+    assert_eq!(s["finished"], "2000");
+    assert_eq!(s["verified"], "true");
+    assert!(s["agent_drain_max_s"].parse::<f64>().unwrap() > 0.0);
 }
 
 #[test]
