@@ -176,6 +176,8 @@ struct Measured {
     agents_cpu_per_1k: f64,
     /// Of the busiest replica, in MiB.
     peak_rss_mib: f64,
+    /// How busy the whole machine was (every core, every process), in %.
+    machine_busy_pct: f64,
 }
 
 impl Measured {
@@ -217,7 +219,11 @@ async fn measure(
         .map(|r| Duration::from_secs_f64(2.0 * args.agents as f64 / r));
 
     let ingest_cpu = || ingests.iter().map(IngestProcess::cpu_seconds).sum::<f64>();
-    let cpu_before = (ingest_cpu(), process::own_cpu_seconds());
+    let cpu_before = (
+        ingest_cpu(),
+        process::own_cpu_seconds(),
+        process::machine_cpu_ticks(),
+    );
     let pg_cpu = process::PgCpu::start(db.name());
     let started = Instant::now();
     let mut senders = Vec::new();
@@ -251,6 +257,7 @@ async fn measure(
             .context("no ack for 60 s: is ingest stuck?")?;
     }
     let elapsed = started.elapsed();
+    let machine = process::machine_cpu_ticks();
     let per_1k = |seconds: f64| 1000.0 * seconds / total_events as f64;
     let (p50, p99, max) = latencies.summary();
     let measured = Measured {
@@ -266,6 +273,8 @@ async fn measure(
             .iter()
             .map(|i| i.peak_rss_bytes() as f64 / 1048576.0)
             .fold(0.0, f64::max),
+        machine_busy_pct: 100.0 * (machine.0 - cpu_before.2.0) as f64
+            / (machine.1 - cpu_before.2.1).max(1) as f64,
     };
     stop.cancel();
     for s in senders {
@@ -360,10 +369,11 @@ pub async fn run(args: ThroughputArgs) -> anyhow::Result<()> {
         ms(kanade.max)
     );
     println!(
-        "CPU per 1,000 events: ingest {:.3} s, PostgreSQL {:.3} s, simulated agents {:.3} s; ingest peak RSS {:.1} MiB",
+        "CPU per 1,000 events: ingest {:.4} s, PostgreSQL {:.4} s, simulated agents {:.4} s; the machine was {:.0} % busy; ingest peak RSS {:.1} MiB",
         kanade.ingest_cpu_per_1k,
         kanade.pg_cpu_per_1k,
         kanade.agents_cpu_per_1k,
+        kanade.machine_busy_pct,
         kanade.peak_rss_mib
     );
     if let Some(one) = &one_replica {
@@ -401,7 +411,7 @@ pub async fn run(args: ThroughputArgs) -> anyhow::Result<()> {
         Shape::BackToBack => b,
     });
     let summary = format!(
-        "mode=throughput shape={} agents={} runs={} replicas={} outbox={} rate={} rust_log={} events={} events_per_s={:.0} p50_ms={:.2} p99_ms={:.2} max_ms={:.2} ingest_cpu_s_per_1k={:.4} pg_cpu_s_per_1k={:.4} agents_cpu_s_per_1k={:.4} ingest_peak_rss_mib={:.1} one_replica_events_per_s={} replicas_ratio={} ceiling_separated={} ceiling_back_to_back={} ceiling_pg_cpu_s_per_1k={} single_row_per_s={} ratio={} ratio_vs_separated={}",
+        "mode=throughput shape={} agents={} runs={} replicas={} outbox={} rate={} rust_log={} events={} events_per_s={:.0} p50_ms={:.2} p99_ms={:.2} max_ms={:.2} ingest_cpu_s_per_1k={:.4} pg_cpu_s_per_1k={:.4} agents_cpu_s_per_1k={:.4} machine_busy_pct={:.0} ingest_peak_rss_mib={:.1} one_replica_events_per_s={} replicas_ratio={} ceiling_separated={} ceiling_back_to_back={} ceiling_pg_cpu_s_per_1k={} single_row_per_s={} ratio={} ratio_vs_separated={}",
         args.shape.name(),
         args.agents,
         args.runs,
@@ -417,6 +427,7 @@ pub async fn run(args: ThroughputArgs) -> anyhow::Result<()> {
         kanade.ingest_cpu_per_1k,
         kanade.pg_cpu_per_1k,
         kanade.agents_cpu_per_1k,
+        kanade.machine_busy_pct,
         kanade.peak_rss_mib,
         opt(one_replica.map(|o| o.events_per_s()), 0),
         opt(one_replica.map(|o| events_per_s / o.events_per_s()), 3),

@@ -15,7 +15,7 @@
 //! whose outbound queue is full is ended instead.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, VecDeque},
     sync::Arc,
     time::Duration,
 };
@@ -111,9 +111,9 @@ pub struct Submission {
 ///
 /// Up to `commits_in_flight` batches commit at once (each in its own transaction on its own
 /// connection), so the next batch is built and sent while one waits for its commit. Runs are
-/// locked in `result_id` order in every batch, so concurrent batches cannot deadlock; and a
-/// batch sharing a run with an earlier batch still in flight waits for that one to end first,
-/// so each run's events reach its row in the order they arrived.
+/// locked in `result_id` order in every batch, so concurrent batches cannot deadlock; and no two
+/// batches in flight write the same run (an event of a run being written waits for the next
+/// batch), so each run's events reach its row in the order they arrived.
 pub async fn run(
     mut queue: mpsc::Receiver<Submission>,
     store: Arc<dyn Store>,
@@ -136,6 +136,8 @@ pub async fn run(
     });
     let mut in_flight = InFlight::default();
     let mut commits = tokio::task::JoinSet::new();
+    // Events held back from the last batch: their runs were still being written.
+    let mut held = Vec::new();
     loop {
         // A free slot first: while every slot is committing, events gather in the queue and
         // the next batch starts out full.
@@ -147,20 +149,30 @@ pub async fn run(
         while let Some(done) = commits.try_join_next() {
             reap(done);
         }
-        let Some(batch) = gather(&mut queue, &batcher.config).await else {
+        let Some(mut batch) = gather(&mut queue, &batcher.config, std::mem::take(&mut held)).await
+        else {
             break;
         };
         batcher.metrics.queue_depth.set(queue.len() as i64);
         if batcher.hard_stop.is_cancelled() {
             break;
         }
-        let (done, before) = in_flight.admit(batch.iter().map(|s| s.write.result_id).collect());
+        // An event of a run that a batch in flight is writing waits for that batch: it goes
+        // into the next one, ahead of newer events, so each run's events reach its row in the
+        // order they arrived. When every event gathered waits, so does the batcher.
+        loop {
+            let (ready, waiting) = in_flight.split(batch);
+            if !ready.is_empty() {
+                (batch, held) = (ready, waiting);
+                break;
+            }
+            in_flight.oldest_done().await;
+            batch = waiting;
+        }
+        let done = in_flight.admit(&batch);
         let batcher = batcher.clone();
         commits.spawn(async move {
             let _done = done.drop_guard();
-            for earlier in before {
-                earlier.cancelled().await;
-            }
             batcher.commit(batch).await;
             drop(slot);
         });
@@ -171,27 +183,42 @@ pub async fn run(
     tracing::debug!("batcher: queue closed and flushed");
 }
 
-/// The batches committing, by the runs they hold: a new batch must wait for every one that
-/// holds one of its runs, so each run's events reach its row in arrival order.
+/// The batches committing, by the runs they write, each with a token cancelled when it is
+/// answered.
 #[derive(Default)]
 struct InFlight {
-    batches: Vec<(HashSet<uuid::Uuid>, CancellationToken)>,
+    batches: VecDeque<(HashSet<uuid::Uuid>, CancellationToken)>,
 }
 
 impl InFlight {
-    /// Admits a batch of `runs`: returns the token to cancel when it is answered, and the
-    /// tokens of the earlier batches it must wait for.
-    fn admit(&mut self, runs: HashSet<uuid::Uuid>) -> (CancellationToken, Vec<CancellationToken>) {
+    /// Splits `batch` into the events no batch in flight is writing the run of, and those that
+    /// must wait (arrival order kept in both).
+    fn split(&mut self, batch: Vec<Submission>) -> (Vec<Submission>, Vec<Submission>) {
         self.batches.retain(|(_, done)| !done.is_cancelled());
-        let before = self
-            .batches
-            .iter()
-            .filter(|(held, _)| !held.is_disjoint(&runs))
-            .map(|(_, done)| done.clone())
-            .collect();
+        if self.batches.is_empty() {
+            return (batch, Vec::new());
+        }
+        batch.into_iter().partition(|s| {
+            !self
+                .batches
+                .iter()
+                .any(|(runs, _)| runs.contains(&s.write.result_id))
+        })
+    }
+
+    /// Records `batch` as in flight; cancel the token returned once it is answered.
+    fn admit(&mut self, batch: &[Submission]) -> CancellationToken {
         let done = CancellationToken::new();
-        self.batches.push((runs, done.clone()));
-        (done, before)
+        let runs = batch.iter().map(|s| s.write.result_id).collect();
+        self.batches.push_back((runs, done.clone()));
+        done
+    }
+
+    /// Waits until the oldest batch in flight is answered.
+    async fn oldest_done(&self) {
+        if let Some((_, done)) = self.batches.front() {
+            done.cancelled().await;
+        }
     }
 }
 
@@ -204,15 +231,19 @@ fn reap(done: Result<(), tokio::task::JoinError>) {
     }
 }
 
-/// The next batch: waits for its first event, then takes more until `max_rows`, `max_bytes` or
-/// `linger` after the first. `None`: every submitter is gone and the queue is empty.
+/// The next batch: the events `held` back from the last one, or else the first event to come;
+/// then more until `max_rows`, `max_bytes` or `linger` after that. `None`: every submitter is
+/// gone and nothing is queued or held.
 async fn gather(
     queue: &mut mpsc::Receiver<Submission>,
     config: &BatchConfig,
+    held: Vec<Submission>,
 ) -> Option<Vec<Submission>> {
-    let first = queue.recv().await?;
-    let mut bytes = first.bytes;
-    let mut batch = vec![first];
+    let mut batch = held;
+    if batch.is_empty() {
+        batch.push(queue.recv().await?);
+    }
+    let mut bytes: usize = batch.iter().map(|s| s.bytes).sum();
     let linger = tokio::time::sleep(config.linger);
     tokio::pin!(linger);
     while batch.len() < config.max_rows && bytes < config.max_bytes {
@@ -478,22 +509,37 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_batch_waits_only_for_batches_in_flight_that_hold_one_of_its_runs() {
-        let ids = |ids: &[u128]| ids.iter().map(|&i| Uuid::from_u128(i)).collect();
+    #[tokio::test]
+    async fn events_of_runs_in_flight_wait_for_the_next_batch_in_arrival_order() {
         let mut in_flight = InFlight::default();
-        let (first, before) = in_flight.admit(ids(&[1, 2, 3]));
-        assert!(before.is_empty());
-        let (second, before) = in_flight.admit(ids(&[4, 5]));
-        assert!(before.is_empty(), "no run in common: commits alongside");
-        let (_third, before) = in_flight.admit(ids(&[3, 4]));
-        assert_eq!(before.len(), 2, "holds a run of each earlier batch");
+        let first = in_flight.admit(&[submission(1, "a", false), submission(2, "a", false)]);
+        let second = in_flight.admit(&[submission(3, "a", false)]);
+        let batch = vec![
+            submission(2, "a", true),
+            submission(4, "a", false),
+            submission(3, "a", true),
+            submission(2, "a", true),
+            submission(5, "a", false),
+        ];
+        let ids = |b: &[Submission]| -> Vec<u128> {
+            b.iter().map(|s| s.write.result_id.as_u128()).collect()
+        };
+        let (ready, waiting) = in_flight.split(batch);
+        assert_eq!(ids(&ready), [4, 5], "runs no batch in flight writes go now");
+        assert_eq!(
+            ids(&waiting),
+            [2, 3, 2],
+            "the others wait, in arrival order"
+        );
+
         first.cancel();
-        let (_fourth, before) = in_flight.admit(ids(&[1, 5]));
-        assert_eq!(before.len(), 1, "run 1's batch is done; run 5's is not");
+        in_flight.oldest_done().await;
+        let (ready, waiting) = in_flight.split(waiting);
+        assert_eq!(ids(&ready), [2, 2], "run 2's batch is answered");
+        assert_eq!(ids(&waiting), [3], "run 3's is not");
         second.cancel();
-        let (_, before) = in_flight.admit(ids(&[1, 2]));
-        assert_eq!(before.len(), 1, "the fourth batch still holds run 1");
+        let (ready, waiting) = in_flight.split(waiting);
+        assert_eq!((ids(&ready), waiting.len()), (vec![3], 0));
     }
 
     #[test]

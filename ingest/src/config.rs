@@ -286,7 +286,7 @@ pub struct ServeArgs {
     /// Batches committing at once, each in its own transaction: the next batch is built and
     /// sent while one waits for its commit (PostgreSQL; at most 4, half the pool; SQLite has
     /// one writer and commits one at a time).
-    #[arg(long, env = "KANADE_INGEST_COMMITS_IN_FLIGHT", default_value_t = 2)]
+    #[arg(long, env = "KANADE_INGEST_COMMITS_IN_FLIGHT", default_value_t = 3)]
     pub commits_in_flight: usize,
 
     /// One attempt to commit a batch may take this long before it counts as failed and is
