@@ -298,9 +298,11 @@ async fn measure_ceilings(
         .prepare_days(chrono::Utc::now().date_naive(), 1)
         .await?;
     let to_write = |body: EventBody| RunWrite::from_event(body).expect("valid ids");
-    let (started, results): (Vec<RunWrite>, Vec<RunWrite>) = runs
-        .iter()
-        .flatten()
+    // In id order: each statement writes one stretch of the index, the best case.
+    let mut all: Vec<&(EventStarted, ExecResult)> = runs.iter().flatten().collect();
+    all.sort_by(|a, b| a.0.result_id.cmp(&b.0.result_id));
+    let (started, results): (Vec<RunWrite>, Vec<RunWrite>) = all
+        .into_iter()
         .map(|(s, r)| {
             (
                 to_write(EventBody::Started(s.clone())),
@@ -325,13 +327,19 @@ pub async fn run(args: ThroughputArgs) -> anyhow::Result<()> {
         !(args.outbox && args.shape == Shape::Separated),
         "--outbox writes a run's Started and Result in one go: use it with --shape back-to-back"
     );
-    let runs: Vec<Runs> = (0..args.agents)
-        .map(|a| {
-            (0..args.runs)
-                .map(|_| load::run_events(&format!("bench-{a:05}"), args.output_bytes))
-                .collect()
-        })
-        .collect();
+    // Minted round by round (every agent's first run, then every agent's second…), so the ids
+    // (UUIDv7, minted when a run starts) rise in the order the runs are sent, as a fleet's do.
+    // Minted agent by agent, each agent's runs would be one stretch of the index, which
+    // PostgreSQL writes faster than a fleet's order (BENCHMARKS.md).
+    let mut runs: Vec<Runs> = vec![Vec::with_capacity(args.runs); args.agents];
+    for _ in 0..args.runs {
+        for (a, agent_runs) in runs.iter_mut().enumerate() {
+            agent_runs.push(load::run_events(
+                &format!("bench-{a:05}"),
+                args.output_bytes,
+            ));
+        }
+    }
     let one_replica = if args.replicas > 1 {
         Some(measure(&args, &runs, 1).await?)
     } else {
