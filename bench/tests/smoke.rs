@@ -39,14 +39,55 @@ fn throughput_delivers_every_event_and_measures_the_ceiling() {
         "--csv",
         csv.to_str().unwrap(),
     ]);
-    assert_eq!(s["mode"], "throughput");
+    assert_eq!(
+        (s["mode"].as_str(), s["shape"].as_str()),
+        ("throughput", "separated")
+    );
     assert_eq!(s["events"], "120");
     assert!(s["events_per_s"].parse::<f64>().unwrap() > 0.0);
     assert!(s["ratio"].parse::<f64>().unwrap() > 0.0, "{s:?}");
+    assert!(
+        s["ceiling_back_to_back"].parse::<f64>().unwrap() > 0.0,
+        "{s:?}"
+    );
+    // 120 events may take less than one clock tick of PostgreSQL's CPU: only the field's form.
+    assert!(s["pg_cpu_s_per_1k"].parse::<f64>().unwrap() >= 0.0, "{s:?}");
+    // Two replicas on one database: the same load against one first, for the ratio.
+    let s = run(&[
+        "throughput",
+        "--database-url",
+        &admin,
+        "--shape",
+        "back-to-back",
+        "--agents",
+        "4",
+        "--runs",
+        "10",
+        "--replicas",
+        "2",
+        "--no-ceiling",
+        "--csv",
+        csv.to_str().unwrap(),
+    ]);
+    assert_eq!(s["events"], "80");
+    assert!(s["replicas_ratio"].parse::<f64>().unwrap() > 0.0, "{s:?}");
+    // A run's two events go through a real outbox together: back to back only.
+    let refused = Command::new(env!("CARGO_BIN_EXE_kanade-bench"))
+        .args(["throughput", "--database-url", "sqlite://x", "--outbox"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--shape back-to-back"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
     let s = run(&[
         "throughput",
         "--database-url",
         "sqlite://x",
+        "--shape",
+        "back-to-back",
         "--agents",
         "2",
         "--runs",

@@ -315,7 +315,8 @@ impl From<&ServeArgs> for RegistryLimits {
 
 impl Prepared {
     /// The tasks that run beside the gRPC services until `stop`: retention, the store probe,
-    /// certificate reloads, and the health and metrics listeners.
+    /// certificate reloads, the health and metrics listeners, and telling other replicas of
+    /// this one's commits (and, with the console, hearing of theirs).
     fn spawn_background(
         &mut self,
         metrics: &Arc<Metrics>,

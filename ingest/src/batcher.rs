@@ -4,9 +4,9 @@
 //! A batch closes at `max_rows` events, `max_bytes` bytes, or `linger` after its first event.
 //! Events of one run in a batch are merged in arrival order first (one upsert per run), and runs
 //! are written in `result_id` order so concurrent writers cannot deadlock. Several batches commit
-//! at once (`commits_in_flight`): one is built and sent while another waits for its commit. The queue in front is
-//! bounded: when the database is slow, submitters wait, streams stop being read, agents stall on
-//! their windows, and memory stays flat.
+//! at once (`commits_in_flight`): one is built and sent while another waits for its commit. The
+//! queue in front is bounded: when the database is slow, submitters wait, streams stop being
+//! read, agents stall on their windows, and memory stays flat.
 //!
 //! Failures (SPEC §3): a transient store error retries the same batch in place with backoff,
 //! acking nothing, and turns health NOT_SERVING until a commit succeeds. When the database refuses
@@ -166,8 +166,13 @@ pub async fn run(
                 (batch, held) = (ready, waiting);
                 break;
             }
+            // Holding a slot and reading nothing meanwhile: the held events go first, and the
+            // oldest batch is the likeliest to be done first.
             in_flight.oldest_done().await;
             batch = waiting;
+        }
+        if batcher.hard_stop.is_cancelled() {
+            break;
         }
         let done = in_flight.admit(&batch);
         let batcher = batcher.clone();

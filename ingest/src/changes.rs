@@ -1,8 +1,8 @@
 //! Commits, announced: whoever shows runs (the console's live pages) learns that runs changed
 //! without polling. The batcher announces its own commits ([`Changes::committed`]); with
 //! PostgreSQL each replica tells the others with `NOTIFY kanade_runs` after its commits (at most
-//! every few milliseconds, outside the write transactions: a `NOTIFY` in a transaction
-//! serialises every notifying commit on the server), and each replica's listener
+//! every [`PUBLISH_EVERY`], outside the write transactions: a `NOTIFY` in a transaction holds
+//! the notification queue's lock through its commit, so notifying commits cannot overlap), and each replica's listener
 //! ([`crate::store::Store::watch_commits`]) announces the commits of the others.
 //!
 //! An announcement carries no content, only that something changed: listeners re-read what they

@@ -27,8 +27,9 @@ use crate::changes::{self, Changes};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
-/// Connections in the pool: the batcher writes one transaction at a time; the rest serve
-/// Activity queries, health and retention.
+/// Connections in the pool: up to half of them write the batches in flight
+/// ([`Store::max_writers`]); the rest serve Activity queries, health, retention and the commit
+/// publisher and listener.
 const POOL_SIZE: u32 = 8;
 /// How long a caller waits for a pooled connection before the store counts as unavailable.
 const ACQUIRE_TIMEOUT: StdDuration = StdDuration::from_secs(5);
@@ -36,7 +37,8 @@ const ACQUIRE_TIMEOUT: StdDuration = StdDuration::from_secs(5);
 const SUMMARY_WORK_MEM: &str = "128MB";
 /// The advisory lock replicas take turns on to create and drop day partitions.
 const PARTITIONS_LOCK: i64 = 0x6b61_6e61_6465_7031; // "kanadep1"
-/// Retries of `LISTEN` after the connection it was on was lost.
+/// Retries of `LISTEN` after the connection it was on was lost, and of telling other replicas of
+/// commits after a failed `NOTIFY`.
 const LISTEN_BACKOFF: Backoff = Backoff {
     base: StdDuration::from_millis(200),
     cap: StdDuration::from_secs(5),
@@ -489,29 +491,55 @@ impl Store for PostgresStore {
 
     async fn publish_commits(&self, changes: Changes, stop: CancellationToken) {
         let mut own = changes.follow_own();
-        let mut failing = false;
+        let mut failures: u32 = 0;
         loop {
-            tokio::select! {
-                changed = own.changed() => if changed.is_err() { return },
-                _ = stop.cancelled() => return,
+            let stopping = tokio::select! {
+                changed = own.changed() => changed.is_err(),
+                _ = stop.cancelled() => true,
+            };
+            if stopping && !own.has_changed().unwrap_or(false) {
+                return;
             }
             own.borrow_and_update();
-            let sent = sqlx::query("SELECT pg_notify($1, '')")
-                .bind(changes::CHANNEL)
-                .execute(&self.pool())
-                .await;
-            match sent {
-                // Other replicas' pages catch up at the next commit told.
-                Err(err) if !failing => {
-                    tracing::warn!(error = %err, "telling other replicas of commits failed");
-                    failing = true;
+            // Bounded like every other call on the pool: a connection gone silent must not hold
+            // the publisher (or shutdown) forever.
+            let sent = tokio::time::timeout(
+                ACQUIRE_TIMEOUT,
+                sqlx::query("SELECT pg_notify($1, '')")
+                    .bind(changes::CHANNEL)
+                    .execute(&self.pool()),
+            )
+            .await;
+            let failure = match sent {
+                Ok(Ok(_)) => None,
+                Ok(Err(err)) => Some(err.to_string()),
+                Err(_) => {
+                    self.discard_connections();
+                    Some(format!("no answer within {ACQUIRE_TIMEOUT:?}"))
                 }
-                Err(_) => {}
-                Ok(_) => failing = false,
+            };
+            let pause = match failure {
+                None => {
+                    failures = 0;
+                    changes::PUBLISH_EVERY
+                }
+                Some(why) => {
+                    if failures == 0 {
+                        tracing::warn!(error = %why, "telling other replicas of commits failed; retrying");
+                    }
+                    // Told at the next try, whether or not anything commits meanwhile.
+                    own.mark_changed();
+                    failures = failures.saturating_add(1);
+                    LISTEN_BACKOFF.next_delay(failures)
+                }
+            };
+            if stopping {
+                return;
             }
             tokio::select! {
-                _ = tokio::time::sleep(changes::PUBLISH_EVERY) => {}
-                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(pause) => {}
+                // The commits of the last moments are still told, once.
+                _ = stop.cancelled() => {}
             }
         }
     }
