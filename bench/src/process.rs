@@ -228,40 +228,6 @@ pub fn machine_cpu_ticks() -> (u64, u64) {
     (total - idle, total)
 }
 
-/// A free port on 127.0.0.1 outside the kernel's ephemeral range, for a server that is down
-/// while clients keep trying to reach it and must then come up on that port. Each failed
-/// connect takes a source port from the ephemeral range; when one is the target port itself, the
-/// socket can connect to itself (TCP simultaneous open) and holds the port, and the server's bind
-/// fails. A port the kernel never hands out as a source port cannot be taken that way.
-pub fn free_port_outside_ephemeral_range() -> anyhow::Result<u16> {
-    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .context("reading /proc/sys/net/ipv4/ip_local_port_range")?;
-    let bounds: Vec<u16> = range
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect();
-    let [low, high] = bounds[..] else {
-        bail!("unexpected ip_local_port_range: {range:?}");
-    };
-    // Registered ports below the range, else the few above it.
-    let candidates = if low > 11_000 {
-        10_000..low
-    } else {
-        high.saturating_add(1)..u16::MAX
-    };
-    anyhow::ensure!(
-        !candidates.is_empty(),
-        "the ephemeral range {low}-{high} leaves no port outside it"
-    );
-    for _ in 0..200 {
-        let port = fastrand::u16(candidates.clone());
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return Ok(port);
-        }
-    }
-    bail!("no free port on 127.0.0.1 between {candidates:?} after 200 tries")
-}
-
 /// A `VmXXX:` line of /proc/PID/status, in KiB.
 pub fn status_kib(pid: u32, key: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

@@ -292,7 +292,7 @@ async fn storm(args: &StormArgs, db: &BenchDb) -> anyhow::Result<Measured> {
         let url = db.url.clone();
         tokio::task::spawn_blocking(move || process::migrate(&url)).await??;
     }
-    let port = process::free_port_outside_ephemeral_range()?;
+    let port = kanade_testkit::free_port_outside_ephemeral_range()?;
     let addr = format!("127.0.0.1:{port}");
     let url = format!("http://{addr}");
     let fleet = Arc::new(Fleet {

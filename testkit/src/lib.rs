@@ -47,11 +47,48 @@ pub fn workspace_binary(name: &str) -> std::path::PathBuf {
     path
 }
 
-/// A free loopback address, for a server that must come back on the same port.
+/// A free loopback address for a server started with it (one that must come back on the same
+/// port, or a second listener), outside the ephemeral range: a port picked from that range can be
+/// taken as another connection's source port before the server binds it.
 pub fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
+    let port = free_port_outside_ephemeral_range().expect("a free port");
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A free port on 127.0.0.1 outside the kernel's ephemeral range, for a server that is down
+/// while clients keep trying to reach it and must then come up on that port. Each failed
+/// connect takes a source port from the ephemeral range; when one is the target port itself, the
+/// socket can connect to itself (TCP simultaneous open) and holds the port, and the server's bind
+/// fails. A port the kernel never hands out as a source port cannot be taken that way either by
+/// the many client connections tests run beside each other.
+pub fn free_port_outside_ephemeral_range() -> anyhow::Result<u16> {
+    use anyhow::{Context, bail};
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .context("reading /proc/sys/net/ipv4/ip_local_port_range")?;
+    let bounds: Vec<u16> = range
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    let [low, high] = bounds[..] else {
+        bail!("unexpected ip_local_port_range: {range:?}");
+    };
+    // Registered ports below the range, else the few above it.
+    let candidates = if low > 11_000 {
+        10_000..low
+    } else {
+        high.saturating_add(1)..u16::MAX
+    };
+    anyhow::ensure!(
+        !candidates.is_empty(),
+        "the ephemeral range {low}-{high} leaves no port outside it"
+    );
+    for _ in 0..200 {
+        let port = fastrand::u16(candidates.clone());
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free port on 127.0.0.1 between {candidates:?} after 200 tries")
 }
 
 /// Polls `check` until it holds or `timeout` passes.
