@@ -284,8 +284,8 @@ pub struct ServeArgs {
     pub batch_linger: Duration,
 
     /// Batches committing at once, each in its own transaction: the next batch is built and
-    /// sent while one waits for its commit (PostgreSQL; at most 4, half the pool; SQLite has
-    /// one writer and commits one at a time).
+    /// sent while one waits for its commit (PostgreSQL, 1 to 4; SQLite has one writer and
+    /// commits one at a time).
     #[arg(long, env = "KANADE_INGEST_COMMITS_IN_FLIGHT", default_value_t = 3)]
     pub commits_in_flight: usize,
 
@@ -438,9 +438,19 @@ impl ServeArgs {
                 return Err(format!("{flag} must be at least 1"));
             }
         }
+        if self.commits_in_flight > MAX_COMMITS_IN_FLIGHT {
+            return Err(format!(
+                "--commits-in-flight {} is more than {MAX_COMMITS_IN_FLIGHT}: each batch in flight \
+                 takes a database connection, and half of them serve reads",
+                self.commits_in_flight
+            ));
+        }
         Ok(())
     }
 }
+
+/// The most batches that may commit at once: half of the PostgreSQL store's pool of eight.
+pub const MAX_COMMITS_IN_FLIGHT: usize = 4;
 
 #[cfg(test)]
 mod tests {
@@ -559,6 +569,13 @@ mod tests {
         assert_eq!(
             cli.serve.validate().unwrap_err(),
             "--max-streams must be at least 1"
+        );
+        let cli = Cli::try_parse_from(["kanade-ingest", "--commits-in-flight", "9"]).unwrap();
+        assert!(
+            cli.serve
+                .validate()
+                .unwrap_err()
+                .starts_with("--commits-in-flight 9 is more than 4"),
         );
     }
 

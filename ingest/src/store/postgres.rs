@@ -28,8 +28,8 @@ use crate::changes::{self, Changes};
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
 /// Connections in the pool: up to half of them write the batches in flight
-/// ([`Store::max_writers`]); the rest serve Activity queries, health, retention and the commit
-/// publisher and listener.
+/// ([`crate::config::MAX_COMMITS_IN_FLIGHT`]); the rest serve Activity queries, health,
+/// retention and the commit publisher and listener.
 const POOL_SIZE: u32 = 8;
 /// How long a caller waits for a pooled connection before the store counts as unavailable.
 const ACQUIRE_TIMEOUT: StdDuration = StdDuration::from_secs(5);
@@ -545,7 +545,7 @@ impl Store for PostgresStore {
     }
 
     fn max_writers(&self) -> usize {
-        POOL_SIZE as usize / 2
+        crate::config::MAX_COMMITS_IN_FLIGHT
     }
 
     async fn open_session(&self, session: &ConsoleSession) -> Result<(), StoreError> {
