@@ -351,10 +351,6 @@ async fn populate(store: &PostgresStore, rows: u64) -> anyhow::Result<DateTime<U
     Ok(end)
 }
 
-fn percentile(sorted: &[Duration], q: f64) -> Duration {
-    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
-}
-
 pub async fn run(args: ActivityArgs) -> anyhow::Result<()> {
     let base = args
         .database_url
@@ -593,7 +589,8 @@ fn report(
     last: Option<Call>,
 ) {
     times.sort_unstable();
-    let (p50, p99) = (percentile(times, 0.5), percentile(times, 0.99));
+    let at = |q: f64| kanade_testkit::percentile(times, q).expect("timed samples");
+    let (p50, p99) = (at(0.5), at(0.99));
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let mark = if p99 > target { "  OVER TARGET" } else { "" };
     println!(

@@ -325,11 +325,7 @@ pub async fn run(args: ConnectionsArgs) -> anyhow::Result<()> {
 
     let mut times = fleet.reconnect_times.lock().unwrap().clone();
     times.sort_unstable();
-    let at = |q: f64| {
-        times
-            .get(((times.len().max(1) - 1) as f64 * q).round() as usize)
-            .map_or(f64::NAN, Duration::as_secs_f64)
-    };
+    let at = |q: f64| kanade_testkit::percentile(&times, q).map_or(f64::NAN, |d| d.as_secs_f64());
     let failed = k - reconnected;
     println!(
         "storm: ingest SIGKILLed (reaped in {:.2} s), restarted on {addr}, listening after \

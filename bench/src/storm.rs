@@ -182,11 +182,8 @@ struct Spread {
 impl Spread {
     fn of(mut times: Vec<Duration>) -> Spread {
         times.sort_unstable();
-        let at = |q: f64| {
-            times
-                .get(((times.len().max(1) - 1) as f64 * q).round() as usize)
-                .map_or(f64::NAN, Duration::as_secs_f64)
-        };
+        let at =
+            |q: f64| kanade_testkit::percentile(&times, q).map_or(f64::NAN, |d| d.as_secs_f64());
         Spread {
             p50: at(0.5),
             p99: at(0.99),

@@ -47,6 +47,13 @@ pub fn workspace_binary(name: &str) -> std::path::PathBuf {
     path
 }
 
+/// The `q` quantile (0.0 ..= 1.0) of samples sorted ascending, by the nearest rank; `None` when
+/// there are none.
+pub fn percentile(sorted: &[Duration], q: f64) -> Option<Duration> {
+    let last = sorted.len().checked_sub(1)?;
+    sorted.get((last as f64 * q).round() as usize).copied()
+}
+
 /// A free loopback address for a server started with it (one that must come back on the same
 /// port, or a second listener), outside the ephemeral range: a port picked from that range can be
 /// taken as another connection's source port before the server binds it.

@@ -80,8 +80,8 @@ impl Latencies {
             return Default::default();
         }
         s.sort_unstable();
-        let at = |q: f64| s[((s.len() - 1) as f64 * q).round() as usize];
-        (at(0.5), at(0.99), *s.last().unwrap())
+        let at = |q: f64| crate::percentile(&s, q).expect("samples");
+        (at(0.5), at(0.99), at(1.0))
     }
 }
 
