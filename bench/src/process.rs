@@ -25,24 +25,6 @@ pub fn workspace_binary(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// Applies ingest's migrations to a database (`kanade-ingest migrate`), as an upgrade does
-/// before the servers restart.
-pub fn migrate(database_url: &str) -> anyhow::Result<()> {
-    let out = Command::new(workspace_binary("kanade-ingest")?)
-        .args(["migrate", "--database-url", database_url])
-        .stdin(Stdio::null())
-        .output()
-        .context("running kanade-ingest migrate")?;
-    if !out.status.success() {
-        bail!(
-            "kanade-ingest migrate failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
 /// A running ingest process.
 pub struct IngestProcess {
     pub child: Child,

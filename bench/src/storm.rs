@@ -285,10 +285,12 @@ async fn storm(args: &StormArgs, db: &BenchDb) -> anyhow::Result<Measured> {
     let runs_per_agent = args.events_per_agent / 2;
     let total_events = (args.agents * args.events_per_agent) as u64;
     let reconnect_max: Duration = args.reconnect_max.into();
-    {
-        let url = db.url.clone();
-        tokio::task::spawn_blocking(move || process::migrate(&url)).await??;
-    }
+    // Migrated before the outage, as an upgrade does before the servers restart.
+    kanade_ingest::store::open(&db.url)
+        .await?
+        .migrate()
+        .await
+        .context("migrating the benchmark database")?;
     let port = kanade_testkit::free_port_outside_ephemeral_range()?;
     let addr = format!("127.0.0.1:{port}");
     let url = format!("http://{addr}");

@@ -285,12 +285,16 @@ async fn measure(
     Ok(measured)
 }
 
-/// PostgreSQL's ceilings for the same runs: (separated, back-to-back, one row per transaction).
+/// PostgreSQL's ceilings for the same runs: (separated, back-to-back, one row per transaction);
+/// `None` for SQLite, which has none.
 async fn measure_ceilings(
     args: &ThroughputArgs,
     runs: &[Runs],
-) -> anyhow::Result<(Ceiling, Ceiling, f64)> {
+) -> anyhow::Result<Option<(Ceiling, Ceiling, f64)>> {
     let baseline = BenchDb::fresh(&args.database_url).await?;
+    if !baseline.is_postgres() {
+        return Ok(None);
+    }
     let store = Arc::new(store::PostgresStore::connect(&baseline.url).await?);
     store.migrate().await?;
     // Today's partition, as a serving ingest creates it (the runs' ids were minted now).
@@ -315,7 +319,7 @@ async fn measure_ceilings(
     let single = ceiling::one_row_per_transaction(&store, &started, &results, 1500).await?;
     store.pool().close().await;
     baseline.drop_database().await;
-    Ok((separated, back_to_back, single))
+    Ok(Some((separated, back_to_back, single)))
 }
 
 pub async fn run(args: ThroughputArgs) -> anyhow::Result<()> {
@@ -346,11 +350,10 @@ pub async fn run(args: ThroughputArgs) -> anyhow::Result<()> {
         None
     };
     let kanade = measure(&args, &runs, args.replicas).await?;
-    let is_postgres = args.database_url.starts_with("postgres");
-    let ceilings = if is_postgres && !args.no_ceiling {
-        Some(measure_ceilings(&args, &runs).await?)
-    } else {
+    let ceilings = if args.no_ceiling {
         None
+    } else {
+        measure_ceilings(&args, &runs).await?
     };
 
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
