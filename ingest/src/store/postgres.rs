@@ -46,8 +46,8 @@ const LISTEN_BACKOFF: Backoff = Backoff {
 /// How long the server keeps a transaction of ours that stopped talking (see `connect`).
 const IDLE_IN_TRANSACTION_TIMEOUT_MS: u64 = 5_000;
 
-const UPSERT: &str = "\
-WITH u AS (
+const UPSERT: &str = concat!(
+    "WITH u AS (
     SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
         $7::int8[], $8::text[], $9::int4[], $10::text[], $11::text[], $12::int8[], $13::int8[],
         $14::timestamptz[], $15::timestamptz[], $17::text[]) WITH ORDINALITY
@@ -58,7 +58,8 @@ WITH u AS (
 -- The runs already stored, probed once each: whose they are, and whether this write would
 -- change anything. A write that would not (a resend of what the row holds) is answered without
 -- touching the row, and one for another endpoint's run is left out: neither makes a row
--- version, a row lock or WAL, so a redelivery storm costs reads, not writes.
+-- version, a row lock or WAL, so a redelivery storm costs reads, not writes. `unchanged`
+-- holds exactly when the merge (sql::merge_on_conflict!) would leave every column as it is.
 known AS (
     SELECT u.result_id, e.pc_id = u.pc_id AS ours,
         (u.status IS NULL OR e.status IS NOT NULL)
@@ -79,24 +80,14 @@ written AS (
         u.stderr_dropped_bytes, u.started_at, u.finished_at, $16, u.trace_id
     FROM u WHERE u.result_id NOT IN (SELECT result_id FROM known WHERE unchanged OR NOT ours)
     ORDER BY u.ord
-    ON CONFLICT (result_id) DO UPDATE SET
-        version = CASE WHEN r.version = '' THEN EXCLUDED.version ELSE r.version END,
-        timeout_secs = COALESCE(r.timeout_secs, EXCLUDED.timeout_secs),
-        trace_id = COALESCE(r.trace_id, EXCLUDED.trace_id),
-        status = COALESCE(r.status, EXCLUDED.status),
-        exit_code = CASE WHEN r.status IS NULL THEN EXCLUDED.exit_code ELSE r.exit_code END,
-        stdout = CASE WHEN r.status IS NULL THEN EXCLUDED.stdout ELSE r.stdout END,
-        stderr = CASE WHEN r.status IS NULL THEN EXCLUDED.stderr ELSE r.stderr END,
-        stdout_dropped_bytes = CASE WHEN r.status IS NULL THEN EXCLUDED.stdout_dropped_bytes
-            ELSE r.stdout_dropped_bytes END,
-        stderr_dropped_bytes = CASE WHEN r.status IS NULL THEN EXCLUDED.stderr_dropped_bytes
-            ELSE r.stderr_dropped_bytes END,
-        finished_at = CASE WHEN r.status IS NULL THEN EXCLUDED.finished_at ELSE r.finished_at END
-    WHERE r.pc_id = EXCLUDED.pc_id
+",
+    sql::merge_on_conflict!(),
+    "
     RETURNING r.result_id
 )
 SELECT result_id FROM written
-UNION ALL SELECT result_id FROM known WHERE ours AND unchanged";
+UNION ALL SELECT result_id FROM known WHERE ours AND unchanged"
+);
 
 /// `execution_results` in PostgreSQL.
 #[derive(Debug)]

@@ -46,6 +46,30 @@ impl Params {
     }
 }
 
+/// How a write merges into the run's row already stored (SPEC §3), as the `ON CONFLICT` clause
+/// of both stores' upserts (`r` is the stored row): a run's fields fill in whichever event
+/// brings them, the first result wins, and only the endpoint that first reported the run may
+/// write it. A macro, so that each store's statement stays one `&'static str`.
+macro_rules! merge_on_conflict {
+    () => {
+        "ON CONFLICT (result_id) DO UPDATE SET
+    version = CASE WHEN r.version = '' THEN EXCLUDED.version ELSE r.version END,
+    timeout_secs = COALESCE(r.timeout_secs, EXCLUDED.timeout_secs),
+    trace_id = COALESCE(r.trace_id, EXCLUDED.trace_id),
+    status = COALESCE(r.status, EXCLUDED.status),
+    exit_code = CASE WHEN r.status IS NULL THEN EXCLUDED.exit_code ELSE r.exit_code END,
+    stdout = CASE WHEN r.status IS NULL THEN EXCLUDED.stdout ELSE r.stdout END,
+    stderr = CASE WHEN r.status IS NULL THEN EXCLUDED.stderr ELSE r.stderr END,
+    stdout_dropped_bytes = CASE WHEN r.status IS NULL THEN EXCLUDED.stdout_dropped_bytes
+        ELSE r.stdout_dropped_bytes END,
+    stderr_dropped_bytes = CASE WHEN r.status IS NULL THEN EXCLUDED.stderr_dropped_bytes
+        ELSE r.stderr_dropped_bytes END,
+    finished_at = CASE WHEN r.status IS NULL THEN EXCLUDED.finished_at ELSE r.finished_at END
+WHERE r.pc_id = EXCLUDED.pc_id"
+    };
+}
+pub(super) use merge_on_conflict;
+
 /// The stored columns a read selects (with the computed `state`): the fields of [`StoredRun`].
 pub(super) const COLUMNS: &str = "result_id, request_id, exec_id, pc_id, manifest_id, version, \
      timeout_secs, status, exit_code, stdout, stderr, stdout_dropped_bytes, stderr_dropped_bytes, \

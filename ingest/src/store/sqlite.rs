@@ -30,26 +30,16 @@ const POOL_SIZE: u32 = 4;
 /// How long a statement waits for another connection's write lock.
 const BUSY_TIMEOUT: StdDuration = StdDuration::from_secs(5);
 
-const UPSERT: &str = "\
-INSERT INTO execution_results AS r (result_id, request_id, exec_id, pc_id, manifest_id, version,
-    timeout_secs, status, exit_code, stdout, stderr, stdout_dropped_bytes, stderr_dropped_bytes,
-    started_at, finished_at, received_at, trace_id)
+const UPSERT: &str = concat!(
+    "INSERT INTO execution_results AS r (result_id, request_id, exec_id, pc_id, manifest_id,
+    version, timeout_secs, status, exit_code, stdout, stderr, stdout_dropped_bytes,
+    stderr_dropped_bytes, started_at, finished_at, received_at, trace_id)
 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)
-ON CONFLICT (result_id) DO UPDATE SET
-    version = CASE WHEN r.version = '' THEN excluded.version ELSE r.version END,
-    timeout_secs = COALESCE(r.timeout_secs, excluded.timeout_secs),
-    trace_id = COALESCE(r.trace_id, excluded.trace_id),
-    status = COALESCE(r.status, excluded.status),
-    exit_code = CASE WHEN r.status IS NULL THEN excluded.exit_code ELSE r.exit_code END,
-    stdout = CASE WHEN r.status IS NULL THEN excluded.stdout ELSE r.stdout END,
-    stderr = CASE WHEN r.status IS NULL THEN excluded.stderr ELSE r.stderr END,
-    stdout_dropped_bytes = CASE WHEN r.status IS NULL THEN excluded.stdout_dropped_bytes
-        ELSE r.stdout_dropped_bytes END,
-    stderr_dropped_bytes = CASE WHEN r.status IS NULL THEN excluded.stderr_dropped_bytes
-        ELSE r.stderr_dropped_bytes END,
-    finished_at = CASE WHEN r.status IS NULL THEN excluded.finished_at ELSE r.finished_at END
-WHERE r.pc_id = excluded.pc_id
-RETURNING result_id";
+",
+    sql::merge_on_conflict!(),
+    "
+RETURNING result_id"
+);
 
 /// `execution_results` in an SQLite file.
 #[derive(Debug)]
