@@ -11,6 +11,7 @@ const PROTO_FILES: &[&str] = &[
     "kanade/v1/events.proto",
     "kanade/v1/ingest.proto",
     "kanade/v1/activity.proto",
+    "kanade/v1/control.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

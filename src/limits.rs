@@ -33,3 +33,11 @@ pub const MAX_PAGE_SIZE: u32 = 500;
 pub const DEFAULT_MAX_UNACKED: u32 = 512;
 /// Default per-stream window in bytes.
 pub const DEFAULT_MAX_UNACKED_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Longest reason an operator may give for cancelling a run, in bytes.
+pub const MAX_CANCEL_REASON_BYTES: usize = 1024;
+
+/// Default and maximum `page_size` of `Activity/ListEndpoints`.
+pub const DEFAULT_ENDPOINT_PAGE_SIZE: u32 = 100;
+/// See [`DEFAULT_ENDPOINT_PAGE_SIZE`].
+pub const MAX_ENDPOINT_PAGE_SIZE: u32 = 1000;

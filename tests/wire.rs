@@ -172,7 +172,8 @@ fn golden_json_of_exec_status() {
             r#""timed_out""#,
             r#""killed""#,
             r#""spawn_failed""#,
-            r#""interrupted""#
+            r#""interrupted""#,
+            r#""cancelled""#
         ]
     );
     for s in ExecStatus::ALL {

@@ -62,6 +62,8 @@ struct FileConfig {
     #[serde(default, deserialize_with = "optional_duration")]
     kill_grace: Option<Duration>,
     #[serde(default, deserialize_with = "optional_duration")]
+    status_every: Option<Duration>,
+    #[serde(default, deserialize_with = "optional_duration")]
     shutdown_grace: Option<Duration>,
     max_concurrent_runs: Option<usize>,
     #[serde(default, rename = "job")]
@@ -144,6 +146,8 @@ pub struct Settings {
     pub reconnect: Backoff,
     pub interrupted_check: Duration,
     pub kill_grace: Duration,
+    /// How often the sender reports the agent's status to ingest.
+    pub status_every: Duration,
     pub shutdown_grace: Duration,
     pub max_concurrent_runs: usize,
     pub jobs: Vec<Job>,
@@ -255,6 +259,9 @@ pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(30);
 pub const DEFAULT_INTERRUPTED_CHECK: Duration = Duration::from_secs(10);
 /// `kill_grace`: between TERM and KILL when a run is ended.
 pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(5);
+/// `status_every`: how often the agent reports its backlog, dead letters and runs to ingest
+/// (also right after connecting, and when its backlog changes a lot).
+pub const DEFAULT_STATUS_EVERY: Duration = Duration::from_secs(60);
 /// `shutdown_grace`: how long the daemon's shutdown lets running runs finish.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// `max_concurrent_runs`: scheduled runs at once; more wait for a slot.
@@ -381,6 +388,7 @@ impl Settings {
             },
             interrupted_check: file.interrupted_check.unwrap_or(DEFAULT_INTERRUPTED_CHECK),
             kill_grace: file.kill_grace.unwrap_or(DEFAULT_KILL_GRACE),
+            status_every: file.status_every.unwrap_or(DEFAULT_STATUS_EVERY),
             shutdown_grace: file.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
             max_concurrent_runs: file
                 .max_concurrent_runs

@@ -38,6 +38,7 @@ pub fn sender_config(settings: &Settings) -> SenderConfig {
         keepalive: settings.keepalive,
         keepalive_timeout: settings.keepalive_timeout,
         reconnect: settings.reconnect,
+        status_every: settings.status_every,
     }
 }
 

@@ -10,6 +10,8 @@
 //! - `runs/RESULT_ID.lock`: held by the process running that run. A run journalled as running
 //!   whose lock is free belongs to a process that died; pids are never consulted (they are
 //!   reused).
+//! - `runs/RESULT_ID.sock`: the running run listens here for what the sending process passes on
+//!   from ingest (an operator's cancel), see [`crate::control`].
 //! - `wake.sock`: the sending process listens on this datagram socket; any other process pokes
 //!   it after enqueueing, so events leave at once instead of at the next poll.
 //! - `outbox.reserve`: [`RESERVE_BYTES`] of real blocks, kept so that a run whose Started was
@@ -88,8 +90,10 @@ pub struct RunLock {
 }
 
 impl RunLock {
-    /// Removes the lock file, then releases the lock.
+    /// Removes the lock file (and the run's control socket, left behind when its process died),
+    /// then releases the lock.
     pub fn release(self) {
+        let _ = fs::remove_file(self.path.with_extension("sock"));
         let _ = fs::remove_file(&self.path);
         drop(self.file);
     }
@@ -144,6 +148,11 @@ impl DataDir {
 
     fn run_lock_path(&self, result_id: &str) -> PathBuf {
         self.path.join(RUNS_DIR).join(format!("{result_id}.lock"))
+    }
+
+    /// The control socket of a running run ([`crate::control`]).
+    pub fn run_socket(&self, result_id: &str) -> PathBuf {
+        self.path.join(RUNS_DIR).join(format!("{result_id}.sock"))
     }
 
     /// Takes the lock of a run about to start.

@@ -15,8 +15,9 @@ use uuid::Uuid;
 
 use crate::{
     config::{Job, Program, Settings},
+    control::{CancelNote, RunControl},
     outbox::Outbox,
-    runner::{self, Echo, ProcessOutcome, ProcessSpec},
+    runner::{self, Echo, ProcessOutcome, ProcessSpec, Stops},
 };
 
 /// What to run and under which names.
@@ -81,17 +82,20 @@ impl RunRequest {
 pub struct Finished {
     pub result: ExecResult,
     pub outcome: ProcessOutcome,
+    /// The operator's cancel that ended it, if one did.
+    pub cancelled: Option<CancelNote>,
     /// Outbox seqs of the run's two events.
     pub started_seq: u64,
     pub result_seq: u64,
 }
 
-/// Runs `request` through the outbox. `cancel` ends the process (reported KILLED).
+/// Runs `request` through the outbox. `kill` ends the process (reported KILLED); so does an
+/// operator's cancel reaching the run's control socket (reported CANCELLED).
 pub async fn execute(
     outbox: &Outbox,
     settings: &Settings,
     request: RunRequest,
-    cancel: &CancellationToken,
+    kill: &CancellationToken,
 ) -> anyhow::Result<Finished> {
     let started = request.started(&settings.pc_id);
     started
@@ -112,7 +116,7 @@ pub async fn execute(
     );
     telemetry::record_trace_id(&span);
     let trace_context = telemetry::inject(&span);
-    run(outbox, settings, request, cancel, started, trace_context)
+    run(outbox, settings, request, kill, started, trace_context)
         .instrument(span)
         .await
 }
@@ -121,11 +125,13 @@ async fn run(
     outbox: &Outbox,
     settings: &Settings,
     request: RunRequest,
-    cancel: &CancellationToken,
+    kill: &CancellationToken,
     started: EventStarted,
     trace_context: BTreeMap<String, String>,
 ) -> anyhow::Result<Finished> {
     let result_id = started.result_id.clone();
+    // Listening before ingest can know of the run, so no cancel arrives before the socket.
+    let control = RunControl::listen(outbox.data_dir(), &result_id);
     let (lock, started_seq) = outbox
         .begin_run(&started, &trace_context)
         .await
@@ -151,7 +157,23 @@ async fn run(
         kill_grace: settings.kill_grace,
         echo: request.echo,
     };
-    let outcome = runner::run_process(spec, cancel).await;
+    let stops = Stops {
+        kill,
+        cancel: control.cancelled(),
+    };
+    let mut outcome = runner::run_process(spec, stops).await;
+    let cancelled = (outcome.status == kanade_shared::wire::ExecStatus::Cancelled)
+        .then(|| control.cancel_note())
+        .flatten();
+    drop(control);
+    if let Some(note) = &cancelled {
+        // Who ended the run and why, where people read what happened to it.
+        let stderr = &mut outcome.stderr.text;
+        if !stderr.is_empty() && !stderr.ends_with('\n') {
+            stderr.push('\n');
+        }
+        stderr.push_str(&note.stderr_line());
+    }
     let elapsed = chrono::Duration::from_std(outcome.elapsed).unwrap_or(chrono::Duration::MAX);
     let finished_at = started
         .started_at
@@ -186,6 +208,7 @@ async fn run(
     Ok(Finished {
         result,
         outcome,
+        cancelled,
         started_seq,
         result_seq,
     })

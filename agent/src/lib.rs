@@ -3,6 +3,7 @@
 //! - [`cli`], [`config`]: the command line and the settings merged from file, env and flags.
 //! - [`runner`]: spawns a run's process group, enforces its timeout, captures its output.
 //! - [`data_dir`]: the files of the data dir, and the locks and socket agent processes share.
+//! - [`control`]: what reaches a running run from outside its process (an operator's cancel).
 //! - [`outbox`]: the durable SQLite queue every event goes through, and the run journal.
 //! - [`execution`]: one run from Started to Result through the outbox.
 //! - [`sender`]: the stream to ingest: window, acks, rejects, reconnects.
@@ -13,6 +14,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod data_dir;
 pub mod execution;

@@ -262,7 +262,19 @@ fn signal_group(pid: u32, signal: Signal) {
 enum Ending {
     ByItself,
     TimedOut,
+    /// The daemon's shutdown (KILLED).
+    Killed,
+    /// An operator's cancel (CANCELLED).
     Cancelled,
+}
+
+/// What may end a run before it ends by itself (besides its timeout).
+#[derive(Debug, Clone, Copy)]
+pub struct Stops<'a> {
+    /// The agent is stopping: the run is reported KILLED.
+    pub kill: &'a CancellationToken,
+    /// An operator cancelled it: reported CANCELLED.
+    pub cancel: &'a CancellationToken,
 }
 
 /// What to run and how to watch it.
@@ -281,8 +293,8 @@ pub struct ProcessSpec<'a> {
     pub echo: Echo,
 }
 
-/// Runs a process to completion (or timeout, or cancellation) and reports how it ended.
-pub async fn run_process(spec: ProcessSpec<'_>, cancel: &CancellationToken) -> ProcessOutcome {
+/// Runs a process to completion (or timeout, or one of `stops`) and reports how it ended.
+pub async fn run_process(spec: ProcessSpec<'_>, stops: Stops<'_>) -> ProcessOutcome {
     let ProcessSpec {
         argv,
         env,
@@ -347,7 +359,8 @@ pub async fn run_process(spec: ProcessSpec<'_>, cancel: &CancellationToken) -> P
     let (exit, ending) = tokio::select! {
         exit = child.wait() => (exit, Ending::ByItself),
         _ = deadline => (terminate(&mut child, pid, kill_grace).await, Ending::TimedOut),
-        _ = cancel.cancelled() => (terminate(&mut child, pid, kill_grace).await, Ending::Cancelled),
+        _ = stops.kill.cancelled() => (terminate(&mut child, pid, kill_grace).await, Ending::Killed),
+        _ = stops.cancel.cancelled() => (terminate(&mut child, pid, kill_grace).await, Ending::Cancelled),
     };
     if ending != Ending::ByItself {
         // Whatever of the tree survived TERM goes now.
@@ -413,7 +426,8 @@ fn outcome(
     };
     let status = match (ending, code) {
         (Ending::TimedOut, _) => ExecStatus::TimedOut,
-        (Ending::Cancelled, _) => ExecStatus::Killed,
+        (Ending::Killed, _) => ExecStatus::Killed,
+        (Ending::Cancelled, _) => ExecStatus::Cancelled,
         (Ending::ByItself, Some(0)) => ExecStatus::Succeeded,
         (Ending::ByItself, Some(_)) => ExecStatus::Failed,
         (Ending::ByItself, None) => ExecStatus::Killed,

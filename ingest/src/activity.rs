@@ -12,8 +12,12 @@ use kanade_shared::{limits, pb, wire::ExecStatus};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use crate::store::{
-    Cursor, ExecutionRow, ListQuery, ManifestSummary, ReadStore, RunState, StoreError, SummaryQuery,
+use crate::{
+    presence,
+    store::{
+        Cursor, EndpointOrder, EndpointQuery, EndpointRow, ExecutionRow, ListQuery,
+        ManifestSummary, ReadStore, RunState, StoreError, SummaryQuery, cut,
+    },
 };
 
 /// The Activity service.
@@ -21,11 +25,21 @@ use crate::store::{
 pub struct ActivityService {
     store: Arc<dyn ReadStore>,
     lost_grace: Duration,
+    /// `--presence-every`: how long an endpoint's row stays trusted without a refresh.
+    presence_every: std::time::Duration,
 }
 
 impl ActivityService {
-    pub fn new(store: Arc<dyn ReadStore>, lost_grace: Duration) -> ActivityService {
-        ActivityService { store, lost_grace }
+    pub fn new(
+        store: Arc<dyn ReadStore>,
+        lost_grace: Duration,
+        presence_every: std::time::Duration,
+    ) -> ActivityService {
+        ActivityService {
+            store,
+            lost_grace,
+            presence_every,
+        }
     }
 }
 
@@ -50,6 +64,7 @@ fn state_from_proto(value: i32) -> Result<RunState, Status> {
         Ok(S::Killed) => RunState::Finished(ExecStatus::Killed),
         Ok(S::SpawnFailed) => RunState::Finished(ExecStatus::SpawnFailed),
         Ok(S::Interrupted) => RunState::Finished(ExecStatus::Interrupted),
+        Ok(S::Cancelled) => RunState::Finished(ExecStatus::Cancelled),
         Ok(S::Unspecified) => {
             return Err(Status::invalid_argument(
                 "states must not contain EXECUTION_STATE_UNSPECIFIED",
@@ -75,6 +90,7 @@ pub fn state_to_proto(state: RunState) -> pb::ExecutionState {
         RunState::Finished(ExecStatus::Killed) => S::Killed,
         RunState::Finished(ExecStatus::SpawnFailed) => S::SpawnFailed,
         RunState::Finished(ExecStatus::Interrupted) => S::Interrupted,
+        RunState::Finished(ExecStatus::Cancelled) => S::Cancelled,
     }
 }
 
@@ -103,20 +119,8 @@ fn decode_page_token(token: &str) -> Result<Cursor, Status> {
     })
 }
 
-/// Cuts `s` to at most `max` bytes on a character boundary; true when something was cut.
-fn cut(s: &mut String, max: usize) -> bool {
-    if s.len() <= max {
-        return false;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s.truncate(end);
-    true
-}
-
-fn to_proto(row: ExecutionRow, output_limit: Option<usize>) -> pb::Execution {
+/// A run as the wire contract has it; outputs cut to `output_limit` bytes each when given.
+pub fn execution_to_proto(row: ExecutionRow, output_limit: Option<usize>) -> pb::Execution {
     let ts = kanade_shared::wire::timestamp_to_proto;
     let mut e = pb::Execution {
         result_id: row.result_id.hyphenated().to_string(),
@@ -131,6 +135,11 @@ fn to_proto(row: ExecutionRow, output_limit: Option<usize>) -> pb::Execution {
         received_at: Some(ts(row.received_at)),
         ..Default::default()
     };
+    if let Some(cancel) = row.cancel {
+        e.cancel_requested_at = Some(ts(cancel.at));
+        e.cancel_reason = cancel.reason;
+        e.cancel_requested_by = cancel.by;
+    }
     if let Some(o) = row.outcome {
         e.status = pb::ExecStatus::from(o.status) as i32;
         e.exit_code = o.exit_code;
@@ -180,6 +189,61 @@ fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
 }
 
+/// An endpoint as the wire contract has it.
+pub fn endpoint_to_proto(row: EndpointRow) -> pb::Endpoint {
+    let ts = kanade_shared::wire::timestamp_to_proto;
+    let mut e = pb::Endpoint {
+        pc_id: row.pc_id,
+        connected: row.connected,
+        replica: row.replica,
+        connected_since: Some(ts(row.connected_since)),
+        first_seen: Some(ts(row.first_seen)),
+        last_seen: Some(ts(row.last_seen)),
+        agent_version: row.agent_version,
+        ..Default::default()
+    };
+    if let Some(r) = row.report {
+        e.status_at = Some(ts(r.at));
+        e.outbox_depth = r.outbox_depth;
+        e.outbox_bytes = r.outbox_bytes;
+        e.oldest_pending_at = r.oldest_pending_at.map(ts);
+        e.dead_letters = r.dead_letters;
+        e.running_runs = r.running_runs;
+        e.hostname = r.hostname;
+        e.os = r.os;
+    }
+    e
+}
+
+/// An endpoint page token: the last pc_id of the page, hex (pc_ids are any text).
+fn endpoint_page_token(pc_id: &str) -> String {
+    format!(
+        "e{}",
+        pc_id
+            .bytes()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    )
+}
+
+fn endpoint_after(token: &str) -> Result<String, Status> {
+    let refused = || {
+        Status::invalid_argument(
+            "page_token is not one this server issued; pass next_page_token unchanged",
+        )
+    };
+    let hex = token.strip_prefix('e').ok_or_else(refused)?;
+    if hex.len() % 2 != 0 || !hex.is_ascii() {
+        return Err(refused());
+    }
+    let bytes = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16))
+        .collect::<Result<Vec<u8>, _>>()
+        .map_err(|_| refused())?;
+    String::from_utf8(bytes).map_err(|_| refused())
+}
+
 #[tonic::async_trait]
 impl pb::activity_server::Activity for ActivityService {
     async fn list_executions(
@@ -223,7 +287,7 @@ impl pb::activity_server::Activity for ActivityService {
         };
         let executions = rows
             .into_iter()
-            .map(|row| to_proto(row, Some(limits::LIST_OUTPUT_BYTES)))
+            .map(|row| execution_to_proto(row, Some(limits::LIST_OUTPUT_BYTES)))
             .collect();
         Ok(Response::new(pb::ListExecutionsResponse {
             executions,
@@ -263,6 +327,71 @@ impl pb::activity_server::Activity for ActivityService {
         Ok(Response::new(pb::SummarizeManifestsResponse { manifests }))
     }
 
+    async fn list_endpoints(
+        &self,
+        request: Request<pb::ListEndpointsRequest>,
+    ) -> Result<Response<pb::ListEndpointsResponse>, Status> {
+        let r = request.into_inner();
+        let page_size = match r.page_size {
+            0 => limits::DEFAULT_ENDPOINT_PAGE_SIZE,
+            n => n.min(limits::MAX_ENDPOINT_PAGE_SIZE),
+        };
+        let after = non_empty(r.page_token)
+            .map(|t| endpoint_after(&t))
+            .transpose()?;
+        let now = now();
+        let query = EndpointQuery {
+            connected: r.connected,
+            pc_id_prefix: non_empty(r.pc_id_prefix),
+            after,
+            limit: page_size + 1,
+            order: EndpointOrder::PcId,
+            connected_after: presence::connected_after(now, self.presence_every),
+            backlogged_before: now,
+        };
+        let mut rows = self
+            .store
+            .list_endpoints(&query)
+            .await
+            .map_err(store_status)?;
+        let next_page_token = if rows.len() > page_size as usize {
+            rows.truncate(page_size as usize);
+            rows.last()
+                .map(|last| endpoint_page_token(&last.pc_id))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListEndpointsResponse {
+            endpoints: rows.into_iter().map(endpoint_to_proto).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn get_endpoint(
+        &self,
+        request: Request<pb::GetEndpointRequest>,
+    ) -> Result<Response<pb::Endpoint>, Status> {
+        let pc_id = request.into_inner().pc_id;
+        if pc_id.is_empty() {
+            return Err(Status::invalid_argument("pc_id is required"));
+        }
+        let row = self
+            .store
+            .get_endpoint(
+                &pc_id,
+                presence::connected_after(now(), self.presence_every),
+            )
+            .await
+            .map_err(store_status)?
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "no endpoint has pc_id {pc_id:?}: ingest has never seen its agent connect"
+                ))
+            })?;
+        Ok(Response::new(endpoint_to_proto(row)))
+    }
+
     async fn get_execution(
         &self,
         request: Request<pb::GetExecutionRequest>,
@@ -277,7 +406,7 @@ impl pb::activity_server::Activity for ActivityService {
             .await
             .map_err(store_status)?
             .ok_or_else(|| Status::not_found(format!("no run has result_id {result_id}")))?;
-        Ok(Response::new(to_proto(row, None)))
+        Ok(Response::new(execution_to_proto(row, None)))
     }
 }
 
@@ -297,6 +426,16 @@ mod tests {
                 decode_page_token(bad).unwrap_err().code(),
                 tonic::Code::InvalidArgument
             );
+        }
+    }
+
+    #[test]
+    fn endpoint_page_tokens_round_trip_any_pc_id() {
+        for pc in ["pc-1", "é x\u{0}", ""] {
+            assert_eq!(endpoint_after(&endpoint_page_token(pc)).unwrap(), pc);
+        }
+        for bad in ["pc-1", "e0", "ezz", "eff"] {
+            assert!(endpoint_after(bad).is_err(), "{bad}");
         }
     }
 

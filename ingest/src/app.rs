@@ -19,15 +19,18 @@ use tonic_health::{
 
 use crate::{
     activity::ActivityService,
-    auth::{Authenticator, Tokens},
+    auth::{Access, Authenticator, Tokens},
     batcher::{self, BatchConfig},
     budget::{Budgeted, MemoryBudget},
-    changes::Changes,
+    bus::{Bus, Control},
+    changes::{self, Changes},
     config::ServeArgs,
     console::{self, Console, ConsoleConfig},
+    control::{Cancels, ControlService},
     health::{Database, Readiness},
     listen::{self, AcceptLimits, Http1RequestHead, Http2Preface},
     metrics::{self, Metrics},
+    presence::{Presence, PresenceTask},
     retention,
     server::{
         IngestLimits, IngestParts, IngestService,
@@ -315,16 +318,51 @@ impl From<&ServeArgs> for RegistryLimits {
 
 impl Prepared {
     /// The tasks that run beside the gRPC services until `stop`: retention, the store probe,
-    /// certificate reloads, the health and metrics listeners, and telling other replicas of
-    /// this one's commits (and, with the console, hearing of theirs).
+    /// certificate reloads, the health and metrics listeners, presence, delivering cancels,
+    /// and talking with the other replicas (this one's commits told, theirs and their control
+    /// messages heard).
     fn spawn_background(
         &mut self,
-        metrics: &Arc<Metrics>,
-        changes: &Changes,
+        shared: &Shared,
+        controls: mpsc::Receiver<Control>,
         stop: &CancellationToken,
     ) -> tokio::task::JoinSet<()> {
+        let Shared {
+            metrics,
+            changes,
+            registry,
+            presence,
+            bus,
+            cancels,
+            ..
+        } = shared;
         let args = &self.args;
         let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(
+            PresenceTask {
+                presence: presence.clone(),
+                store: self.store.clone(),
+                reads: self.reads.clone(),
+                open_streams: Box::new({
+                    let registry = registry.clone();
+                    move || registry.open_streams()
+                }),
+                every: args.presence_every,
+                metrics: metrics.clone(),
+            }
+            .run(stop.clone()),
+        );
+        tasks.spawn(
+            cancels
+                .clone()
+                .deliver(controls, args.presence_every, stop.clone()),
+        );
+        tasks.spawn(bus.clone().listen(changes.clone(), stop.clone()));
+        tasks.spawn(changes::tell_others(
+            changes.clone(),
+            self.store.clone(),
+            stop.clone(),
+        ));
         tasks.spawn(retention::run(
             self.store.clone(),
             args.retention,
@@ -359,22 +397,17 @@ impl Prepared {
         if let Some(tls) = &self.tls {
             tasks.spawn(tls.clone().watch(args.tls_reload_every, stop.clone()));
         }
-        // Other replicas' consoles learn of this one's commits, whether it serves a console or
-        // not.
-        let (store, commits, until) = (self.store.clone(), changes.clone(), stop.clone());
-        tasks.spawn(async move { store.publish_commits(commits, until).await });
         if let Some(listener) = self.listeners.console.take() {
             let addr = listener
                 .local_addr()
                 .map(|a| a.to_string())
                 .unwrap_or_default();
-            let (store, commits, until) = (self.store.clone(), changes.clone(), stop.clone());
-            tasks.spawn(async move { store.watch_commits(commits, until).await });
             let console = Console::new(
                 self.reads.clone(),
                 self.store.clone(),
                 self.tokens.clone(),
                 changes.clone(),
+                cancels.clone(),
                 ConsoleConfig {
                     lost_grace: chrono::Duration::from_std(args.lost_grace)
                         .unwrap_or(chrono::Duration::MAX),
@@ -383,6 +416,7 @@ impl Prepared {
                     tls: self.tls.is_some(),
                     grpc_addr: self.grpc_addr.to_string(),
                     read_replica: args.read_database_url.is_some(),
+                    presence_every: args.presence_every,
                 },
                 stop.clone(),
             );
@@ -432,10 +466,11 @@ impl Prepared {
         &self,
         ingest: IngestService,
         activity: ActivityService,
+        control: ControlService,
         budget: MemoryBudget,
     ) -> anyhow::Result<Router> {
-        let authenticated = |readers_only| {
-            let auth = Authenticator::new(self.tokens.clone(), readers_only);
+        let authenticated = |access| {
+            let auth = Authenticator::new(self.tokens.clone(), access);
             move |request| auth.check(request)
         };
         Ok(Server::builder()
@@ -452,14 +487,62 @@ impl Prepared {
                 InterceptedService::new(
                     pb::ingest_server::IngestServer::new(ingest)
                         .max_decoding_message_size(limits::MAX_DECODING_MESSAGE_BYTES),
-                    authenticated(false),
+                    authenticated(Access::Write),
                 ),
                 budget,
             ))
             .add_service(InterceptedService::new(
                 pb::activity_server::ActivityServer::new(activity),
-                authenticated(true),
+                authenticated(Access::Read),
+            ))
+            .add_service(InterceptedService::new(
+                pb::control_server::ControlServer::new(control),
+                authenticated(Access::Act),
             )))
+    }
+}
+
+/// What the gRPC services, the console and the background tasks share.
+struct Shared {
+    metrics: Arc<Metrics>,
+    changes: Changes,
+    registry: Arc<StreamRegistry>,
+    presence: Presence,
+    bus: Bus,
+    cancels: Cancels,
+}
+
+impl Shared {
+    /// What is shared, and the receiving end of this replica's control messages.
+    fn new(
+        prepared: &Prepared,
+        metrics: Arc<Metrics>,
+        lost_grace: chrono::Duration,
+    ) -> (Shared, mpsc::Receiver<Control>) {
+        let args = &prepared.args;
+        let presence = Presence::new(&args.replica_id);
+        let registry = StreamRegistry::new(
+            RegistryLimits::from(args),
+            metrics.clone(),
+            presence.clone(),
+        );
+        let (bus, controls) = Bus::new(prepared.store.clone());
+        let cancels = Cancels::new(
+            prepared.store.clone(),
+            bus.clone(),
+            registry.clone(),
+            lost_grace,
+            metrics.clone(),
+        );
+        let shared = Shared {
+            metrics,
+            changes: Changes::default(),
+            registry,
+            presence,
+            bus,
+            cancels,
+        };
+        (shared, controls)
     }
 }
 
@@ -471,14 +554,16 @@ async fn serve(mut prepared: Prepared, shutdown: CancellationToken) -> anyhow::R
     let metrics = Arc::new(Metrics::default());
     let args = prepared.args.clone();
     let (queue, queue_rx) = mpsc::channel(args.queue_capacity);
-    let changes = Changes::default();
+    let lost_grace =
+        chrono::Duration::from_std(args.lost_grace).context("--lost-grace is too long")?;
+    let (shared, controls) = Shared::new(&prepared, metrics.clone(), lost_grace);
     let batcher = tokio::spawn(batcher::run(
         queue_rx,
         prepared.store.clone(),
         BatchConfig::from(&args),
         prepared.readiness.clone(),
         metrics.clone(),
-        changes.clone(),
+        shared.changes.clone(),
         hard_stop.clone(),
     ));
     let stream_tasks = TaskTracker::new();
@@ -486,15 +571,17 @@ async fn serve(mut prepared: Prepared, shutdown: CancellationToken) -> anyhow::R
         batcher: queue,
         metrics: metrics.clone(),
         limits: IngestLimits::from(&args),
-        registry: StreamRegistry::new(RegistryLimits::from(&args), metrics.clone()),
+        registry: shared.registry.clone(),
+        presence: shared.presence.clone(),
+        cancels: shared.cancels.clone(),
         readiness: prepared.readiness.clone(),
         shutdown: shutdown.clone(),
         tasks: stream_tasks.clone(),
     });
-    let lost_grace =
-        chrono::Duration::from_std(args.lost_grace).context("--lost-grace is too long")?;
-    let activity = ActivityService::new(prepared.reads.clone(), lost_grace);
-    let mut background_tasks = prepared.spawn_background(&metrics, &changes, &background);
+    let activity = ActivityService::new(prepared.reads.clone(), lost_grace, args.presence_every);
+    let control = ControlService::new(shared.cancels.clone());
+    tracing::info!(replica = %args.replica_id, "replica id");
+    let mut background_tasks = prepared.spawn_background(&shared, controls, &background);
     let (budget_bytes, budget_from) = args.memory_budget();
     tracing::info!(
         bytes = budget_bytes,
@@ -506,7 +593,7 @@ async fn serve(mut prepared: Prepared, shutdown: CancellationToken) -> anyhow::R
         usize::try_from(budget_bytes).unwrap_or(usize::MAX),
         metrics.memory_budget_used.clone(),
     );
-    let router = prepared.grpc_router(ingest, activity, budget)?;
+    let router = prepared.grpc_router(ingest, activity, control, budget)?;
 
     let stop_accepting = {
         let shutdown = shutdown.clone();

@@ -1,10 +1,12 @@
 //! Who may call what (SPEC §7).
 //!
 //! Bearer tokens: a TOML file of `[[token]]` entries, each the SHA-256 of a token (never the token
-//! itself) bound either to one `pc_id` (that agent may write its own runs) or to
-//! `role = "reader"` (may read Activity). Under mTLS the client certificate's identity binds the
-//! connection instead (see [`crate::tls`]). With neither, every caller is trusted — which is why
-//! ingest then refuses non-loopback addresses unless told otherwise.
+//! itself) bound either to one `pc_id` (that agent may write its own runs), to
+//! `role = "reader"` (may read Activity) or to `role = "operator"` (may read, and act: cancel
+//! runs), with an optional `name` saying whose it is (an operator's actions are recorded under
+//! it). Under mTLS the client certificate's identity binds the connection instead (see
+//! [`crate::tls`]); certificates identify endpoints, never people. With neither, every caller is
+//! trusted — which is why ingest then refuses non-loopback addresses unless told otherwise.
 //!
 //! Health and reflection need no token: probes and grpcurl `list` must work without one.
 
@@ -22,8 +24,47 @@ use crate::tls::Peer;
 pub enum Identity {
     /// An agent: it may write runs of this endpoint only.
     Agent { pc_id: String },
-    /// May read Activity.
-    Reader,
+    /// May read Activity (and the console).
+    Reader { name: String },
+    /// May read, and act on runs (Control: cancel).
+    Operator { name: String },
+}
+
+impl Identity {
+    /// Whether it may read Activity and the console.
+    pub fn may_read(&self) -> bool {
+        matches!(self, Identity::Reader { .. } | Identity::Operator { .. })
+    }
+
+    /// Whether it may act on runs.
+    pub fn may_act(&self) -> bool {
+        matches!(self, Identity::Operator { .. })
+    }
+
+    /// How an action is recorded: the token's name, or the endpoint.
+    pub fn name(&self) -> &str {
+        match self {
+            Identity::Agent { pc_id } => pc_id,
+            Identity::Reader { name } | Identity::Operator { name } => name,
+        }
+    }
+}
+
+/// Who an action is recorded under when ingest runs without authentication.
+pub const ANONYMOUS: &str = "anonymous (ingest runs without tokens)";
+
+/// Longest token `name`, in bytes.
+pub const MAX_TOKEN_NAME_BYTES: usize = 64;
+
+/// What a service lets its callers do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Write runs of one endpoint (Ingest): agents.
+    Write,
+    /// Read Activity: readers and operators.
+    Read,
+    /// Act on runs (Control): operators.
+    Act,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -39,6 +80,7 @@ struct TokenEntry {
     sha256: String,
     pc_id: Option<String>,
     role: Option<String>,
+    name: Option<String>,
 }
 
 /// SHA-256 of a secret, in lowercase hex (how the tokens file names a token).
@@ -69,10 +111,26 @@ impl Tokens {
             if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
                 bail!("{}: sha256 must be 64 hex digits", at());
             }
+            if let Some(name) = &entry.name
+                && !valid_name(name)
+            {
+                bail!(
+                    "{}: name must be 1 to {MAX_TOKEN_NAME_BYTES} printable characters",
+                    at()
+                );
+            }
+            // Unnamed, a person's token is known by the start of its hash (findable in the file).
+            let name = entry
+                .name
+                .unwrap_or_else(|| format!("token {}", &hash[..12]));
             let identity = match (entry.pc_id, entry.role.as_deref()) {
                 (Some(pc_id), None) if !pc_id.is_empty() => Identity::Agent { pc_id },
-                (None, Some("reader")) => Identity::Reader,
-                _ => bail!("{}: give either pc_id = \"…\" or role = \"reader\"", at()),
+                (None, Some("reader")) => Identity::Reader { name },
+                (None, Some("operator")) => Identity::Operator { name },
+                _ => bail!(
+                    "{}: give either pc_id = \"…\", role = \"reader\" or role = \"operator\"",
+                    at()
+                ),
             };
             by_hash.insert(hash, identity);
         }
@@ -90,19 +148,52 @@ impl Tokens {
     }
 }
 
-/// Creates a token for `identity`, appends its hash to the tokens file (created 0600 when
-/// missing) and returns the token, which is shown once and stored nowhere.
-pub fn add_token(path: &Path, identity: &Identity) -> anyhow::Result<String> {
+fn valid_name(name: &str) -> bool {
+    !name.trim().is_empty()
+        && name.len() <= MAX_TOKEN_NAME_BYTES
+        && !name.chars().any(char::is_control)
+}
+
+/// What a new token is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NewToken {
+    /// An endpoint's agent.
+    Agent { pc_id: String },
+    /// A person or tool that reads.
+    Reader { name: Option<String> },
+    /// A person or tool that reads and acts.
+    Operator { name: Option<String> },
+}
+
+/// Creates a token, appends its hash to the tokens file (created 0600 when missing) and returns
+/// the token, which is shown once and stored nowhere.
+pub fn add_token(path: &Path, new: &NewToken) -> anyhow::Result<String> {
+    let name = match new {
+        NewToken::Agent { .. } => None,
+        NewToken::Reader { name } | NewToken::Operator { name } => name.as_deref(),
+    };
+    if let Some(name) = name
+        && !valid_name(name)
+    {
+        bail!("--name must be 1 to {MAX_TOKEN_NAME_BYTES} printable characters");
+    }
     let mut secret = [0u8; 32];
     getrandom::fill(&mut secret).map_err(|e| anyhow::anyhow!("no randomness available: {e}"))?;
     let token: String = secret.iter().map(|b| format!("{b:02x}")).collect();
     if path.exists() {
         Tokens::load(path)?; // never append to a file we could not read back
     }
-    let binding = match identity {
-        Identity::Agent { pc_id } => format!("pc_id = {}", toml::Value::String(pc_id.clone())),
-        Identity::Reader => "role = \"reader\"".to_string(),
+    let mut binding = match new {
+        NewToken::Agent { pc_id } => format!("pc_id = {}", toml::Value::String(pc_id.clone())),
+        NewToken::Reader { .. } => "role = \"reader\"".to_string(),
+        NewToken::Operator { .. } => "role = \"operator\"".to_string(),
     };
+    if let Some(name) = name {
+        binding.push_str(&format!(
+            "\nname = {}",
+            toml::Value::String(name.to_string())
+        ));
+    }
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -124,21 +215,18 @@ pub fn add_token(path: &Path, identity: &Identity) -> anyhow::Result<String> {
 /// - Writing (Ingest): a verified client certificate binds the connection to its identity; else,
 ///   with a tokens file, an agent token binds it to the token's `pc_id`; else (no authentication
 ///   configured) anything goes.
-/// - Reading (Activity): with a tokens file or under mTLS only a reader token passes, so an
-///   endpoint's certificate or token never reads other endpoints' outputs.
+/// - Reading (Activity): with a tokens file or under mTLS only a reader or operator token passes,
+///   so an endpoint's certificate or token never reads other endpoints' outputs.
+/// - Acting (Control): likewise, only an operator token.
 #[derive(Debug, Clone)]
 pub struct Authenticator {
     tokens: Option<Arc<Tokens>>,
-    /// The service reads Activity: only readers pass.
-    readers_only: bool,
+    access: Access,
 }
 
 impl Authenticator {
-    pub fn new(tokens: Option<Arc<Tokens>>, readers_only: bool) -> Authenticator {
-        Authenticator {
-            tokens,
-            readers_only,
-        }
+    pub fn new(tokens: Option<Arc<Tokens>>, access: Access) -> Authenticator {
+        Authenticator { tokens, access }
     }
 
     /// A tonic interceptor: attaches the caller's [`Identity`] to the request, or refuses it.
@@ -147,15 +235,14 @@ impl Authenticator {
             .extensions()
             .get::<Peer>()
             .and_then(|peer| peer.certificate_identity.clone());
-        let identity = if self.readers_only {
-            self.reader(&request, certificate.is_some())?
-        } else {
-            match certificate {
+        let identity = match self.access {
+            Access::Write => match certificate {
                 Some(pc_id) => Some(Identity::Agent {
                     pc_id: pc_id.to_string(),
                 }),
                 None => self.token(&request)?,
-            }
+            },
+            Access::Read | Access::Act => self.person(&request, certificate.is_some())?,
         };
         if let Some(identity) = identity {
             request.extensions_mut().insert(identity);
@@ -185,28 +272,47 @@ impl Authenticator {
             .ok_or_else(|| Status::unauthenticated("unknown token"))
     }
 
-    fn reader<T>(
+    /// A reader or operator, as this service's access needs.
+    fn person<T>(
         &self,
         request: &Request<T>,
         has_certificate: bool,
     ) -> Result<Option<Identity>, Status> {
+        let (needed, make) = match self.access {
+            Access::Act => (
+                "an operator token",
+                "kanade-ingest token add --operator --name NAME",
+            ),
+            _ => (
+                "a reader token (or an operator's)",
+                "kanade-ingest token add --reader",
+            ),
+        };
         if self.tokens.is_none() {
             if has_certificate {
-                return Err(Status::permission_denied(
-                    "client certificates identify endpoints, which may not read Activity; \
-                     reading needs a reader token: start ingest with --tokens-file and create \
-                     one with `kanade-ingest token add --reader`",
-                ));
+                return Err(Status::permission_denied(format!(
+                    "client certificates identify endpoints, which may not do this; it needs \
+                     {needed}: start ingest with --tokens-file and create one with `{make}`"
+                )));
             }
             return Ok(None);
         }
-        match self.token(request)? {
-            Some(Identity::Reader) => Ok(Some(Identity::Reader)),
-            _ => Err(Status::permission_denied(
-                "this token may only write its endpoint's runs; reading Activity needs a reader \
-                 token (kanade-ingest token add --reader)",
-            )),
+        let identity = self.token(request)?.expect("a tokens file is configured");
+        let allowed = match self.access {
+            Access::Act => identity.may_act(),
+            _ => identity.may_read(),
+        };
+        if allowed {
+            return Ok(Some(identity));
         }
+        Err(Status::permission_denied(match identity {
+            Identity::Agent { .. } => format!(
+                "this token may only write its endpoint's runs; this needs {needed} (`{make}`)"
+            ),
+            _ => format!(
+                "a reader token may only read; this needs {needed}, role = \"operator\" (`{make}`)"
+            ),
+        }))
     }
 }
 
@@ -215,10 +321,20 @@ pub fn writer_pc_id<T>(request: &Request<T>) -> Result<Option<String>, Status> {
     match request.extensions().get::<Identity>() {
         None => Ok(None),
         Some(Identity::Agent { pc_id }) => Ok(Some(pc_id.clone())),
-        Some(Identity::Reader) => Err(Status::permission_denied(
-            "a reader token cannot send events",
-        )),
+        Some(Identity::Reader { .. } | Identity::Operator { .. }) => Err(
+            Status::permission_denied("a reader or operator token cannot send events"),
+        ),
     }
+}
+
+/// Who a request acts as, for the record: its token's name, or [`ANONYMOUS`] without
+/// authentication.
+pub fn actor<T>(request: &Request<T>) -> String {
+    request
+        .extensions()
+        .get::<Identity>()
+        .map(|identity| identity.name().to_string())
+        .unwrap_or_else(|| ANONYMOUS.to_string())
 }
 
 #[cfg(test)]
@@ -231,12 +347,19 @@ mod tests {
         let path = dir.path().join("tokens.toml");
         let agent = add_token(
             &path,
-            &Identity::Agent {
+            &NewToken::Agent {
                 pc_id: "pc-1".into(),
             },
         )
         .unwrap();
-        let reader = add_token(&path, &Identity::Reader).unwrap();
+        let reader = add_token(&path, &NewToken::Reader { name: None }).unwrap();
+        let operator = add_token(
+            &path,
+            &NewToken::Operator {
+                name: Some("alice".into()),
+            },
+        )
+        .unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(!text.contains(&agent) && !text.contains(&reader), "{text}");
         let tokens = Tokens::load(&path).unwrap();
@@ -246,7 +369,17 @@ mod tests {
                 pc_id: "pc-1".into()
             })
         );
-        assert_eq!(tokens.identify(&reader), Some(&Identity::Reader));
+        let reader_name = format!("token {}", &sha256_hex(&reader)[..12]);
+        assert_eq!(
+            tokens.identify(&reader),
+            Some(&Identity::Reader { name: reader_name })
+        );
+        assert_eq!(
+            tokens.identify(&operator),
+            Some(&Identity::Operator {
+                name: "alice".into()
+            })
+        );
         assert_eq!(tokens.identify("guess"), None);
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(
@@ -262,5 +395,24 @@ mod tests {
         std::fs::write(&path, "[[token]]\nsha256 = \"abc\"\npc_id = \"x\"\n").unwrap();
         let err = format!("{:#}", Tokens::load(&path).unwrap_err());
         assert!(err.contains("#1") && err.contains("64 hex digits"), "{err}");
+        std::fs::write(
+            &path,
+            format!(
+                "[[token]]\nsha256 = \"{}\"\nrole = \"admin\"\n",
+                "a".repeat(64)
+            ),
+        )
+        .unwrap();
+        let err = format!("{:#}", Tokens::load(&path).unwrap_err());
+        assert!(err.contains("role = \"operator\""), "{err}");
+        assert!(
+            add_token(
+                &path,
+                &NewToken::Operator {
+                    name: Some("tab\there".into())
+                }
+            )
+            .is_err()
+        );
     }
 }

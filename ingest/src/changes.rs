@@ -1,17 +1,21 @@
 //! Commits, announced: whoever shows runs (the console's live pages) learns that runs changed
 //! without polling. The batcher announces its own commits ([`Changes::committed`]); with
-//! PostgreSQL each replica tells the others with `NOTIFY kanade_runs` after its commits (at most
-//! every [`PUBLISH_EVERY`], outside the write transactions: a `NOTIFY` in a transaction holds
-//! the notification queue's lock through its commit, so notifying commits cannot overlap), and each replica's listener
-//! ([`crate::store::Store::watch_commits`]) announces the commits of the others.
+//! PostgreSQL each replica tells the others on [`CHANNEL`] after its commits ([`tell_others`]:
+//! at most every [`PUBLISH_EVERY`], outside the write transactions: a `NOTIFY` in a transaction
+//! holds the notification queue's lock through its commit, so notifying commits cannot overlap),
+//! and each replica's listener ([`crate::bus`]) announces the commits of the others.
 //!
 //! An announcement carries no content, only that something changed: listeners re-read what they
 //! show, and announcements that arrive while they are busy fold into one (a `watch` channel
 //! keeps the latest value only), so a slow page never queues a backlog.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
+use kanade_shared::backoff::Backoff;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::Store;
 
 /// The channel PostgreSQL commits are announced on.
 pub const CHANNEL: &str = "kanade_runs";
@@ -56,6 +60,55 @@ impl Changes {
     /// Follows announcements from now on.
     pub fn follow(&self) -> watch::Receiver<u64> {
         self.sender.subscribe()
+    }
+}
+
+/// Retries of telling the other replicas after a failed `NOTIFY`.
+const RETRY: Backoff = Backoff {
+    base: Duration::from_millis(200),
+    cap: Duration::from_secs(5),
+};
+
+/// Tells every replica on `store` of this one's commits until `stop`: one notification after a
+/// commit, at most every [`PUBLISH_EVERY`]; the commits of the last moments before `stop` are
+/// still told, once. Does nothing on a store no other replica serves.
+pub async fn tell_others(changes: Changes, store: Arc<dyn Store>, stop: CancellationToken) {
+    if !store.is_shared() {
+        return;
+    }
+    let mut own = changes.follow_own();
+    let mut failures: u32 = 0;
+    loop {
+        let stopping = tokio::select! {
+            changed = own.changed() => changed.is_err(),
+            _ = stop.cancelled() => true,
+        };
+        if stopping && !own.has_changed().unwrap_or(false) {
+            return;
+        }
+        own.borrow_and_update();
+        let pause = match store.notify(CHANNEL, "").await {
+            Ok(()) => {
+                failures = 0;
+                PUBLISH_EVERY
+            }
+            Err(err) => {
+                if failures == 0 {
+                    tracing::warn!(error = %err, "telling other replicas of commits failed; retrying");
+                }
+                // Told at the next try, whether or not anything commits meanwhile.
+                own.mark_changed();
+                failures = failures.saturating_add(1);
+                RETRY.next_delay(failures)
+            }
+        };
+        if stopping {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stop.cancelled() => {}
+        }
     }
 }
 

@@ -56,6 +56,15 @@ pub fn bytes(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is too large"))
 }
 
+/// `--replica-id` when none is given: the host name.
+fn default_replica_id() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|name| name.into_string().ok())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "kanade-ingest".to_string())
+}
+
 /// `--memory-budget` when none is given: half the cgroup's memory limit when there is one, else
 /// this much.
 pub const DEFAULT_MEMORY_BUDGET: u64 = 1 << 30;
@@ -112,12 +121,19 @@ pub enum TokenCommand {
 
 #[derive(Debug, Clone, Args)]
 pub struct TokenAddArgs {
-    /// The endpoint the token may write for (omit with --reader).
-    #[arg(required_unless_present = "reader", conflicts_with = "reader")]
+    /// The endpoint the token may write for (omit with --reader or --operator).
+    #[arg(required_unless_present_any = ["reader", "operator"], conflicts_with_all = ["reader", "operator", "name"])]
     pub pc_id: Option<String>,
-    /// A token that may read Activity instead.
-    #[arg(long)]
+    /// A token that may read Activity and the console instead.
+    #[arg(long, conflicts_with = "operator")]
     pub reader: bool,
+    /// A token that may read, and act on runs (cancel them from grpcurl or the console).
+    #[arg(long)]
+    pub operator: bool,
+    /// Whose token it is (a reader's or an operator's), e.g. alice: what an operator does is
+    /// recorded under this name. Without it, the token is known by the start of its SHA-256.
+    #[arg(long)]
+    pub name: Option<String>,
     /// The tokens file (created 0600 when missing).
     #[arg(long, env = "KANADE_INGEST_TOKENS_FILE")]
     pub tokens_file: PathBuf,
@@ -154,8 +170,20 @@ pub struct ServeArgs {
     #[arg(long, env = "KANADE_INGEST_READ_DATABASE_URL")]
     pub read_database_url: Option<String>,
 
-    /// Require bearer tokens (TOML `[[token]]` entries of SHA-256 hashes bound to a pc_id or to
-    /// role = "reader"; create them with `kanade-ingest token add`).
+    /// This replica's name, shown with each endpoint it holds the stream of (Activity's
+    /// Endpoint.replica, the console's /endpoints) and in its database sessions. Default: the
+    /// host name (the Kubernetes manifests pass the pod's name).
+    #[arg(long, env = "KANADE_INGEST_REPLICA_ID", default_value_t = default_replica_id())]
+    pub replica_id: String,
+
+    /// Each replica writes that its agents' streams are still open this often; an endpoint
+    /// whose replica stopped writing (killed, cut off) counts as not connected after three of
+    /// these. Agents' reports and connections are written within a second, in batches.
+    #[arg(long, env = "KANADE_INGEST_PRESENCE_EVERY", default_value = "30s", value_parser = duration)]
+    pub presence_every: Duration,
+
+    /// Require bearer tokens (TOML `[[token]]` entries of SHA-256 hashes bound to a pc_id, or to
+    /// role = "reader" or "operator"; create them with `kanade-ingest token add`).
     #[arg(long, env = "KANADE_INGEST_TOKENS_FILE")]
     pub tokens_file: Option<PathBuf>,
 

@@ -1,5 +1,6 @@
 //! Readiness as the gRPC health service reports it (SPEC §5): `""` and `kanade.v1.Ingest` are
-//! SERVING only while the primary database answers and ingest is not draining;
+//! SERVING only while the primary database answers and ingest is not draining (and
+//! `kanade.v1.Control`, whose requests are written there);
 //! `kanade.v1.Activity` follows the database its reads go to (the read replica when
 //! `--read-database-url` names one, else the primary); `liveness` is SERVING for as long as the
 //! process runs.
@@ -12,7 +13,7 @@ use std::sync::{
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 /// Services whose status follows the primary database.
-const WRITE_SERVICES: [&str; 2] = ["", "kanade.v1.Ingest"];
+const WRITE_SERVICES: [&str; 3] = ["", "kanade.v1.Ingest", "kanade.v1.Control"];
 /// Services whose status follows the database reads go to.
 const READ_SERVICES: [&str; 1] = ["kanade.v1.Activity"];
 /// The service that only says the process is alive.

@@ -4,7 +4,7 @@ use anyhow::Context;
 use clap::Parser;
 use kanade_ingest::{
     app,
-    auth::{Identity, add_token},
+    auth::{NewToken, add_token},
     config::{Cli, Command, TokenCommand},
 };
 use kanade_shared::telemetry::{self, LogFormat};
@@ -56,16 +56,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             return Ok(());
         }
         Some(Command::Token(TokenCommand::Add(args))) => {
-            let identity = match args.pc_id {
-                Some(pc_id) => Identity::Agent { pc_id },
-                None => Identity::Reader,
+            let new = match (args.pc_id, args.operator) {
+                (Some(pc_id), _) => NewToken::Agent { pc_id },
+                (None, true) => NewToken::Operator { name: args.name },
+                (None, false) => NewToken::Reader { name: args.name },
             };
-            let token = add_token(&args.tokens_file, &identity)?;
+            let token = add_token(&args.tokens_file, &new)?;
             eprintln!(
-                "added a {} token to {}; it is shown once, here:",
-                match &identity {
-                    Identity::Agent { pc_id } => format!("pc_id {pc_id:?}"),
-                    Identity::Reader => "reader".to_string(),
+                "added {} to {}; it is shown once, here:",
+                match &new {
+                    NewToken::Agent { pc_id } => format!("a token for pc_id {pc_id:?}"),
+                    NewToken::Reader { .. } => "a reader token".to_string(),
+                    NewToken::Operator { name: Some(name) } =>
+                        format!("an operator token ({name})"),
+                    NewToken::Operator { name: None } => "an operator token".to_string(),
                 },
                 args.tokens_file.display()
             );

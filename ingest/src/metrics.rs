@@ -39,6 +39,20 @@ pub struct Metrics {
     /// The memory budget, and how much of it events hold now.
     pub memory_budget: Gauge,
     pub memory_budget_used: Gauge,
+    /// Endpoints with a stream open on this replica.
+    pub connected_endpoints: Gauge,
+    /// Presence statements written, and the endpoint rows they carried.
+    pub presence_statements: Counter,
+    pub presence_rows: Counter,
+    /// The whole fleet as the database says (the same figure on every replica: aggregate with
+    /// max): endpoints by state, and what their agents hold back.
+    pub fleet_endpoints: Family<Labels, Gauge>,
+    pub fleet_backlog_events: Gauge,
+    pub fleet_dead_letters: Gauge,
+    /// Cancel requests answered, by outcome.
+    pub cancel_requests: Family<Labels, Counter>,
+    /// Cancels sent to agent streams on this replica.
+    pub cancels_sent: Counter,
 }
 
 /// Reason classes of `kanade_ingest_events_rejected_total`.
@@ -64,6 +78,14 @@ impl Default for Metrics {
         let queue_depth = Gauge::default();
         let memory_budget = Gauge::default();
         let memory_budget_used = Gauge::default();
+        let connected_endpoints = Gauge::default();
+        let presence_statements = Counter::default();
+        let presence_rows = Counter::default();
+        let fleet_endpoints = Family::<Labels, Gauge>::default();
+        let fleet_backlog_events = Gauge::default();
+        let fleet_dead_letters = Gauge::default();
+        let cancel_requests = Family::<Labels, Counter>::default();
+        let cancels_sent = Counter::default();
         let r = &mut registry;
         r.register(
             "events_received",
@@ -115,6 +137,46 @@ impl Default for Metrics {
             "Bytes of events read and not yet answered",
             memory_budget_used.clone(),
         );
+        r.register(
+            "connected_endpoints",
+            "Endpoints with a stream open on this replica",
+            connected_endpoints.clone(),
+        );
+        r.register(
+            "presence_statements",
+            "Presence statements written to the database",
+            presence_statements.clone(),
+        );
+        r.register(
+            "presence_rows",
+            "Endpoint rows written by presence statements",
+            presence_rows.clone(),
+        );
+        r.register(
+            "fleet_endpoints",
+            "Endpoints known to the database, by state (the same on every replica)",
+            fleet_endpoints.clone(),
+        );
+        r.register(
+            "fleet_backlog_events",
+            "Events waiting in the outboxes of every endpoint, as their agents last reported",
+            fleet_backlog_events.clone(),
+        );
+        r.register(
+            "fleet_dead_letters",
+            "Dead letters kept by every endpoint, as their agents last reported",
+            fleet_dead_letters.clone(),
+        );
+        r.register(
+            "cancel_requests",
+            "Cancel requests answered, by outcome",
+            cancel_requests.clone(),
+        );
+        r.register(
+            "cancels_sent",
+            "Cancels sent to agent streams on this replica",
+            cancels_sent.clone(),
+        );
         Metrics {
             registry,
             events_received,
@@ -127,6 +189,14 @@ impl Default for Metrics {
             queue_depth,
             memory_budget,
             memory_budget_used,
+            connected_endpoints,
+            presence_statements,
+            presence_rows,
+            fleet_endpoints,
+            fleet_backlog_events,
+            fleet_dead_letters,
+            cancel_requests,
+            cancels_sent,
         }
     }
 }
@@ -140,6 +210,28 @@ impl Metrics {
 
     pub fn store_error(&self, kind: &'static str) {
         self.store_errors.get_or_create(&vec![("kind", kind)]).inc();
+    }
+
+    /// The fleet's totals, as the database last said.
+    pub fn fleet(&self, totals: &crate::store::FleetTotals) {
+        let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        for (state, n) in [
+            ("connected", totals.connected),
+            ("disconnected", totals.disconnected),
+        ] {
+            self.fleet_endpoints
+                .get_or_create(&vec![("state", state)])
+                .set(gauge(n));
+        }
+        self.fleet_backlog_events.set(gauge(totals.backlog_events));
+        self.fleet_dead_letters.set(gauge(totals.dead_letters));
+    }
+
+    /// A cancel request was answered with `outcome`.
+    pub fn cancel_request(&self, outcome: &'static str) {
+        self.cancel_requests
+            .get_or_create(&vec![("outcome", outcome)])
+            .inc();
     }
 
     /// The text exposition of every metric.

@@ -3,6 +3,7 @@
 //! cost for a thousand runs as for a million); rows outside the day partitions (and every row on
 //! SQLite) are deleted by `received_at` in small batches, so the table is never locked for long
 //! and replicas can sweep concurrently. Replicas take turns on the partitions (an advisory lock).
+//! Endpoints not seen for as long go too, and cancels whose run has a result.
 
 use std::{sync::Arc, time::Duration};
 
@@ -47,6 +48,20 @@ pub async fn run(
         };
         if let Err(err) = store.delete_expired_sessions(now).await {
             tracing::warn!(error = %err, "retention: deleting expired console sessions failed; will try again");
+        }
+        // Cancels whose run has a result need no more delivering.
+        if let Err(err) = store.forget_settled_cancels().await {
+            tracing::warn!(error = %err, "retention: forgetting delivered cancels failed; will try again");
+        }
+        // An endpoint not seen for as long as runs are kept is gone (decommissioned, renamed).
+        match store.forget_endpoints_seen_before(cutoff).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(endpoints = n, %cutoff, "retention: forgot endpoints not seen since")
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "retention: forgetting old endpoints failed; will try again")
+            }
         }
         match store.drop_days_before(cutoff).await {
             Ok(days) if days.is_empty() => {}

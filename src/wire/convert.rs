@@ -61,6 +61,7 @@ impl From<ExecStatus> for pb::ExecStatus {
             ExecStatus::Killed => pb::ExecStatus::Killed,
             ExecStatus::SpawnFailed => pb::ExecStatus::SpawnFailed,
             ExecStatus::Interrupted => pb::ExecStatus::Interrupted,
+            ExecStatus::Cancelled => pb::ExecStatus::Cancelled,
         }
     }
 }
@@ -76,6 +77,7 @@ impl ExecStatus {
             Ok(pb::ExecStatus::Killed) => Ok(ExecStatus::Killed),
             Ok(pb::ExecStatus::SpawnFailed) => Ok(ExecStatus::SpawnFailed),
             Ok(pb::ExecStatus::Interrupted) => Ok(ExecStatus::Interrupted),
+            Ok(pb::ExecStatus::Cancelled) => Ok(ExecStatus::Cancelled),
             Err(_) => Err(WireError::UnknownEnumValue { field, value }),
         }
     }

@@ -44,17 +44,20 @@ pub enum ExecStatus {
     SpawnFailed,
     /// The agent died while the run was in progress.
     Interrupted,
+    /// An operator cancelled the run; the agent ended its process group.
+    Cancelled,
 }
 
 impl ExecStatus {
     /// Every status, in protobuf order.
-    pub const ALL: [ExecStatus; 6] = [
+    pub const ALL: [ExecStatus; 7] = [
         ExecStatus::Succeeded,
         ExecStatus::Failed,
         ExecStatus::TimedOut,
         ExecStatus::Killed,
         ExecStatus::SpawnFailed,
         ExecStatus::Interrupted,
+        ExecStatus::Cancelled,
     ];
 
     /// The status's name as stored in databases and written in JSON (`"timed_out"`).
@@ -66,6 +69,7 @@ impl ExecStatus {
             ExecStatus::Killed => "killed",
             ExecStatus::SpawnFailed => "spawn_failed",
             ExecStatus::Interrupted => "interrupted",
+            ExecStatus::Cancelled => "cancelled",
         }
     }
 

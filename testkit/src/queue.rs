@@ -189,5 +189,6 @@ pub fn sender_config(ingest: &str, pc_id: &str) -> SenderConfig {
             base: Duration::from_millis(100),
             cap: Duration::from_secs(5),
         },
+        status_every: kanade_agent::config::DEFAULT_STATUS_EVERY,
     }
 }

@@ -115,6 +115,8 @@ pub struct Stream {
     /// The window the session runs under: the smaller of the agent's and ingest's.
     pub window_events: u32,
     pub window_bytes: u64,
+    /// Ingest keeps `AgentStatus` reports (an older one would end the stream on one).
+    pub accepts_agent_status: bool,
 }
 
 fn hello(pc_id: &str) -> pb::AgentMessage {
@@ -143,6 +145,7 @@ pub async fn handshake(client: &mut Client, config: &SenderConfig) -> Result<Str
             inbound,
             window_events: config.window.min(w.max_unacked.max(1)),
             window_bytes: config.window_bytes.min(w.max_unacked_bytes.max(1)),
+            accepts_agent_status: w.accepts_agent_status,
         }),
         Ok(other) => Err(format!("expected Welcome, got {other:?}")),
         Err(status) => Err(format!("waiting for Welcome: {status}")),

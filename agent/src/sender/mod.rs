@@ -29,6 +29,7 @@ use window::Window;
 
 use crate::{
     config::{ClientTls, Secret},
+    control::{self, RunMessage},
     outbox::{Outbox, Pending},
 };
 
@@ -52,7 +53,41 @@ pub trait Queue: Send + Sync + 'static {
     fn set_connection(&self, state: &str) -> impl Future<Output = anyhow::Result<()>> + Send;
     /// Notified when events are enqueued.
     fn wake(&self) -> &tokio::sync::Notify;
+    /// What the agent reports about itself (`AgentStatus`); `None`: nothing to report.
+    fn report(&self) -> impl Future<Output = anyhow::Result<Option<Report>>> + Send {
+        async { Ok(None) }
+    }
+    /// Passes an operator's cancel to the run `result_id` if it runs here; false when it does
+    /// not.
+    fn cancel_run(&self, _result_id: &uuid::Uuid, _message: &RunMessage) -> bool {
+        false
+    }
 }
+
+/// The figures of an `AgentStatus`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Report {
+    pub outbox_depth: u64,
+    pub outbox_bytes: u64,
+    pub oldest_pending_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub dead_letters: u64,
+    pub running_runs: u32,
+}
+
+impl Report {
+    /// Whether the backlog moved enough since `before` to be told at once, not at the next
+    /// `status_every`: by half of what it was, and by at least [`BACKLOG_CHANGE`] events.
+    fn backlog_moved(&self, before: &Report) -> bool {
+        let moved = self.outbox_depth.abs_diff(before.outbox_depth);
+        moved >= BACKLOG_CHANGE.max(before.outbox_depth / 2)
+    }
+}
+
+/// The smallest change of the backlog that is told at once.
+const BACKLOG_CHANGE: u64 = 100;
+/// The backlog is looked at, for [`Report::backlog_moved`], at most this often, and only while
+/// something happens (acks, new events): an idle agent stays idle.
+const BACKLOG_CHECK_EVERY: Duration = Duration::from_secs(5);
 
 impl<Q: Queue> Queue for std::sync::Arc<Q> {
     async fn pending(&self, after_seq: u64, limit: usize) -> anyhow::Result<Vec<Pending>> {
@@ -69,6 +104,12 @@ impl<Q: Queue> Queue for std::sync::Arc<Q> {
     }
     fn wake(&self) -> &tokio::sync::Notify {
         Q::wake(self)
+    }
+    async fn report(&self) -> anyhow::Result<Option<Report>> {
+        Q::report(self).await
+    }
+    fn cancel_run(&self, result_id: &uuid::Uuid, message: &RunMessage) -> bool {
+        Q::cancel_run(self, result_id, message)
     }
 }
 
@@ -88,6 +129,19 @@ impl Queue for Outbox {
     fn wake(&self) -> &tokio::sync::Notify {
         &self.wake
     }
+    async fn report(&self) -> anyhow::Result<Option<Report>> {
+        let status = self.status().await?;
+        Ok(Some(Report {
+            outbox_depth: status.pending_events,
+            outbox_bytes: status.pending_bytes,
+            oldest_pending_at: status.oldest_pending,
+            dead_letters: status.dead_letters,
+            running_runs: u32::try_from(status.running_runs).unwrap_or(u32::MAX),
+        }))
+    }
+    fn cancel_run(&self, result_id: &uuid::Uuid, message: &RunMessage) -> bool {
+        control::tell_run(self.data_dir(), result_id, message)
+    }
 }
 
 /// How the sender connects and paces itself.
@@ -104,6 +158,8 @@ pub struct SenderConfig {
     pub keepalive: Duration,
     pub keepalive_timeout: Duration,
     pub reconnect: Backoff,
+    /// How often the agent's status is reported (when ingest accepts it).
+    pub status_every: Duration,
 }
 
 /// Refusals at the transport level (e.g. over ingest's message size limit) of the same event
@@ -194,6 +250,8 @@ enum Inbound {
     Ack(Vec<u64>),
     /// This event will never be accepted: dead-letter it.
     Reject { seq: u64, reason: String },
+    /// An operator cancelled this run: end it, if it runs here.
+    Cancel(pb::Cancel),
     /// Nothing for the session (a repeated Welcome, an empty message, a message this agent does
     /// not know yet).
     Nothing,
@@ -213,6 +271,7 @@ impl Inbound {
                     seq: r.seq,
                     reason: r.reason,
                 },
+                Msg::Cancel(cancel) => Inbound::Cancel(cancel),
                 Msg::Welcome(_) => Inbound::Nothing,
             },
             Ok(Some(pb::IngestMessage { msg: None })) => Inbound::Nothing,
@@ -231,6 +290,18 @@ struct Session<'a, Q: Queue> {
     refusals: &'a mut HashMap<u64, u32>,
     /// Whether any ack arrived (a session that made progress resets the reconnect backoff).
     progressed: bool,
+    /// Reports the agent's status, when ingest accepts it.
+    status: Option<StatusReporter>,
+}
+
+/// When and what a session reports about the agent.
+struct StatusReporter {
+    /// The endpoint's host name and operating system, said with every report.
+    host: (String, String),
+    /// What was last reported.
+    last: Option<Report>,
+    /// When the backlog was last looked at.
+    checked: tokio::time::Instant,
 }
 
 async fn session<Q: Queue>(
@@ -266,19 +337,38 @@ async fn session<Q: Queue>(
         window: Window::new(stream.window_events, stream.window_bytes),
         refusals,
         progressed: false,
+        status: stream.accepts_agent_status.then(|| StatusReporter {
+            host: host_and_os(),
+            last: None,
+            checked: tokio::time::Instant::now(),
+        }),
     };
+    // Right after Welcome, then every status_every (the first tick is now).
+    let mut status_tick = tokio::time::interval(config.status_every);
+    status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         if let Err(end) = session.fill().await {
             return end;
         }
         let next = tokio::select! {
             m = inbound.message() => Inbound::from_message(m),
-            _ = outbox.wake().notified() => continue,
+            _ = outbox.wake().notified() => {
+                session.report_if_backlog_moved().await;
+                continue;
+            }
+            _ = status_tick.tick(), if session.status.is_some() => {
+                session.report().await;
+                continue;
+            }
             _ = shutdown.cancelled() => return SessionEnd::Shutdown,
         };
         let handled = match next {
             Inbound::Ack(seqs) => session.on_ack(seqs).await,
             Inbound::Reject { seq, reason } => session.on_reject(seq, reason).await,
+            Inbound::Cancel(cancel) => {
+                session.on_cancel(cancel);
+                Ok(())
+            }
             Inbound::Nothing => Ok(()),
             Inbound::Ended => return SessionEnd::Clean,
             Inbound::Failed(status) => return session.on_failure(status).await,
@@ -339,7 +429,81 @@ impl<Q: Queue> Session<'_, Q> {
             self.refusals.remove(&seq);
         }
         self.progressed = true;
+        self.report_if_backlog_moved().await;
         Ok(())
+    }
+
+    /// Passes an operator's cancel to its run, wherever on this data dir it runs.
+    fn on_cancel(&self, cancel: pb::Cancel) {
+        let Ok(result_id) = uuid::Uuid::try_parse(&cancel.result_id) else {
+            tracing::warn!(result_id = %cancel.result_id, "ignored a cancel for something that is not a run id");
+            return;
+        };
+        let message = RunMessage::Cancel {
+            reason: cancel.reason,
+            by: cancel.requested_by,
+        };
+        if self.outbox.cancel_run(&result_id, &message) {
+            tracing::info!(%result_id, "an operator cancelled a run: told the run");
+        } else {
+            tracing::info!(%result_id, "ignored a cancel: that run is not running here");
+        }
+    }
+
+    /// Sends the agent's status to ingest (when it accepts it); a failure to read it is logged
+    /// and waits for the next time.
+    async fn report(&mut self) {
+        let Some(status) = &mut self.status else {
+            return;
+        };
+        status.checked = tokio::time::Instant::now();
+        let report = match self.outbox.report().await {
+            Ok(Some(report)) => report,
+            Ok(None) => return,
+            Err(err) => {
+                tracing::debug!(error = %format!("{err:#}"), "reading the agent's status failed");
+                return;
+            }
+        };
+        status.last = Some(report);
+        let (hostname, os) = status.host.clone();
+        let message = pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::Status(pb::AgentStatus {
+                outbox_depth: report.outbox_depth,
+                outbox_bytes: report.outbox_bytes,
+                oldest_pending_at: report
+                    .oldest_pending_at
+                    .map(kanade_shared::wire::timestamp_to_proto),
+                dead_letters: report.dead_letters,
+                running_runs: report.running_runs,
+                hostname,
+                os,
+            })),
+        };
+        // A closed transport ends the session through the stream's own error.
+        let _ = self.outbound.send(message).await;
+    }
+
+    /// Reports at once when the backlog moved a lot since the last report (looked at most every
+    /// [`BACKLOG_CHECK_EVERY`]).
+    async fn report_if_backlog_moved(&mut self) {
+        let Some(status) = &self.status else {
+            return;
+        };
+        if status.checked.elapsed() < BACKLOG_CHECK_EVERY {
+            return;
+        }
+        let last = status.last;
+        let moved = match self.outbox.report().await {
+            Ok(Some(now)) => last.is_none_or(|last| now.backlog_moved(&last)),
+            _ => false,
+        };
+        if let Some(status) = &mut self.status {
+            status.checked = tokio::time::Instant::now();
+        }
+        if moved {
+            self.report().await;
+        }
     }
 
     async fn on_reject(&mut self, seq: u64, reason: String) -> Result<(), SessionEnd> {
@@ -371,5 +535,48 @@ impl<Q: Queue> Session<'_, Q> {
             }
         }
         self.failed(format!("{}: {}", status.code(), status.message()))
+    }
+}
+
+/// The endpoint's host name and operating system, as reports say them
+/// (`linux x86_64 (Debian GNU/Linux 12 (bookworm))`).
+fn host_and_os() -> (String, String) {
+    let hostname = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default();
+    let mut os = format!("{} {}", std::env::consts::OS, std::env::consts::ARCH);
+    let pretty = std::fs::read_to_string("/etc/os-release")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+                .map(|v| v.trim_matches('"').to_string())
+        });
+    if let Some(pretty) = pretty.filter(|p| !p.is_empty()) {
+        os.push_str(&format!(" ({pretty})"));
+    }
+    (hostname, os)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_backlog_is_told_at_once_when_it_moved_by_half_and_by_a_hundred_events() {
+        let depth = |outbox_depth| Report {
+            outbox_depth,
+            ..Report::default()
+        };
+        assert!(
+            !depth(99).backlog_moved(&depth(0)),
+            "a few events are normal traffic"
+        );
+        assert!(depth(100).backlog_moved(&depth(0)));
+        assert!(depth(400).backlog_moved(&depth(1000)));
+        assert!(!depth(600).backlog_moved(&depth(1000)));
+        assert!(depth(0).backlog_moved(&depth(150)), "drained");
+        assert!(!depth(1100).backlog_moved(&depth(1000)));
     }
 }

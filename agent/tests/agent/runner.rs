@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use kanade_agent::runner::{Echo, ProcessOutcome, ProcessSpec, SpawnFailure, run_process};
+use kanade_agent::runner::{Echo, ProcessOutcome, ProcessSpec, SpawnFailure, Stops, run_process};
 use kanade_shared::wire::ExecStatus;
 use tokio_util::sync::CancellationToken;
 
@@ -39,9 +39,19 @@ fn spec(argv: &[String], timeout: Option<Duration>, cap: usize) -> ProcessSpec<'
     }
 }
 
-/// Runs `args` with no extra environment and a token nobody cancels.
+/// Nothing that ends the run before it ends by itself.
+fn never() -> Stops<'static> {
+    static NEVER: std::sync::OnceLock<CancellationToken> = std::sync::OnceLock::new();
+    let never = NEVER.get_or_init(CancellationToken::new);
+    Stops {
+        kill: never,
+        cancel: never,
+    }
+}
+
+/// Runs `args` with no extra environment, and nothing stopping it.
 async fn run(args: &[&str], timeout: Option<Duration>, cap: usize) -> ProcessOutcome {
-    run_process(spec(&argv(args), timeout, cap), &CancellationToken::new()).await
+    run_process(spec(&argv(args), timeout, cap), never()).await
 }
 
 /// A shell script whose child forks a grandchild that ignores TERM and writes its pid to
@@ -204,11 +214,7 @@ async fn timeout_kills_the_whole_tree_including_a_grandchild_that_ignores_term()
     let pid_file = dir.path().join("grandchild.pid");
     let began = Instant::now();
     let argv = tree_with_a_term_ignoring_grandchild(&pid_file);
-    let outcome = run_process(
-        spec(&argv, Some(Duration::from_secs(1)), CAP),
-        &CancellationToken::new(),
-    )
-    .await;
+    let outcome = run_process(spec(&argv, Some(Duration::from_secs(1)), CAP), never()).await;
     let took = began.elapsed();
 
     assert_eq!(outcome.status, ExecStatus::TimedOut);
@@ -220,32 +226,52 @@ async fn timeout_kills_the_whole_tree_including_a_grandchild_that_ignores_term()
     assert_gone(grandchild_pid(&pid_file).await).await;
 }
 
-#[tokio::test]
-async fn cancellation_kills_the_whole_tree_and_reports_killed() {
+/// Ends a tree with a TERM-ignoring grandchild by `kill` (the agent stopping) or `cancel` (an
+/// operator), once the tree is complete, so it proves the grandchild is ended too.
+async fn end_the_tree(by_operator: bool) -> ProcessOutcome {
     let dir = tempfile::tempdir().unwrap();
     let pid_file = dir.path().join("grandchild.pid");
-    let cancel = CancellationToken::new();
+    let (kill, cancel) = (CancellationToken::new(), CancellationToken::new());
     let argv = tree_with_a_term_ignoring_grandchild(&pid_file);
     let began = Instant::now();
-    let run = run_process(spec(&argv, None, CAP), &cancel);
+    let run = run_process(
+        spec(&argv, None, CAP),
+        Stops {
+            kill: &kill,
+            cancel: &cancel,
+        },
+    );
     tokio::pin!(run);
-
-    // Cancel only once the tree is complete, so the test proves the grandchild is ended too.
     let pid = tokio::select! {
         pid = grandchild_pid(&pid_file) => pid,
         outcome = &mut run => panic!("the run ended by itself: {outcome:?}"),
     };
-    cancel.cancel();
+    if by_operator { &cancel } else { &kill }.cancel();
     let outcome = run.await;
     let took = began.elapsed();
-
-    assert_eq!(outcome.status, ExecStatus::Killed);
     assert_eq!(outcome.exit_code, None);
     assert!(
         took < Duration::from_secs(5),
         "run_process returned after {took:?}"
     );
     assert_gone(pid).await;
+    outcome
+}
+
+#[tokio::test]
+async fn the_agent_stopping_kills_the_whole_tree_and_reports_killed() {
+    assert_eq!(end_the_tree(false).await.status, ExecStatus::Killed);
+}
+
+#[tokio::test]
+async fn an_operator_cancel_kills_the_whole_tree_and_reports_cancelled() {
+    let outcome = end_the_tree(true).await;
+    assert_eq!(outcome.status, ExecStatus::Cancelled);
+    assert_eq!(
+        outcome.shell_exit_code(),
+        128 + 15,
+        "the script died of TERM"
+    );
 }
 
 /// `text` is a head of `full` followed by a tail of `full`, each at least `min` bytes.

@@ -65,7 +65,7 @@ pub struct Filters {
 }
 
 /// The names `state` takes, in the order the form shows them.
-pub const STATE_NAMES: [&str; 8] = [
+pub const STATE_NAMES: [&str; 9] = [
     "running",
     "succeeded",
     "failed",
@@ -73,6 +73,7 @@ pub const STATE_NAMES: [&str; 8] = [
     "killed",
     "spawn_failed",
     "interrupted",
+    "cancelled",
     "lost",
 ];
 
@@ -179,6 +180,76 @@ impl Filters {
     }
 }
 
+/// What the endpoints page shows (`/endpoints`): `prefix` (of pc_id), `connected` (`yes` or
+/// `no`), `page` (the last pc_id of the previous page, as the Activity API's token).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EndpointFilters {
+    pub prefix: Option<String>,
+    pub connected: Option<bool>,
+    pub page: Option<String>,
+}
+
+impl EndpointFilters {
+    /// Reads a query string; errors say which parameter is wrong and what it takes.
+    pub fn parse(query: &str) -> Result<EndpointFilters, String> {
+        let mut f = EndpointFilters::default();
+        let mut connected = None;
+        for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+            let value = value.trim().to_string();
+            if value.is_empty() {
+                continue;
+            }
+            match key.as_ref() {
+                "prefix" => once(&mut f.prefix, "prefix", value)?,
+                "connected" => once(&mut connected, "connected", value)?,
+                "page" => once(&mut f.page, "page", value)?,
+                other => {
+                    return Err(format!(
+                        "unknown parameter {other:?}: the endpoints page takes prefix, connected \
+                         and page"
+                    ));
+                }
+            }
+        }
+        f.connected = match connected.as_deref() {
+            None => None,
+            Some("yes") => Some(true),
+            Some("no") => Some(false),
+            Some(other) => return Err(format!("connected={other:?}: use yes or no")),
+        };
+        Ok(f)
+    }
+
+    /// The canonical query string (without `?`).
+    pub fn to_query(&self) -> String {
+        let mut out = form_urlencoded::Serializer::new(String::new());
+        if let Some(prefix) = &self.prefix {
+            out.append_pair("prefix", prefix);
+        }
+        if let Some(connected) = self.connected {
+            out.append_pair("connected", if connected { "yes" } else { "no" });
+        }
+        if let Some(page) = &self.page {
+            out.append_pair("page", page);
+        }
+        out.finish()
+    }
+
+    /// The URL of the page after `last_pc_id`.
+    pub fn next(&self, last_pc_id: &str) -> String {
+        let next = EndpointFilters {
+            page: Some(last_pc_id.to_string()),
+            ..self.clone()
+        };
+        format!("/endpoints?{}", next.to_query())
+    }
+
+    /// Whether anything narrows the view (paging aside).
+    pub fn is_empty(&self) -> bool {
+        self.prefix.is_none() && self.connected.is_none()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use kanade_shared::wire::ExecStatus;
@@ -239,6 +310,24 @@ mod tests {
         );
         assert!(Filters::parse("pc=a&pc=b").unwrap_err().contains("once"));
         assert!(Filters::parse("page=zz").unwrap_err().contains("older"));
+    }
+
+    #[test]
+    fn endpoint_filters_read_and_write_one_canonical_url() {
+        let f = EndpointFilters::parse("connected=no&prefix=web%20&page=").unwrap();
+        assert_eq!(f.connected, Some(false));
+        assert_eq!(f.to_query(), "prefix=web&connected=no", "values are trimmed");
+        assert_eq!(EndpointFilters::parse(&f.to_query()).unwrap(), f);
+        assert!(
+            EndpointFilters::parse("connected=maybe")
+                .unwrap_err()
+                .contains("yes or no")
+        );
+        assert!(
+            EndpointFilters::parse("state=x")
+                .unwrap_err()
+                .contains("prefix")
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! - [`filters`]: the Activity page's URL parameters, read and written (URLs are a contract);
 //! - [`pages`]: the HTML of every page (maud templates: every value is escaped by construction);
 //! - [`live`]: Server-Sent Events telling open pages to re-read when runs change;
-//! - [`session`]: sign-in with a reader token, sessions, CSRF tokens;
+//! - [`session`]: sign-in with a reader or operator token, sessions, CSRF tokens;
 //! - `assets/`: the stylesheet and the one script, embedded in the binary.
 //!
 //! A new page is a route in [`router`], a handler here reading through the store's queries (the
@@ -19,6 +19,7 @@ use std::{sync::Arc, time::Duration};
 
 use axum::{
     Extension, Router,
+    body::Bytes,
     extract::{Path, RawQuery, State},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     middleware::{self, Next},
@@ -32,11 +33,16 @@ use uuid::Uuid;
 use crate::{
     auth::Tokens,
     changes::Changes,
-    store::{ListQuery, ReadStore, RunState, Store, StoreError, SummaryQuery},
+    control::{CancelError, Cancels},
+    presence,
+    store::{
+        EndpointOrder, EndpointQuery, ListQuery, ReadStore, RunState, Store, StoreError,
+        SummaryQuery,
+    },
 };
 
-pub use filters::Filters;
-use session::{Sessions, SignedIn};
+pub use filters::{EndpointFilters, Filters};
+use session::{Sessions, Visitor};
 
 /// Runs per page of the Activity table.
 const PAGE_SIZE: u32 = 50;
@@ -44,6 +50,10 @@ const PAGE_SIZE: u32 = 50;
 const RUNNING_NOW: u32 = 50;
 /// Characters of output shown in a table cell.
 const FIRST_LINE_CHARS: usize = 120;
+/// Endpoints per page of the endpoints table.
+const ENDPOINTS_PAGE: u32 = 100;
+/// Endpoints shown at most in the "needs attention" section.
+const ATTENTION: u32 = 50;
 
 /// What the console is configured with.
 #[derive(Debug, Clone)]
@@ -58,6 +68,8 @@ pub struct ConsoleConfig {
     pub grpc_addr: String,
     /// A read replica serves the queries: a commit shows there a moment later.
     pub read_replica: bool,
+    /// `--presence-every`: how long an endpoint's row stays trusted without a refresh.
+    pub presence_every: Duration,
 }
 
 /// The console's shared state; cheap to clone.
@@ -70,6 +82,8 @@ struct Inner {
     /// Every page's queries.
     reads: Arc<dyn ReadStore>,
     changes: Changes,
+    /// The Cancel button's work.
+    cancels: Cancels,
     /// `None`: no authentication configured, every page is open.
     sessions: Option<Sessions>,
     config: ConsoleConfig,
@@ -85,6 +99,7 @@ impl Console {
         store: Arc<dyn Store>,
         tokens: Option<Arc<Tokens>>,
         changes: Changes,
+        cancels: Cancels,
         config: ConsoleConfig,
         stop: CancellationToken,
     ) -> Console {
@@ -94,6 +109,7 @@ impl Console {
             inner: Arc::new(Inner {
                 reads,
                 changes,
+                cancels,
                 sessions,
                 config,
                 stop,
@@ -138,7 +154,9 @@ pub fn router(console: Console) -> Router {
     let pages = Router::new()
         .route("/", get(activity))
         .route("/runs/{result_id}", get(run))
+        .route("/runs/{result_id}/cancel", post(cancel))
         .route("/runs/{result_id}/{output}", get(download))
+        .route("/endpoints", get(endpoints))
         .route("/manifests", get(manifests))
         .route("/events", get(live::events))
         .route(
@@ -164,7 +182,11 @@ pub fn router(console: Console) -> Router {
 pub enum PageError {
     /// The request itself is wrong: say what to change.
     BadRequest(String),
+    /// The visitor may not do this: say what it takes.
+    Forbidden(String),
     NotFound(String),
+    /// Cannot be done in the state things are in: say why.
+    Conflict(String),
     /// The store is unavailable: try again.
     Unavailable(String),
     /// A bug or a misconfigured database; details are in the log.
@@ -186,7 +208,9 @@ impl IntoResponse for PageError {
     fn into_response(self) -> Response {
         let (status, title, message) = match self {
             PageError::BadRequest(m) => (StatusCode::BAD_REQUEST, "Bad request", m),
+            PageError::Forbidden(m) => (StatusCode::FORBIDDEN, "Not allowed", m),
             PageError::NotFound(m) => (StatusCode::NOT_FOUND, "Not found", m),
+            PageError::Conflict(m) => (StatusCode::CONFLICT, "Cannot do that now", m),
             PageError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, "Unavailable", m),
             PageError::Internal => (
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -205,7 +229,7 @@ fn now() -> DateTime<Utc> {
 /// `/`: the running runs, then every run matching the filters, newest first.
 async fn activity(
     State(console): State<Console>,
-    signed_in: Option<Extension<SignedIn>>,
+    Extension(visitor): Extension<Visitor>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Response, PageError> {
@@ -246,7 +270,7 @@ async fn activity(
         runs: &runs,
         older: older.as_deref(),
         now,
-        csrf: signed_in.as_ref().map(|s| s.csrf.as_str()),
+        visitor: &visitor,
         grpc_addr: &grpc_addr,
         tls: console.config.tls,
     })
@@ -269,7 +293,7 @@ fn parse_result_id(text: &str) -> Result<Uuid, PageError> {
 /// `/runs/{result_id}`: one run, outputs whole.
 async fn run(
     State(console): State<Console>,
-    signed_in: Option<Extension<SignedIn>>,
+    Extension(visitor): Extension<Visitor>,
     headers: HeaderMap,
     Path(result_id): Path<String>,
 ) -> Result<Response, PageError> {
@@ -288,7 +312,105 @@ async fn run(
         grpc_addr: &console.grpc_addr_for(&headers),
         tls: console.config.tls,
         tokens: console.sessions.is_some(),
-        csrf: signed_in.as_ref().map(|s| s.csrf.as_str()),
+        visitor: &visitor,
+    })
+    .into_response())
+}
+
+/// `POST /runs/{result_id}/cancel` (`csrf`, `reason`): the Cancel button; back to the run's page.
+async fn cancel(
+    State(console): State<Console>,
+    Extension(visitor): Extension<Visitor>,
+    headers: HeaderMap,
+    Path(result_id): Path<String>,
+    body: Bytes,
+) -> Result<Response, PageError> {
+    if !visitor.sent(&headers, session::form_field(&body, "csrf").as_deref()) {
+        return Ok(session::refused_form());
+    }
+    if !visitor.may_act {
+        return Err(PageError::Forbidden(
+            "cancelling a run needs an operator token: sign in with one (kanade-ingest token \
+             add --operator --name NAME)"
+                .into(),
+        ));
+    }
+    let id = parse_result_id(&result_id)?;
+    let reason = session::form_field(&body, "reason").unwrap_or_default();
+    match console
+        .inner
+        .cancels
+        .cancel(&result_id, &reason, &visitor.name)
+        .await
+    {
+        Ok(_) => Ok(Redirect::to(&format!("/runs/{id}")).into_response()),
+        Err(err) => Err(match err {
+            CancelError::NotAnId(_) | CancelError::NoReason | CancelError::ReasonTooLong { .. } => {
+                PageError::BadRequest(err.to_string())
+            }
+            CancelError::NotFound(_) => PageError::NotFound(err.to_string()),
+            CancelError::Finished { .. } => PageError::Conflict(err.to_string()),
+            CancelError::Store(err) => err.into(),
+        }),
+    }
+}
+
+/// `/endpoints`: those needing attention, then every endpoint by pc_id.
+async fn endpoints(
+    State(console): State<Console>,
+    Extension(visitor): Extension<Visitor>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Result<Response, PageError> {
+    let raw = query.unwrap_or_default();
+    let filters = EndpointFilters::parse(&raw).map_err(PageError::BadRequest)?;
+    let canonical = filters.to_query();
+    if canonical != raw {
+        return Ok(
+            Redirect::to(&format!("/endpoints{}", with_question_mark(&canonical))).into_response(),
+        );
+    }
+    let console = &console.inner;
+    let now = now();
+    let behind = chrono::Duration::from_std(presence::BACKLOG_AGE).unwrap_or_default();
+    let mut query = EndpointQuery {
+        connected: filters.connected,
+        pc_id_prefix: filters.prefix.clone(),
+        after: filters.page.clone(),
+        limit: ENDPOINTS_PAGE + 1,
+        order: EndpointOrder::PcId,
+        connected_after: presence::connected_after(now, console.config.presence_every),
+        backlogged_before: now - behind,
+    };
+    let mut rows = console.reads.list_endpoints(&query).await?;
+    let next = (rows.len() > ENDPOINTS_PAGE as usize).then(|| {
+        rows.truncate(ENDPOINTS_PAGE as usize);
+        filters.next(&rows.last().expect("a full page").pc_id)
+    });
+    let attention = if filters == EndpointFilters::default() {
+        query.order = EndpointOrder::AttentionFirst;
+        query.after = None;
+        query.limit = ATTENTION + 1;
+        Some(console.reads.list_endpoints(&query).await?)
+    } else {
+        None
+    };
+    let more_attention = attention
+        .as_ref()
+        .is_some_and(|a| a.len() > ATTENTION as usize);
+    let attention = attention
+        .as_deref()
+        .map(|a| &a[..a.len().min(ATTENTION as usize)]);
+    Ok(pages::endpoints(&pages::EndpointsView {
+        filters: &filters,
+        attention,
+        more_attention,
+        endpoints: &rows,
+        next: next.as_deref(),
+        now,
+        visitor: &visitor,
+        grpc_addr: &console.grpc_addr_for(&headers),
+        tls: console.config.tls,
     })
     .into_response())
 }
@@ -361,7 +483,7 @@ const WINDOWS: [(&str, i64); 3] = [("1h", 1), ("24h", 24), ("7d", 7 * 24)];
 /// `/manifests?window=24h`: per manifest over the window.
 async fn manifests(
     State(console): State<Console>,
-    signed_in: Option<Extension<SignedIn>>,
+    Extension(visitor): Extension<Visitor>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, PageError> {
     let mut window = "24h".to_string();
@@ -394,17 +516,11 @@ async fn manifests(
             lost_grace: console.config.lost_grace,
         })
         .await?;
-    Ok(pages::manifests(
-        &window,
-        &WINDOWS.map(|(w, _)| w),
-        &summaries,
-        signed_in.as_ref().map(|s| s.csrf.as_str()),
-    )
-    .into_response())
+    Ok(pages::manifests(&window, &WINDOWS.map(|(w, _)| w), &summaries, &visitor).into_response())
 }
 
 async fn not_found() -> PageError {
-    PageError::NotFound("no such page: the console has /, /runs/…, /manifests".into())
+    PageError::NotFound("no such page: the console has /, /runs/…, /endpoints, /manifests".into())
 }
 
 async fn stylesheet() -> impl IntoResponse {

@@ -5,14 +5,18 @@ use axum::response::Html;
 use chrono::{DateTime, SecondsFormat, Utc};
 use maud::{DOCTYPE, Markup, html};
 
-use super::{FIRST_LINE_CHARS, Filters, filters::STATE_NAMES};
-use crate::store::{ExecutionRow, ManifestSummary, RunState};
+use super::{
+    FIRST_LINE_CHARS, Filters,
+    filters::{EndpointFilters, STATE_NAMES},
+    session::Visitor,
+};
+use crate::store::{EndpointRow, ExecutionRow, ManifestSummary, RunState};
 
 /// A whole page, ready to send.
 pub type Page = Html<String>;
 
 /// The frame of every page: the navigation, the sign-out form when signed in, `main`.
-fn layout(title: &str, current: &str, csrf: Option<&str>, main: Markup) -> Page {
+fn layout(title: &str, current: &str, visitor: Option<&Visitor>, main: Markup) -> Page {
     let page = html! {
         (DOCTYPE)
         html lang="en" {
@@ -27,7 +31,7 @@ fn layout(title: &str, current: &str, csrf: Option<&str>, main: Markup) -> Page 
                 header.top {
                     a.brand href="/" { "Kanade" }
                     nav aria-label="Pages" {
-                        @for (href, name) in [("/", "Activity"), ("/manifests", "Manifests")] {
+                        @for (href, name) in [("/", "Activity"), ("/endpoints", "Endpoints"), ("/manifests", "Manifests")] {
                             @if name == current {
                                 a href=(href) aria-current="page" { (name) }
                             } @else {
@@ -36,9 +40,10 @@ fn layout(title: &str, current: &str, csrf: Option<&str>, main: Markup) -> Page 
                         }
                     }
                     span.live-status data-live-status hidden { "live" }
-                    @if let Some(csrf) = csrf {
+                    @if let Some(visitor) = visitor.filter(|v| v.signed_in) {
                         form.signout method="post" action="/signout" {
-                            input type="hidden" name="csrf" value=(csrf);
+                            span.who { (visitor.name) @if visitor.may_act { " (operator)" } }
+                            input type="hidden" name="csrf" value=(visitor.csrf);
                             button type="submit" { "Sign out" }
                         }
                     }
@@ -69,6 +74,16 @@ pub fn duration(d: chrono::Duration) -> String {
 
 fn state_badge(state: RunState) -> Markup {
     html! { span class={"state state-" (state.as_str())} { (state.as_str().replace('_', " ")) } }
+}
+
+/// A run's state, and that a cancel waits for its agent when one does.
+fn run_state(run: &ExecutionRow) -> Markup {
+    html! {
+        (state_badge(run.state))
+        @if run.cancel.is_some() && run.outcome.is_none() {
+            " " span.cancel-requested { "cancel requested" }
+        }
+    }
 }
 
 /// The first non-empty line of the run's output (stdout, else stderr), cut for a table cell.
@@ -124,7 +139,7 @@ fn runs_table(runs: &[ExecutionRow], now: DateTime<Utc>, caption: &str) -> Marku
                 tbody {
                     @for run in runs {
                         tr {
-                            td { a href=(run_href(run)) { (state_badge(run.state)) } }
+                            td { a href=(run_href(run)) { (run_state(run)) } }
                             td { a href={"/?pc=" (urlencode(&run.pc_id))} { (run.pc_id) } }
                             td {
                                 a href={"/?manifest=" (urlencode(&run.manifest_id))} { (run.manifest_id) }
@@ -158,7 +173,7 @@ pub struct ActivityView<'a> {
     pub runs: &'a [ExecutionRow],
     pub older: Option<&'a str>,
     pub now: DateTime<Utc>,
-    pub csrf: Option<&'a str>,
+    pub visitor: &'a Visitor,
     pub grpc_addr: &'a str,
     pub tls: bool,
 }
@@ -241,7 +256,7 @@ pub fn activity(v: &ActivityView<'_>) -> Page {
             }
         }
     };
-    layout("Activity", "Activity", v.csrf, main)
+    layout("Activity", "Activity", Some(v.visitor), main)
 }
 
 /// What a run page shows.
@@ -252,7 +267,7 @@ pub struct RunView<'a> {
     pub grpc_addr: &'a str,
     pub tls: bool,
     pub tokens: bool,
-    pub csrf: Option<&'a str>,
+    pub visitor: &'a Visitor,
 }
 
 fn output_block(name: &str, file: &str, run: &ExecutionRow) -> Markup {
@@ -303,7 +318,7 @@ pub fn run(v: &RunView<'_>) -> Page {
     };
     let main = html! {
         div data-live=(live) {
-            h1 { "Run " span.mono { (run.result_id) } " " (state_badge(run.state)) }
+            h1 { "Run " span.mono { (run.result_id) } " " (run_state(run)) }
             dl.fields {
                 dt { "Endpoint" } dd { a href={"/?pc=" (urlencode(&run.pc_id))} { (run.pc_id) } }
                 dt { "Manifest" } dd {
@@ -334,16 +349,41 @@ pub fn run(v: &RunView<'_>) -> Page {
                         (None, _) => "none (the agent exported no trace)",
                     }
                 }
+                @if let Some(cancel) = &run.cancel {
+                    dt { "Cancel" } dd.cancel-note {
+                        "requested " (time(cancel.at)) " by " (cancel.by) ": " q { (cancel.reason) }
+                        @if run.outcome.is_none() {
+                            br;
+                            span.cancel-requested {
+                                "Waiting for the agent to end the run: it is offline, or too old to know cancel."
+                            }
+                        }
+                    }
+                }
             }
             (output_block("stdout", "stdout.txt", run))
             (output_block("stderr", "stderr.txt", run))
+        }
+        // Outside the live part, so a reason being typed survives the page's live re-reads; the
+        // script hides it once the run has a result.
+        @if run.outcome.is_none() && run.cancel.is_none() && v.visitor.may_act {
+            form.cancel method="post" action={"/runs/" (run.result_id) "/cancel"} data-hide-when-final {
+                input type="hidden" name="csrf" value=(v.visitor.csrf);
+                label {
+                    "Reason "
+                    input type="text" name="reason" required maxlength="1024"
+                        placeholder="why this run is stopped";
+                }
+                button.danger type="submit" { "Cancel run" }
+                p.hint { "The agent ends the run's processes (TERM, then KILL after its grace) and reports it cancelled." }
+            }
         }
         section.grpcurl aria-labelledby="h-grpcurl" {
             h2 #h-grpcurl { "The same run with grpcurl " button.copy type="button" data-copy="grpcurl-command" hidden { "Copy" } }
             pre #grpcurl-command tabindex="0" { (command) }
         }
     };
-    layout(&format!("Run {}", run.result_id), "", v.csrf, main)
+    layout(&format!("Run {}", run.result_id), "", Some(v.visitor), main)
 }
 
 fn summary_duration(d: Option<std::time::Duration>) -> String {
@@ -356,7 +396,7 @@ pub fn manifests(
     window: &str,
     windows: &[&str],
     summaries: &[ManifestSummary],
-    csrf: Option<&str>,
+    visitor: &Visitor,
 ) -> Page {
     let main = html! {
         h1 { "Manifests" }
@@ -401,7 +441,7 @@ pub fn manifests(
                                     td.num { (s.succeeded) }
                                     td.num {
                                         @if s.failed > 0 {
-                                            a.bad href={"/?state=failed&state=timed_out&state=killed&state=spawn_failed&state=interrupted&manifest=" (m) "&after=" (window)} { (s.failed) }
+                                            a.bad href={"/?state=failed&state=timed_out&state=killed&state=spawn_failed&state=interrupted&state=cancelled&manifest=" (m) "&after=" (window)} { (s.failed) }
                                         } @else { "0" }
                                     }
                                     td.num { (s.lost) }
@@ -420,7 +460,169 @@ pub fn manifests(
             }
         }
     };
-    layout("Manifests", "Manifests", csrf, main)
+    layout("Manifests", "Manifests", Some(visitor), main)
+}
+
+/// What the endpoints page shows.
+pub struct EndpointsView<'a> {
+    pub filters: &'a EndpointFilters,
+    /// Disconnected and backlogged endpoints (on the unfiltered first page only).
+    pub attention: Option<&'a [EndpointRow]>,
+    /// More need attention than `attention` holds.
+    pub more_attention: bool,
+    pub endpoints: &'a [EndpointRow],
+    /// The next page's URL.
+    pub next: Option<&'a str>,
+    pub now: DateTime<Utc>,
+    pub visitor: &'a Visitor,
+    pub grpc_addr: &'a str,
+    pub tls: bool,
+}
+
+/// How long ago `at` was, as people read it.
+fn ago(now: DateTime<Utc>, at: DateTime<Utc>) -> String {
+    format!("{} ago", duration(now - at))
+}
+
+fn endpoint_state(e: &EndpointRow) -> Markup {
+    if e.connected {
+        html! { span.state.state-connected { "connected" } }
+    } else {
+        html! { span.state.state-disconnected { "disconnected" } }
+    }
+}
+
+fn endpoints_table(rows: &[EndpointRow], now: DateTime<Utc>, caption: &str) -> Markup {
+    html! {
+        div.table-wrap {
+            table.endpoints {
+                caption.visually-hidden { (caption) }
+                thead {
+                    tr {
+                        th scope="col" { "Endpoint" }
+                        th scope="col" { "Connection" }
+                        th scope="col" { "Replica" }
+                        th scope="col" { "Backlog" }
+                        th scope="col" { "Dead letters" }
+                        th scope="col" { "Running" }
+                        th scope="col" { "Agent" }
+                        th scope="col" { "Host" }
+                        th scope="col" { "Reported" }
+                    }
+                }
+                tbody {
+                    @for e in rows {
+                        @let pc = urlencode(&e.pc_id);
+                        tr {
+                            td { a href={"/?pc=" (pc)} title="This endpoint's runs" { (e.pc_id) } }
+                            td {
+                                (endpoint_state(e)) " "
+                                span.meta {
+                                    @if e.connected { "since " (time(e.connected_since)) }
+                                    @else { "last seen " (ago(now, e.last_seen)) }
+                                }
+                            }
+                            td.mono { (e.replica) }
+                            @match &e.report {
+                                Some(r) => {
+                                    td.num {
+                                        @if r.outbox_depth > 0 {
+                                            span.behind { (r.outbox_depth) " events" }
+                                            @if let Some(oldest) = r.oldest_pending_at {
+                                                br; span.meta { "oldest " (ago(now, oldest)) }
+                                            }
+                                        } @else { "0" }
+                                    }
+                                    td.num {
+                                        @if r.dead_letters > 0 { span.bad { (r.dead_letters) } } @else { "0" }
+                                    }
+                                    td.num {
+                                        @if r.running_runs > 0 {
+                                            a href={"/?state=running&pc=" (pc)} { (r.running_runs) }
+                                        } @else { "0" }
+                                    }
+                                }
+                                None => {
+                                    td.num.meta colspan="3" { "not reported (agent too old)" }
+                                }
+                            }
+                            td { (e.agent_version) }
+                            td {
+                                @if let Some(r) = &e.report {
+                                    (r.hostname) br; span.meta { (r.os) }
+                                }
+                            }
+                            td {
+                                @if let Some(r) = &e.report { (ago(now, r.at)) }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub fn endpoints(v: &EndpointsView<'_>) -> Page {
+    let f = v.filters;
+    let main = html! {
+        h1 { "Endpoints" }
+        form.filters method="get" action="/endpoints" aria-label="Filter endpoints" {
+            div.fields {
+                label { "Endpoint starts with " input type="text" name="prefix" value=(f.prefix.clone().unwrap_or_default()) placeholder="pc_id prefix"; }
+                label {
+                    "Connection "
+                    select name="connected" {
+                        option value="" selected[f.connected.is_none()] { "any" }
+                        option value="yes" selected[f.connected == Some(true)] { "connected" }
+                        option value="no" selected[f.connected == Some(false)] { "disconnected" }
+                    }
+                }
+                button type="submit" { "Apply" }
+                @if !f.is_empty() { a href="/endpoints" { "Clear filters" } }
+            }
+        }
+        div data-live {
+            @if let Some(attention) = v.attention {
+                section.attention aria-labelledby="h-attention" {
+                    h2 #h-attention {
+                        "Needs attention "
+                        span.count { "(" (attention.len()) @if v.more_attention { "+" } ")" }
+                    }
+                    @if attention.is_empty() {
+                        p.empty { "Every endpoint is connected and keeping up." }
+                    } @else {
+                        p.meta {
+                            "Disconnected endpoints (most recently lost first), then those whose oldest waiting event is over a minute old."
+                            @if v.more_attention {
+                                " The first " (attention.len()) " are shown: " a href="/endpoints?connected=no" { "every disconnected endpoint" }
+                            }
+                        }
+                        (endpoints_table(attention, v.now, "Endpoints that need attention"))
+                    }
+                }
+            }
+            section aria-labelledby="h-endpoints" {
+                h2 #h-endpoints { "All endpoints" }
+                @if v.endpoints.is_empty() {
+                    @if f.is_empty() {
+                        div.empty {
+                            p { "No agent has connected yet. Start one and it shows up here:" }
+                            pre { "kanade-agent run --config /etc/kanade/agent.toml   # ingest = \"" (if v.tls { "https://" } else { "http://" }) (v.grpc_addr) "\"" }
+                        }
+                    } @else {
+                        p.empty { "No endpoint matches these filters. " a href="/endpoints" { "Clear filters" } }
+                    }
+                } @else {
+                    (endpoints_table(v.endpoints, v.now, "Endpoints by pc_id"))
+                    @if let Some(next) = v.next {
+                        p.paging { a href=(next) rel="next" { "More endpoints →" } }
+                    }
+                }
+            }
+        }
+    };
+    layout("Endpoints", "Endpoints", Some(v.visitor), main)
 }
 
 pub fn sign_in(next: &str, refused: Option<&str>) -> Page {
@@ -432,25 +634,28 @@ pub fn sign_in(next: &str, refused: Option<&str>) -> Page {
             }
             input type="hidden" name="next" value=(next);
             label {
-                "Reader token"
+                "Reader or operator token"
                 input type="password" name="token" autocomplete="current-password" required autofocus;
             }
             button type="submit" { "Sign in" }
-            p.hint { "Make one with " code { "kanade-ingest token add --reader --tokens-file FILE" } "." }
+            p.hint {
+                "Make one with " code { "kanade-ingest token add --reader --tokens-file FILE" }
+                " (" code { "--operator --name NAME" } " to cancel runs too)."
+            }
         }
     };
     layout("Sign in", "", None, main)
 }
 
-pub fn sign_out(csrf: &str) -> Page {
+pub fn sign_out(visitor: &Visitor) -> Page {
     let main = html! {
         h1 { "Sign out" }
         form.signin method="post" action="/signout" {
-            input type="hidden" name="csrf" value=(csrf);
+            input type="hidden" name="csrf" value=(visitor.csrf);
             button type="submit" { "Sign out" }
         }
     };
-    layout("Sign out", "", Some(csrf), main)
+    layout("Sign out", "", Some(visitor), main)
 }
 
 /// Loads `path` again from the console itself (a same-site navigation, so the session cookie

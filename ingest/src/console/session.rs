@@ -1,8 +1,11 @@
 //! Sign-in (SPEC §13). With a tokens file every page needs a session: `/signin` takes a reader
-//! token, checks it against the tokens file and sets a cookie holding a random session id (never
-//! the token). The store keeps only the id's SHA-256, the token's SHA-256 (a session ends when
-//! its token leaves the tokens file) and the expiry, so any replica honours it. Forms that change
-//! anything carry the session's CSRF token and must come from the console's own origin.
+//! or operator token, checks it against the tokens file and sets a cookie holding a random
+//! session id (never the token). The store keeps only the id's SHA-256, the token's SHA-256 (a
+//! session ends when its token leaves the tokens file, and its role is the file's) and the
+//! expiry, so any replica honours it. Forms that change anything carry a CSRF token and must come
+//! from the console's own origin: the session's, or, without tokens (where anyone reaching the
+//! console may act), a random one kept in a `SameSite=Strict` cookie that the form must repeat,
+//! which another site can neither read nor make the browser send.
 
 use std::{sync::Arc, time::Duration};
 
@@ -23,12 +26,28 @@ use crate::{
 
 /// The session cookie's name.
 pub const COOKIE: &str = "kanade_session";
+/// Without tokens: the cookie holding the CSRF token forms repeat.
+pub const CSRF_COOKIE: &str = "kanade_csrf";
 
-/// What every page learns about its signed-in visitor.
+/// Who is looking, as every page learns it.
 #[derive(Debug, Clone)]
-pub struct SignedIn {
-    /// The token forms must carry.
+pub struct Visitor {
+    /// The token forms that change anything must carry.
     pub csrf: String,
+    /// Signed in with a token: there is a session to sign out of.
+    pub signed_in: bool,
+    /// May act (cancel runs): an operator, or anyone when the console runs without tokens.
+    pub may_act: bool,
+    /// Who their actions are recorded under.
+    pub name: String,
+}
+
+impl Visitor {
+    /// Whether a form came from the console's own page: its origin, and the CSRF token it
+    /// carries.
+    pub fn sent(&self, headers: &HeaderMap, form_csrf: Option<&str>) -> bool {
+        same_origin(headers) && form_csrf.is_some_and(|c| same_secret(c, &self.csrf))
+    }
 }
 
 pub struct Sessions {
@@ -45,15 +64,25 @@ fn random_hex() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn cookie_value(headers: &HeaderMap) -> Option<String> {
+fn cookie_value(headers: &HeaderMap, cookie: &str) -> Option<String> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == COOKIE)
+        .find(|(name, _)| *name == cookie)
         .map(|(_, value)| value.to_string())
+}
+
+/// A cookie's `Set-Cookie` value: HttpOnly, SameSite=Strict, `Secure` under TLS.
+fn set_cookie(name: &str, value: &str, max_age: Duration, secure: bool) -> HeaderValue {
+    let secure = if secure { "; Secure" } else { "" };
+    HeaderValue::from_str(&format!(
+        "{name}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{secure}",
+        max_age.as_secs()
+    ))
+    .expect("a cookie of hex digits")
 }
 
 /// A `next=` target that stays on this console (no open redirect): a path of printable ASCII
@@ -86,29 +115,30 @@ impl Sessions {
         }
     }
 
-    /// The visitor's live session, if any.
-    async fn current(&self, headers: &HeaderMap) -> Result<Option<ConsoleSession>, PageError> {
-        let Some(id) = cookie_value(headers) else {
+    /// The visitor's live session, if any, as a [`Visitor`].
+    async fn current(&self, headers: &HeaderMap) -> Result<Option<Visitor>, PageError> {
+        let Some(id) = cookie_value(headers, COOKIE) else {
             return Ok(None);
         };
         let Some(session) = self.store.session(&sha256_hex(&id), Utc::now()).await? else {
             return Ok(None);
         };
-        // A token removed from the tokens file (or no longer a reader's) ends its sessions.
-        Ok(matches!(
-            self.tokens.by_sha256(&session.token_sha256),
-            Some(Identity::Reader)
-        )
-        .then_some(session))
+        // A token removed from the tokens file (or no longer a person's) ends its sessions; its
+        // role is what the file says now.
+        Ok(self
+            .tokens
+            .by_sha256(&session.token_sha256)
+            .filter(|identity| identity.may_read())
+            .map(|identity| Visitor {
+                csrf: session.csrf,
+                signed_in: true,
+                may_act: identity.may_act(),
+                name: identity.name().to_string(),
+            }))
     }
 
     fn cookie(&self, value: &str, max_age: Duration) -> HeaderValue {
-        let secure = if self.secure { "; Secure" } else { "" };
-        HeaderValue::from_str(&format!(
-            "{COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{secure}",
-            max_age.as_secs()
-        ))
-        .expect("a cookie of hex digits")
+        set_cookie(COOKIE, value, max_age, self.secure)
     }
 }
 
@@ -122,20 +152,49 @@ fn same_origin(headers: &HeaderMap) -> bool {
     host.is_some() && origin_host == host
 }
 
-/// Middleware of every page but `/signin` and the assets.
+/// How long the CSRF cookie of a console without tokens lasts.
+const CSRF_COOKIE_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Without tokens, everyone may look and act: the [`Visitor`] carries the CSRF token of the
+/// browser's cookie, or a new one the response sets.
+async fn anyone(console: &Console, mut request: Request, next: Next) -> Response {
+    let existing = cookie_value(request.headers(), CSRF_COOKIE)
+        .filter(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()));
+    let csrf = existing.clone().unwrap_or_else(random_hex);
+    request.extensions_mut().insert(Visitor {
+        csrf: csrf.clone(),
+        signed_in: false,
+        may_act: true,
+        name: crate::auth::ANONYMOUS.to_string(),
+    });
+    let mut response = next.run(request).await;
+    if existing.is_none() {
+        response.headers_mut().append(
+            header::SET_COOKIE,
+            set_cookie(
+                CSRF_COOKIE,
+                &csrf,
+                CSRF_COOKIE_AGE,
+                console.inner.config.tls,
+            ),
+        );
+    }
+    response
+}
+
+/// Middleware of every page but `/signin` and the assets: who is looking ([`Visitor`]), and a
+/// sign-in for whoever is not signed in when tokens are required.
 pub async fn require_sign_in(
     State(console): State<Console>,
     mut request: Request,
     next: Next,
 ) -> Response {
     let Some(sessions) = &console.inner.sessions else {
-        return next.run(request).await;
+        return anyone(&console, request, next).await;
     };
     match sessions.current(request.headers()).await {
-        Ok(Some(session)) => {
-            request
-                .extensions_mut()
-                .insert(SignedIn { csrf: session.csrf });
+        Ok(Some(visitor)) => {
+            request.extensions_mut().insert(visitor);
             next.run(request).await
         }
         Ok(None) if request.method() == Method::GET && request.uri().path() != "/events" => {
@@ -159,7 +218,7 @@ pub async fn require_sign_in(
         }
         Ok(None) => (
             StatusCode::UNAUTHORIZED,
-            "sign in first: /signin takes a reader token\n",
+            "sign in first: /signin takes a reader or operator token\n",
         )
             .into_response(),
         Err(err) => err.into_response(),
@@ -206,21 +265,23 @@ pub async fn sign_in(State(console): State<Console>, headers: HeaderMap, body: B
         (status, pages::sign_in(&next, Some(message))).into_response()
     };
     match sessions.tokens.identify(&token) {
-        Some(Identity::Reader) => {}
+        Some(identity) if identity.may_read() => {}
         Some(Identity::Agent { pc_id }) => {
             return refused(
                 StatusCode::FORBIDDEN,
                 &format!(
                     "that is an endpoint's token (pc_id {pc_id:?}): it may only write its own \
-                     runs. The console needs a reader token (kanade-ingest token add --reader)."
+                     runs. The console needs a reader token (kanade-ingest token add --reader), \
+                     or an operator token to cancel runs too (--operator)."
                 ),
             );
         }
-        None => {
+        _ => {
             return refused(
                 StatusCode::UNAUTHORIZED,
                 "not a token of this ingest's tokens file; the console needs a reader token \
-                 (kanade-ingest token add --reader)",
+                 (kanade-ingest token add --reader), or an operator token to cancel runs too \
+                 (--operator)",
             );
         }
     }
@@ -236,7 +297,7 @@ pub async fn sign_in(State(console): State<Console>, headers: HeaderMap, body: B
         return PageError::from(err).into_response();
     }
     // Signing in again replaces the browser's previous session rather than leaving it open.
-    if let Some(previous) = cookie_value(&headers)
+    if let Some(previous) = cookie_value(&headers, COOKIE)
         && let Err(err) = sessions.store.end_session(&sha256_hex(&previous)).await
     {
         tracing::warn!(error = %err, "console: ending the previous session failed; it expires on its own");
@@ -249,37 +310,47 @@ pub async fn sign_in(State(console): State<Console>, headers: HeaderMap, body: B
 }
 
 /// `GET /signout` (a typed or bookmarked URL): the button, since signing out is a POST.
-pub async fn sign_out_page(signed_in: Option<axum::Extension<SignedIn>>) -> Response {
-    match signed_in {
-        Some(signed_in) => pages::sign_out(&signed_in.csrf).into_response(),
-        None => Redirect::to("/").into_response(),
+pub async fn sign_out_page(axum::Extension(visitor): axum::Extension<Visitor>) -> Response {
+    if visitor.signed_in {
+        pages::sign_out(&visitor).into_response()
+    } else {
+        Redirect::to("/").into_response()
     }
+}
+
+/// The answer to a form whose CSRF token or origin is not the console's.
+pub fn refused_form() -> Response {
+    (
+        StatusCode::FORBIDDEN,
+        pages::error(
+            "Refused",
+            "the form's CSRF token does not match this browser's; reload the page and try again",
+        ),
+    )
+        .into_response()
+}
+
+/// A form field's value.
+pub fn form_field(body: &[u8], name: &str) -> Option<String> {
+    form_urlencoded::parse(body)
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
 }
 
 /// `POST /signout` (with the session's `csrf`).
 pub async fn sign_out(
     State(console): State<Console>,
-    signed_in: Option<axum::Extension<SignedIn>>,
+    axum::Extension(visitor): axum::Extension<Visitor>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let (Some(sessions), Some(signed_in)) = (&console.inner.sessions, signed_in) else {
+    let Some(sessions) = &console.inner.sessions else {
         return Redirect::to("/").into_response();
     };
-    let csrf = form_urlencoded::parse(&body)
-        .find(|(k, _)| k == "csrf")
-        .map(|(_, v)| v.into_owned());
-    if !same_origin(&headers) || !csrf.is_some_and(|c| same_secret(&c, &signed_in.csrf)) {
-        return (
-            StatusCode::FORBIDDEN,
-            pages::error(
-                "Refused",
-                "the form's CSRF token does not match your session; reload the page and try again",
-            ),
-        )
-            .into_response();
+    if !visitor.sent(&headers, form_field(&body, "csrf").as_deref()) {
+        return refused_form();
     }
-    if let Some(id) = cookie_value(&headers)
+    if let Some(id) = cookie_value(&headers, COOKIE)
         && let Err(err) = sessions.store.end_session(&sha256_hex(&id)).await
     {
         return PageError::from(err).into_response();

@@ -30,9 +30,11 @@ use crate::{
     auth,
     batcher::{Outcome, Reply, Submission},
     budget::Credits,
+    control::Cancels,
     health::Readiness,
     metrics::{Metrics, reject},
     outbound::{self, Next},
+    presence::{Presence, StreamInfo},
 };
 
 /// Limits and timings of the Ingest service (the stream counts are the registry's).
@@ -58,6 +60,10 @@ pub struct IngestService {
     limits: Arc<IngestLimits>,
     /// Every open stream, by endpoint.
     registry: Arc<StreamRegistry>,
+    /// Where agents' reports go.
+    presence: Presence,
+    /// Sends a new stream the pending cancels of its endpoint.
+    cancels: Cancels,
     /// Not ready while draining: new streams and Publish calls are refused.
     readiness: Readiness,
     /// Cancelled when ingest begins shutting down: every stream handler stops reading.
@@ -72,6 +78,8 @@ pub struct IngestParts {
     pub metrics: Arc<Metrics>,
     pub limits: IngestLimits,
     pub registry: Arc<StreamRegistry>,
+    pub presence: Presence,
+    pub cancels: Cancels,
     pub readiness: Readiness,
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
@@ -84,6 +92,8 @@ impl IngestService {
             metrics: parts.metrics,
             limits: Arc::new(parts.limits),
             registry: parts.registry,
+            presence: parts.presence,
+            cancels: parts.cancels,
             readiness: parts.readiness,
             shutdown: parts.shutdown,
             tasks: parts.tasks,
@@ -95,6 +105,7 @@ impl IngestService {
             max_unacked: self.limits.max_unacked,
             max_unacked_bytes: self.limits.max_unacked_bytes,
             max_event_bytes: self.limits.max_event_bytes as u64,
+            accepts_agent_status: true,
         })
     }
 }
@@ -199,14 +210,23 @@ impl pb::ingest_server::Ingest for IngestService {
         let overflow = CancellationToken::new();
         let (sink, outbound) = outbound::channel(OUTBOUND_CAPACITY, overflow.clone());
         let sink = Arc::new(sink);
-        registration.claim(&pc_id, &sink).map_err(registry_status)?;
+        let stream = StreamInfo::opened(&pc_id, &hello.agent_version);
+        registration
+            .claim(stream.clone(), &sink)
+            .map_err(registry_status)?;
         let registration = Arc::new(registration);
-        tracing::info!(%pc_id, agent_version = %hello.agent_version, "agent stream opened");
+        tracing::info!(%pc_id, agent_version = %hello.agent_version, stream_id = %stream.stream_id, "agent stream opened");
         sink.send(self.welcome());
+        // After every Welcome: what an operator cancelled while this agent was away.
+        let (cancels, welcomed, endpoint) = (self.cancels.clone(), sink.clone(), pc_id.clone());
+        self.tasks.spawn(async move {
+            cancels.on_welcome(&endpoint, &welcomed).await;
+        });
         let max_window_bytes = u32::try_from(self.limits.max_unacked_bytes).unwrap_or(u32::MAX);
         let handler = StreamHandler {
             service: self.clone(),
             pc_id,
+            stream,
             sink,
             overflow: overflow.clone(),
             window_count: Arc::new(Semaphore::new(self.limits.max_unacked as usize)),

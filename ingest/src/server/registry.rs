@@ -1,6 +1,7 @@
 //! The open agent streams of this replica, by endpoint: what `--max-streams` and
-//! `--max-streams-per-pc` count, and how ingest reaches an endpoint's stream to send it
-//! something that is not an answer to one of its events.
+//! `--max-streams-per-pc` count, how ingest reaches an endpoint's stream to send it something
+//! that is not an answer to one of its events (a cancel), and what [`crate::presence`] is told
+//! when a stream opens and closes.
 //!
 //! A stream takes a [`Registration`] when it opens (counted in the total) and claims its `pc_id`
 //! with its sink on `Hello`. The registration lives until both halves of the stream are gone —
@@ -13,7 +14,11 @@ use std::{
     sync::{Arc, Mutex, MutexGuard, Weak},
 };
 
-use crate::{metrics::Metrics, outbound::StreamSink};
+use crate::{
+    metrics::Metrics,
+    outbound::StreamSink,
+    presence::{Presence, StreamInfo},
+};
 
 /// Why a stream may not open.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -37,11 +42,19 @@ pub struct RegistryLimits {
     pub max_streams_per_pc: usize,
 }
 
+/// One stream that said Hello.
+#[derive(Debug)]
+struct Entry {
+    id: u64,
+    sink: Weak<StreamSink>,
+    info: StreamInfo,
+}
+
 #[derive(Debug, Default)]
 struct Streams {
     total: usize,
     next_id: u64,
-    by_pc: HashMap<String, Vec<(u64, Weak<StreamSink>)>>,
+    by_pc: HashMap<String, Vec<Entry>>,
 }
 
 /// Every open stream of this replica.
@@ -50,6 +63,7 @@ pub struct StreamRegistry {
     streams: Mutex<Streams>,
     limits: RegistryLimits,
     metrics: Arc<Metrics>,
+    presence: Presence,
 }
 
 /// One stream's place in the registry; dropping it gives the place back.
@@ -57,15 +71,21 @@ pub struct StreamRegistry {
 pub struct Registration {
     registry: Arc<StreamRegistry>,
     id: u64,
-    pc_id: Option<String>,
+    /// The stream's endpoint, once it said Hello.
+    stream: Option<StreamInfo>,
 }
 
 impl StreamRegistry {
-    pub fn new(limits: RegistryLimits, metrics: Arc<Metrics>) -> Arc<StreamRegistry> {
+    pub fn new(
+        limits: RegistryLimits,
+        metrics: Arc<Metrics>,
+        presence: Presence,
+    ) -> Arc<StreamRegistry> {
         Arc::new(StreamRegistry {
             streams: Mutex::default(),
             limits,
             metrics,
+            presence,
         })
     }
 
@@ -87,7 +107,7 @@ impl StreamRegistry {
         Ok(Registration {
             registry: self.clone(),
             id: streams.next_id,
-            pc_id: None,
+            stream: None,
         })
     }
 
@@ -96,7 +116,7 @@ impl StreamRegistry {
         self.lock()
             .by_pc
             .get(pc_id)
-            .map(|entries| entries.iter().filter_map(|(_, s)| s.upgrade()).collect())
+            .map(|entries| entries.iter().filter_map(|e| e.sink.upgrade()).collect())
             .unwrap_or_default()
     }
 
@@ -104,27 +124,61 @@ impl StreamRegistry {
     pub fn connected(&self) -> Vec<String> {
         self.lock().by_pc.keys().cloned().collect()
     }
+
+    /// The newest open stream of every endpoint connected here.
+    pub fn open_streams(&self) -> Vec<StreamInfo> {
+        self.lock()
+            .by_pc
+            .values()
+            .filter_map(|entries| newest(entries).map(|e| e.info.clone()))
+            .collect()
+    }
+}
+
+fn newest(entries: &[Entry]) -> Option<&Entry> {
+    entries
+        .iter()
+        .max_by_key(|e| (e.info.connected_since, e.id))
 }
 
 impl Registration {
-    /// Binds this stream to `pc_id` (its Hello), so the endpoint can be reached through `sink`.
-    pub fn claim(&mut self, pc_id: &str, sink: &Arc<StreamSink>) -> Result<(), RegistryError> {
-        debug_assert!(self.pc_id.is_none(), "a stream says Hello once");
+    /// Binds this stream to its endpoint (its Hello), so the endpoint can be reached through
+    /// `sink`, and tells presence it is connected.
+    pub fn claim(
+        &mut self,
+        stream: StreamInfo,
+        sink: &Arc<StreamSink>,
+    ) -> Result<(), RegistryError> {
+        debug_assert!(self.stream.is_none(), "a stream says Hello once");
         let max = self.registry.limits.max_streams_per_pc;
         let mut streams = self.registry.lock();
-        let entries = streams.by_pc.entry(pc_id.to_string()).or_default();
+        let pc_id = stream.pc_id.clone();
+        let entries = streams.by_pc.entry(pc_id.clone()).or_default();
         if entries.len() >= max {
             if entries.is_empty() {
-                streams.by_pc.remove(pc_id);
+                streams.by_pc.remove(&pc_id);
             }
-            return Err(RegistryError::EndpointFull {
-                pc_id: pc_id.to_string(),
-                max,
-            });
+            return Err(RegistryError::EndpointFull { pc_id, max });
         }
-        entries.push((self.id, Arc::downgrade(sink)));
-        self.pc_id = Some(pc_id.to_string());
+        entries.push(Entry {
+            id: self.id,
+            sink: Arc::downgrade(sink),
+            info: stream.clone(),
+        });
+        let connected = streams.by_pc.len();
+        drop(streams);
+        self.registry
+            .metrics
+            .connected_endpoints
+            .set(connected as i64);
+        self.registry.presence.open(&stream);
+        self.stream = Some(stream);
         Ok(())
+    }
+
+    /// The stream's endpoint and id, once it said Hello.
+    pub fn stream(&self) -> Option<&StreamInfo> {
+        self.stream.as_ref()
     }
 }
 
@@ -133,13 +187,28 @@ impl Drop for Registration {
         self.registry.metrics.open_streams.dec();
         let mut streams = self.registry.lock();
         streams.total -= 1;
-        if let Some(pc) = &self.pc_id
-            && let Some(entries) = streams.by_pc.get_mut(pc)
-        {
-            entries.retain(|(id, _)| *id != self.id);
-            if entries.is_empty() {
-                streams.by_pc.remove(pc);
-            }
+        let Some(stream) = &self.stream else {
+            return;
+        };
+        let Some(entries) = streams.by_pc.get_mut(&stream.pc_id) else {
+            return;
+        };
+        entries.retain(|e| e.id != self.id);
+        // The endpoint is still here on another stream (it reconnected before this one ended):
+        // that one is what its row must say.
+        let still_open = newest(entries).map(|e| e.info.clone());
+        if entries.is_empty() {
+            streams.by_pc.remove(&stream.pc_id);
+        }
+        let connected = streams.by_pc.len();
+        drop(streams);
+        self.registry
+            .metrics
+            .connected_endpoints
+            .set(connected as i64);
+        match still_open {
+            Some(other) => self.registry.presence.open(&other),
+            None => self.registry.presence.closed(stream),
         }
     }
 }
@@ -158,7 +227,12 @@ mod tests {
                 max_streams_per_pc,
             },
             Arc::new(Metrics::default()),
+            Presence::new("test"),
         )
+    }
+
+    fn stream(pc_id: &str) -> StreamInfo {
+        StreamInfo::opened(pc_id, "test")
     }
 
     fn sink() -> Arc<StreamSink> {
@@ -170,9 +244,9 @@ mod tests {
         let registry = registry(10, 2);
         let (a, b) = (sink(), sink());
         let mut first = registry.open().unwrap();
-        first.claim("pc-1", &a).unwrap();
+        first.claim(stream("pc-1"), &a).unwrap();
         let mut second = registry.open().unwrap();
-        second.claim("pc-1", &b).unwrap();
+        second.claim(stream("pc-1"), &b).unwrap();
         assert_eq!(registry.sinks("pc-1").len(), 2);
         assert!(registry.sinks("pc-2").is_empty());
         drop(first);
@@ -188,16 +262,16 @@ mod tests {
         let registry = registry(3, 1);
         let s = sink();
         let mut one = registry.open().unwrap();
-        one.claim("pc-1", &s).unwrap();
+        one.claim(stream("pc-1"), &s).unwrap();
         let mut two = registry.open().unwrap();
         assert_eq!(
-            two.claim("pc-1", &s),
+            two.claim(stream("pc-1"), &s),
             Err(RegistryError::EndpointFull {
                 pc_id: "pc-1".into(),
                 max: 1
             })
         );
-        two.claim("pc-2", &s).unwrap();
+        two.claim(stream("pc-2"), &s).unwrap();
         let _three = registry.open().unwrap();
         assert_eq!(
             registry.open().unwrap_err(),
@@ -213,7 +287,7 @@ mod tests {
         let registry = registry(10, 4);
         let s = sink();
         let mut r = registry.open().unwrap();
-        r.claim("pc-1", &s).unwrap();
+        r.claim(stream("pc-1"), &s).unwrap();
         drop(s);
         assert!(registry.sinks("pc-1").is_empty());
     }

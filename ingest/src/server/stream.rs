@@ -12,7 +12,8 @@
 
 use std::sync::Arc;
 
-use kanade_shared::pb;
+use chrono::{DateTime, SubsecRound, Utc};
+use kanade_shared::{limits, pb};
 use prost::Message;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -27,6 +28,8 @@ use crate::{
     batcher::{Reply, Submission},
     budget::{Charge, Credits},
     outbound::StreamSink,
+    presence::StreamInfo,
+    store::{AgentReport, cut, storable},
 };
 
 /// What the agent sent.
@@ -36,6 +39,11 @@ use crate::{
 enum Inbound {
     /// A lifecycle event to store.
     Event(pb::Event),
+    /// The agent's report on itself (presence).
+    Status(pb::AgentStatus),
+    /// A message of a newer agent this ingest does not know: ignored, as the contract's
+    /// additive messages must be.
+    Unknown,
     /// Something the protocol does not allow here.
     Violation(&'static str),
     /// The client closed its side.
@@ -50,13 +58,12 @@ impl Inbound {
         match message {
             Ok(Some(pb::AgentMessage { msg: Some(msg) })) => match msg {
                 Msg::Event(event) => Inbound::Event(event),
+                Msg::Status(status) => Inbound::Status(status),
                 Msg::Hello(_) => {
                     Inbound::Violation("Hello may only be the first message of a stream")
                 }
             },
-            Ok(Some(pb::AgentMessage { msg: None })) => {
-                Inbound::Violation("AgentMessage must carry a Hello or an Event")
-            }
+            Ok(Some(pb::AgentMessage { msg: None })) => Inbound::Unknown,
             Ok(None) => Inbound::Closed,
             Err(status) => Inbound::Failed(status),
         }
@@ -91,6 +98,8 @@ pub(super) struct StreamHandler {
     pub service: IngestService,
     /// The endpoint this stream speaks for (its Hello, checked against its credentials).
     pub pc_id: String,
+    /// The stream as presence knows it.
+    pub stream: StreamInfo,
     /// Where the stream's answers go (shared with the batcher's replies).
     pub sink: Arc<StreamSink>,
     /// Cancelled when the client stopped reading its answers.
@@ -150,6 +159,10 @@ impl StreamHandler {
                     if large {
                         break End::Recycle;
                     }
+                }
+                Inbound::Status(status) => self.on_status(status),
+                Inbound::Unknown => {
+                    tracing::debug!(pc_id = %self.pc_id, "ignored a message this ingest does not know");
                 }
                 Inbound::Violation(why) => break End::Violation(Status::invalid_argument(why)),
                 Inbound::Closed => break End::ClientDone,
@@ -216,6 +229,29 @@ impl StreamHandler {
                     .map_err(|_| End::Shutdown)
             }
         }
+    }
+
+    /// Keeps the agent's report as its endpoint's presence.
+    fn on_status(&self, status: pb::AgentStatus) {
+        // Shown, not kept whole: a report's texts are cut like ids are.
+        let text = |mut s: String| {
+            cut(&mut s, limits::MAX_ID_BYTES * 2);
+            storable(s)
+        };
+        let report = AgentReport {
+            at: Utc::now().trunc_subsecs(6),
+            outbox_depth: status.outbox_depth,
+            outbox_bytes: status.outbox_bytes,
+            oldest_pending_at: status
+                .oldest_pending_at
+                .and_then(|t| DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).ok()?))
+                .map(|t| t.trunc_subsecs(6)),
+            dead_letters: status.dead_letters,
+            running_runs: status.running_runs,
+            hostname: text(status.hostname),
+            os: text(status.os),
+        };
+        self.service.presence.reported(&self.stream, report);
     }
 
     /// Waits until every event this stream handed over is answered, then ends the stream.

@@ -19,8 +19,6 @@ use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::changes::Changes;
-
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
@@ -66,6 +64,19 @@ pub(crate) fn storable(s: String) -> String {
     } else {
         s
     }
+}
+
+/// Cuts `s` to at most `max` bytes on a character boundary; true when something was cut.
+pub(crate) fn cut(s: &mut String, max: usize) -> bool {
+    if s.len() <= max {
+        return false;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.truncate(end);
+    true
 }
 
 impl RunWrite {
@@ -210,6 +221,124 @@ pub struct ExecutionRow {
     pub received_at: DateTime<Utc>,
     /// The run's W3C trace id, when its events carried one.
     pub trace_id: Option<String>,
+    /// An operator's request to cancel the run, when one was made.
+    pub cancel: Option<CancelRequest>,
+}
+
+/// An operator's request to cancel a run (SPEC §14), as kept on the run's row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CancelRequest {
+    pub at: DateTime<Utc>,
+    /// Why, in the operator's words.
+    pub reason: String,
+    /// Who asked: the operator token's name, or how the caller was identified.
+    pub by: String,
+}
+
+/// What became of a cancel request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// No run has this `result_id`.
+    NotFound,
+    /// The run has a result already; nothing was written.
+    Finished(ExecutionRow),
+    /// The run carries a cancel request: this one (`first`), or an earlier one still waiting for
+    /// the agent (left as it was).
+    Requested { run: ExecutionRow, first: bool },
+}
+
+/// A cancel still to deliver: its run has no result yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingCancel {
+    pub pc_id: String,
+    pub result_id: Uuid,
+    pub reason: String,
+    pub by: String,
+}
+
+/// What an agent last reported about itself (`AgentStatus`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentReport {
+    /// When ingest received it.
+    pub at: DateTime<Utc>,
+    pub outbox_depth: u64,
+    pub outbox_bytes: u64,
+    pub oldest_pending_at: Option<DateTime<Utc>>,
+    pub dead_letters: u64,
+    pub running_runs: u32,
+    pub hostname: String,
+    pub os: String,
+}
+
+/// One endpoint's stream, as one replica knows it now: what a presence write says. Written for
+/// a stream that opened, is still open (the replica's refresh), reported (`report`), or closed
+/// (`connected: false`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceWrite {
+    pub pc_id: String,
+    /// The stream this write speaks of (unique across replicas).
+    pub stream_id: Uuid,
+    /// The replica holding the stream (`--replica-id`).
+    pub replica: String,
+    /// When the stream opened.
+    pub connected_since: DateTime<Utc>,
+    pub agent_version: String,
+    /// When the stream was last known open (its closing, for a closed one).
+    pub seen_at: DateTime<Utc>,
+    /// False: the stream closed.
+    pub connected: bool,
+    pub report: Option<AgentReport>,
+}
+
+/// One endpoint as ingest knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointRow {
+    pub pc_id: String,
+    /// Its stream is open now: marked connected and refreshed recently enough.
+    pub connected: bool,
+    pub replica: String,
+    pub connected_since: DateTime<Utc>,
+    pub first_seen: DateTime<Utc>,
+    pub last_seen: DateTime<Utc>,
+    pub agent_version: String,
+    /// What its agent last reported; `None` when it never did (an older agent).
+    pub report: Option<AgentReport>,
+}
+
+/// A listing of endpoints. Every filter given must match.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointQuery {
+    pub connected: Option<bool>,
+    pub pc_id_prefix: Option<String>,
+    /// Strictly after this pc_id (keyset paging; ordered by pc_id only).
+    pub after: Option<String>,
+    pub limit: u32,
+    pub order: EndpointOrder,
+    /// An endpoint marked connected counts as connected only when last seen at or after this:
+    /// a replica that died stopped refreshing its streams.
+    pub connected_after: DateTime<Utc>,
+    /// An endpoint whose oldest waiting event is older than this is behind (backlogged).
+    pub backlogged_before: DateTime<Utc>,
+}
+
+/// How endpoints are listed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndpointOrder {
+    /// By pc_id (byte order), for paging through all of them.
+    PcId,
+    /// Only those needing attention: disconnected ones (most recently lost first), then
+    /// connected ones whose backlog is old (oldest first).
+    AttentionFirst,
+}
+
+/// The fleet in figures (the metrics of every replica).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FleetTotals {
+    pub connected: u64,
+    pub disconnected: u64,
+    /// Events waiting in the outboxes of every endpoint, as last reported.
+    pub backlog_events: u64,
+    pub dead_letters: u64,
 }
 
 /// Where a page of a listing starts: strictly after this row in listing order.
@@ -321,6 +450,15 @@ pub struct ManifestSummary {
     pub p95_duration: Option<std::time::Duration>,
     /// The newest failure: its run and when it finished.
     pub last_failure: Option<(Uuid, DateTime<Utc>)>,
+}
+
+/// What a listener hears ([`Store::listen`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Heard {
+    /// Listening (again): notifications sent while not listening were missed.
+    Listening,
+    /// A notification on `channel`.
+    Notified { channel: String, payload: String },
 }
 
 /// A signed-in console session (SPEC §13), as stored: never the session id itself, never a
@@ -495,6 +633,20 @@ pub trait ReadStore: Send + Sync + fmt::Debug {
     /// Runs per manifest over a window, ordered by manifest id.
     async fn summarize(&self, query: &SummaryQuery) -> Result<Vec<ManifestSummary>, StoreError>;
 
+    /// A page of endpoints.
+    async fn list_endpoints(&self, query: &EndpointQuery) -> Result<Vec<EndpointRow>, StoreError>;
+
+    /// One endpoint; `connected_after` as in [`EndpointQuery`].
+    async fn get_endpoint(
+        &self,
+        pc_id: &str,
+        connected_after: DateTime<Utc>,
+    ) -> Result<Option<EndpointRow>, StoreError>;
+
+    /// How many endpoints are connected and not, and what they hold back.
+    async fn fleet_totals(&self, connected_after: DateTime<Utc>)
+    -> Result<FleetTotals, StoreError>;
+
     /// Answers when the store is reachable.
     async fn ping(&self) -> Result<(), StoreError>;
 
@@ -520,6 +672,37 @@ pub trait Store: ReadStore {
         received_at: DateTime<Utc>,
     ) -> Result<Vec<bool>, StoreError>;
 
+    /// Records an operator's request to cancel a run that has no result yet, on its row (and
+    /// among the cancels to deliver), in one transaction; a run already carrying a request is
+    /// left as it is.
+    async fn request_cancel(
+        &self,
+        result_id: Uuid,
+        request: &CancelRequest,
+        now: DateTime<Utc>,
+        lost_grace: Duration,
+    ) -> Result<CancelOutcome, StoreError>;
+
+    /// The cancels still to deliver to these endpoints: requested, and their run has no result.
+    async fn pending_cancels(&self, pc_ids: &[String]) -> Result<Vec<PendingCancel>, StoreError>;
+
+    /// Forgets the cancels whose run has a result (or is gone); returns how many.
+    async fn forget_settled_cancels(&self) -> Result<u64, StoreError>;
+
+    /// Applies presence writes in one transaction (in order). A write for the stream an
+    /// endpoint's row names updates it; a write for a newer stream takes the row over, as does
+    /// one for any open stream when the row is disconnected or was last seen before
+    /// `stale_before` (its replica stopped refreshing it); a closed stream's write changes only
+    /// the row that names it. Reports apply when newer than the row's.
+    async fn write_presence(
+        &self,
+        writes: &[PresenceWrite],
+        stale_before: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+
+    /// Deletes the endpoints last seen before `cutoff` (decommissioned); returns how many.
+    async fn forget_endpoints_seen_before(&self, cutoff: DateTime<Utc>) -> Result<u64, StoreError>;
+
     /// Deletes at most `limit` rows first received before `cutoff` that are not in a day
     /// partition (those go whole, [`Store::drop_days_before`]); returns how many went.
     async fn delete_received_before(
@@ -540,18 +723,30 @@ pub trait Store: ReadStore {
         Ok(Vec::new())
     }
 
-    /// Announces on `changes` every commit any process makes to this database, until `stop`
-    /// (PostgreSQL: `LISTEN` for what [`Store::publish_commits`] sends). The default does
-    /// nothing: an SQLite database has one serving process, whose batcher announces its own
-    /// commits.
-    async fn watch_commits(&self, _changes: Changes, stop: CancellationToken) {
-        stop.cancelled().await;
+    /// Whether other processes serve this database too (PostgreSQL: several replicas), so that
+    /// what one of them does must be told to the others ([`Store::notify`], [`Store::listen`]).
+    /// An SQLite database has one serving process.
+    fn is_shared(&self) -> bool {
+        false
     }
 
-    /// Tells every process on this database of this one's commits, until `stop` (PostgreSQL:
-    /// one `NOTIFY` after a commit, at most every [`changes::PUBLISH_EVERY`]). The default
-    /// does nothing (one serving process).
-    async fn publish_commits(&self, _changes: Changes, stop: CancellationToken) {
+    /// Tells every process listening on `channel` (itself included) `payload` (PostgreSQL
+    /// `NOTIFY`: at most 8,000 bytes, delivered after this call's own transaction). Does nothing
+    /// on a store no other process serves.
+    async fn notify(&self, _channel: &str, _payload: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Passes what is notified on `channels` to `heard` until `stop` (PostgreSQL `LISTEN`),
+    /// reconnecting when the connection is lost; each (re)connection is announced first with
+    /// [`Heard::Listening`], since whatever was sent meanwhile is gone. The default waits for
+    /// `stop`: nobody else notifies.
+    async fn listen(
+        &self,
+        _channels: &[&'static str],
+        _heard: tokio::sync::mpsc::Sender<Heard>,
+        stop: CancellationToken,
+    ) {
         stop.cancelled().await;
     }
 

@@ -19,11 +19,14 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::{
-    ConsoleSession, ExecutionRow, ListQuery, ManifestSummary, ReadStore, RunWrite, Store,
-    StoreError, SummaryQuery,
-    sql::{self, Dialect, Param, Params, StoredRun, StoredSummary, dropped_bytes},
+    CancelOutcome, CancelRequest, ConsoleSession, EndpointQuery, EndpointRow, ExecutionRow,
+    FleetTotals, Heard, ListQuery, ManifestSummary, PendingCancel, PresenceWrite, ReadStore,
+    RunWrite, Store, StoreError, SummaryQuery,
+    sql::{
+        self, Dialect, Param, Params, StoredEndpoint, StoredRun, StoredSummary, StoredTotals,
+        bigint,
+    },
 };
-use crate::changes::{self, Changes};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -37,8 +40,7 @@ const ACQUIRE_TIMEOUT: StdDuration = StdDuration::from_secs(5);
 const SUMMARY_WORK_MEM: &str = "128MB";
 /// The advisory lock replicas take turns on to create and drop day partitions.
 const PARTITIONS_LOCK: i64 = 0x6b61_6e61_6465_7031; // "kanadep1"
-/// Retries of `LISTEN` after the connection it was on was lost, and of telling other replicas of
-/// commits after a failed `NOTIFY`.
+/// Retries of `LISTEN` after the connection it was on was lost.
 const LISTEN_BACKOFF: Backoff = Backoff {
     base: StdDuration::from_millis(200),
     cap: StdDuration::from_secs(5),
@@ -203,13 +205,13 @@ async fn summary_settings(tx: &mut sqlx::PgTransaction<'_>) -> Result<(), StoreE
     Ok(())
 }
 
-/// Splits writes into rounds in which every `result_id` appears once: PostgreSQL refuses to
-/// touch one row twice in a statement. Almost every batch is a single round.
-fn rounds(writes: &[RunWrite]) -> Vec<Vec<usize>> {
+/// Splits writes into rounds in which every key (the row a write touches) appears once:
+/// PostgreSQL refuses to touch one row twice in a statement. Almost every batch is a single round.
+fn rounds<K: std::hash::Hash + Eq>(keys: impl IntoIterator<Item = K>) -> Vec<Vec<usize>> {
     let mut rounds: Vec<Vec<usize>> = Vec::new();
-    let mut seen: std::collections::HashMap<Uuid, usize> = Default::default();
-    for (i, w) in writes.iter().enumerate() {
-        let round = seen.entry(w.result_id).or_insert(0);
+    let mut seen: std::collections::HashMap<K, usize> = Default::default();
+    for (i, key) in keys.into_iter().enumerate() {
+        let round = seen.entry(key).or_insert(0);
         if rounds.len() <= *round {
             rounds.push(Vec::new());
         }
@@ -221,6 +223,32 @@ fn rounds(writes: &[RunWrite]) -> Vec<Vec<usize>> {
 
 fn read_row(row: &PgRow) -> Result<ExecutionRow, StoreError> {
     StoredRun::<Uuid, DateTime<Utc>>::from_row(row)?.try_into()
+}
+
+fn read_endpoint(row: &PgRow) -> Result<EndpointRow, StoreError> {
+    StoredEndpoint::<DateTime<Utc>>::from_row(row)?.into_row(Ok)
+}
+
+/// The presence upsert: one statement per batch (see [`sql::presence_on_conflict`]).
+fn presence_upsert() -> &'static str {
+    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SQL.get_or_init(|| {
+        format!(
+            "INSERT INTO endpoints AS e (pc_id, first_seen, last_seen, connected, stream_id,
+                replica, connected_since, agent_version, status_at, outbox_depth, outbox_bytes,
+                oldest_pending_at, dead_letters, running_runs, hostname, os)
+            SELECT u.pc_id, u.last_seen, u.last_seen, u.connected, u.stream_id, u.replica,
+                u.connected_since, u.agent_version, u.status_at, u.outbox_depth, u.outbox_bytes,
+                u.oldest_pending_at, u.dead_letters, u.running_runs, u.hostname, u.os
+            FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::timestamptz[], $5::text[],
+                $6::timestamptz[], $7::bool[], $8::timestamptz[], $9::int8[], $10::int8[],
+                $11::timestamptz[], $12::int8[], $13::int4[], $14::text[], $15::text[])
+                AS u({})
+            {}",
+            sql::PRESENCE_COLUMNS,
+            sql::presence_on_conflict("$16", "GREATEST")
+        )
+    })
 }
 
 /// PostgreSQL's way of writing what differs between the stores.
@@ -326,6 +354,31 @@ impl ReadStore for PostgresStore {
             .collect()
     }
 
+    async fn list_endpoints(&self, query: &EndpointQuery) -> Result<Vec<EndpointRow>, StoreError> {
+        let (sql, params) = sql::endpoints_sql::<Pg>(query);
+        let rows = bound(sql, params).fetch_all(&self.pool()).await?;
+        rows.iter().map(read_endpoint).collect()
+    }
+
+    async fn get_endpoint(
+        &self,
+        pc_id: &str,
+        connected_after: DateTime<Utc>,
+    ) -> Result<Option<EndpointRow>, StoreError> {
+        let (sql, params) = sql::endpoint_sql::<Pg>(pc_id, connected_after);
+        let row = bound(sql, params).fetch_optional(&self.pool()).await?;
+        row.as_ref().map(read_endpoint).transpose()
+    }
+
+    async fn fleet_totals(
+        &self,
+        connected_after: DateTime<Utc>,
+    ) -> Result<FleetTotals, StoreError> {
+        let (sql, params) = sql::fleet_totals_sql::<Pg>(connected_after);
+        let row = bound(sql, params).fetch_one(&self.pool()).await?;
+        Ok(StoredTotals::from_row(&row)?.into())
+    }
+
     fn discard_connections(&self) {
         // Connections that went silent stay "open" forever (no FIN, no RST); the pool would keep
         // handing them out. A fresh pool connects anew; the old one's connections close as the
@@ -355,7 +408,7 @@ impl Store for PostgresStore {
     ) -> Result<Vec<bool>, StoreError> {
         let mut applied = vec![false; writes.len()];
         let mut tx = self.pool().begin().await?;
-        for round in rounds(writes) {
+        for round in rounds(writes.iter().map(|w| w.result_id)) {
             let rows: Vec<&RunWrite> = round.iter().map(|&i| &writes[i]).collect();
             let outcome =
                 |f: &dyn for<'o> Fn(&'o super::RunOutcome) -> &'o str| -> Vec<Option<&str>> {
@@ -391,20 +444,12 @@ impl Store for PostgresStore {
                 .bind(outcome(&|o| o.stderr.as_str()))
                 .bind(
                     rows.iter()
-                        .map(|w| {
-                            w.outcome
-                                .as_ref()
-                                .map(|o| dropped_bytes(o.stdout_dropped_bytes))
-                        })
+                        .map(|w| w.outcome.as_ref().map(|o| bigint(o.stdout_dropped_bytes)))
                         .collect::<Vec<_>>(),
                 )
                 .bind(
                     rows.iter()
-                        .map(|w| {
-                            w.outcome
-                                .as_ref()
-                                .map(|o| dropped_bytes(o.stderr_dropped_bytes))
-                        })
+                        .map(|w| w.outcome.as_ref().map(|o| bigint(o.stderr_dropped_bytes)))
                         .collect::<Vec<_>>(),
                 )
                 .bind(rows.iter().map(|w| w.started_at).collect::<Vec<_>>())
@@ -430,6 +475,146 @@ impl Store for PostgresStore {
         Ok(applied)
     }
 
+    async fn request_cancel(
+        &self,
+        result_id: Uuid,
+        request: &CancelRequest,
+        now: DateTime<Utc>,
+        lost_grace: Duration,
+    ) -> Result<CancelOutcome, StoreError> {
+        let mut tx = self.pool().begin().await?;
+        let requested: Option<String> = sqlx::query_scalar(AssertSqlSafe(sql::cancel_sql::<Pg>()))
+            .bind(result_id)
+            .bind(request.at)
+            .bind(&request.reason)
+            .bind(&request.by)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if let Some(pc_id) = &requested {
+            sqlx::query(
+                "INSERT INTO pending_cancels (result_id, pc_id) VALUES ($1, $2) \
+                 ON CONFLICT (result_id) DO NOTHING",
+            )
+            .bind(result_id)
+            .bind(pc_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let (sql, params) = sql::get_sql::<Pg>(result_id, now, lost_grace);
+        let row = bound(sql, params).fetch_optional(&mut *tx).await?;
+        tx.commit().await?;
+        let Some(run) = row.as_ref().map(read_row).transpose()? else {
+            return Ok(CancelOutcome::NotFound);
+        };
+        Ok(match (requested, &run.outcome) {
+            (Some(_), _) => CancelOutcome::Requested { run, first: true },
+            (None, None) => CancelOutcome::Requested { run, first: false },
+            (None, Some(_)) => CancelOutcome::Finished(run),
+        })
+    }
+
+    async fn pending_cancels(&self, pc_ids: &[String]) -> Result<Vec<PendingCancel>, StoreError> {
+        let rows: Vec<(String, Uuid, Option<String>, Option<String>)> = sqlx::query_as(
+            AssertSqlSafe(sql::pending_cancels_sql("AND p.pc_id = ANY($1)")),
+        )
+        .bind(pc_ids)
+        .fetch_all(&self.pool())
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(pc_id, result_id, reason, by)| PendingCancel {
+                pc_id,
+                result_id,
+                reason: reason.unwrap_or_default(),
+                by: by.unwrap_or_default(),
+            })
+            .collect())
+    }
+
+    async fn forget_settled_cancels(&self) -> Result<u64, StoreError> {
+        let done = sqlx::query(sql::FORGET_SETTLED_CANCELS)
+            .execute(&self.pool())
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn write_presence(
+        &self,
+        writes: &[PresenceWrite],
+        stale_before: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool().begin().await?;
+        for round in rounds(writes.iter().map(|w| w.pc_id.as_str())) {
+            let rows: Vec<&PresenceWrite> = round.iter().map(|&i| &writes[i]).collect();
+            let column = |f: &dyn Fn(&PresenceWrite) -> Option<i64>| -> Vec<Option<i64>> {
+                rows.iter().map(|w| f(w)).collect()
+            };
+            sqlx::query(presence_upsert())
+                .bind(rows.iter().map(|w| w.pc_id.as_str()).collect::<Vec<_>>())
+                .bind(rows.iter().map(|w| w.stream_id).collect::<Vec<_>>())
+                .bind(rows.iter().map(|w| w.replica.as_str()).collect::<Vec<_>>())
+                .bind(rows.iter().map(|w| w.connected_since).collect::<Vec<_>>())
+                .bind(
+                    rows.iter()
+                        .map(|w| w.agent_version.as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(rows.iter().map(|w| w.seen_at).collect::<Vec<_>>())
+                .bind(rows.iter().map(|w| w.connected).collect::<Vec<_>>())
+                .bind(
+                    rows.iter()
+                        .map(|w| w.report.as_ref().map(|r| r.at))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(column(&|w| {
+                    w.report.as_ref().map(|r| bigint(r.outbox_depth))
+                }))
+                .bind(column(&|w| {
+                    w.report.as_ref().map(|r| bigint(r.outbox_bytes))
+                }))
+                .bind(
+                    rows.iter()
+                        .map(|w| w.report.as_ref().and_then(|r| r.oldest_pending_at))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(column(&|w| {
+                    w.report.as_ref().map(|r| bigint(r.dead_letters))
+                }))
+                .bind(
+                    rows.iter()
+                        .map(|w| {
+                            w.report
+                                .as_ref()
+                                .map(|r| i32::try_from(r.running_runs).unwrap_or(i32::MAX))
+                        })
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    rows.iter()
+                        .map(|w| w.report.as_ref().map(|r| r.hostname.as_str()))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    rows.iter()
+                        .map(|w| w.report.as_ref().map(|r| r.os.as_str()))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(stale_before)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn forget_endpoints_seen_before(&self, cutoff: DateTime<Utc>) -> Result<u64, StoreError> {
+        let done = sqlx::query("DELETE FROM endpoints WHERE last_seen < $1")
+            .bind(cutoff)
+            .execute(&self.pool())
+            .await?;
+        Ok(done.rows_affected())
+    }
+
     async fn delete_received_before(
         &self,
         cutoff: DateTime<Utc>,
@@ -447,29 +632,70 @@ impl Store for PostgresStore {
         Ok(done.rows_affected())
     }
 
-    async fn watch_commits(&self, changes: Changes, stop: CancellationToken) {
+    fn is_shared(&self) -> bool {
+        true
+    }
+
+    async fn notify(&self, channel: &str, payload: &str) -> Result<(), StoreError> {
+        // Bounded like every other call on the pool: a connection gone silent must not hold
+        // the caller (or shutdown) forever.
+        let sent = tokio::time::timeout(
+            ACQUIRE_TIMEOUT,
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(channel)
+                .bind(payload)
+                .execute(&self.pool()),
+        )
+        .await;
+        match sent {
+            Ok(done) => {
+                done?;
+                Ok(())
+            }
+            Err(_) => {
+                self.discard_connections();
+                Err(StoreError::CommitTimedOut(ACQUIRE_TIMEOUT))
+            }
+        }
+    }
+
+    async fn listen(
+        &self,
+        channels: &[&'static str],
+        heard: tokio::sync::mpsc::Sender<Heard>,
+        stop: CancellationToken,
+    ) {
         let mut attempt = 0;
         loop {
             let listened = async {
                 let mut listener = PgListener::connect_with(&self.pool()).await?;
-                listener.listen(changes::CHANNEL).await?;
-                // Commits made while not listening were missed: the pages re-read.
-                changes.announce();
+                listener.listen_all(channels.iter().copied()).await?;
+                if heard.send(Heard::Listening).await.is_err() {
+                    return Ok(());
+                }
                 loop {
                     // `Ok(None)`: the connection was lost and is re-established at the next
-                    // call; what was sent meanwhile is gone, so the pages re-read.
-                    let _notification = listener.try_recv().await?;
-                    changes.announce();
-                }
-                #[allow(unreachable_code)]
-                Ok::<(), sqlx::Error>(())
-            };
-            tokio::select! {
-                ended = listened => {
-                    if let Err(err) = ended {
-                        tracing::warn!(error = %err, "listening for other replicas' commits failed; retrying");
+                    // call; what was sent meanwhile is gone.
+                    let said = match listener.try_recv().await? {
+                        Some(n) => Heard::Notified {
+                            channel: n.channel().to_string(),
+                            payload: n.payload().to_string(),
+                        },
+                        None => Heard::Listening,
+                    };
+                    if heard.send(said).await.is_err() {
+                        return Ok(());
                     }
                 }
+            };
+            tokio::select! {
+                ended = listened => match ended {
+                    Ok(()) => return,
+                    Err(err) => {
+                        let err: sqlx::Error = err;
+                        tracing::warn!(error = %err, "listening to other replicas failed; retrying");
+                    }
+                },
                 _ = stop.cancelled() => return,
             }
             tokio::select! {
@@ -477,61 +703,6 @@ impl Store for PostgresStore {
                 _ = stop.cancelled() => return,
             }
             attempt += 1;
-        }
-    }
-
-    async fn publish_commits(&self, changes: Changes, stop: CancellationToken) {
-        let mut own = changes.follow_own();
-        let mut failures: u32 = 0;
-        loop {
-            let stopping = tokio::select! {
-                changed = own.changed() => changed.is_err(),
-                _ = stop.cancelled() => true,
-            };
-            if stopping && !own.has_changed().unwrap_or(false) {
-                return;
-            }
-            own.borrow_and_update();
-            // Bounded like every other call on the pool: a connection gone silent must not hold
-            // the publisher (or shutdown) forever.
-            let sent = tokio::time::timeout(
-                ACQUIRE_TIMEOUT,
-                sqlx::query("SELECT pg_notify($1, '')")
-                    .bind(changes::CHANNEL)
-                    .execute(&self.pool()),
-            )
-            .await;
-            let failure = match sent {
-                Ok(Ok(_)) => None,
-                Ok(Err(err)) => Some(err.to_string()),
-                Err(_) => {
-                    self.discard_connections();
-                    Some(format!("no answer within {ACQUIRE_TIMEOUT:?}"))
-                }
-            };
-            let pause = match failure {
-                None => {
-                    failures = 0;
-                    changes::PUBLISH_EVERY
-                }
-                Some(why) => {
-                    if failures == 0 {
-                        tracing::warn!(error = %why, "telling other replicas of commits failed; retrying");
-                    }
-                    // Told at the next try, whether or not anything commits meanwhile.
-                    own.mark_changed();
-                    failures = failures.saturating_add(1);
-                    LISTEN_BACKOFF.next_delay(failures)
-                }
-            };
-            if stopping {
-                return;
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(pause) => {}
-                // The commits of the last moments are still told, once.
-                _ = stop.cancelled() => {}
-            }
         }
     }
 
@@ -671,6 +842,9 @@ mod tests {
     #[test]
     fn a_run_written_by_two_endpoints_goes_into_two_rounds() {
         let writes = [write(1, "a"), write(2, "a"), write(1, "b"), write(3, "a")];
-        assert_eq!(rounds(&writes), vec![vec![0, 1, 3], vec![2]]);
+        assert_eq!(
+            rounds(writes.iter().map(|w| w.result_id)),
+            vec![vec![0, 1, 3], vec![2]]
+        );
     }
 }

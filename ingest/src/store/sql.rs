@@ -8,7 +8,8 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::{
-    ExecutionRow, LOST_AFTER_WITHOUT_TIMEOUT, ListQuery, RunOutcome, RunState, StoreError,
+    AgentReport, CancelRequest, EndpointOrder, EndpointQuery, EndpointRow, ExecutionRow,
+    FleetTotals, LOST_AFTER_WITHOUT_TIMEOUT, ListQuery, RunOutcome, RunState, StoreError,
     SummaryQuery, storable,
 };
 use kanade_shared::wire::ExecStatus;
@@ -73,7 +74,8 @@ pub(super) use merge_on_conflict;
 /// The stored columns a read selects (with the computed `state`): the fields of [`StoredRun`].
 pub(super) const COLUMNS: &str = "result_id, request_id, exec_id, pc_id, manifest_id, version, \
      timeout_secs, status, exit_code, stdout, stderr, stdout_dropped_bytes, stderr_dropped_bytes, \
-     started_at, finished_at, received_at, trace_id";
+     started_at, finished_at, received_at, trace_id, cancel_requested_at, cancel_reason, \
+     cancel_requested_by";
 
 /// When a run without a result counts as lost: `received_at` plus its timeout plus the grace
 /// (24 h without a timeout).
@@ -326,9 +328,9 @@ pub(super) fn summary_sql<D: Dialect>(query: &SummaryQuery) -> (String, Params) 
     (sql, params.values)
 }
 
-/// Dropped byte counts are `u64` on the wire and `bigint` in the table; counts past `i64::MAX`
-/// (which no real output reaches) are stored saturated.
-pub(super) fn dropped_bytes(n: u64) -> i64 {
+/// Counts (dropped bytes, outbox depths) are `u64` on the wire and `bigint` in the tables;
+/// counts past `i64::MAX`, which nothing real reaches, are stored saturated.
+pub(super) fn bigint(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
@@ -356,6 +358,9 @@ pub(super) struct StoredRun<Id, Time> {
     finished_at: Option<Time>,
     received_at: Time,
     trace_id: Option<String>,
+    cancel_requested_at: Option<Time>,
+    cancel_reason: Option<String>,
+    cancel_requested_by: Option<String>,
 }
 
 impl<Id, Time> StoredRun<Id, Time> {
@@ -384,6 +389,9 @@ impl<Id, Time> StoredRun<Id, Time> {
             finished_at: self.finished_at.map(&time).transpose()?,
             received_at: time(self.received_at)?,
             trace_id: self.trace_id,
+            cancel_requested_at: self.cancel_requested_at.map(&time).transpose()?,
+            cancel_reason: self.cancel_reason,
+            cancel_requested_by: self.cancel_requested_by,
         })
     }
 }
@@ -427,6 +435,11 @@ impl TryFrom<StoredRun<Uuid, DateTime<Utc>>> for ExecutionRow {
             started_at: row.started_at,
             received_at: row.received_at,
             trace_id: row.trace_id,
+            cancel: row.cancel_requested_at.map(|at| CancelRequest {
+                at,
+                reason: row.cancel_reason.unwrap_or_default(),
+                by: row.cancel_requested_by.unwrap_or_default(),
+            }),
         })
     }
 }
@@ -464,3 +477,256 @@ impl StoredSummary<Uuid, DateTime<Utc>> {
         }
     }
 }
+
+/// The columns a read of `endpoints` selects, the fields of [`StoredEndpoint`], with
+/// `connected_now` (connected, and refreshed since `connected_after`) at `{connected}`.
+fn endpoint_columns(connected_now: &str) -> String {
+    format!(
+        "pc_id, {connected_now} AS connected_now, replica, connected_since, first_seen, \
+         last_seen, agent_version, status_at, outbox_depth, outbox_bytes, oldest_pending_at, \
+         dead_letters, running_runs, hostname, os"
+    )
+}
+
+/// Whether an endpoint's stream is open now: marked connected, and refreshed by its replica
+/// at or after `connected_after` (a placeholder).
+fn connected_now(connected_after: &str) -> String {
+    format!("(connected AND last_seen >= {connected_after})")
+}
+
+/// A page of endpoints.
+pub(super) fn endpoints_sql<D: Dialect>(query: &EndpointQuery) -> (String, Params) {
+    let mut params = Params::default();
+    let after = params.add::<D>(Param::Time(query.connected_after));
+    let now = connected_now(&after);
+    let mut filters = Vec::new();
+    match query.connected {
+        Some(true) => filters.push(now.clone()),
+        Some(false) => filters.push(format!("NOT {now}")),
+        None => {}
+    }
+    if let Some(prefix) = &query.pc_id_prefix {
+        let p = params.add::<D>(Param::Text(storable(prefix.clone())));
+        filters.push(format!("substr(pc_id, 1, length({p})) = {p}"));
+    }
+    let order = match query.order {
+        EndpointOrder::PcId => {
+            if let Some(last) = &query.after {
+                let p = params.add::<D>(Param::Text(last.clone()));
+                filters.push(format!("pc_id > {p}"));
+            }
+            "pc_id".to_string()
+        }
+        EndpointOrder::AttentionFirst => {
+            let behind = params.add::<D>(Param::Time(query.backlogged_before));
+            filters.push(format!(
+                "(NOT {now} OR (outbox_depth > 0 AND oldest_pending_at < {behind}))"
+            ));
+            format!(
+                "CASE WHEN {now} THEN 1 ELSE 0 END, \
+                 CASE WHEN {now} THEN NULL ELSE last_seen END DESC NULLS LAST, \
+                 oldest_pending_at NULLS LAST, pc_id"
+            )
+        }
+    };
+    let where_clause = if filters.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", filters.join(" AND "))
+    };
+    let sql = format!(
+        "SELECT {} FROM endpoints {where_clause} ORDER BY {order} LIMIT {}",
+        endpoint_columns(&now),
+        query.limit
+    );
+    (sql, params)
+}
+
+/// One endpoint by pc_id.
+pub(super) fn endpoint_sql<D: Dialect>(
+    pc_id: &str,
+    connected_after: DateTime<Utc>,
+) -> (String, Params) {
+    let mut params = Params::default();
+    let after = params.add::<D>(Param::Time(connected_after));
+    let id = params.add::<D>(Param::Text(storable(pc_id.to_string())));
+    let sql = format!(
+        "SELECT {} FROM endpoints WHERE pc_id = {id}",
+        endpoint_columns(&connected_now(&after))
+    );
+    (sql, params)
+}
+
+/// The fleet's totals ([`FleetTotals`]).
+pub(super) fn fleet_totals_sql<D: Dialect>(connected_after: DateTime<Utc>) -> (String, Params) {
+    let mut params = Params::default();
+    let after = params.add::<D>(Param::Time(connected_after));
+    let now = connected_now(&after);
+    // SUM of bigints is numeric in PostgreSQL: cast back to one integer type for both.
+    let sql = format!(
+        "SELECT CAST(COALESCE(SUM(CASE WHEN {now} THEN 1 ELSE 0 END), 0) AS BIGINT) AS connected, \
+         CAST(COALESCE(SUM(CASE WHEN {now} THEN 0 ELSE 1 END), 0) AS BIGINT) AS disconnected, \
+         CAST(COALESCE(SUM(outbox_depth), 0) AS BIGINT) AS backlog_events, \
+         CAST(COALESCE(SUM(dead_letters), 0) AS BIGINT) AS dead_letters FROM endpoints"
+    );
+    (sql, params)
+}
+
+/// The columns of a presence write, in the order both stores bind them.
+pub(super) const PRESENCE_COLUMNS: &str = "pc_id, stream_id, replica, connected_since, \
+     agent_version, last_seen, connected, status_at, outbox_depth, outbox_bytes, \
+     oldest_pending_at, dead_letters, running_runs, hostname, os";
+
+/// How a presence write merges into the endpoint's row (see [`super::Store::write_presence`]),
+/// as the `ON CONFLICT` clause of both stores' upserts (`e` is the stored row, `stale` the
+/// placeholder of `stale_before`, `greatest` the dialect's two-argument maximum).
+pub(super) fn presence_on_conflict(stale: &str, greatest: &str) -> String {
+    let mine = "e.stream_id = excluded.stream_id";
+    let newer = format!(
+        "(excluded.connected AND (NOT e.connected OR e.last_seen < {stale} \
+         OR excluded.connected_since >= e.connected_since))"
+    );
+    let report = "(excluded.status_at IS NOT NULL \
+         AND (e.status_at IS NULL OR excluded.status_at >= e.status_at))";
+    let stream = |column: &str| {
+        format!("{column} = CASE WHEN {mine} OR {newer} THEN excluded.{column} ELSE e.{column} END")
+    };
+    let reported = |column: &str| {
+        format!("{column} = CASE WHEN {report} THEN excluded.{column} ELSE e.{column} END")
+    };
+    let mut sets = vec![format!(
+        "connected = CASE WHEN {mine} THEN excluded.connected WHEN {newer} THEN TRUE \
+         ELSE e.connected END"
+    )];
+    sets.extend(
+        ["stream_id", "replica", "connected_since", "agent_version"]
+            .into_iter()
+            .map(stream),
+    );
+    sets.push(format!(
+        "last_seen = CASE WHEN {mine} OR {newer} THEN {greatest}(e.last_seen, excluded.last_seen) \
+         ELSE e.last_seen END"
+    ));
+    sets.extend(
+        [
+            "status_at",
+            "outbox_depth",
+            "outbox_bytes",
+            "oldest_pending_at",
+            "dead_letters",
+            "running_runs",
+            "hostname",
+            "os",
+        ]
+        .into_iter()
+        .map(reported),
+    );
+    format!(
+        "ON CONFLICT (pc_id) DO UPDATE SET {} WHERE {mine} OR {newer} OR {report}",
+        sets.join(", ")
+    )
+}
+
+/// One endpoint row as a store reads it (`FromRow`), before its times are mapped.
+#[derive(Debug, sqlx::FromRow)]
+pub(super) struct StoredEndpoint<Time> {
+    pc_id: String,
+    connected_now: bool,
+    replica: String,
+    connected_since: Time,
+    first_seen: Time,
+    last_seen: Time,
+    agent_version: String,
+    status_at: Option<Time>,
+    outbox_depth: Option<i64>,
+    outbox_bytes: Option<i64>,
+    oldest_pending_at: Option<Time>,
+    dead_letters: Option<i64>,
+    running_runs: Option<i32>,
+    hostname: Option<String>,
+    os: Option<String>,
+}
+
+impl<Time> StoredEndpoint<Time> {
+    /// The endpoint, its times mapped by `time`.
+    pub(super) fn into_row(
+        self,
+        time: impl Fn(Time) -> Result<DateTime<Utc>, StoreError>,
+    ) -> Result<EndpointRow, StoreError> {
+        let count = |n: Option<i64>| n.unwrap_or(0).max(0) as u64;
+        let report = match self.status_at {
+            Some(at) => Some(AgentReport {
+                at: time(at)?,
+                outbox_depth: count(self.outbox_depth),
+                outbox_bytes: count(self.outbox_bytes),
+                oldest_pending_at: self.oldest_pending_at.map(&time).transpose()?,
+                dead_letters: count(self.dead_letters),
+                running_runs: self.running_runs.unwrap_or(0).max(0) as u32,
+                hostname: self.hostname.unwrap_or_default(),
+                os: self.os.unwrap_or_default(),
+            }),
+            None => None,
+        };
+        Ok(EndpointRow {
+            pc_id: self.pc_id,
+            connected: self.connected_now,
+            replica: self.replica,
+            connected_since: time(self.connected_since)?,
+            first_seen: time(self.first_seen)?,
+            last_seen: time(self.last_seen)?,
+            agent_version: self.agent_version,
+            report,
+        })
+    }
+}
+
+/// The fleet's totals as a store reads them.
+#[derive(Debug, sqlx::FromRow)]
+pub(super) struct StoredTotals {
+    connected: i64,
+    disconnected: i64,
+    backlog_events: i64,
+    dead_letters: i64,
+}
+
+impl From<StoredTotals> for FleetTotals {
+    fn from(t: StoredTotals) -> FleetTotals {
+        let count = |n: i64| n.max(0) as u64;
+        FleetTotals {
+            connected: count(t.connected),
+            disconnected: count(t.disconnected),
+            backlog_events: count(t.backlog_events),
+            dead_letters: count(t.dead_letters),
+        }
+    }
+}
+
+/// Records a cancel on a run without a result and no earlier request (`$1` the run, `$2` when,
+/// `$3` why, `$4` by whom); the run's `pc_id` comes back when it did.
+pub(super) fn cancel_sql<D: Dialect>() -> String {
+    let p = D::placeholder;
+    format!(
+        "UPDATE execution_results SET cancel_requested_at = {}, cancel_reason = {}, \
+         cancel_requested_by = {} \
+         WHERE result_id = {} AND status IS NULL AND cancel_requested_at IS NULL RETURNING pc_id",
+        p(2),
+        p(3),
+        p(4),
+        p(1)
+    )
+}
+
+/// The cancels still to deliver (of one endpoint when `{pc}` filters), with their reasons.
+pub(super) fn pending_cancels_sql(pc_filter: &str) -> String {
+    format!(
+        "SELECT p.pc_id, e.result_id, e.cancel_reason, e.cancel_requested_by \
+         FROM pending_cancels p JOIN execution_results e ON e.result_id = p.result_id \
+         WHERE e.status IS NULL AND e.cancel_requested_at IS NOT NULL {pc_filter} \
+         ORDER BY p.pc_id, e.result_id"
+    )
+}
+
+/// Forgets the cancels whose run has a result, or is gone.
+pub(super) const FORGET_SETTLED_CANCELS: &str = "DELETE FROM pending_cancels WHERE NOT EXISTS \
+     (SELECT 1 FROM execution_results e WHERE e.result_id = pending_cancels.result_id \
+     AND e.status IS NULL)";

@@ -19,9 +19,13 @@ use sqlx::{
 use uuid::Uuid;
 
 use super::{
-    ConsoleSession, ExecutionRow, ListQuery, ManifestSummary, ReadStore, RunWrite, Store,
-    StoreError, SummaryQuery,
-    sql::{self, Dialect, Param, Params, StoredRun, StoredSummary, dropped_bytes},
+    CancelOutcome, CancelRequest, ConsoleSession, EndpointQuery, EndpointRow, ExecutionRow,
+    FleetTotals, ListQuery, ManifestSummary, PendingCancel, PresenceWrite, ReadStore, RunWrite,
+    Store, StoreError, SummaryQuery,
+    sql::{
+        self, Dialect, Param, Params, StoredEndpoint, StoredRun, StoredSummary, StoredTotals,
+        bigint,
+    },
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -82,6 +86,25 @@ fn from_micros(us: i64) -> Result<DateTime<Utc>, StoreError> {
         StoreError::Other(sqlx::Error::Decode(
             format!("timestamp {us} µs is out of range").into(),
         ))
+    })
+}
+
+fn read_endpoint(row: &SqliteRow) -> Result<EndpointRow, StoreError> {
+    StoredEndpoint::<i64>::from_row(row)?.into_row(from_micros)
+}
+
+/// The presence upsert, one row per statement (see [`sql::presence_on_conflict`]).
+fn presence_upsert() -> &'static str {
+    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SQL.get_or_init(|| {
+        format!(
+            "INSERT INTO endpoints AS e (pc_id, first_seen, last_seen, connected, stream_id,
+                replica, connected_since, agent_version, status_at, outbox_depth, outbox_bytes,
+                oldest_pending_at, dead_letters, running_runs, hostname, os)
+            VALUES (?1, ?6, ?6, ?7, ?2, ?3, ?4, ?5, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
+            {}",
+            sql::presence_on_conflict("?16", "max")
+        )
     })
 }
 
@@ -178,6 +201,31 @@ impl ReadStore for SqliteStore {
             .collect()
     }
 
+    async fn list_endpoints(&self, query: &EndpointQuery) -> Result<Vec<EndpointRow>, StoreError> {
+        let (sql, params) = sql::endpoints_sql::<Lite>(query);
+        let rows = bound(sql, params).fetch_all(&self.pool).await?;
+        rows.iter().map(read_endpoint).collect()
+    }
+
+    async fn get_endpoint(
+        &self,
+        pc_id: &str,
+        connected_after: DateTime<Utc>,
+    ) -> Result<Option<EndpointRow>, StoreError> {
+        let (sql, params) = sql::endpoint_sql::<Lite>(pc_id, connected_after);
+        let row = bound(sql, params).fetch_optional(&self.pool).await?;
+        row.as_ref().map(read_endpoint).transpose()
+    }
+
+    async fn fleet_totals(
+        &self,
+        connected_after: DateTime<Utc>,
+    ) -> Result<FleetTotals, StoreError> {
+        let (sql, params) = sql::fleet_totals_sql::<Lite>(connected_after);
+        let row = bound(sql, params).fetch_one(&self.pool).await?;
+        Ok(StoredTotals::from_row(&row)?.into())
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
@@ -212,8 +260,8 @@ impl Store for SqliteStore {
                 .bind(o.and_then(|o| o.exit_code))
                 .bind(o.map(|o| o.stdout.as_str()))
                 .bind(o.map(|o| o.stderr.as_str()))
-                .bind(o.map(|o| dropped_bytes(o.stdout_dropped_bytes)))
-                .bind(o.map(|o| dropped_bytes(o.stderr_dropped_bytes)))
+                .bind(o.map(|o| bigint(o.stdout_dropped_bytes)))
+                .bind(o.map(|o| bigint(o.stderr_dropped_bytes)))
                 .bind(micros(w.started_at))
                 .bind(o.map(|o| micros(o.finished_at)))
                 .bind(micros(received_at))
@@ -224,6 +272,115 @@ impl Store for SqliteStore {
         }
         tx.commit().await?;
         Ok(applied)
+    }
+
+    async fn request_cancel(
+        &self,
+        result_id: Uuid,
+        request: &CancelRequest,
+        now: DateTime<Utc>,
+        lost_grace: Duration,
+    ) -> Result<CancelOutcome, StoreError> {
+        let id = result_id.hyphenated().to_string();
+        let mut tx = self.pool.begin().await?;
+        let requested: Option<String> =
+            sqlx::query_scalar(AssertSqlSafe(sql::cancel_sql::<Lite>()))
+                .bind(&id)
+                .bind(micros(request.at))
+                .bind(&request.reason)
+                .bind(&request.by)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if let Some(pc_id) = &requested {
+            sqlx::query(
+                "INSERT INTO pending_cancels (result_id, pc_id) VALUES (?1, ?2) \
+                 ON CONFLICT (result_id) DO NOTHING",
+            )
+            .bind(&id)
+            .bind(pc_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let (sql, params) = sql::get_sql::<Lite>(result_id, now, lost_grace);
+        let row = bound(sql, params).fetch_optional(&mut *tx).await?;
+        tx.commit().await?;
+        let Some(run) = row.as_ref().map(read_row).transpose()? else {
+            return Ok(CancelOutcome::NotFound);
+        };
+        Ok(match (requested, &run.outcome) {
+            (Some(_), _) => CancelOutcome::Requested { run, first: true },
+            (None, None) => CancelOutcome::Requested { run, first: false },
+            (None, Some(_)) => CancelOutcome::Finished(run),
+        })
+    }
+
+    async fn pending_cancels(&self, pc_ids: &[String]) -> Result<Vec<PendingCancel>, StoreError> {
+        // A JSON array of the endpoints: one parameter however many there are.
+        let wanted = serde_json::to_string(pc_ids).expect("strings always serialize");
+        let rows: Vec<(String, String, Option<String>, Option<String>)> =
+            sqlx::query_as(AssertSqlSafe(sql::pending_cancels_sql(
+                "AND p.pc_id IN (SELECT value FROM json_each(?1))",
+            )))
+            .bind(wanted)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter()
+            .map(|(pc_id, result_id, reason, by)| {
+                Ok(PendingCancel {
+                    pc_id,
+                    result_id: parse_id(result_id)?,
+                    reason: reason.unwrap_or_default(),
+                    by: by.unwrap_or_default(),
+                })
+            })
+            .collect()
+    }
+
+    async fn forget_settled_cancels(&self) -> Result<u64, StoreError> {
+        let done = sqlx::query(sql::FORGET_SETTLED_CANCELS)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn write_presence(
+        &self,
+        writes: &[PresenceWrite],
+        stale_before: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        for w in writes {
+            let r = w.report.as_ref();
+            sqlx::query(presence_upsert())
+                .bind(&w.pc_id)
+                .bind(w.stream_id.hyphenated().to_string())
+                .bind(&w.replica)
+                .bind(micros(w.connected_since))
+                .bind(&w.agent_version)
+                .bind(micros(w.seen_at))
+                .bind(w.connected)
+                .bind(r.map(|r| micros(r.at)))
+                .bind(r.map(|r| bigint(r.outbox_depth)))
+                .bind(r.map(|r| bigint(r.outbox_bytes)))
+                .bind(r.and_then(|r| r.oldest_pending_at).map(micros))
+                .bind(r.map(|r| bigint(r.dead_letters)))
+                .bind(r.map(|r| i64::from(r.running_runs)))
+                .bind(r.map(|r| r.hostname.as_str()))
+                .bind(r.map(|r| r.os.as_str()))
+                .bind(micros(stale_before))
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn forget_endpoints_seen_before(&self, cutoff: DateTime<Utc>) -> Result<u64, StoreError> {
+        let done = sqlx::query("DELETE FROM endpoints WHERE last_seen < ?1")
+            .bind(micros(cutoff))
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
     }
 
     async fn delete_received_before(

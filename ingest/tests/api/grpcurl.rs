@@ -574,8 +574,11 @@ async fn grpcurl_reads_activity_over_mtls_with_a_reader_token() {
     let operator = ca.client("ops-reader", false);
     let dir = tempfile::tempdir().unwrap();
     let tokens = dir.path().join("tokens.toml");
-    let reader =
-        kanade_ingest::auth::add_token(&tokens, &kanade_ingest::auth::Identity::Reader).unwrap();
+    let reader = kanade_ingest::auth::add_token(
+        &tokens,
+        &kanade_ingest::auth::NewToken::Reader { name: None },
+    )
+    .unwrap();
     let db = TestDb::sqlite();
     let ingest = TestIngest::builder(&db.url)
         .mtls(&ca)

@@ -148,7 +148,7 @@ async fn certificates_rotate_without_a_restart_and_tokens_work_over_tls() {
     let tokens = dir.path().join("tokens.toml");
     let token = kanade_ingest::auth::add_token(
         &tokens,
-        &kanade_ingest::auth::Identity::Agent {
+        &kanade_ingest::auth::NewToken::Agent {
             pc_id: "pc-a".into(),
         },
     )

@@ -71,10 +71,11 @@
             copyButtons(fresh);
             tick();
           }
-          // A finished run's page is final: nothing more to follow.
+          // A finished run's page is final: nothing more to follow, nothing left to cancel.
           if (fresh && fresh.getAttribute("data-live") === "final") {
             events.close();
             if (status) status.hidden = true;
+            document.querySelectorAll("[data-hide-when-final]").forEach(function (e) { e.hidden = true; });
           }
         })
         .catch(function () {})
