@@ -131,6 +131,9 @@ async fn exec(args: ExecArgs) -> anyhow::Result<u8> {
     if let Some(failure) = finished.outcome.spawn_failure {
         eprintln!("kanade-agent: {} ({failure:?})", finished.result.stderr);
     }
+    if let Some(cancel) = &finished.cancelled {
+        eprint!("{}", cancel.stderr_line());
+    }
     let code = finished.outcome.shell_exit_code();
     if args.wait {
         let seqs = [finished.started_seq, finished.result_seq];

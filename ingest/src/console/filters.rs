@@ -316,7 +316,11 @@ mod tests {
     fn endpoint_filters_read_and_write_one_canonical_url() {
         let f = EndpointFilters::parse("connected=no&prefix=web%20&page=").unwrap();
         assert_eq!(f.connected, Some(false));
-        assert_eq!(f.to_query(), "prefix=web&connected=no", "values are trimmed");
+        assert_eq!(
+            f.to_query(),
+            "prefix=web&connected=no",
+            "values are trimmed"
+        );
         assert_eq!(EndpointFilters::parse(&f.to_query()).unwrap(), f);
         assert!(
             EndpointFilters::parse("connected=maybe")

@@ -3,7 +3,9 @@
 
 use chrono::Duration;
 use kanade_ingest::store::{
-    Cursor, ExecutionRow, ListQuery, ManifestSummary, RunState, RunWrite, Store, SummaryQuery,
+    AgentReport, CancelOutcome, CancelRequest, Cursor, EndpointOrder, EndpointQuery, EndpointRow,
+    ExecutionRow, FleetTotals, ListQuery, ManifestSummary, PendingCancel, PresenceWrite, RunState,
+    RunWrite, Store, SummaryQuery,
 };
 use kanade_shared::wire::{EventBody, ExecStatus};
 use uuid::Uuid;
@@ -67,6 +69,10 @@ conformance!(
     unknown_run_is_none,
     retention_deletes_only_old_rows_in_batches,
     migrations_are_idempotent,
+    a_cancel_is_kept_once_on_a_run_without_result_and_refused_on_a_finished_one,
+    a_cancelled_run_is_listed_and_summarized_as_failed,
+    presence_follows_the_newest_stream_of_each_endpoint,
+    endpoints_are_listed_by_pc_id_or_attention_first,
 );
 
 async fn started_then_result_finishes_one_row(backend: Backend) {
@@ -652,6 +658,396 @@ async fn migrations_are_idempotent(backend: Backend) {
     other.ping().await.unwrap();
 }
 
+fn cancel(reason: &str, by: &str) -> CancelRequest {
+    CancelRequest {
+        at: now(),
+        reason: reason.into(),
+        by: by.into(),
+    }
+}
+
+async fn a_cancel_is_kept_once_on_a_run_without_result_and_refused_on_a_finished_one(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let store = db.store().await;
+    let (running, other_pc, finished) = (Run::new("pc-a"), Run::new("pc-b"), Run::new("pc-a"));
+    store
+        .apply(&[started(&running), started(&other_pc)], now())
+        .await
+        .unwrap();
+    store
+        .apply(&[result(&finished, ExecStatus::Succeeded, Some(0))], now())
+        .await
+        .unwrap();
+
+    let unknown = Uuid::now_v7();
+    assert_eq!(
+        store
+            .request_cancel(unknown, &cancel("x", "alice"), now(), GRACE)
+            .await
+            .unwrap(),
+        CancelOutcome::NotFound
+    );
+    let first = cancel("stuck since 09:00", "alice");
+    let CancelOutcome::Requested { run, first: true } = store
+        .request_cancel(id(&running), &first, now(), GRACE)
+        .await
+        .unwrap()
+    else {
+        panic!("a running run takes the request");
+    };
+    assert_eq!(run.cancel, Some(first.clone()));
+    assert_eq!(
+        run.state,
+        RunState::Running,
+        "still running until its agent ends it"
+    );
+    // Asked again, by someone else: nothing changes.
+    let CancelOutcome::Requested { run, first: false } = store
+        .request_cancel(id(&running), &cancel("again", "bob"), now(), GRACE)
+        .await
+        .unwrap()
+    else {
+        panic!("a pending request stays pending");
+    };
+    assert_eq!(run.cancel, Some(first.clone()), "the first request stays");
+    assert_eq!(
+        get(store.as_ref(), &running).await.cancel,
+        Some(first.clone())
+    );
+
+    let CancelOutcome::Finished(done) = store
+        .request_cancel(id(&finished), &cancel("late", "alice"), now(), GRACE)
+        .await
+        .unwrap()
+    else {
+        panic!("a finished run refuses");
+    };
+    assert_eq!(done.state, RunState::Finished(ExecStatus::Succeeded));
+    assert_eq!(done.cancel, None, "nothing was written");
+
+    let expected = PendingCancel {
+        pc_id: "pc-a".into(),
+        result_id: id(&running),
+        reason: first.reason.clone(),
+        by: first.by.clone(),
+    };
+    let pcs = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        store.pending_cancels(&pcs(&["pc-a"])).await.unwrap(),
+        [expected.clone()]
+    );
+    assert_eq!(
+        store
+            .pending_cancels(&pcs(&["pc-b", "pc-a", "pc-z"]))
+            .await
+            .unwrap(),
+        [expected]
+    );
+    assert!(
+        store
+            .pending_cancels(&pcs(&["pc-b"]))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // The agent ends the run: it is cancelled, the request kept, nothing more to deliver.
+    store
+        .apply(&[result(&running, ExecStatus::Cancelled, None)], now())
+        .await
+        .unwrap();
+    let row = get(store.as_ref(), &running).await;
+    assert_eq!(row.state, RunState::Finished(ExecStatus::Cancelled));
+    assert_eq!(row.cancel, Some(first));
+    assert!(
+        store
+            .pending_cancels(&pcs(&["pc-a"]))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(store.forget_settled_cancels().await.unwrap(), 1);
+    assert_eq!(store.forget_settled_cancels().await.unwrap(), 0);
+}
+
+async fn a_cancelled_run_is_listed_and_summarized_as_failed(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.store().await;
+    let (cancelled, succeeded) = (Run::new("pc-a"), Run::new("pc-a"));
+    store
+        .apply(
+            &[
+                result(&cancelled, ExecStatus::Cancelled, None),
+                result(&succeeded, ExecStatus::Succeeded, Some(0)),
+            ],
+            now(),
+        )
+        .await
+        .unwrap();
+    let q = ListQuery {
+        states: vec![RunState::Finished(ExecStatus::Cancelled)],
+        ..ListQuery::all(now(), GRACE, 50)
+    };
+    let listed: Vec<Uuid> = store
+        .list(&q)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.result_id)
+        .collect();
+    assert_eq!(listed, [id(&cancelled)]);
+    let summary = store
+        .summarize(&SummaryQuery {
+            started_after: now() - Duration::hours(1),
+            started_before: now() + Duration::hours(1),
+            manifest_id: None,
+            now: now(),
+            lost_grace: GRACE,
+        })
+        .await
+        .unwrap();
+    assert_eq!((summary[0].succeeded, summary[0].failed), (1, 1));
+}
+
+fn presence(
+    pc: &str,
+    stream: u128,
+    replica: &str,
+    since_secs_ago: i64,
+    connected: bool,
+) -> PresenceWrite {
+    PresenceWrite {
+        pc_id: pc.into(),
+        stream_id: Uuid::from_u128(stream),
+        replica: replica.into(),
+        connected_since: now() - Duration::seconds(since_secs_ago),
+        agent_version: "1.2.3".into(),
+        seen_at: now(),
+        connected,
+        report: None,
+    }
+}
+
+fn report(depth: u64, oldest_secs_ago: Option<i64>) -> AgentReport {
+    AgentReport {
+        at: now(),
+        outbox_depth: depth,
+        outbox_bytes: depth * 100,
+        oldest_pending_at: oldest_secs_ago.map(|s| now() - Duration::seconds(s)),
+        dead_letters: 2,
+        running_runs: 1,
+        hostname: "host-a".into(),
+        os: "linux x86_64".into(),
+    }
+}
+
+/// Endpoints seen by a query made now, with rows refreshed within the last 90 s trusted.
+fn connected_after() -> chrono::DateTime<chrono::Utc> {
+    now() - Duration::seconds(90)
+}
+
+async fn endpoint(store: &dyn Store, pc: &str) -> EndpointRow {
+    store
+        .get_endpoint(pc, connected_after())
+        .await
+        .unwrap()
+        .expect("the endpoint is known")
+}
+
+async fn presence_follows_the_newest_stream_of_each_endpoint(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.store().await;
+    let stale = connected_after();
+    assert_eq!(store.get_endpoint("pc-a", stale).await.unwrap(), None);
+
+    // Opened on replica A, then a report.
+    store
+        .write_presence(&[presence("pc-a", 1, "A", 60, true)], stale)
+        .await
+        .unwrap();
+    let e = endpoint(store.as_ref(), "pc-a").await;
+    assert!(e.connected);
+    assert_eq!(
+        (e.replica.as_str(), e.agent_version.as_str()),
+        ("A", "1.2.3")
+    );
+    assert_eq!(
+        e.report, None,
+        "no report yet (an older agent never sends one)"
+    );
+    let first_seen = e.first_seen;
+    let mut reported = presence("pc-a", 1, "A", 60, true);
+    reported.report = Some(report(500, Some(120)));
+    store
+        .write_presence(&[reported.clone()], stale)
+        .await
+        .unwrap();
+    let e = endpoint(store.as_ref(), "pc-a").await;
+    assert_eq!(e.report, reported.report);
+    assert_eq!(e.first_seen, first_seen);
+
+    // The agent reconnects to replica B; A notices its old stream closed only afterwards.
+    store
+        .write_presence(&[presence("pc-a", 2, "B", 5, true)], stale)
+        .await
+        .unwrap();
+    store
+        .write_presence(&[presence("pc-a", 1, "A", 60, false)], stale)
+        .await
+        .unwrap();
+    let e = endpoint(store.as_ref(), "pc-a").await;
+    assert!(
+        e.connected,
+        "the old stream's closing does not undo the new one"
+    );
+    assert_eq!(e.replica, "B");
+    assert_eq!(e.report, reported.report, "the last report stays");
+    // A's refresh of its half-dead older stream does not take the row back either.
+    store
+        .write_presence(&[presence("pc-a", 1, "A", 60, true)], stale)
+        .await
+        .unwrap();
+    assert_eq!(endpoint(store.as_ref(), "pc-a").await.replica, "B");
+    // An older report (sent before the newest) does not replace a newer one.
+    let mut older = presence("pc-a", 2, "B", 5, true);
+    older.report = Some(AgentReport {
+        at: now() - Duration::seconds(30),
+        ..report(7, None)
+    });
+    store.write_presence(&[older], stale).await.unwrap();
+    assert_eq!(
+        endpoint(store.as_ref(), "pc-a").await.report,
+        reported.report
+    );
+
+    // The stream of the row closes: disconnected, last seen then.
+    store
+        .write_presence(&[presence("pc-a", 2, "B", 5, false)], stale)
+        .await
+        .unwrap();
+    let e = endpoint(store.as_ref(), "pc-a").await;
+    assert!(!e.connected);
+    assert_eq!(e.replica, "B");
+
+    // Replica C dies with pc-c connected: once its rows are stale, nobody says connected.
+    let mut dead = presence("pc-c", 3, "C", 300, true);
+    dead.seen_at = now() - Duration::seconds(200);
+    store.write_presence(&[dead], stale).await.unwrap();
+    assert!(!endpoint(store.as_ref(), "pc-c").await.connected);
+    assert!(
+        store
+            .get_endpoint("pc-c", now() - Duration::seconds(300))
+            .await
+            .unwrap()
+            .unwrap()
+            .connected,
+        "fresh enough for a longer interval"
+    );
+    // The agent comes back on another replica with a stream older than C's (clocks differ):
+    // the stale row is taken over all the same.
+    store
+        .write_presence(&[presence("pc-c", 4, "D", 400, true)], stale)
+        .await
+        .unwrap();
+    let e = endpoint(store.as_ref(), "pc-c").await;
+    assert!(e.connected);
+    assert_eq!(e.replica, "D");
+
+    // Retention forgets endpoints not seen for long.
+    assert_eq!(
+        store
+            .forget_endpoints_seen_before(now() - Duration::seconds(1))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        store
+            .forget_endpoints_seen_before(now() + Duration::seconds(1))
+            .await
+            .unwrap(),
+        2
+    );
+}
+
+async fn endpoints_are_listed_by_pc_id_or_attention_first(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.store().await;
+    let stale = connected_after();
+    let mut writes = Vec::new();
+    // web-1..web-4 connected (web-3 with an old backlog, web-4 with a young one), db-1 and
+    // db-2 disconnected (db-2 more recently), Zeta (capital: byte order) connected.
+    for (i, pc) in ["web-1", "web-2", "web-3", "web-4", "db-1", "db-2", "Zeta"]
+        .into_iter()
+        .enumerate()
+    {
+        let mut w = presence(pc, i as u128 + 1, "A", 60, !pc.starts_with("db"));
+        w.report = Some(match pc {
+            "web-3" => report(50, Some(600)),
+            "web-4" => report(10, Some(5)),
+            _ => report(0, None),
+        });
+        if pc == "db-1" {
+            w.seen_at = now() - Duration::seconds(30);
+        }
+        writes.push(w);
+    }
+    store.write_presence(&writes, stale).await.unwrap();
+    let query = |order, connected, prefix: Option<&str>, after: Option<&str>| EndpointQuery {
+        connected,
+        pc_id_prefix: prefix.map(str::to_string),
+        after: after.map(str::to_string),
+        limit: 3,
+        order,
+        connected_after: stale,
+        backlogged_before: now() - Duration::seconds(60),
+    };
+    let names =
+        |rows: Vec<EndpointRow>| -> Vec<String> { rows.into_iter().map(|e| e.pc_id).collect() };
+    let page = |q| {
+        let store = store.clone();
+        async move { names(store.list_endpoints(&q).await.unwrap()) }
+    };
+    assert_eq!(
+        page(query(EndpointOrder::PcId, None, None, None)).await,
+        ["Zeta", "db-1", "db-2"]
+    );
+    assert_eq!(
+        page(query(EndpointOrder::PcId, None, None, Some("db-2"))).await,
+        ["web-1", "web-2", "web-3"]
+    );
+    assert_eq!(
+        page(query(EndpointOrder::PcId, Some(false), None, None)).await,
+        ["db-1", "db-2"]
+    );
+    assert_eq!(
+        page(query(
+            EndpointOrder::PcId,
+            Some(true),
+            Some("web-"),
+            Some("web-1")
+        ))
+        .await,
+        ["web-2", "web-3", "web-4"]
+    );
+    assert_eq!(
+        page(query(EndpointOrder::AttentionFirst, None, None, None)).await,
+        ["db-2", "db-1", "web-3"],
+        "disconnected (the latest lost first), then the old backlog; a young backlog is fine"
+    );
+    assert_eq!(
+        store.fleet_totals(stale).await.unwrap(),
+        FleetTotals {
+            connected: 5,
+            disconnected: 2,
+            backlog_events: 60,
+            dead_letters: 14,
+        }
+    );
+}
+
 /// One scenario, both stores: every answer identical, byte for byte.
 #[tokio::test]
 async fn both_stores_give_identical_answers() {
@@ -690,4 +1086,48 @@ async fn both_stores_give_identical_answers() {
         let (a, b) = (pg.list(&q).await.unwrap(), lite.list(&q).await.unwrap());
         assert_eq!(format!("{a:?}"), format!("{b:?}"));
     }
+
+    let running = writes.iter().find(|w| w.outcome.is_none()).unwrap();
+    let request = cancel("ünïcödé \u{1F600}", "alice");
+    let (a, b) = (
+        pg.request_cancel(running.result_id, &request, now(), Duration::seconds(1))
+            .await
+            .unwrap(),
+        lite.request_cancel(running.result_id, &request, now(), Duration::seconds(1))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(format!("{a:?}"), format!("{b:?}"));
+
+    let mut presence_writes = Vec::new();
+    for i in 0..20u64 {
+        let mut w = presence(&format!("pc-{i:02}é"), u128::from(i), "A", 60, i % 3 != 0);
+        if i % 2 == 0 {
+            w.report = Some(report(i * 10, Some(i as i64 * 20)));
+        }
+        presence_writes.push(w);
+    }
+    let stale = connected_after();
+    pg.write_presence(&presence_writes, stale).await.unwrap();
+    lite.write_presence(&presence_writes, stale).await.unwrap();
+    for order in [EndpointOrder::PcId, EndpointOrder::AttentionFirst] {
+        let q = EndpointQuery {
+            connected: None,
+            pc_id_prefix: None,
+            after: None,
+            limit: 100,
+            order,
+            connected_after: stale,
+            backlogged_before: now() - Duration::seconds(60),
+        };
+        let (a, b) = (
+            pg.list_endpoints(&q).await.unwrap(),
+            lite.list_endpoints(&q).await.unwrap(),
+        );
+        assert_eq!(format!("{a:?}"), format!("{b:?}"));
+    }
+    assert_eq!(
+        pg.fleet_totals(stale).await.unwrap(),
+        lite.fleet_totals(stale).await.unwrap()
+    );
 }
