@@ -349,6 +349,7 @@ impl Prepared {
                 }),
                 every: args.presence_every,
                 metrics: metrics.clone(),
+                changes: changes.clone(),
             }
             .run(stop.clone()),
         );

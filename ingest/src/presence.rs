@@ -13,7 +13,9 @@
 //! a newer stream, which takes the row over, and the old stream's closing (noticed later by its
 //! replica) no longer changes it. See [`crate::store::Store::write_presence`] for the rules.
 //!
-//! The task also computes the fleet's totals for every replica's metrics.
+//! A batch with news (a stream opened or closed, an agent reported) is announced like a commit,
+//! so the console's endpoint pages follow. The task also computes the fleet's totals for every
+//! replica's metrics.
 
 use std::{
     collections::HashMap,
@@ -26,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::{
+    changes::Changes,
     metrics::Metrics,
     store::{AgentReport, PresenceWrite, ReadStore, Store},
 };
@@ -78,6 +81,8 @@ fn now() -> DateTime<Utc> {
 #[derive(Debug, Default)]
 struct Pending {
     writes: HashMap<String, PresenceWrite>,
+    /// Something besides refreshes: a stream opened or closed, an agent reported.
+    news: bool,
 }
 
 /// Folds `later` into `earlier`, both about one endpoint: a newer stream takes over, a stream's
@@ -121,7 +126,7 @@ impl Presence {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn note(&self, stream: &StreamInfo, connected: bool, report: Option<AgentReport>) {
+    fn note(&self, stream: &StreamInfo, connected: bool, report: Option<AgentReport>, news: bool) {
         let write = PresenceWrite {
             pc_id: stream.pc_id.clone(),
             stream_id: stream.stream_id,
@@ -133,6 +138,7 @@ impl Presence {
             report,
         };
         let mut pending = self.lock();
+        pending.news |= news;
         match pending.writes.get_mut(&write.pc_id) {
             Some(earlier) => merge(earlier, write),
             None => {
@@ -141,30 +147,37 @@ impl Presence {
         }
     }
 
-    /// A stream opened, or is still open (the refresh).
+    /// A stream opened (or is the endpoint's stream again).
     pub fn open(&self, stream: &StreamInfo) {
-        self.note(stream, true, None);
+        self.note(stream, true, None, true);
+    }
+
+    /// A stream is still open (the periodic refresh).
+    fn still_open(&self, stream: &StreamInfo) {
+        self.note(stream, true, None, false);
     }
 
     /// The agent on `stream` reported.
     pub fn reported(&self, stream: &StreamInfo, report: AgentReport) {
-        self.note(stream, true, Some(report));
+        self.note(stream, true, Some(report), true);
     }
 
     /// A stream closed.
     pub fn closed(&self, stream: &StreamInfo) {
-        self.note(stream, false, None);
+        self.note(stream, false, None, true);
     }
 
-    /// Takes what waits, for one batch.
-    fn take(&self) -> Vec<PresenceWrite> {
+    /// Takes what waits, for one batch, and whether it holds news (beyond refreshes).
+    fn take(&self) -> (Vec<PresenceWrite>, bool) {
         let mut pending = self.lock();
-        pending.writes.drain().map(|(_, w)| w).collect()
+        let news = std::mem::take(&mut pending.news);
+        (pending.writes.drain().map(|(_, w)| w).collect(), news)
     }
 
     /// Puts back writes that could not be written, under anything that came meanwhile.
-    fn put_back(&self, writes: Vec<PresenceWrite>) {
+    fn put_back(&self, writes: Vec<PresenceWrite>, news: bool) {
         let mut pending = self.lock();
+        pending.news |= news;
         for mut write in writes {
             if let Some(later) = pending.writes.remove(&write.pc_id) {
                 merge(&mut write, later);
@@ -184,6 +197,8 @@ pub struct PresenceTask {
     /// `--presence-every`.
     pub every: Duration,
     pub metrics: Arc<Metrics>,
+    /// Told when a batch held news, so the console's endpoint pages follow.
+    pub changes: Changes,
 }
 
 impl PresenceTask {
@@ -199,7 +214,7 @@ impl PresenceTask {
                 _ = flush.tick() => self.flush().await,
                 _ = refresh.tick() => {
                     for stream in (self.open_streams)() {
-                        self.presence.open(&stream);
+                        self.presence.still_open(&stream);
                     }
                     self.count_fleet().await;
                 }
@@ -210,7 +225,7 @@ impl PresenceTask {
     }
 
     async fn flush(&self) {
-        let writes = self.presence.take();
+        let (writes, news) = self.presence.take();
         if writes.is_empty() {
             return;
         }
@@ -223,10 +238,14 @@ impl PresenceTask {
                 }
                 Err(err) => {
                     tracing::warn!(error = %err, endpoints = writes.len(), "writing presence failed; will try again");
-                    self.presence.put_back(writes[i * WRITE_CHUNK..].to_vec());
+                    self.presence
+                        .put_back(writes[i * WRITE_CHUNK..].to_vec(), news);
                     return;
                 }
             }
+        }
+        if news {
+            self.changes.committed();
         }
     }
 
@@ -303,14 +322,18 @@ mod tests {
             agent_version: "1".into(),
         };
         presence.open(&stream);
-        let failed = presence.take();
+        let (failed, news) = presence.take();
+        assert!(news);
+        presence.still_open(&stream);
+        assert!(!presence.take().1, "a refresh is no news");
         presence.closed(&stream);
-        presence.put_back(failed);
-        let again = presence.take();
+        presence.put_back(failed, news);
+        let (again, news) = presence.take();
         assert_eq!(again.len(), 1);
         assert!(
             !again[0].connected,
             "the closing came after the failed write"
         );
+        assert!(news);
     }
 }

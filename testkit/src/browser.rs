@@ -184,6 +184,23 @@ impl Browser {
         }
     }
 
+    /// Waits until the page's visible text holds `text`; panics with what it shows after
+    /// `within`.
+    pub async fn wait_for_text(&self, text: &str, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let page = self.text().await;
+            if page.contains(text) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the page never showed {text:?}; it shows:\n{page}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// The page's visible text; empty while a navigation replaces the document.
     pub async fn text(&self) -> String {
         match self.client.find(fantoccini::Locator::Css("body")).await {

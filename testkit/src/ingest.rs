@@ -8,7 +8,9 @@ use std::{
     time::Duration,
 };
 
-use kanade_shared::pb::{activity_client::ActivityClient, ingest_client::IngestClient};
+use kanade_shared::pb::{
+    activity_client::ActivityClient, control_client::ControlClient, ingest_client::IngestClient,
+};
 use tonic::transport::Channel;
 
 use crate::{
@@ -201,6 +203,12 @@ impl TestIngest {
 
     pub async fn activity(&self) -> ActivityClient<Channel> {
         ActivityClient::connect(self.url())
+            .await
+            .expect("connecting")
+    }
+
+    pub async fn control(&self) -> ControlClient<Channel> {
+        ControlClient::connect(self.url())
             .await
             .expect("connecting")
     }

@@ -1,14 +1,18 @@
 //! The harness every Kanade integration test uses, by concern: fresh databases ([`db`]), the
 //! real `kanade-ingest` ([`ingest`]) and `kanade-agent` ([`agent`]) binaries, test traffic
-//! ([`events`]), raw agent streams ([`stream`]) and in-memory queues for real senders ([`queue`]), fault injection and a round-robin front over replicas ([`proxy`]), a streaming standby of the test server ([`standby`]), an OTLP
-//! receiver ([`otlp`]), a test CA ([`ca`]), a headless browser ([`browser`]) and what `/proc` says about a server ([`procfs`]). Everything talks to the real thing: PostgreSQL,
-//! SQLite files, gRPC over loopback, child processes.
+//! ([`events`]), the real grpcurl ([`grpcurl`]), raw agent streams ([`stream`]) and in-memory
+//! queues for real senders ([`queue`]), fault injection and a round-robin front over replicas
+//! ([`proxy`]), a streaming standby of the test server ([`standby`]), an OTLP receiver
+//! ([`otlp`]), a test CA ([`ca`]), a headless browser ([`browser`]) and what `/proc` says about a
+//! server ([`procfs`]). Everything talks to the real thing: PostgreSQL, SQLite files, gRPC over
+//! loopback, child processes.
 
 pub mod agent;
 pub mod browser;
 pub mod ca;
 pub mod db;
 pub mod events;
+pub mod grpcurl;
 pub mod ingest;
 pub mod otlp;
 pub mod procfs;

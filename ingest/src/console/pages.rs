@@ -479,9 +479,10 @@ pub struct EndpointsView<'a> {
     pub tls: bool,
 }
 
-/// How long ago `at` was, as people read it.
-fn ago(now: DateTime<Utc>, at: DateTime<Utc>) -> String {
-    format!("{} ago", duration(now - at))
+/// How long ago `at` was, as people read it (the script keeps it current).
+fn ago(now: DateTime<Utc>, at: DateTime<Utc>) -> Markup {
+    let since = at.to_rfc3339_opts(SecondsFormat::Millis, true);
+    html! { span data-since=(since) title=(since) { (duration(now - at)) } " ago" }
 }
 
 fn endpoint_state(e: &EndpointRow) -> Markup {

