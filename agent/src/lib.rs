@@ -127,6 +127,12 @@ async fn exec(args: ExecArgs) -> anyhow::Result<u8> {
     let not_started = "the run is not started";
     let outbox = open_outbox(&settings).await.context(not_started)?;
     outbox.recover_interrupted().await.context(not_started)?;
+    // With --wait and no daemon, this process streams from the start, so ingest sees the run
+    // while it runs and an operator's cancel reaches it.
+    let own_sender = match args.wait {
+        true => OwnSender::start(&outbox, &settings)?,
+        false => None,
+    };
     let finished = execution::execute(&outbox, &settings, request, &shutdown_on_signal()).await?;
     if let Some(failure) = finished.outcome.spawn_failure {
         eprintln!("kanade-agent: {} ({failure:?})", finished.result.stderr);
@@ -137,41 +143,56 @@ async fn exec(args: ExecArgs) -> anyhow::Result<u8> {
     let code = finished.outcome.shell_exit_code();
     if args.wait {
         let seqs = [finished.started_seq, finished.result_seq];
-        if let Some(code) = wait_for_acks(&outbox, &settings, &seqs, args.wait_timeout).await? {
+        if let Some(code) = wait_for_acks(&outbox, &seqs, args.wait_timeout, own_sender).await? {
             return Ok(code);
         }
     }
     Ok(code)
 }
 
-/// Waits until `seqs` left the outbox. Sends them itself when no daemon holds the sender lock.
-/// Returns an exit code that overrides the script's when waiting failed.
+/// The sender of an `exec --wait` that found no daemon holding the data dir's sender lock.
+struct OwnSender {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl OwnSender {
+    /// Starts sending the outbox when no other process does; `None` when one does.
+    fn start(outbox: &Outbox, settings: &Settings) -> anyhow::Result<Option<OwnSender>> {
+        let Some(lock) = outbox.data_dir().try_sender_lock()? else {
+            return Ok(None);
+        };
+        let stop = CancellationToken::new();
+        let (outbox, config, until) = (
+            outbox.clone(),
+            daemon::sender_config(settings),
+            stop.clone(),
+        );
+        let task = tokio::spawn(async move {
+            let _lock = lock;
+            // A damaged outbox ends it; the wait reports that from the outbox itself.
+            let _ = sender::run(outbox, config, until).await;
+        });
+        Ok(Some(OwnSender { stop, task }))
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// Waits until `seqs` left the outbox, sent by `own_sender` or by the daemon. Returns an exit
+/// code that overrides the script's when waiting failed.
 async fn wait_for_acks(
     outbox: &Outbox,
-    settings: &Settings,
     seqs: &[u64],
     timeout: Duration,
+    own_sender: Option<OwnSender>,
 ) -> anyhow::Result<Option<u8>> {
-    let stop = CancellationToken::new();
-    let own_sender = match outbox.data_dir().try_sender_lock()? {
-        Some(lock) => {
-            let (outbox, config, stop) = (
-                outbox.clone(),
-                daemon::sender_config(settings),
-                stop.clone(),
-            );
-            Some(tokio::spawn(async move {
-                let _lock = lock;
-                // A damaged outbox ends it; the wait below reports that from the outbox itself.
-                let _ = sender::run(outbox, config, stop).await;
-            }))
-        }
-        None => None,
-    };
     let verdict = wait_until_answered(outbox, seqs, timeout, own_sender.is_some()).await?;
-    stop.cancel();
-    if let Some(task) = own_sender {
-        let _ = task.await;
+    if let Some(sender) = own_sender {
+        sender.stop().await;
     }
     for &seq in seqs {
         if outbox.is_dead(seq).await? {

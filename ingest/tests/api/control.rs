@@ -544,3 +544,55 @@ async fn an_operator_cancels_an_exec_run_from_the_console_and_a_reader_cannot() 
         .into_inner();
     assert_cancelled(&run, "alice", "runaway <script>alert(1)</script>");
 }
+
+#[tokio::test]
+async fn exec_wait_without_a_daemon_streams_its_run_from_the_start_and_can_be_cancelled() {
+    let db = TestDb::sqlite();
+    let ingest = TestIngest::start(&db.url).await;
+    let home = AgentHome::new(&ingest.url(), "");
+    let work = tempfile::tempdir().unwrap();
+    let pid_file = work.path().join("pid");
+    let script = format!("echo $$ > {}; exec sleep 300", pid_file.display());
+    let exec = home
+        .command(&[
+            "exec",
+            "--wait",
+            "--manifest",
+            "nap",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = pid_in(&pid_file).await;
+    // Listed as running while it runs: this exec holds the stream itself.
+    let result_id = running_run(&ingest).await;
+    ingest
+        .control()
+        .await
+        .cancel_execution(cancel_request(&result_id, "not needed any more"))
+        .await
+        .unwrap();
+    gone(pid, Duration::from_secs(5)).await;
+    let out = tokio::task::spawn_blocking(|| exec.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(143));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            "run cancelled by anonymous (ingest runs without tokens): not needed any more"
+        ),
+        "{stderr}"
+    );
+    let run = finished(&ingest, &result_id).await;
+    assert_cancelled(
+        &run,
+        "anonymous (ingest runs without tokens)",
+        "not needed any more",
+    );
+}
