@@ -286,7 +286,7 @@ async fn storm(args: &StormArgs, db: &BenchDb) -> anyhow::Result<Measured> {
     let total_events = (args.agents * args.events_per_agent) as u64;
     let reconnect_max: Duration = args.reconnect_max.into();
     // Migrated before the outage, as an upgrade does before the servers restart.
-    kanade_ingest::store::open(&db.url)
+    kanade_ingest::store::open(&db.url, "kanade-bench")
         .await?
         .migrate()
         .await

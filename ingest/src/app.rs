@@ -120,8 +120,12 @@ fn request_span(request: &http::Request<()>) -> tracing::Span {
 }
 
 /// Opens the store and applies migrations, retrying while the database is unreachable.
-async fn open_store(url: &str, shutdown: &CancellationToken) -> anyhow::Result<Arc<dyn Store>> {
-    let store = store::open(url)
+async fn open_store(
+    url: &str,
+    session: &str,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Arc<dyn Store>> {
+    let store = store::open(url, session)
         .await
         .with_context(|| format!("opening the database {}", redact(url)))?;
     store.claim_for_serving()?;
@@ -160,7 +164,7 @@ pub fn redact(url: &str) -> String {
 
 /// Applies migrations and returns (`kanade-ingest migrate`).
 pub async fn migrate(url: &str) -> anyhow::Result<()> {
-    let store = store::open(url)
+    let store = store::open(url, "kanade-ingest migrate")
         .await
         .with_context(|| format!("opening the database {}", redact(url)))?;
     store
@@ -229,9 +233,14 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<RunningIngest> {
         .transpose()?
         .map(|addr| format!("{console_scheme}://{addr}"));
 
-    let store = open_store(&args.database_url, &shutdown).await?;
+    let store = open_store(
+        &args.database_url,
+        &format!("kanade-ingest {}", args.replica_id),
+        &shutdown,
+    )
+    .await?;
     let reads: Arc<dyn ReadStore> = match &args.read_database_url {
-        Some(url) => store::open_reader(url)
+        Some(url) => store::open_reader(url, &format!("kanade-ingest-reads {}", args.replica_id))
             .await
             .with_context(|| format!("opening the read replica {}", redact(url)))?,
         None => store.clone(),

@@ -107,7 +107,9 @@ impl TestDb {
 
     /// The store itself, migrated, for direct inspection.
     pub async fn store(&self) -> Arc<dyn Store> {
-        let store = store::open(&self.url).await.expect("opening the store");
+        let store = store::open(&self.url, "kanade-test")
+            .await
+            .expect("opening the store");
         store.migrate().await.expect("migrating");
         store
     }

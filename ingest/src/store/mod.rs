@@ -780,10 +780,11 @@ pub trait Store: ReadStore {
 }
 
 /// Opens the store a database URL names: `postgres://…`/`postgresql://…` or `sqlite://PATH`
-/// (created when missing).
-pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+/// (created when missing). PostgreSQL sessions carry `session` as their `application_name`, so
+/// `pg_stat_activity` tells replicas apart.
+pub async fn open(url: &str, session: &str) -> Result<Arc<dyn Store>, StoreError> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Ok(Arc::new(PostgresStore::connect(url).await?))
+        Ok(Arc::new(PostgresStore::connect_as(url, session, false)?))
     } else if url.starts_with("sqlite:") {
         Ok(Arc::new(SqliteStore::open(url).await?))
     } else {
@@ -792,10 +793,10 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
 }
 
 /// Opens the read replica `--read-database-url` names: PostgreSQL only (a streaming replica of
-/// the primary), connected lazily and read-only.
-pub async fn open_reader(url: &str) -> Result<Arc<dyn ReadStore>, StoreError> {
+/// the primary), connected lazily and read-only, its sessions named `session`.
+pub async fn open_reader(url: &str, session: &str) -> Result<Arc<dyn ReadStore>, StoreError> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Ok(Arc::new(PostgresStore::connect_reader(url).await?))
+        Ok(Arc::new(PostgresStore::connect_as(url, session, true)?))
     } else {
         Err(StoreError::UnsupportedReadUrl(url.to_string()))
     }

@@ -112,14 +112,11 @@ impl PostgresStore {
         PostgresStore::connect_as(url, "kanade-ingest", false)
     }
 
-    /// A store for reads only, on a streaming replica (`--read-database-url`): its sessions are
-    /// read-only (`default_transaction_read_only`), so even a replica promoted to primary is
-    /// never written through it.
-    pub async fn connect_reader(url: &str) -> Result<PostgresStore, StoreError> {
-        PostgresStore::connect_as(url, "kanade-ingest-reads", true)
-    }
-
-    fn connect_as(
+    /// Connects lazily, its sessions named `application_name`. A store for reads only
+    /// (`read_only`, on a streaming replica: `--read-database-url`) has read-only sessions
+    /// (`default_transaction_read_only`), so even a replica promoted to primary is never written
+    /// through it.
+    pub fn connect_as(
         url: &str,
         application_name: &str,
         read_only: bool,
