@@ -96,6 +96,7 @@ async fn list_through_reflection_shows_ingest_activity_and_health() {
     for expected in [
         "kanade.v1.Ingest",
         "kanade.v1.Activity",
+        "kanade.v1.Control",
         "grpc.health.v1.Health",
         "grpc.reflection.v1.ServerReflection",
         "grpc.reflection.v1alpha.ServerReflection",
@@ -117,9 +118,13 @@ async fn list_through_reflection_shows_ingest_activity_and_health() {
     let methods = out.names();
     assert!(
         methods.contains(&"kanade.v1.Activity.ListExecutions")
-            && methods.contains(&"kanade.v1.Activity.GetExecution"),
+            && methods.contains(&"kanade.v1.Activity.GetExecution")
+            && methods.contains(&"kanade.v1.Activity.ListEndpoints")
+            && methods.contains(&"kanade.v1.Activity.GetEndpoint"),
         "Activity methods through reflection: {methods:?}"
     );
+    let out = grpcurl(&ingest, None, &["list", "kanade.v1.Control"]).await;
+    assert_eq!(out.names(), ["kanade.v1.Control.CancelExecution"]);
 }
 
 #[tokio::test]
@@ -171,7 +176,12 @@ async fn health_check_is_serving_overall_per_service_and_for_liveness() {
         json!({ "status": "SERVING" }),
         "service \"\""
     );
-    for service in ["kanade.v1.Ingest", "kanade.v1.Activity", "liveness"] {
+    for service in [
+        "kanade.v1.Ingest",
+        "kanade.v1.Activity",
+        "kanade.v1.Control",
+        "liveness",
+    ] {
         let out = grpcurl(
             &ingest,
             Some(&json!({ "service": service })),
@@ -462,6 +472,7 @@ async fn reflection_v1_lists_every_service_for_newer_clients() {
     for expected in [
         "kanade.v1.Ingest",
         "kanade.v1.Activity",
+        "kanade.v1.Control",
         "grpc.health.v1.Health",
     ] {
         assert!(
