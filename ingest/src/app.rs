@@ -176,6 +176,7 @@ pub async fn migrate(url: &str) -> anyhow::Result<()> {
 /// What `start` prepared before anything is served.
 struct Prepared {
     args: ServeArgs,
+    metrics: Arc<Metrics>,
     tokens: Option<Arc<Tokens>>,
     tls: Option<Arc<ServerTls>>,
     store: Arc<dyn Store>,
@@ -247,7 +248,13 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<RunningIngest> {
     };
     let reporter = HealthReporter::new();
     let health = HealthServer::new(HealthService::from_health_reporter(reporter.clone()));
-    let readiness = Readiness::new(reporter, args.read_database_url.is_some()).await;
+    let metrics = Arc::new(Metrics::default());
+    let readiness = Readiness::new(
+        reporter,
+        args.read_database_url.is_some(),
+        (metrics.ready.clone(), metrics.reads_ready.clone()),
+    )
+    .await;
     readiness
         .set_ok(Database::Primary, store.ping().await.is_ok())
         .await;
@@ -263,6 +270,7 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<RunningIngest> {
 
     let prepared = Prepared {
         args,
+        metrics,
         tokens,
         tls,
         store,
@@ -561,7 +569,7 @@ impl Shared {
 async fn serve(mut prepared: Prepared, shutdown: CancellationToken) -> anyhow::Result<()> {
     let hard_stop = CancellationToken::new();
     let background = CancellationToken::new();
-    let metrics = Arc::new(Metrics::default());
+    let metrics = prepared.metrics.clone();
     let args = prepared.args.clone();
     let (queue, queue_rx) = mpsc::channel(args.queue_capacity);
     let lost_grace =

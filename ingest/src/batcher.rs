@@ -105,6 +105,8 @@ pub struct Submission {
     /// The event's span (a child of the agent's run span): it ends when the event is answered,
     /// and the batch span links to it.
     pub span: tracing::Span,
+    /// When ingest read the event: its answer's latency counts from here.
+    pub read_at: std::time::Instant,
 }
 
 /// The batcher's end of the queue; runs until every submitter is gone, flushing what is queued.
@@ -445,6 +447,9 @@ fn deliver(
     let mut acks: HashMap<*const StreamSink, (Arc<StreamSink>, Vec<u64>)> = HashMap::new();
     for (s, &w) in batch.into_iter().zip(carrier) {
         let outcome = &outcomes[w];
+        metrics
+            .answer_seconds
+            .observe(s.read_at.elapsed().as_secs_f64());
         match outcome {
             Outcome::Committed => {
                 metrics.events_committed.inc();
@@ -511,6 +516,7 @@ mod tests {
             reply: Reply::Once(tx),
             charge: None,
             span: tracing::Span::none(),
+            read_at: std::time::Instant::now(),
         }
     }
 

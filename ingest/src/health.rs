@@ -10,6 +10,7 @@ use std::sync::{
     atomic::{AtomicBool, Ordering},
 };
 
+use prometheus_client::metrics::gauge::Gauge;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 /// Services whose status follows the primary database.
@@ -45,12 +46,20 @@ pub struct Readiness {
     /// `None`: reads go to the primary.
     replica_ok: Option<Arc<AtomicBool>>,
     draining: Arc<AtomicBool>,
+    /// The metrics saying the same: 1 while `""` (writes) and `kanade.v1.Activity` (reads) are
+    /// SERVING.
+    ready: Gauge,
+    reads_ready: Gauge,
 }
 
 impl Readiness {
     /// Starts NOT_SERVING until the databases have answered once; `read_replica` says whether
     /// reads have a database of their own.
-    pub async fn new(reporter: HealthReporter, read_replica: bool) -> Readiness {
+    pub async fn new(
+        reporter: HealthReporter,
+        read_replica: bool,
+        (ready, reads_ready): (Gauge, Gauge),
+    ) -> Readiness {
         reporter
             .set_service_status(LIVENESS_SERVICE, ServingStatus::Serving)
             .await;
@@ -59,6 +68,8 @@ impl Readiness {
             primary_ok: Arc::new(AtomicBool::new(false)),
             replica_ok: read_replica.then(|| Arc::new(AtomicBool::new(false))),
             draining: Arc::new(AtomicBool::new(false)),
+            ready,
+            reads_ready,
         };
         readiness.publish().await;
         readiness
@@ -116,5 +127,7 @@ impl Readiness {
                 .set_service_status(service, status(reads))
                 .await;
         }
+        self.ready.set(i64::from(primary && !draining));
+        self.reads_ready.set(i64::from(reads && !draining));
     }
 }

@@ -30,8 +30,15 @@ pub struct Metrics {
     pub batch_size: Histogram,
     /// Seconds from the start of a batch's transaction to its commit.
     pub commit_seconds: Histogram,
+    /// Seconds from reading an event to answering it (its Ack, Reject or Publish answer):
+    /// queueing, batching and the commit, what an agent waits for.
+    pub answer_seconds: Histogram,
     /// Agent streams open now.
     pub open_streams: Gauge,
+    /// 1 while this replica is ready (its database answers, it is not draining), else 0.
+    pub ready: Gauge,
+    /// 1 while its reads (Activity, the console) are served, else 0.
+    pub reads_ready: Gauge,
     /// Failed commit attempts, by kind.
     pub store_errors: Family<Labels, Counter>,
     /// Events waiting for the batcher.
@@ -73,7 +80,10 @@ impl Default for Metrics {
         let batch_size =
             Histogram::new([1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0]);
         let commit_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
+        let answer_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
         let open_streams = Gauge::default();
+        let ready = Gauge::default();
+        let reads_ready = Gauge::default();
         let store_errors = Family::<Labels, Counter>::default();
         let queue_depth = Gauge::default();
         let memory_budget = Gauge::default();
@@ -113,9 +123,24 @@ impl Default for Metrics {
             commit_seconds.clone(),
         );
         r.register(
+            "answer_seconds",
+            "Time from reading an event to answering it (Ack, Reject, Publish): what an agent waits",
+            answer_seconds.clone(),
+        );
+        r.register(
             "open_streams",
             "Agent streams open now",
             open_streams.clone(),
+        );
+        r.register(
+            "ready",
+            "1 while this replica is ready: its database answers and it is not draining",
+            ready.clone(),
+        );
+        r.register(
+            "reads_ready",
+            "1 while this replica serves reads (Activity, the console): their database answers",
+            reads_ready.clone(),
         );
         r.register(
             "store_errors",
@@ -184,7 +209,10 @@ impl Default for Metrics {
             events_rejected,
             batch_size,
             commit_seconds,
+            answer_seconds,
             open_streams,
+            ready,
+            reads_ready,
             store_errors,
             queue_depth,
             memory_budget,

@@ -270,6 +270,7 @@ impl pb::ingest_server::Ingest for IngestService {
         if self.readiness.is_draining() {
             return Err(Status::unavailable("ingest is shutting down"));
         }
+        let read_at = std::time::Instant::now();
         let deadline = caller_deadline(&request, self.limits.publish_timeout);
         let token_pc_id = auth::writer_pc_id(&request)?;
         let charge = Credits::take_from(&request);
@@ -303,6 +304,7 @@ impl pb::ingest_server::Ingest for IngestService {
             reply: Reply::Once(tx),
             charge,
             span,
+            read_at,
         };
         let answered = tokio::time::timeout(deadline, async {
             self.batcher

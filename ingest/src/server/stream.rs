@@ -185,6 +185,7 @@ impl StreamHandler {
         count_permit: OwnedSemaphorePermit,
         charge: Option<Charge>,
     ) -> Result<(), End> {
+        let read_at = std::time::Instant::now();
         let seq = event.seq;
         let metrics = &self.service.metrics;
         metrics.events_received.inc();
@@ -221,6 +222,7 @@ impl StreamHandler {
                     },
                     charge,
                     span,
+                    read_at,
                 };
                 self.service
                     .batcher

@@ -218,3 +218,49 @@ fn the_pod_outlives_the_drain() {
         "terminationGracePeriodSeconds ({grace}) must exceed the preStop sleep ({pre_stop}) plus --shutdown-timeout ({drain})"
     );
 }
+
+/// Every `kanade_ingest_…` series name in `text`.
+fn series_named_in(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("kanade_ingest_") {
+        let name: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+            .collect();
+        rest = &rest[at + name.len()..];
+        names.insert(name);
+    }
+    names
+}
+
+/// The alert rules and the Grafana dashboard (deploy/observability) must use series ingest
+/// serves: a renamed metric breaks this test instead of silencing an alert.
+#[test]
+fn the_alerts_and_the_dashboard_use_only_metrics_ingest_serves() {
+    use kanade_ingest::metrics::{Metrics, reject};
+    let metrics = Metrics::default();
+    // Families with labels are rendered once they have a child.
+    metrics.rejected(reject::INVALID);
+    metrics.store_error("unavailable");
+    metrics.cancel_request("requested");
+    metrics.fleet(&kanade_ingest::store::FleetTotals::default());
+    let served: BTreeSet<String> = metrics
+        .render()
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(str::to_string)
+        .collect();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/observability");
+    for file in ["alerts.yaml", "alerts_test.yaml", "grafana-dashboard.json"] {
+        let text = std::fs::read_to_string(dir.join(file)).expect("reading an observability file");
+        let used = series_named_in(&text);
+        assert!(!used.is_empty(), "{file} names no metric");
+        let unknown: Vec<_> = used.difference(&served).collect();
+        assert!(
+            unknown.is_empty(),
+            "{file} uses series ingest does not serve: {unknown:?}"
+        );
+    }
+}
