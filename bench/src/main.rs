@@ -6,11 +6,13 @@
 
 mod activity;
 mod agent;
+mod cancel;
 mod ceiling;
 mod connections;
 mod indexes;
 mod load;
 mod memory;
+mod presence;
 mod process;
 mod report;
 mod retention;
@@ -52,6 +54,12 @@ enum Mode {
     /// What retention costs for a day of runs: a small and a large day dropped whole, against
     /// deleting the large day's rows one batch at a time.
     Retention(retention::RetentionArgs),
+    /// How long an operator's cancel takes to end a run's process, through the replica holding
+    /// the agent's stream and through another.
+    Cancel(cancel::CancelArgs),
+    /// What fleet presence costs the database with many idle agents: statements and rows per
+    /// second.
+    Presence(presence::PresenceArgs),
     /// Draws throughput and p99 latency against agents from a throughput CSV.
     Plot {
         /// CSV written by `throughput --csv`.
@@ -74,6 +82,8 @@ async fn main() -> anyhow::Result<()> {
         Mode::Agent(args) => agent::run(args).await,
         Mode::Memory(args) => memory::run(args).await,
         Mode::Retention(args) => retention::run(args).await,
+        Mode::Cancel(args) => cancel::run(args).await,
+        Mode::Presence(args) => presence::run(args).await,
         Mode::Plot { csv, png } => {
             report::plot(&csv, &png)?;
             println!("mode=plot png={}", png.display());

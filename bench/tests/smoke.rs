@@ -169,3 +169,47 @@ fn agent_mode_measures_the_daemon_exec_and_outbox() {
     assert_eq!(s["mode"], "agent");
     assert!(s["enqueue_runs_per_s"].parse::<f64>().unwrap() > 0.0);
 }
+
+#[test]
+fn cancel_times_cancels_through_both_replicas() {
+    let s = run(&[
+        "cancel",
+        "--database-url",
+        &postgres_admin_url(),
+        "--cancels",
+        "4",
+    ]);
+    assert_eq!(s["mode"], "cancel");
+    for key in ["same_p99_ms", "other_p99_ms", "rpc_p50_ms"] {
+        assert!(s[key].parse::<f64>().unwrap() > 0.0, "{key}: {s:?}");
+    }
+}
+
+#[test]
+fn presence_counts_what_idle_streams_cost() {
+    let s = run(&[
+        "presence",
+        "--database-url",
+        &postgres_admin_url(),
+        "--streams",
+        "100",
+        "--connections",
+        "2",
+        "--status-every",
+        "1s",
+        "--presence-every",
+        "1s",
+        "--window",
+        "3s",
+    ]);
+    assert_eq!(
+        (s["mode"].as_str(), s["streams"].as_str()),
+        ("presence", "100")
+    );
+    assert!(s["statements_per_s"].parse::<f64>().unwrap() > 0.0, "{s:?}");
+    assert!(s["rows_per_s"].parse::<f64>().unwrap() > 0.0, "{s:?}");
+    assert!(
+        s["pg_endpoint_rows_per_s"].parse::<f64>().unwrap() > 0.0,
+        "{s:?}"
+    );
+}

@@ -13,7 +13,7 @@
 //! a newer stream, which takes the row over, and the old stream's closing (noticed later by its
 //! replica) no longer changes it. See [`crate::store::Store::write_presence`] for the rules.
 //!
-//! A batch with news (a stream opened or closed, an agent reported) is announced like a commit,
+//! A batch with news (a stream opened or closed, an agent's figures moved) is announced like a commit,
 //! so the console's endpoint pages follow. The task also computes the fleet's totals for every
 //! replica's metrics.
 
@@ -81,8 +81,22 @@ fn now() -> DateTime<Utc> {
 #[derive(Debug, Default)]
 struct Pending {
     writes: HashMap<String, PresenceWrite>,
-    /// Something besides refreshes: a stream opened or closed, an agent reported.
+    /// Something besides refreshes: a stream opened or closed, an agent's figures moved.
     news: bool,
+    /// The figures each endpoint connected here last reported: a report that repeats them
+    /// (an idle agent's, every `status_every`) is written, but is no news.
+    figures: HashMap<String, Figures>,
+}
+
+/// What a report says that people watch for.
+type Figures = (u64, u64, u32);
+
+fn figures(report: &AgentReport) -> Figures {
+    (
+        report.outbox_depth,
+        report.dead_letters,
+        report.running_runs,
+    )
 }
 
 /// Folds `later` into `earlier`, both about one endpoint: a newer stream takes over, a stream's
@@ -159,11 +173,17 @@ impl Presence {
 
     /// The agent on `stream` reported.
     pub fn reported(&self, stream: &StreamInfo, report: AgentReport) {
-        self.note(stream, true, Some(report), true);
+        let moved = self
+            .lock()
+            .figures
+            .insert(stream.pc_id.clone(), figures(&report))
+            != Some(figures(&report));
+        self.note(stream, true, Some(report), moved);
     }
 
     /// A stream closed.
     pub fn closed(&self, stream: &StreamInfo) {
+        self.lock().figures.remove(&stream.pc_id);
         self.note(stream, false, None, true);
     }
 
@@ -326,6 +346,20 @@ mod tests {
         assert!(news);
         presence.still_open(&stream);
         assert!(!presence.take().1, "a refresh is no news");
+        let report = AgentReport {
+            at: Utc::now(),
+            outbox_depth: 3,
+            outbox_bytes: 300,
+            oldest_pending_at: None,
+            dead_letters: 0,
+            running_runs: 1,
+            hostname: "h".into(),
+            os: "linux".into(),
+        };
+        presence.reported(&stream, report.clone());
+        assert!(presence.take().1, "a first report is news");
+        presence.reported(&stream, report.clone());
+        assert!(!presence.take().1, "the same figures again are not");
         presence.closed(&stream);
         presence.put_back(failed, news);
         let (again, news) = presence.take();
