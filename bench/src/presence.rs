@@ -48,8 +48,9 @@ pub struct PresenceArgs {
     /// Idle agent streams.
     #[arg(long, default_value_t = 10_000)]
     pub streams: usize,
-    /// HTTP/2 connections the streams share.
-    #[arg(long, default_value_t = 50)]
+    /// HTTP/2 connections the streams share (real agents have one each; a connection carries
+    /// fewer than 200 streams here, the server's limit of concurrent streams per connection).
+    #[arg(long, default_value_t = 100)]
     pub connections: usize,
     /// How often each simulated agent reports (the agent's `status_every`).
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]

@@ -517,7 +517,7 @@ fn endpoints_table(rows: &[EndpointRow], now: DateTime<Utc>, caption: &str) -> M
                         tr {
                             td { a href={"/?pc=" (pc)} title="This endpoint's runs" { (e.pc_id) } }
                             td {
-                                (endpoint_state(e)) " "
+                                (endpoint_state(e)) br;
                                 span.meta {
                                     @if e.connected { "since " (time(e.connected_since)) }
                                     @else { "last seen " (ago(now, e.last_seen)) }
@@ -548,7 +548,7 @@ fn endpoints_table(rows: &[EndpointRow], now: DateTime<Utc>, caption: &str) -> M
                                 }
                             }
                             td { (e.agent_version) }
-                            td {
+                            td.host {
                                 @if let Some(r) = &e.report {
                                     (r.hostname) br; span.meta { (r.os) }
                                 }

@@ -1,16 +1,21 @@
 //! Operator cancel (SPEC §14): the request is committed on the run's row first, so nothing is
 //! lost if a replica dies, then delivered to the run's endpoint over its stream, whichever replica
 //! holds it ([`crate::bus`]), and again whenever that endpoint's agent says Hello, until the run
-//! has a result. Every replica also looks at the pending cancels of its connected endpoints when
+//! has a result. The streams that said Hello are looked up together, a few times a second (one
+//! query for a whole reconnect storm's worth of endpoints, not one per stream). Every replica also looks at the pending cancels of its connected endpoints when
 //! its listener (re)connects and every `--presence-every`, so a notification lost between
 //! replicas delays a cancel, never loses it. Delivery is idempotent: the agent ignores a cancel
 //! for a run it does not have running, or is already ending.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, Weak},
+    time::Duration,
+};
 
 use chrono::{SubsecRound, Utc};
 use kanade_shared::{limits, pb};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -44,6 +49,10 @@ pub enum CancelError {
     Store(#[from] StoreError),
 }
 
+/// The streams that said Hello are looked up for pending cancels together, this long after the
+/// first of them.
+const WELCOMES_GATHER: Duration = Duration::from_millis(50);
+
 /// Cancels runs and delivers the cancels; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Cancels {
@@ -52,6 +61,14 @@ pub struct Cancels {
     registry: Arc<StreamRegistry>,
     lost_grace: chrono::Duration,
     metrics: Arc<Metrics>,
+    welcomed: Arc<Welcomed>,
+}
+
+/// Streams that said Hello and were not yet looked up for pending cancels.
+#[derive(Debug, Default)]
+struct Welcomed {
+    streams: Mutex<Vec<(String, Weak<StreamSink>)>>,
+    arrived: Notify,
 }
 
 impl Cancels {
@@ -68,6 +85,7 @@ impl Cancels {
             registry,
             lost_grace,
             metrics,
+            welcomed: Arc::default(),
         }
     }
 
@@ -138,18 +156,44 @@ impl Cancels {
         }
     }
 
-    /// Sends an endpoint's pending cancels to the stream that just said Hello.
-    pub async fn on_welcome(&self, pc_id: &str, sink: &StreamSink) {
-        match self.store.pending_cancels(&[pc_id.to_string()]).await {
+    /// A stream said Hello: its endpoint's pending cancels follow its Welcome (looked up with
+    /// the other streams that said Hello meanwhile).
+    pub fn on_welcome(&self, pc_id: &str, sink: &Arc<StreamSink>) {
+        self.welcomed
+            .streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((pc_id.to_string(), Arc::downgrade(sink)));
+        self.welcomed.arrived.notify_one();
+    }
+
+    /// Sends the streams that said Hello their endpoints' pending cancels.
+    async fn serve_welcomed(&self) {
+        let welcomed = std::mem::take(
+            &mut *self
+                .welcomed
+                .streams
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        let mut sinks: HashMap<String, Vec<Weak<StreamSink>>> = HashMap::new();
+        for (pc_id, sink) in welcomed {
+            sinks.entry(pc_id).or_default().push(sink);
+        }
+        let pcs: Vec<String> = sinks.keys().cloned().collect();
+        match self.store.pending_cancels(&pcs).await {
             Ok(pending) => {
                 for cancel in &pending {
-                    send_to(sink, cancel);
-                    self.metrics.cancels_sent.inc();
+                    for sink in sinks[&cancel.pc_id].iter().filter_map(Weak::upgrade) {
+                        send_to(&sink, cancel);
+                        self.metrics.cancels_sent.inc();
+                    }
                 }
             }
             Err(err) => {
                 // The sweep delivers them a little later.
-                tracing::warn!(error = %err, %pc_id, "reading the pending cancels of a new stream failed");
+                tracing::warn!(error = %err, endpoints = pcs.len(),
+                    "reading the pending cancels of new streams failed");
             }
         }
     }
@@ -168,7 +212,8 @@ impl Cancels {
         }
     }
 
-    /// Delivers what the bus brings, and every `every` looks at what is pending, until `stop`.
+    /// Delivers what the bus brings, the pending cancels of streams that said Hello, and every
+    /// `every` looks at what is pending, until `stop`.
     pub async fn deliver(
         self,
         mut controls: mpsc::Receiver<Control>,
@@ -187,6 +232,10 @@ impl Cancels {
                     Some(Control::Missed) => self.sweep().await,
                     None => return,
                 },
+                _ = self.welcomed.arrived.notified() => {
+                    tokio::time::sleep(WELCOMES_GATHER).await;
+                    self.serve_welcomed().await;
+                }
                 _ = look.tick() => self.sweep().await,
                 _ = stop.cancelled() => return,
             }

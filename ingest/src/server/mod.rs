@@ -218,10 +218,7 @@ impl pb::ingest_server::Ingest for IngestService {
         tracing::info!(%pc_id, agent_version = %hello.agent_version, stream_id = %stream.stream_id, "agent stream opened");
         sink.send(self.welcome());
         // After every Welcome: what an operator cancelled while this agent was away.
-        let (cancels, welcomed, endpoint) = (self.cancels.clone(), sink.clone(), pc_id.clone());
-        self.tasks.spawn(async move {
-            cancels.on_welcome(&endpoint, &welcomed).await;
-        });
+        self.cancels.on_welcome(&pc_id, &sink);
         let max_window_bytes = u32::try_from(self.limits.max_unacked_bytes).unwrap_or(u32::MAX);
         let handler = StreamHandler {
             service: self.clone(),
