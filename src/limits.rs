@@ -41,3 +41,15 @@ pub const MAX_CANCEL_REASON_BYTES: usize = 1024;
 pub const DEFAULT_ENDPOINT_PAGE_SIZE: u32 = 100;
 /// See [`DEFAULT_ENDPOINT_PAGE_SIZE`].
 pub const MAX_ENDPOINT_PAGE_SIZE: u32 = 1000;
+
+/// Live output (SPEC §14): what the agent keeps of each output stream of a running run for
+/// watchers joining late (the last bytes written), in bytes.
+pub const LIVE_OUTPUT_HELD_BYTES: usize = 64 * 1024;
+
+/// Most bytes of a stream one `OutputChunk` covers; a chunk's text is at most three times
+/// that (invalid bytes read as U+FFFD).
+pub const MAX_OUTPUT_CHUNK_BYTES: usize = 32 * 1024;
+
+/// Default cap on the live output the agent sends of one run, in bytes per second (both
+/// streams together); output above it is skipped (watchers see a gap).
+pub const DEFAULT_TAIL_RATE_BYTES: u64 = 256 * 1024;

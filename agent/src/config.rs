@@ -47,6 +47,7 @@ struct FileConfig {
     client_key: Option<PathBuf>,
     token_file: Option<PathBuf>,
     output_cap_bytes: Option<usize>,
+    tail_rate_bytes: Option<u64>,
     outbox_cap_bytes: Option<u64>,
     outbox_synchronous: Option<Synchronous>,
     send_window: Option<u32>,
@@ -137,6 +138,8 @@ pub struct Settings {
     pub token: Option<Secret>,
     pub data_dir: PathBuf,
     pub output_cap_bytes: usize,
+    /// Live output sent of one run while it is watched, in bytes per second (both outputs).
+    pub tail_rate_bytes: u64,
     pub outbox_cap_bytes: u64,
     pub outbox_synchronous: Synchronous,
     pub send_window: u32,
@@ -374,6 +377,9 @@ impl Settings {
             output_cap_bytes: file
                 .output_cap_bytes
                 .unwrap_or(limits::DEFAULT_OUTPUT_CAP_BYTES),
+            tail_rate_bytes: file
+                .tail_rate_bytes
+                .unwrap_or(limits::DEFAULT_TAIL_RATE_BYTES),
             outbox_cap_bytes: file.outbox_cap_bytes.unwrap_or(DEFAULT_OUTBOX_CAP_BYTES),
             outbox_synchronous: file.outbox_synchronous.unwrap_or_default(),
             send_window: file.send_window.unwrap_or(limits::DEFAULT_MAX_UNACKED),
@@ -404,6 +410,13 @@ impl Settings {
         }
         if settings.send_window == 0 || settings.max_concurrent_runs == 0 {
             bail!("send_window and max_concurrent_runs must be at least 1");
+        }
+        if settings.tail_rate_bytes == 0 {
+            bail!(
+                "{path}: tail_rate_bytes must be at least 1 (the live output of a watched run, in \
+                 bytes per second; default {})",
+                limits::DEFAULT_TAIL_RATE_BYTES
+            );
         }
         Ok(settings)
     }

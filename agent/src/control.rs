@@ -1,4 +1,5 @@
-//! What reaches a running run from outside its process: an operator's cancel (SPEC §14).
+//! What reaches a running run from outside its process: an operator's cancel, and ingest asking
+//! to follow its output (SPEC §14).
 //!
 //! The process holding the stream to ingest (the daemon, or an `exec --wait`) is often not the
 //! one running the run: `kanade-agent exec` started by cron runs its script in its own process.
@@ -19,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::UnixDatagram;
 use tokio_util::sync::CancellationToken;
 
-use crate::data_dir::DataDir;
+use crate::{data_dir::DataDir, live::RunTail};
 
 /// Largest datagram a run reads.
 const MAX_MESSAGE_BYTES: usize = 16 * 1024;
@@ -30,6 +31,9 @@ const MAX_MESSAGE_BYTES: usize = 16 * 1024;
 pub enum RunMessage {
     /// An operator cancelled the run: end it and report it cancelled.
     Cancel { reason: String, by: String },
+    /// Someone watches the run's output (`watch`), or nobody does any more: send it live, or
+    /// stop ([`crate::live`]).
+    Tail { watch: bool },
 }
 
 /// An operator's cancel, as the run reports it.
@@ -61,10 +65,10 @@ pub struct RunControl {
 }
 
 impl RunControl {
-    /// Listens for messages to the run `result_id`. When the socket cannot be made (a data dir
-    /// path too long for a socket address, say), the run goes on without it: it cannot be
-    /// cancelled, and the warning says why.
-    pub fn listen(data_dir: &DataDir, result_id: &str) -> RunControl {
+    /// Listens for messages to the run `result_id`; `tail` follows its output when asked. When
+    /// the socket cannot be made (a data dir path too long for a socket address, say), the run
+    /// goes on without it: it cannot be cancelled or followed, and the warning says why.
+    pub fn listen(data_dir: &DataDir, result_id: &str, tail: RunTail) -> RunControl {
         let mut control = RunControl {
             path: None,
             cancelled: CancellationToken::new(),
@@ -76,7 +80,7 @@ impl RunControl {
             Ok(socket) => socket,
             Err(err) => {
                 tracing::warn!(path = %path.display(), error = %err,
-                    "cannot listen for cancels of this run: it runs, but cannot be cancelled");
+                    "cannot listen for cancels of this run: it runs, but cannot be cancelled or followed live");
                 return control;
             }
         };
@@ -105,6 +109,7 @@ impl RunControl {
                         }
                         cancelled.cancel();
                     }
+                    Ok(RunMessage::Tail { watch }) => tail.watch(watch),
                     Err(err) => tracing::debug!(error = %err, "ignored an unknown run message"),
                 }
             }
@@ -153,7 +158,13 @@ mod tests {
         let dir = DataDir::create(tmp.path()).unwrap();
         let id = uuid::Uuid::now_v7();
         let other = uuid::Uuid::now_v7();
-        let control = RunControl::listen(&dir, &id.hyphenated().to_string());
+        let result_id = id.hyphenated().to_string();
+        let output = crate::runner::RunOutput::new(1024);
+        let control = RunControl::listen(
+            &dir,
+            &result_id,
+            RunTail::new(&dir, &result_id, output, 1024),
+        );
         let cancel = |reason: &str| RunMessage::Cancel {
             reason: reason.into(),
             by: "alice".into(),

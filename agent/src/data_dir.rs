@@ -14,6 +14,8 @@
 //!   from ingest (an operator's cancel), see [`crate::control`].
 //! - `wake.sock`: the sending process listens on this datagram socket; any other process pokes
 //!   it after enqueueing, so events leave at once instead of at the next poll.
+//! - `output.sock`: the sending process listens here for the live output of runs someone
+//!   watches, whichever process runs them, see [`crate::live`].
 //! - `outbox.reserve`: [`RESERVE_BYTES`] of real blocks, kept so that a run whose Started was
 //!   committed can always commit its result: when the disk fills, the agent deletes it to make
 //!   room, and writes it again once there is room (a run only starts while it exists).
@@ -37,6 +39,7 @@ pub const OUTBOX_FILE: &str = "outbox.db";
 const OPEN_LOCK: &str = "open.lock";
 const SENDER_LOCK: &str = "sender.lock";
 const WAKE_SOCKET: &str = "wake.sock";
+const OUTPUT_SOCKET: &str = "output.sock";
 const RUNS_DIR: &str = "runs";
 const RESERVE_FILE: &str = "outbox.reserve";
 /// Room held back on the data dir's disk for results of runs already started: several result
@@ -248,6 +251,11 @@ impl DataDir {
     pub fn free_bytes(&self) -> Option<u64> {
         let stat = nix::sys::statvfs::statvfs(&self.path).ok()?;
         Some(stat.blocks_available() as u64 * stat.fragment_size() as u64)
+    }
+
+    /// Where the sending process listens for live output ([`crate::live`]).
+    pub fn output_socket(&self) -> PathBuf {
+        self.path.join(OUTPUT_SOCKET)
     }
 
     /// Pokes the sending process (if one listens) so it reads the outbox now.

@@ -16,8 +16,9 @@ use uuid::Uuid;
 use crate::{
     config::{Job, Program, Settings},
     control::{CancelNote, RunControl},
+    live::RunTail,
     outbox::Outbox,
-    runner::{self, Echo, ProcessOutcome, ProcessSpec, Stops},
+    runner::{self, Echo, ProcessOutcome, ProcessSpec, RunOutput, Stops},
 };
 
 /// What to run and under which names.
@@ -130,8 +131,15 @@ async fn run(
     trace_context: BTreeMap<String, String>,
 ) -> anyhow::Result<Finished> {
     let result_id = started.result_id.clone();
+    let output = RunOutput::new(settings.output_cap_bytes);
+    let tail = RunTail::new(
+        outbox.data_dir(),
+        &result_id,
+        output.clone(),
+        settings.tail_rate_bytes,
+    );
     // Listening before ingest can know of the run, so no cancel arrives before the socket.
-    let control = RunControl::listen(outbox.data_dir(), &result_id);
+    let control = RunControl::listen(outbox.data_dir(), &result_id, tail.clone());
     let (lock, started_seq) = outbox
         .begin_run(&started, &trace_context)
         .await
@@ -153,7 +161,7 @@ async fn run(
         argv: &argv,
         env: &env,
         timeout: request.timeout,
-        output_cap: settings.output_cap_bytes,
+        output,
         kill_grace: settings.kill_grace,
         echo: request.echo,
     };
@@ -162,6 +170,8 @@ async fn run(
         cancel: control.cancelled(),
     };
     let mut outcome = runner::run_process(spec, stops).await;
+    // Whoever watches gets the last output before the result is recorded.
+    tail.finish().await;
     let cancelled = (outcome.status == kanade_shared::wire::ExecStatus::Cancelled)
         .then(|| control.cancel_note())
         .flatten();

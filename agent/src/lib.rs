@@ -18,6 +18,7 @@ pub mod control;
 pub mod daemon;
 pub mod data_dir;
 pub mod execution;
+pub mod live;
 pub mod outbox;
 pub mod runner;
 pub mod schedule;

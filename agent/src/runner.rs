@@ -3,20 +3,27 @@
 //! Every run gets a process group of its own, so a timeout (or the daemon's shutdown) ends the
 //! whole tree — TERM first, KILL after a grace period — including grandchildren that ignore
 //! TERM. stdout and stderr are captured as lossy UTF-8 under a per-stream cap: the head and the
-//! tail are kept, the bytes dropped from the middle are counted. The child's environment loses
-//! the agent's own configuration and secrets (`KANADE_*`, `OTEL_*`).
+//! tail are kept, the bytes dropped from the middle are counted. While the run goes, its
+//! [`RunOutput`] is what live output reads ([`crate::live`]): the capture itself, which always
+//! holds at least the last [`limits::LIVE_OUTPUT_HELD_BYTES`] of each stream, so following a run
+//! costs no copy while nobody follows it. The child's environment loses the agent's own
+//! configuration and secrets (`KANADE_*`, `OTEL_*`).
 
 use std::{
     collections::VecDeque,
     io,
     os::unix::process::ExitStatusExt,
     process::{ExitStatus, Stdio},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
-use kanade_shared::wire::ExecStatus;
+use kanade_shared::{limits, wire::ExecStatus};
 use nix::{sys::signal::Signal, unistd::Pid};
-use tokio::{io::AsyncReadExt, process::Command};
+use tokio::{io::AsyncReadExt, process::Command, sync::Notify};
 use tokio_util::sync::CancellationToken;
 
 /// How long output is still read after the process exited, for grandchildren holding the pipes.
@@ -59,23 +66,31 @@ pub struct Captured {
 }
 
 /// Keeps the first and last bytes of a stream within a cap, counting what falls out between.
+///
+/// The tail kept while the run goes is at least [`limits::LIVE_OUTPUT_HELD_BYTES`], whatever the
+/// cap, so live output always has the last bytes written; the capture is cut to the cap itself.
 #[derive(Debug)]
 struct HeadTail {
     head: Vec<u8>,
     tail: VecDeque<u8>,
     head_cap: usize,
     tail_cap: usize,
+    /// What `tail` holds at most: `tail_cap`, or more for live output.
+    tail_kept: usize,
+    /// Bytes that fell out of `tail` (beyond `tail_kept`).
     dropped: u64,
 }
 
 impl HeadTail {
     fn new(cap: usize) -> HeadTail {
         let head_cap = cap / 2;
+        let tail_cap = cap - head_cap;
         HeadTail {
             head: Vec::new(),
             tail: VecDeque::new(),
             head_cap,
-            tail_cap: cap - head_cap,
+            tail_cap,
+            tail_kept: tail_cap.max(limits::LIVE_OUTPUT_HELD_BYTES),
             dropped: 0,
         }
     }
@@ -84,19 +99,54 @@ impl HeadTail {
         let to_head = bytes.len().min(self.head_cap - self.head.len());
         self.head.extend_from_slice(&bytes[..to_head]);
         bytes = &bytes[to_head..];
-        if bytes.len() >= self.tail_cap {
-            self.dropped += (self.tail.len() + bytes.len() - self.tail_cap) as u64;
+        if bytes.len() >= self.tail_kept {
+            self.dropped += (self.tail.len() + bytes.len() - self.tail_kept) as u64;
             self.tail.clear();
-            self.tail.extend(&bytes[bytes.len() - self.tail_cap..]);
+            self.tail.extend(&bytes[bytes.len() - self.tail_kept..]);
             return;
         }
-        let overflow = (self.tail.len() + bytes.len()).saturating_sub(self.tail_cap);
+        let overflow = (self.tail.len() + bytes.len()).saturating_sub(self.tail_kept);
         self.tail.drain(..overflow);
         self.dropped += overflow as u64;
         self.tail.extend(bytes);
     }
 
-    fn finish(self) -> Captured {
+    /// Bytes written so far.
+    fn written(&self) -> u64 {
+        self.head.len() as u64 + self.dropped + self.tail.len() as u64
+    }
+
+    /// The bytes from `from` on (or from the oldest byte still held after it, when `from` fell
+    /// out), at most the newest `limit` of them: where they start, and the bytes.
+    fn since(&self, from: u64, limit: usize) -> (u64, Vec<u8>) {
+        let written = self.written();
+        let tail_start = written - self.tail.len() as u64;
+        // With nothing dropped between them, the head and the tail are one run of bytes.
+        let held_start = if tail_start == self.head.len() as u64 {
+            0
+        } else {
+            tail_start
+        };
+        let start = from
+            .max(held_start)
+            .max(written.saturating_sub(limit as u64))
+            .min(written);
+        let mut bytes = Vec::with_capacity((written - start) as usize);
+        if start < self.head.len() as u64 {
+            bytes.extend_from_slice(&self.head[start as usize..]);
+        }
+        let in_tail = start.saturating_sub(tail_start) as usize;
+        let (a, b) = self.tail.as_slices();
+        if in_tail < a.len() {
+            bytes.extend_from_slice(&a[in_tail..]);
+            bytes.extend_from_slice(b);
+        } else {
+            bytes.extend_from_slice(&b[in_tail - a.len()..]);
+        }
+        (start, bytes)
+    }
+
+    fn captured(&self) -> Captured {
         let cap = self.head_cap + self.tail_cap;
         let captured = self.decode();
         // Invalid bytes decode to U+FFFD, three bytes each: binary output can grow up to
@@ -108,10 +158,13 @@ impl HeadTail {
         }
     }
 
-    fn decode(self) -> Captured {
-        let mut head = self.head;
-        let mut tail: Vec<u8> = self.tail.into_iter().collect();
-        if self.dropped == 0 {
+    fn decode(&self) -> Captured {
+        // The tail beyond the cap was kept for live output only.
+        let beyond_cap = self.tail.len().saturating_sub(self.tail_cap);
+        let dropped = self.dropped + beyond_cap as u64;
+        let mut head = self.head.clone();
+        let mut tail: Vec<u8> = self.tail.iter().skip(beyond_cap).copied().collect();
+        if dropped == 0 {
             // Nothing was cut: the bytes are the output, in order, decoded as one.
             head.extend_from_slice(&tail);
             return Captured {
@@ -133,8 +186,75 @@ impl HeadTail {
         text.push_str(&String::from_utf8_lossy(&tail));
         Captured {
             text,
-            dropped_bytes: self.dropped + (head_partial + tail_partial) as u64,
+            dropped_bytes: dropped + (head_partial + tail_partial) as u64,
         }
+    }
+}
+
+/// A run's two outputs as they are captured: what the result reports once the run ended, and
+/// what live output reads while it goes. Shared by the capture and whoever follows the run.
+#[derive(Debug)]
+pub struct RunOutput {
+    streams: [Mutex<HeadTail>; 2],
+    /// Woken whenever bytes were captured, and when the output ended.
+    written: Notify,
+    ended: AtomicBool,
+}
+
+impl RunOutput {
+    /// Each stream captured up to `cap` bytes (head and tail).
+    pub fn new(cap: usize) -> Arc<RunOutput> {
+        Arc::new(RunOutput {
+            streams: [
+                Mutex::new(HeadTail::new(cap)),
+                Mutex::new(HeadTail::new(cap)),
+            ],
+            written: Notify::new(),
+            ended: AtomicBool::new(false),
+        })
+    }
+
+    fn stream(&self, stream: OutputStream) -> MutexGuard<'_, HeadTail> {
+        self.streams[stream as usize]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, stream: OutputStream, bytes: &[u8]) {
+        self.stream(stream).push(bytes);
+        self.written.notify_waiters();
+    }
+
+    /// Bytes written to `stream` so far.
+    pub fn written(&self, stream: OutputStream) -> u64 {
+        self.stream(stream).written()
+    }
+
+    /// `stream`'s bytes from `from` on, or from the oldest still held after it, at most the
+    /// newest `limit`: where they start, and the bytes.
+    pub fn since(&self, stream: OutputStream, from: u64, limit: usize) -> (u64, Vec<u8>) {
+        self.stream(stream).since(from, limit)
+    }
+
+    /// Notified when bytes are captured and when the output ends ([`Notify::notify_waiters`]:
+    /// enable the future before looking).
+    pub fn changes(&self) -> &Notify {
+        &self.written
+    }
+
+    /// Whether both streams are closed: nothing more will be written.
+    pub fn is_ended(&self) -> bool {
+        self.ended.load(Ordering::Acquire)
+    }
+
+    fn end(&self) {
+        self.ended.store(true, Ordering::Release);
+        self.written.notify_waiters();
+    }
+
+    /// What the result reports of `stream`.
+    fn captured(&self, stream: OutputStream) -> Captured {
+        self.stream(stream).captured()
     }
 }
 
@@ -144,7 +264,7 @@ fn is_continuation(byte: u8) -> bool {
 
 /// How many bytes at the end of `bytes` are the start of a UTF-8 character whose remaining bytes
 /// are missing.
-fn incomplete_suffix(bytes: &[u8]) -> usize {
+pub(crate) fn incomplete_suffix(bytes: &[u8]) -> usize {
     for back in 1..=bytes.len().min(3) {
         let byte = bytes[bytes.len() - back];
         if is_continuation(byte) {
@@ -191,11 +311,15 @@ pub enum Echo {
     ToOwnOutputs,
 }
 
-/// Which of the run's outputs a pipe carries.
+/// Which of the run's outputs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stream {
-    Stdout,
-    Stderr,
+pub enum OutputStream {
+    Stdout = 0,
+    Stderr = 1,
+}
+
+impl OutputStream {
+    pub const BOTH: [OutputStream; 2] = [OutputStream::Stdout, OutputStream::Stderr];
 }
 
 /// Writes output through to the agent's own stream; stops at the first failure (a closed
@@ -203,11 +327,11 @@ enum Stream {
 struct Passthrough(Option<Box<dyn tokio::io::AsyncWrite + Unpin + Send>>);
 
 impl Passthrough {
-    fn new(echo: Echo, stream: Stream) -> Passthrough {
+    fn new(echo: Echo, stream: OutputStream) -> Passthrough {
         Passthrough(match (echo, stream) {
             (Echo::Nothing, _) => None,
-            (Echo::ToOwnOutputs, Stream::Stdout) => Some(Box::new(tokio::io::stdout())),
-            (Echo::ToOwnOutputs, Stream::Stderr) => Some(Box::new(tokio::io::stderr())),
+            (Echo::ToOwnOutputs, OutputStream::Stdout) => Some(Box::new(tokio::io::stdout())),
+            (Echo::ToOwnOutputs, OutputStream::Stderr) => Some(Box::new(tokio::io::stderr())),
         })
     }
 
@@ -225,29 +349,28 @@ impl Passthrough {
     }
 }
 
-/// Reads a pipe until its end, or until `stop` (a grandchild may hold the pipe open long after
-/// the run ended): what was read by then is kept.
+/// Reads a pipe into `output` until its end, or until `stop` (a grandchild may hold the pipe
+/// open long after the run ended): what was read by then is kept.
 async fn capture(
     mut pipe: impl tokio::io::AsyncRead + Unpin,
-    cap: usize,
+    output: Arc<RunOutput>,
+    stream: OutputStream,
     mut passthrough: Passthrough,
     stop: CancellationToken,
-) -> Captured {
-    let mut buffer = HeadTail::new(cap);
+) {
     let mut chunk = vec![0u8; 64 * 1024];
     loop {
         tokio::select! {
             read = pipe.read(&mut chunk) => match read {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    buffer.push(&chunk[..n]);
+                    output.push(stream, &chunk[..n]);
                     passthrough.write(&chunk[..n]).await;
                 }
             },
             _ = stop.cancelled() => break,
         }
     }
-    buffer.finish()
 }
 
 fn signal_group(pid: u32, signal: Signal) {
@@ -278,7 +401,7 @@ pub struct Stops<'a> {
 }
 
 /// What to run and how to watch it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ProcessSpec<'a> {
     /// The program and its arguments.
     pub argv: &'a [String],
@@ -286,8 +409,8 @@ pub struct ProcessSpec<'a> {
     pub env: &'a [(String, String)],
     /// The process group is ended after this long.
     pub timeout: Option<Duration>,
-    /// Each output is captured up to this many bytes (head and tail).
-    pub output_cap: usize,
+    /// Where the outputs are captured (each up to the cap it was made with).
+    pub output: Arc<RunOutput>,
     /// Between TERM and KILL.
     pub kill_grace: Duration,
     pub echo: Echo,
@@ -299,12 +422,13 @@ pub async fn run_process(spec: ProcessSpec<'_>, stops: Stops<'_>) -> ProcessOutc
         argv,
         env,
         timeout,
-        output_cap,
+        output,
         kill_grace,
         echo,
     } = spec;
     let started = Instant::now();
     let Some((program, args)) = argv.split_first() else {
+        output.end();
         return spawn_failed(SpawnFailure::Other, "empty command".into(), started);
     };
     let mut command = Command::new(program);
@@ -332,6 +456,7 @@ pub async fn run_process(spec: ProcessSpec<'_>, stops: Stops<'_>) -> ProcessOutc
                 io::ErrorKind::PermissionDenied => SpawnFailure::NotExecutable,
                 _ => SpawnFailure::Other,
             };
+            output.end();
             return spawn_failed(failure, format!("cannot run {program:?}: {err}"), started);
         }
     };
@@ -339,14 +464,16 @@ pub async fn run_process(spec: ProcessSpec<'_>, stops: Stops<'_>) -> ProcessOutc
     let stop_reading = CancellationToken::new();
     let stdout = tokio::spawn(capture(
         child.stdout.take().expect("piped"),
-        output_cap,
-        Passthrough::new(echo, Stream::Stdout),
+        output.clone(),
+        OutputStream::Stdout,
+        Passthrough::new(echo, OutputStream::Stdout),
         stop_reading.clone(),
     ));
     let stderr = tokio::spawn(capture(
         child.stderr.take().expect("piped"),
-        output_cap,
-        Passthrough::new(echo, Stream::Stderr),
+        output.clone(),
+        OutputStream::Stderr,
+        Passthrough::new(echo, OutputStream::Stderr),
         stop_reading.clone(),
     ));
 
@@ -368,17 +495,21 @@ pub async fn run_process(spec: ProcessSpec<'_>, stops: Stops<'_>) -> ProcessOutc
     }
     let elapsed = started.elapsed();
     let drained = async {
-        let (out, err) = tokio::join!(stdout, stderr);
-        (out.unwrap_or_default(), err.unwrap_or_default())
+        let _ = tokio::join!(stdout, stderr);
     };
     tokio::pin!(drained);
-    let (stdout, stderr) = tokio::select! {
-        both = &mut drained => both,
+    tokio::select! {
+        () = &mut drained => {}
         _ = tokio::time::sleep(OUTPUT_DRAIN) => {
             stop_reading.cancel();
             drained.await
         }
-    };
+    }
+    output.end();
+    let (stdout, stderr) = (
+        output.captured(OutputStream::Stdout),
+        output.captured(OutputStream::Stderr),
+    );
     outcome(exit, ending, stdout, stderr, elapsed)
 }
 
@@ -471,7 +602,7 @@ mod tests {
         b.push(b"0123");
         b.push(b"456789abcdef");
         b.push(b"XYZ");
-        let c = b.finish();
+        let c = b.captured();
         assert_eq!(c.text, "01234efXYZ");
         assert_eq!(c.dropped_bytes, 19 - 10);
     }
@@ -482,11 +613,47 @@ mod tests {
         b.push(b"hello ");
         b.push(b"world");
         assert_eq!(
-            b.finish(),
+            b.captured(),
             Captured {
                 text: "hello world".into(),
                 dropped_bytes: 0
             }
+        );
+    }
+
+    #[test]
+    fn the_last_bytes_written_are_held_for_live_output_whatever_the_cap() {
+        let held = limits::LIVE_OUTPUT_HELD_BYTES;
+        let mut b = HeadTail::new(10);
+        let written: Vec<u8> = (0..3 * held).map(|i| (i % 251) as u8).collect();
+        for piece in written.chunks(1000) {
+            b.push(piece);
+        }
+        assert_eq!(b.written(), written.len() as u64);
+        // From the start: the head, then (after what fell out) the last `held` bytes.
+        let (start, bytes) = b.since(0, usize::MAX);
+        assert_eq!(start, (written.len() - held) as u64);
+        assert_eq!(bytes, &written[written.len() - held..]);
+        // From a later offset, and capped to the newest bytes.
+        let from = (written.len() - 100) as u64;
+        assert_eq!(
+            b.since(from, usize::MAX),
+            (from, written[written.len() - 100..].to_vec())
+        );
+        assert_eq!(b.since(from, 10).0, (written.len() - 10) as u64);
+        assert_eq!(b.since(written.len() as u64, 10).1, Vec::<u8>::new());
+        // The capture itself still keeps only its cap.
+        assert_eq!(b.captured().text.len(), 10);
+    }
+
+    #[test]
+    fn without_a_gap_the_head_and_the_tail_read_as_one() {
+        let mut b = HeadTail::new(100);
+        b.push(b"hello ");
+        b.push(&[b'x'; 60]);
+        assert_eq!(
+            b.since(3, usize::MAX),
+            (3, [&b"lo "[..], &[b'x'; 60]].concat())
         );
     }
 

@@ -22,11 +22,14 @@ use crate::{
     auth::{Access, Authenticator, Tokens},
     batcher::{self, BatchConfig},
     budget::{Budgeted, MemoryBudget},
-    bus::{Bus, Control},
+    bus::{self, Bus},
     changes::{self, Changes},
     config::ServeArgs,
     console::{self, Console, ConsoleConfig},
-    control::{Cancels, ControlService},
+    control::{
+        Cancels, ControlService, Tails,
+        tail::{TailLimits, TailParts},
+    },
     health::{Database, Readiness},
     listen::{self, AcceptLimits, Http1RequestHead, Http2Preface},
     metrics::{self, Metrics},
@@ -341,7 +344,7 @@ impl Prepared {
     fn spawn_background(
         &mut self,
         shared: &Shared,
-        controls: mpsc::Receiver<Control>,
+        heard: bus::Heard,
         stop: &CancellationToken,
     ) -> tokio::task::JoinSet<()> {
         let Shared {
@@ -351,7 +354,7 @@ impl Prepared {
             presence,
             bus,
             cancels,
-            ..
+            tails,
         } = shared;
         let args = &self.args;
         let mut tasks = tokio::task::JoinSet::new();
@@ -373,8 +376,9 @@ impl Prepared {
         tasks.spawn(
             cancels
                 .clone()
-                .deliver(controls, args.presence_every, stop.clone()),
+                .deliver(heard.cancels, args.presence_every, stop.clone()),
         );
+        tasks.spawn(tails.clone().run(heard.tails, stop.clone()));
         tasks.spawn(bus.clone().listen(changes.clone(), stop.clone()));
         tasks.spawn(changes::tell_others(
             changes.clone(),
@@ -515,7 +519,7 @@ impl Prepared {
             ))
             .add_service(InterceptedService::new(
                 pb::control_server::ControlServer::new(control),
-                authenticated(Access::Act),
+                authenticated(Access::PerCall),
             )))
     }
 }
@@ -528,6 +532,7 @@ struct Shared {
     presence: Presence,
     bus: Bus,
     cancels: Cancels,
+    tails: Tails,
 }
 
 impl Shared {
@@ -536,7 +541,7 @@ impl Shared {
         prepared: &Prepared,
         metrics: Arc<Metrics>,
         lost_grace: chrono::Duration,
-    ) -> (Shared, mpsc::Receiver<Control>) {
+    ) -> (Shared, bus::Heard) {
         let args = &prepared.args;
         let presence = Presence::new(&args.replica_id);
         let registry = StreamRegistry::new(
@@ -544,7 +549,7 @@ impl Shared {
             metrics.clone(),
             presence.clone(),
         );
-        let (bus, controls) = Bus::new(prepared.store.clone());
+        let (bus, heard) = Bus::new(prepared.store.clone());
         let cancels = Cancels::new(
             prepared.store.clone(),
             bus.clone(),
@@ -552,15 +557,29 @@ impl Shared {
             lost_grace,
             metrics.clone(),
         );
+        let changes = Changes::default();
+        let tails = Tails::new(TailParts {
+            reads: prepared.reads.clone(),
+            bus: bus.clone(),
+            registry: registry.clone(),
+            changes: changes.clone(),
+            lost_grace,
+            presence_every: args.presence_every,
+            limits: TailLimits {
+                max_watchers: args.max_tails,
+            },
+            metrics: metrics.clone(),
+        });
         let shared = Shared {
             metrics,
-            changes: Changes::default(),
+            changes,
             registry,
             presence,
             bus,
             cancels,
+            tails,
         };
-        (shared, controls)
+        (shared, heard)
     }
 }
 
@@ -574,7 +593,7 @@ async fn serve(mut prepared: Prepared, shutdown: CancellationToken) -> anyhow::R
     let (queue, queue_rx) = mpsc::channel(args.queue_capacity);
     let lost_grace =
         chrono::Duration::from_std(args.lost_grace).context("--lost-grace is too long")?;
-    let (shared, controls) = Shared::new(&prepared, metrics.clone(), lost_grace);
+    let (shared, heard) = Shared::new(&prepared, metrics.clone(), lost_grace);
     let batcher = tokio::spawn(batcher::run(
         queue_rx,
         prepared.store.clone(),
@@ -592,14 +611,15 @@ async fn serve(mut prepared: Prepared, shutdown: CancellationToken) -> anyhow::R
         registry: shared.registry.clone(),
         presence: shared.presence.clone(),
         cancels: shared.cancels.clone(),
+        tails: shared.tails.clone(),
         readiness: prepared.readiness.clone(),
         shutdown: shutdown.clone(),
         tasks: stream_tasks.clone(),
     });
     let activity = ActivityService::new(prepared.reads.clone(), lost_grace, args.presence_every);
-    let control = ControlService::new(shared.cancels.clone());
+    let control = ControlService::new(shared.cancels.clone(), shared.tails.clone());
     tracing::info!(replica = %args.replica_id, "replica id");
-    let mut background_tasks = prepared.spawn_background(&shared, controls, &background);
+    let mut background_tasks = prepared.spawn_background(&shared, heard, &background);
     let (budget_bytes, budget_from) = args.memory_budget();
     tracing::info!(
         bytes = budget_bytes,

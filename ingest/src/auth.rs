@@ -63,8 +63,23 @@ pub enum Access {
     Write,
     /// Read Activity: readers and operators.
     Read,
-    /// Act on runs (Control): operators.
+    /// Act on runs (Control/CancelExecution): operators.
     Act,
+    /// Decided per call by the service ([`permit`]): Control, where watching a run's output
+    /// (TailExecution) is reading and cancelling it is acting.
+    PerCall,
+}
+
+/// Who called, before anything is allowed: what a service deciding per call keeps until the
+/// call says what it needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Caller {
+    /// No authentication is configured, and no certificate was shown.
+    Anonymous,
+    /// A client certificate (an endpoint's), and no tokens file to identify people.
+    Certificate,
+    /// A valid token.
+    Token(Identity),
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -217,7 +232,8 @@ pub fn add_token(path: &Path, new: &NewToken) -> anyhow::Result<String> {
 ///   configured) anything goes.
 /// - Reading (Activity): with a tokens file or under mTLS only a reader or operator token passes,
 ///   so an endpoint's certificate or token never reads other endpoints' outputs.
-/// - Acting (Control): likewise, only an operator token.
+/// - Acting (Control/CancelExecution): likewise, only an operator token; watching a run's
+///   output (Control/TailExecution) is reading. Control decides per call ([`permit`]).
 #[derive(Debug, Clone)]
 pub struct Authenticator {
     tokens: Option<Arc<Tokens>>,
@@ -242,7 +258,15 @@ impl Authenticator {
                 }),
                 None => self.token(&request)?,
             },
-            Access::Read | Access::Act => self.person(&request, certificate.is_some())?,
+            Access::Read | Access::Act => {
+                let caller = self.caller(&request, certificate.is_some())?;
+                judge(&caller, self.access)?
+            }
+            Access::PerCall => {
+                let caller = self.caller(&request, certificate.is_some())?;
+                request.extensions_mut().insert(caller);
+                None
+            }
         };
         if let Some(identity) = identity {
             request.extensions_mut().insert(identity);
@@ -272,48 +296,73 @@ impl Authenticator {
             .ok_or_else(|| Status::unauthenticated("unknown token"))
     }
 
-    /// A reader or operator, as this service's access needs.
-    fn person<T>(
-        &self,
-        request: &Request<T>,
-        has_certificate: bool,
-    ) -> Result<Option<Identity>, Status> {
-        let (needed, make) = match self.access {
-            Access::Act => (
-                "an operator token",
-                "kanade-ingest token add --operator --name NAME",
-            ),
-            _ => (
-                "a reader token (or an operator's)",
-                "kanade-ingest token add --reader",
-            ),
-        };
+    /// Who a person-facing call comes from; refused only for a missing or unknown token.
+    fn caller<T>(&self, request: &Request<T>, has_certificate: bool) -> Result<Caller, Status> {
         if self.tokens.is_none() {
-            if has_certificate {
-                return Err(Status::permission_denied(format!(
-                    "client certificates identify endpoints, which may not do this; it needs \
-                     {needed}: start ingest with --tokens-file and create one with `{make}`"
-                )));
-            }
-            return Ok(None);
+            return Ok(if has_certificate {
+                Caller::Certificate
+            } else {
+                Caller::Anonymous
+            });
         }
         let identity = self.token(request)?.expect("a tokens file is configured");
-        let allowed = match self.access {
-            Access::Act => identity.may_act(),
-            _ => identity.may_read(),
-        };
-        if allowed {
-            return Ok(Some(identity));
-        }
-        Err(Status::permission_denied(match identity {
-            Identity::Agent { .. } => format!(
-                "this token may only write its endpoint's runs; this needs {needed} (`{make}`)"
-            ),
-            _ => format!(
-                "a reader token may only read; this needs {needed}, role = \"operator\" (`{make}`)"
-            ),
-        }))
+        Ok(Caller::Token(identity))
     }
+}
+
+/// Whether `caller` may do what `access` says: its identity when it has one, or the refusal,
+/// naming the role needed.
+fn judge(caller: &Caller, access: Access) -> Result<Option<Identity>, Status> {
+    let (needed, make) = match access {
+        Access::Act => (
+            "an operator token",
+            "kanade-ingest token add --operator --name NAME",
+        ),
+        _ => (
+            "a reader token (or an operator's)",
+            "kanade-ingest token add --reader",
+        ),
+    };
+    let identity = match caller {
+        Caller::Anonymous => return Ok(None),
+        Caller::Certificate => {
+            return Err(Status::permission_denied(format!(
+                "client certificates identify endpoints, which may not do this; it needs \
+                 {needed}: start ingest with --tokens-file and create one with `{make}`"
+            )));
+        }
+        Caller::Token(identity) => identity,
+    };
+    let allowed = match access {
+        Access::Act => identity.may_act(),
+        _ => identity.may_read(),
+    };
+    if allowed {
+        return Ok(Some(identity.clone()));
+    }
+    Err(Status::permission_denied(match identity {
+        Identity::Agent { .. } => {
+            format!("this token may only write its endpoint's runs; this needs {needed} (`{make}`)")
+        }
+        _ => format!(
+            "a reader token may only read; this needs {needed}, role = \"operator\" (`{make}`)"
+        ),
+    }))
+}
+
+/// For a service deciding per call ([`Access::PerCall`]): whether this call's caller may do
+/// what `access` says; on success the caller's identity is attached, as [`Authenticator::check`]
+/// does for other services.
+pub fn permit<T>(request: &mut Request<T>, access: Access) -> Result<(), Status> {
+    let caller = request
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or_else(|| Status::internal("the caller was not identified (no authenticator)"))?;
+    if let Some(identity) = judge(&caller, access)? {
+        request.extensions_mut().insert(identity);
+    }
+    Ok(())
 }
 
 /// The endpoint a request's token or certificate binds it to; `Err` when it may not write at all.

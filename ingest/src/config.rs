@@ -259,6 +259,13 @@ pub struct ServeArgs {
     #[arg(long, env = "KANADE_INGEST_MAX_STREAMS_PER_PC", default_value_t = 4)]
     pub max_streams_per_pc: usize,
 
+    /// Most watchers of runs' live output at once on this replica (Control/TailExecution calls
+    /// and console run pages; any number of them share one request to the agent per run);
+    /// more get RESOURCE_EXHAUSTED. Each holds at most 256 KiB of output not yet read, and each
+    /// run watched here the last 64 KiB of each of its outputs.
+    #[arg(long, env = "KANADE_INGEST_MAX_TAILS", default_value_t = 256)]
+    pub max_tails: usize,
+
     /// Streams older than this (±10 % jitter) are ended cleanly so agents spread over replicas.
     #[arg(long, env = "KANADE_INGEST_MAX_STREAM_AGE", default_value = "30m", value_parser = duration)]
     pub max_stream_age: Duration,
@@ -455,6 +462,7 @@ impl ServeArgs {
         for (flag, value) in [
             ("--max-streams", self.max_streams),
             ("--max-streams-per-pc", self.max_streams_per_pc),
+            ("--max-tails", self.max_tails),
             ("--max-pending-connections", self.max_pending_connections),
             ("--batch-max-rows", self.batch_max_rows),
             ("--batch-max-bytes", self.batch_max_bytes),

@@ -60,6 +60,15 @@ pub struct Metrics {
     pub cancel_requests: Family<Labels, Counter>,
     /// Cancels sent to agent streams on this replica.
     pub cancels_sent: Counter,
+    /// Watchers following runs' live output on this replica (TailExecution calls, console
+    /// pages).
+    pub tail_watchers: Gauge,
+    /// Runs whose live output this replica asks of an agent stream it holds, for watchers here
+    /// or on other replicas.
+    pub tails_held: Gauge,
+    /// Live output chunks, by what became of them (`delivered` to a watcher here, `forwarded`
+    /// to another replica, `dropped` for a watcher too slow or a replica out of room).
+    pub tail_chunks: Family<Labels, Counter>,
 }
 
 /// Reason classes of `kanade_ingest_events_rejected_total`.
@@ -202,6 +211,24 @@ impl Default for Metrics {
             "Cancels sent to agent streams on this replica",
             cancels_sent.clone(),
         );
+        let tail_watchers = Gauge::default();
+        r.register(
+            "tail_watchers",
+            "Watchers following runs' live output on this replica",
+            tail_watchers.clone(),
+        );
+        let tails_held = Gauge::default();
+        r.register(
+            "tails_held",
+            "Runs whose live output this replica asks of an agent stream it holds",
+            tails_held.clone(),
+        );
+        let tail_chunks = Family::<Labels, Counter>::default();
+        r.register(
+            "tail_chunks",
+            "Live output chunks, by what became of them",
+            tail_chunks.clone(),
+        );
         Metrics {
             registry,
             events_received,
@@ -225,6 +252,9 @@ impl Default for Metrics {
             fleet_dead_letters,
             cancel_requests,
             cancels_sent,
+            tail_watchers,
+            tails_held,
+            tail_chunks,
         }
     }
 }
@@ -258,6 +288,13 @@ impl Metrics {
     /// A cancel request was answered with `outcome`.
     pub fn cancel_request(&self, outcome: &'static str) {
         self.cancel_requests
+            .get_or_create(&vec![("outcome", outcome)])
+            .inc();
+    }
+
+    /// A live output chunk became `outcome` (delivered, forwarded, dropped).
+    pub fn tail_chunk(&self, outcome: &'static str) {
+        self.tail_chunks
             .get_or_create(&vec![("outcome", outcome)])
             .inc();
     }

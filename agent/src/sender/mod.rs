@@ -12,11 +12,19 @@
 //! ignores duplicates. A stream the server ended cleanly (drain, stream age) reconnects at once.
 //! HTTP/2 keepalive notices a dead connection within `keepalive + keepalive_timeout`. The sender
 //! sleeps until an event is enqueued (in this process, or another one through the wake socket).
+//!
+//! Live output ([`crate::live`]) shares the stream but nothing else: ingest's `Tail` is passed
+//! to the run, the run's chunks are put on the stream without waiting (a full queue drops one:
+//! a gap, never a delayed ack), and when a session ends every run it had asked to send stops
+//! (ingest asks again on the next stream if someone still watches).
 
 mod connect;
 mod window;
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
 
 use kanade_shared::{backoff::Backoff, pb};
 use tokio::sync::mpsc;
@@ -57,10 +65,14 @@ pub trait Queue: Send + Sync + 'static {
     fn report(&self) -> impl Future<Output = anyhow::Result<Option<Report>>> + Send {
         async { Ok(None) }
     }
-    /// Passes an operator's cancel to the run `result_id` if it runs here; false when it does
-    /// not.
-    fn cancel_run(&self, _result_id: &uuid::Uuid, _message: &RunMessage) -> bool {
+    /// Passes what ingest says of the run `result_id` (a cancel, a tail) to it if it runs
+    /// here; false when it does not.
+    fn tell_run(&self, _result_id: &uuid::Uuid, _message: &RunMessage) -> bool {
         false
+    }
+    /// The live output runs send while ingest watches them; `None`: no run here sends any.
+    fn follow_output(&self) -> Option<mpsc::Receiver<pb::OutputChunk>> {
+        None
     }
 }
 
@@ -108,8 +120,11 @@ impl<Q: Queue> Queue for std::sync::Arc<Q> {
     async fn report(&self) -> anyhow::Result<Option<Report>> {
         Q::report(self).await
     }
-    fn cancel_run(&self, result_id: &uuid::Uuid, message: &RunMessage) -> bool {
-        Q::cancel_run(self, result_id, message)
+    fn tell_run(&self, result_id: &uuid::Uuid, message: &RunMessage) -> bool {
+        Q::tell_run(self, result_id, message)
+    }
+    fn follow_output(&self) -> Option<mpsc::Receiver<pb::OutputChunk>> {
+        Q::follow_output(self)
     }
 }
 
@@ -139,8 +154,18 @@ impl Queue for Outbox {
             running_runs: u32::try_from(status.running_runs).unwrap_or(u32::MAX),
         }))
     }
-    fn cancel_run(&self, result_id: &uuid::Uuid, message: &RunMessage) -> bool {
+    fn tell_run(&self, result_id: &uuid::Uuid, message: &RunMessage) -> bool {
         control::tell_run(self.data_dir(), result_id, message)
+    }
+    fn follow_output(&self) -> Option<mpsc::Receiver<pb::OutputChunk>> {
+        match crate::live::listen_for_output(self.data_dir()) {
+            Ok(chunks) => Some(chunks),
+            Err(err) => {
+                tracing::warn!(path = %self.data_dir().output_socket().display(), error = %err,
+                    "cannot listen for live output: runs here cannot be followed live");
+                None
+            }
+        }
     }
 }
 
@@ -202,9 +227,10 @@ pub async fn run<Q: Queue>(
 ) -> anyhow::Result<()> {
     let mut attempt = 0u32;
     let mut refusals: HashMap<u64, u32> = HashMap::new();
+    let mut outputs = outbox.follow_output();
     loop {
         let span = tracing::info_span!("ingest.stream", ingest = %config.ingest, attempt);
-        let end = session(&outbox, &config, &shutdown, &mut refusals)
+        let end = session(&outbox, &config, &shutdown, &mut refusals, &mut outputs)
             .instrument(span)
             .await;
         let delay = match end {
@@ -252,6 +278,8 @@ enum Inbound {
     Reject { seq: u64, reason: String },
     /// An operator cancelled this run: end it, if it runs here.
     Cancel(pb::Cancel),
+    /// Someone watches this run's output, or nobody does any more.
+    Tail(pb::Tail),
     /// Nothing for the session (a repeated Welcome, an empty message, a message this agent does
     /// not know yet).
     Nothing,
@@ -272,6 +300,7 @@ impl Inbound {
                     reason: r.reason,
                 },
                 Msg::Cancel(cancel) => Inbound::Cancel(cancel),
+                Msg::Tail(tail) => Inbound::Tail(tail),
                 Msg::Welcome(_) => Inbound::Nothing,
             },
             Ok(Some(pb::IngestMessage { msg: None })) => Inbound::Nothing,
@@ -292,6 +321,17 @@ struct Session<'a, Q: Queue> {
     progressed: bool,
     /// Reports the agent's status, when ingest accepts it.
     status: Option<StatusReporter>,
+    /// Runs told to send their output on this session: told to stop when it ends.
+    tailing: HashSet<uuid::Uuid>,
+}
+
+impl<Q: Queue> Drop for Session<'_, Q> {
+    fn drop(&mut self) {
+        for result_id in self.tailing.drain() {
+            self.outbox
+                .tell_run(&result_id, &RunMessage::Tail { watch: false });
+        }
+    }
 }
 
 /// When and what a session reports about the agent.
@@ -309,6 +349,7 @@ async fn session<Q: Queue>(
     config: &SenderConfig,
     shutdown: &CancellationToken,
     refusals: &mut HashMap<u64, u32>,
+    outputs: &mut Option<mpsc::Receiver<pb::OutputChunk>>,
 ) -> SessionEnd {
     let failed = |error: String| SessionEnd::Failed {
         error,
@@ -342,6 +383,7 @@ async fn session<Q: Queue>(
             last: None,
             checked: tokio::time::Instant::now(),
         }),
+        tailing: HashSet::new(),
     };
     // Right after Welcome, then every status_every (the first tick is now).
     let mut status_tick = tokio::time::interval(config.status_every);
@@ -360,6 +402,10 @@ async fn session<Q: Queue>(
                 session.report().await;
                 continue;
             }
+            Some(chunk) = next_chunk(outputs) => {
+                session.forward_output(chunk);
+                continue;
+            }
             _ = shutdown.cancelled() => return SessionEnd::Shutdown,
         };
         let handled = match next {
@@ -367,6 +413,10 @@ async fn session<Q: Queue>(
             Inbound::Reject { seq, reason } => session.on_reject(seq, reason).await,
             Inbound::Cancel(cancel) => {
                 session.on_cancel(cancel);
+                Ok(())
+            }
+            Inbound::Tail(tail) => {
+                session.on_tail(tail);
                 Ok(())
             }
             Inbound::Nothing => Ok(()),
@@ -443,10 +493,44 @@ impl<Q: Queue> Session<'_, Q> {
             reason: cancel.reason,
             by: cancel.requested_by,
         };
-        if self.outbox.cancel_run(&result_id, &message) {
+        if self.outbox.tell_run(&result_id, &message) {
             tracing::info!(%result_id, "an operator cancelled a run: told the run");
         } else {
             tracing::info!(%result_id, "ignored a cancel: that run is not running here");
+        }
+    }
+
+    /// Passes ingest's wish to follow a run's output (or to stop) to the run.
+    fn on_tail(&mut self, tail: pb::Tail) {
+        let Ok(result_id) = uuid::Uuid::try_parse(&tail.result_id) else {
+            tracing::debug!(result_id = %tail.result_id, "ignored a tail of something that is not a run id");
+            return;
+        };
+        let told = self
+            .outbox
+            .tell_run(&result_id, &RunMessage::Tail { watch: tail.watch });
+        match (told, tail.watch) {
+            (true, true) => {
+                tracing::debug!(%result_id, "someone watches a run: its output follows");
+                self.tailing.insert(result_id);
+            }
+            (_, false) => {
+                self.tailing.remove(&result_id);
+            }
+            (false, true) => {
+                tracing::debug!(%result_id, "ignored a tail: that run is not running here")
+            }
+        }
+    }
+
+    /// Puts a run's output on the stream, never waiting: when the stream's queue is full the
+    /// chunk is dropped (its watchers see a gap) rather than holding up events and acks.
+    fn forward_output(&self, chunk: pb::OutputChunk) {
+        let message = pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::Output(chunk)),
+        };
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.outbound.try_send(message) {
+            tracing::debug!("the stream to ingest is full: a live output chunk dropped");
         }
     }
 
@@ -535,6 +619,16 @@ impl<Q: Queue> Session<'_, Q> {
             }
         }
         self.failed(format!("{}: {}", status.code(), status.message()))
+    }
+}
+
+/// The next chunk of live output; never, when nothing here sends any.
+async fn next_chunk(
+    outputs: &mut Option<mpsc::Receiver<pb::OutputChunk>>,
+) -> Option<pb::OutputChunk> {
+    match outputs {
+        Some(chunks) => chunks.recv().await,
+        None => std::future::pending().await,
     }
 }
 

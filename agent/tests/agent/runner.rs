@@ -10,7 +10,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use kanade_agent::runner::{Echo, ProcessOutcome, ProcessSpec, SpawnFailure, Stops, run_process};
+use kanade_agent::runner::{
+    Echo, ProcessOutcome, ProcessSpec, RunOutput, SpawnFailure, Stops, run_process,
+};
 use kanade_shared::wire::ExecStatus;
 use tokio_util::sync::CancellationToken;
 
@@ -33,7 +35,7 @@ fn spec(argv: &[String], timeout: Option<Duration>, cap: usize) -> ProcessSpec<'
         argv,
         env: &[],
         timeout,
-        output_cap: cap,
+        output: RunOutput::new(cap),
         kill_grace: KILL_GRACE,
         echo: Echo::Nothing,
     }

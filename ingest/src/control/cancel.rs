@@ -226,9 +226,7 @@ impl Cancels {
         loop {
             tokio::select! {
                 control = controls.recv() => match control {
-                    Some(Control::Message(ControlMessage::Cancel { pc_id, result_id, reason, by })) => {
-                        self.send(&PendingCancel { pc_id, result_id, reason, by });
-                    }
+                    Some(Control::Cancel(cancel)) => self.send(&cancel),
                     Some(Control::Missed) => self.sweep().await,
                     None => return,
                 },

@@ -1,15 +1,26 @@
 //! Operator control of endpoints (SPEC §14): the `Control` gRPC service, thin, over the rooms
 //! that do the work — [`cancel`] (commit a cancel on its run, deliver it to the run's agent
-//! wherever it is connected).
+//! wherever it is connected) and [`tail`] (follow a run's output live, from whichever replica
+//! holds its agent's stream).
+//!
+//! Control decides who may call per call: cancelling needs an operator, watching a reader.
 
 pub mod cancel;
+pub mod tail;
 
+use std::pin::Pin;
+
+use futures::Stream;
 use kanade_shared::pb;
 use tonic::{Request, Response, Status};
 
 pub use cancel::{CancelError, Cancels};
+pub use tail::{TailError, TailEvent, Tails, Watcher};
 
-use crate::{activity, auth};
+use crate::{
+    activity,
+    auth::{self, Access},
+};
 
 /// The one place a failed cancel becomes a gRPC status.
 pub fn cancel_status(err: CancelError) -> Status {
@@ -23,24 +34,56 @@ pub fn cancel_status(err: CancelError) -> Status {
     }
 }
 
+/// The one place a refused tail becomes a gRPC status.
+pub fn tail_status(err: TailError) -> Status {
+    match err {
+        TailError::NotAnId(_) => Status::invalid_argument(err.to_string()),
+        TailError::NotFound(_) => Status::not_found(err.to_string()),
+        TailError::TooMany { .. } => Status::resource_exhausted(err.to_string()),
+        TailError::Store(err) => activity::store_status(err),
+    }
+}
+
+/// A watcher's event as TailExecution sends it.
+pub fn tail_response(event: TailEvent) -> pb::TailExecutionResponse {
+    use pb::tail_execution_response::Event;
+    pb::TailExecutionResponse {
+        event: Some(match event {
+            TailEvent::Chunk(chunk) => Event::Chunk(chunk),
+            TailEvent::Notice {
+                agent_connected,
+                message,
+            } => Event::Notice(pb::TailNotice {
+                agent_connected,
+                message,
+            }),
+            TailEvent::Finished(run) => Event::Finished(activity::execution_to_proto(*run, None)),
+        }),
+    }
+}
+
 /// The Control service.
 #[derive(Debug, Clone)]
 pub struct ControlService {
     cancels: Cancels,
+    tails: Tails,
 }
 
 impl ControlService {
-    pub fn new(cancels: Cancels) -> ControlService {
-        ControlService { cancels }
+    pub fn new(cancels: Cancels, tails: Tails) -> ControlService {
+        ControlService { cancels, tails }
     }
 }
+
+type TailStream = Pin<Box<dyn Stream<Item = Result<pb::TailExecutionResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl pb::control_server::Control for ControlService {
     async fn cancel_execution(
         &self,
-        request: Request<pb::CancelExecutionRequest>,
+        mut request: Request<pb::CancelExecutionRequest>,
     ) -> Result<Response<pb::Execution>, Status> {
+        auth::permit(&mut request, Access::Act)?;
         let by = auth::actor(&request);
         let r = request.into_inner();
         let run = self
@@ -49,5 +92,22 @@ impl pb::control_server::Control for ControlService {
             .await
             .map_err(cancel_status)?;
         Ok(Response::new(activity::execution_to_proto(run, None)))
+    }
+
+    type TailExecutionStream = TailStream;
+
+    async fn tail_execution(
+        &self,
+        mut request: Request<pb::TailExecutionRequest>,
+    ) -> Result<Response<TailStream>, Status> {
+        auth::permit(&mut request, Access::Read)?;
+        let result_id = request.into_inner().result_id;
+        let mut watcher = self.tails.watch(&result_id).await.map_err(tail_status)?;
+        let events = async_stream::stream! {
+            while let Some(event) = watcher.next().await {
+                yield Ok(tail_response(event));
+            }
+        };
+        Ok(Response::new(Box::pin(events)))
     }
 }

@@ -30,7 +30,7 @@ use crate::{
     auth,
     batcher::{Outcome, Reply, Submission},
     budget::Credits,
-    control::Cancels,
+    control::{Cancels, Tails},
     health::Readiness,
     metrics::{Metrics, reject},
     outbound::{self, Next},
@@ -64,6 +64,8 @@ pub struct IngestService {
     presence: Presence,
     /// Sends a new stream the pending cancels of its endpoint.
     cancels: Cancels,
+    /// Where live output from agents goes, and who asks a new stream for it.
+    tails: Tails,
     /// Not ready while draining: new streams and Publish calls are refused.
     readiness: Readiness,
     /// Cancelled when ingest begins shutting down: every stream handler stops reading.
@@ -80,6 +82,7 @@ pub struct IngestParts {
     pub registry: Arc<StreamRegistry>,
     pub presence: Presence,
     pub cancels: Cancels,
+    pub tails: Tails,
     pub readiness: Readiness,
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
@@ -94,6 +97,7 @@ impl IngestService {
             registry: parts.registry,
             presence: parts.presence,
             cancels: parts.cancels,
+            tails: parts.tails,
             readiness: parts.readiness,
             shutdown: parts.shutdown,
             tasks: parts.tasks,
@@ -219,6 +223,8 @@ impl pb::ingest_server::Ingest for IngestService {
         sink.send(self.welcome());
         // After every Welcome: what an operator cancelled while this agent was away.
         self.cancels.on_welcome(&pc_id, &sink);
+        // And the runs of this endpoint watched here: asked for on this stream.
+        self.tails.on_welcome(&pc_id);
         let max_window_bytes = u32::try_from(self.limits.max_unacked_bytes).unwrap_or(u32::MAX);
         let handler = StreamHandler {
             service: self.clone(),

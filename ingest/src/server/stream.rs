@@ -1,9 +1,12 @@
 //! One agent stream after its Hello: read a message, turn it into one [`Inbound`] value, handle
 //! it; a new message from agents is one variant and one arm.
 //!
-//! The per-stream window is enforced by backpressure: the handler takes a count permit before it
-//! reads and a byte permit before it submits, and the batcher gives both back when it answers the
-//! event, so a stream holding `max_unacked` events (or bytes) unanswered is simply not read.
+//! The per-stream window is enforced by backpressure: the handler takes a count permit and a
+//! byte permit for each event before it submits it, and the batcher gives both back when it
+//! answers the event, so a stream holding `max_unacked` events (or bytes) unanswered is not read
+//! further (the one event waiting for its permits is charged to the memory budget). Messages
+//! that are not events (status reports, live output) need no permit: they are handled as they
+//! arrive, never queued behind the window.
 //!
 //! A stream ends cleanly when the client closes its side or when it reaches its maximum age
 //! (after its acks, so the agent reconnects to whichever replica the balancer picks); with
@@ -41,6 +44,8 @@ enum Inbound {
     Event(pb::Event),
     /// The agent's report on itself (presence).
     Status(pb::AgentStatus),
+    /// Output of a run someone watches (live output).
+    Output(pb::OutputChunk),
     /// A message of a newer agent this ingest does not know: ignored, as the contract's
     /// additive messages must be.
     Unknown,
@@ -59,6 +64,7 @@ impl Inbound {
             Ok(Some(pb::AgentMessage { msg: Some(msg) })) => match msg {
                 Msg::Event(event) => Inbound::Event(event),
                 Msg::Status(status) => Inbound::Status(status),
+                Msg::Output(chunk) => Inbound::Output(chunk),
                 Msg::Hello(_) => {
                     Inbound::Violation("Hello may only be the first message of a stream")
                 }
@@ -132,18 +138,9 @@ impl StreamHandler {
                     _ = self.overflow.cancelled() => End::Overflow,
                 }
             };
-            let next = async {
-                let count = self
-                    .window_count
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .expect("window semaphore is never closed");
-                (count, inbound.message().await)
-            };
-            let (count_permit, message) = tokio::select! {
+            let message = tokio::select! {
                 end = stop => break end,
-                next = next => next,
+                message = inbound.message() => message,
             };
             // Each message read was charged to the memory budget: the charge goes with it.
             let charge = match &message {
@@ -153,7 +150,7 @@ impl StreamHandler {
             match Inbound::from_message(message) {
                 Inbound::Event(event) => {
                     let large = event.encoded_len() >= RECYCLE_AFTER_EVENT_BYTES;
-                    if let Err(end) = self.on_event(event, count_permit, charge).await {
+                    if let Err(end) = self.on_event(event, charge).await {
                         break end;
                     }
                     if large {
@@ -161,6 +158,7 @@ impl StreamHandler {
                     }
                 }
                 Inbound::Status(status) => self.on_status(status),
+                Inbound::Output(chunk) => self.service.tails.from_agent(&self.pc_id, chunk),
                 Inbound::Unknown => {
                     tracing::debug!(pc_id = %self.pc_id, "ignored a message this ingest does not know");
                 }
@@ -178,13 +176,8 @@ impl StreamHandler {
     }
 
     /// Rejects an event that can never be accepted, or hands it to the batcher with its window
-    /// permits. `Err` when the stream must end.
-    async fn on_event(
-        &self,
-        event: pb::Event,
-        count_permit: OwnedSemaphorePermit,
-        charge: Option<Charge>,
-    ) -> Result<(), End> {
+    /// permits (waiting for them while the window is full). `Err` when the stream must end.
+    async fn on_event(&self, event: pb::Event, charge: Option<Charge>) -> Result<(), End> {
         let read_at = std::time::Instant::now();
         let seq = event.seq;
         let metrics = &self.service.metrics;
@@ -203,6 +196,7 @@ impl StreamHandler {
             }
             Ok((write, bytes)) => {
                 tracing::debug!(parent: &span, result_id = %write.result_id, "event accepted");
+                let count_permit = self.window_permit().await?;
                 let wanted = u32::try_from(bytes)
                     .unwrap_or(u32::MAX)
                     .min(self.max_window_bytes);
@@ -233,6 +227,16 @@ impl StreamHandler {
         }
     }
 
+    /// One event's place in the window, once the window has room (or the stream must end).
+    async fn window_permit(&self) -> Result<OwnedSemaphorePermit, End> {
+        let permit = self.window_count.clone().acquire_owned();
+        tokio::select! {
+            permit = permit => Ok(permit.expect("window semaphore is never closed")),
+            _ = self.service.shutdown.cancelled() => Err(End::Shutdown),
+            _ = self.overflow.cancelled() => Err(End::Overflow),
+        }
+    }
+
     /// Keeps the agent's report as its endpoint's presence.
     fn on_status(&self, status: pb::AgentStatus) {
         // Shown, not kept whole: a report's texts are cut like ids are.
@@ -258,6 +262,8 @@ impl StreamHandler {
 
     /// Waits until every event this stream handed over is answered, then ends the stream.
     async fn finish(self, end: End) {
+        // Whatever output this stream carried stops with it.
+        self.service.tails.on_stream_ended(&self.pc_id, &self.sink);
         let status = match end {
             End::Overflow => return,
             End::Violation(status) => Some(status),

@@ -630,6 +630,15 @@ pub trait ReadStore: Send + Sync + fmt::Debug {
     /// A page of runs.
     async fn list(&self, query: &ListQuery) -> Result<Vec<ExecutionRow>, StoreError>;
 
+    /// The runs among `result_ids` (a few hundred at most) that have a result, outputs whole,
+    /// in no particular order: which followed runs ended.
+    async fn finished_among(
+        &self,
+        result_ids: &[Uuid],
+        now: DateTime<Utc>,
+        lost_grace: Duration,
+    ) -> Result<Vec<ExecutionRow>, StoreError>;
+
     /// Runs per manifest over a window, ordered by manifest id.
     async fn summarize(&self, query: &SummaryQuery) -> Result<Vec<ManifestSummary>, StoreError>;
 
@@ -737,13 +746,19 @@ pub trait Store: ReadStore {
         Ok(())
     }
 
+    /// Tells each `(channel, payload)` at once (one statement, one transaction: PostgreSQL
+    /// delivers them in order), as [`Store::notify`] does one.
+    async fn notify_all(&self, _notices: &[(String, String)]) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// Passes what is notified on `channels` to `heard` until `stop` (PostgreSQL `LISTEN`),
     /// reconnecting when the connection is lost; each (re)connection is announced first with
     /// [`Heard::Listening`], since whatever was sent meanwhile is gone. The default waits for
     /// `stop`: nobody else notifies.
     async fn listen(
         &self,
-        _channels: &[&'static str],
+        _channels: &[String],
         _heard: tokio::sync::mpsc::Sender<Heard>,
         stop: CancellationToken,
     ) {

@@ -340,6 +340,20 @@ impl ReadStore for PostgresStore {
         rows.iter().map(read_row).collect()
     }
 
+    async fn finished_among(
+        &self,
+        result_ids: &[Uuid],
+        now: DateTime<Utc>,
+        lost_grace: Duration,
+    ) -> Result<Vec<ExecutionRow>, StoreError> {
+        if result_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (sql, params) = sql::finished_among_sql::<Pg>(result_ids, now, lost_grace);
+        let rows = bound(sql, params).fetch_all(&self.pool()).await?;
+        rows.iter().map(read_row).collect()
+    }
+
     async fn summarize(&self, query: &SummaryQuery) -> Result<Vec<ManifestSummary>, StoreError> {
         let (sql, params) = summary_sql(query);
         let mut tx = self.pool().begin().await?;
@@ -634,14 +648,26 @@ impl Store for PostgresStore {
     }
 
     async fn notify(&self, channel: &str, payload: &str) -> Result<(), StoreError> {
+        self.notify_all(&[(channel.to_string(), payload.to_string())])
+            .await
+    }
+
+    async fn notify_all(&self, notices: &[(String, String)]) -> Result<(), StoreError> {
+        let (channels, payloads): (Vec<&str>, Vec<&str>) = notices
+            .iter()
+            .map(|(c, p)| (c.as_str(), p.as_str()))
+            .unzip();
         // Bounded like every other call on the pool: a connection gone silent must not hold
         // the caller (or shutdown) forever.
         let sent = tokio::time::timeout(
             ACQUIRE_TIMEOUT,
-            sqlx::query("SELECT pg_notify($1, $2)")
-                .bind(channel)
-                .bind(payload)
-                .execute(&self.pool()),
+            sqlx::query(
+                "SELECT pg_notify(n.channel, n.payload) \
+                 FROM unnest($1::text[], $2::text[]) AS n(channel, payload)",
+            )
+            .bind(channels)
+            .bind(payloads)
+            .execute(&self.pool()),
         )
         .await;
         match sent {
@@ -658,7 +684,7 @@ impl Store for PostgresStore {
 
     async fn listen(
         &self,
-        channels: &[&'static str],
+        channels: &[String],
         heard: tokio::sync::mpsc::Sender<Heard>,
         stop: CancellationToken,
     ) {
@@ -666,7 +692,9 @@ impl Store for PostgresStore {
         loop {
             let listened = async {
                 let mut listener = PgListener::connect_with(&self.pool()).await?;
-                listener.listen_all(channels.iter().copied()).await?;
+                listener
+                    .listen_all(channels.iter().map(String::as_str))
+                    .await?;
                 if heard.send(Heard::Listening).await.is_err() {
                     return Ok(());
                 }

@@ -125,6 +125,26 @@ pub(super) fn get_sql<D: Dialect>(
     (sql, params)
 }
 
+/// The runs among `result_ids` that have a result, outputs whole.
+pub(super) fn finished_among_sql<D: Dialect>(
+    result_ids: &[Uuid],
+    now: DateTime<Utc>,
+    grace: chrono::Duration,
+) -> (String, Params) {
+    let mut params = Params::default();
+    let ids: Vec<String> = result_ids
+        .iter()
+        .map(|id| params.add::<D>(Param::Id(*id)))
+        .collect();
+    let state = bound_state::<D>(&mut params, now, grace);
+    let sql = format!(
+        "SELECT {COLUMNS}, {state} AS state FROM execution_results \
+         WHERE result_id IN ({}) AND status IS NOT NULL",
+        ids.join(", ")
+    );
+    (sql, params)
+}
+
 /// Where a state filter sends the query: each finished state is one range of the rare-state
 /// index (or, for `succeeded`, 98 % of rows: any ordered index finds 50 fast), and running and
 /// lost rows are the few without a status (their own partial index). States are written as

@@ -175,6 +175,20 @@ impl ReadStore for SqliteStore {
         rows.iter().map(read_row).collect()
     }
 
+    async fn finished_among(
+        &self,
+        result_ids: &[Uuid],
+        now: DateTime<Utc>,
+        lost_grace: Duration,
+    ) -> Result<Vec<ExecutionRow>, StoreError> {
+        if result_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (sql, params) = sql::finished_among_sql::<Lite>(result_ids, now, lost_grace);
+        let rows = bound(sql, params).fetch_all(&self.pool).await?;
+        rows.iter().map(read_row).collect()
+    }
+
     async fn summarize(&self, query: &SummaryQuery) -> Result<Vec<ManifestSummary>, StoreError> {
         let (sql, params) = sql::summary_sql::<Lite>(query);
         let rows = bound(sql, params).fetch_all(&self.pool).await?;

@@ -1,0 +1,1183 @@
+//! Live output (SPEC §14): `Control/TailExecution` and the console's run page follow a running
+//! run's output from whichever replica holds its agent's stream.
+//!
+//! Every replica plays two parts, each bounded:
+//!
+//! - **Watching** — watchers here follow run X. One [`Watched`] per run, whatever the number of
+//!   watchers: it says `Watching { reply_to: this replica's channel }` on the bus as the first
+//!   watcher comes, then again every [`REFRESH`] (sooner, backing off, while no replica answered
+//!   that it holds the agent), and `Unwatching` when the last watcher leaves. Output arrives on
+//!   this replica's own channel. Offsets dedupe it (the agent sends what it holds whenever it is
+//!   asked again: after a reconnect, on another replica), so each byte reaches a watcher once,
+//!   in order; the last 64 KiB delivered of each stream are kept for watchers who join later.
+//!   Each watcher has its own queue of at most [`WATCHER_BUFFER_BYTES`]: a watcher that reads
+//!   too slowly loses chunks (it sees the gap in the offsets), and nobody else waits for it.
+//!   Whether a watched run ended is looked up after commits are announced (and every
+//!   [`FINISHED_CHECK_EVERY`]: a read replica may not have the commit yet), and its watchers
+//!   get its final row, then the end.
+//! - **Holding** — this replica holds the agent stream of a run someone watches. One
+//!   [`Tailing`] per run, with the channels that want it (each forgotten when not said again
+//!   within [`EXPIRE`]). The first sends `Tail { watch: true }` to the agent, the last leaving
+//!   `Tail { watch: false }`. Each chunk from the agent goes to every channel that wants it:
+//!   this replica's own straight to its watchers, the others' by `NOTIFY`, cut to fit a
+//!   notification and sent in batches every [`FORWARD_EVERY`] from a queue of at most
+//!   [`FORWARD_MAX_BYTES`] (more is dropped: a gap). When the stream that carried the output
+//!   ends, every channel is told (`Interrupted`) and the holding is forgotten: the watchers ask
+//!   again, and whichever replica holds the agent's next stream takes over.
+//!
+//! Nothing here is written to the database: live output is a view of a run, its result the
+//! record.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, Mutex, MutexGuard, Weak},
+    time::Duration,
+};
+
+use chrono::Utc;
+use kanade_shared::{limits, pb};
+use tokio::{
+    sync::{Notify, mpsc},
+    time::Instant,
+};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::{
+    bus::{self, Bus, ControlMessage, OutputMessage, TailHeard, WatchedRun},
+    changes::Changes,
+    metrics::Metrics,
+    outbound::StreamSink,
+    presence,
+    server::registry::StreamRegistry,
+    store::{ExecutionRow, ReadStore, StoreError},
+};
+
+/// Watchers say again which runs they watch this often.
+pub const REFRESH: Duration = Duration::from_secs(2);
+/// Until a replica answers that it holds the run's agent, watchers ask again after this, then
+/// twice as long each time, up to [`REFRESH`].
+const FIRST_RETRY: Duration = Duration::from_millis(250);
+/// A holding forgets a channel that did not say it still watches within this.
+const EXPIRE: Duration = Duration::from_secs(6);
+/// Output for other replicas leaves at most this long after it arrived.
+const FORWARD_EVERY: Duration = Duration::from_millis(20);
+/// Output waiting to be sent to other replicas, at most.
+const FORWARD_MAX_BYTES: usize = 4 * 1024 * 1024;
+/// Output waiting for one watcher, at most (about a second at an agent's default rate cap).
+pub const WATCHER_BUFFER_BYTES: usize = 256 * 1024;
+/// Whether watched runs ended is looked up at least this often, and at most every
+/// [`FINISHED_CHECK_GAP`] however often commits are announced.
+const FINISHED_CHECK_EVERY: Duration = Duration::from_secs(1);
+const FINISHED_CHECK_GAP: Duration = Duration::from_millis(200);
+/// How often due work (asking again, expiring holdings) is looked at.
+const BEAT: Duration = Duration::from_millis(50);
+/// Room in a notification for the text of one output piece, once escaped for JSON (the rest of
+/// the message is under 200 bytes).
+const PIECE_JSON_BYTES: usize = bus::MAX_PAYLOAD_BYTES - 400;
+
+/// Why a run cannot be followed.
+#[derive(Debug, thiserror::Error)]
+pub enum TailError {
+    #[error("result_id must be a UUID, got {0:?}")]
+    NotAnId(String),
+    #[error("no run has result_id {0}")]
+    NotFound(Uuid),
+    #[error(
+        "this replica already follows {max} runs' output for watchers (--max-tails); close one or \
+         try again later"
+    )]
+    TooMany { max: usize },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What a watcher receives, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TailEvent {
+    /// Output.
+    Chunk(pb::OutputChunk),
+    /// What happens to the run's agent.
+    Notice {
+        agent_connected: bool,
+        message: String,
+    },
+    /// The run ended: its final row. The last event.
+    Finished(Box<ExecutionRow>),
+}
+
+impl TailEvent {
+    fn bytes(&self) -> usize {
+        match self {
+            TailEvent::Chunk(chunk) => chunk.data.len(),
+            _ => 0,
+        }
+    }
+}
+
+/// Limits of live output on one replica.
+#[derive(Debug, Clone, Copy)]
+pub struct TailLimits {
+    /// Watchers at once (`--max-tails`).
+    pub max_watchers: usize,
+}
+
+/// Live output of this replica; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Tails {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    reads: Arc<dyn ReadStore>,
+    bus: Bus,
+    registry: Arc<StreamRegistry>,
+    changes: Changes,
+    lost_grace: chrono::Duration,
+    presence_every: Duration,
+    limits: TailLimits,
+    metrics: Arc<Metrics>,
+    state: Mutex<State>,
+    /// Output waiting to go to other replicas.
+    forward: Mutex<Forward>,
+    forward_ready: Notify,
+    /// Something is due now (a first watcher, an agent back on this replica).
+    due: Notify,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Runs watched here.
+    watched: HashMap<Uuid, Watched>,
+    /// Watchers here, over every run.
+    watchers: usize,
+    next_watcher: u64,
+    /// Runs whose output this replica asks of an agent stream it holds.
+    held: HashMap<Uuid, Tailing>,
+}
+
+/// A run watched on this replica.
+#[derive(Debug)]
+struct Watched {
+    pc_id: String,
+    watchers: Vec<(u64, Arc<WatcherQueue>)>,
+    /// Per stream (stdout, stderr): the offset up to which output was delivered.
+    delivered: [u64; 2],
+    /// Per stream: the last output delivered (up to the agent's 64 KiB), for watchers joining.
+    recent: [Recent; 2],
+    /// A replica answered that it holds the run's agent, and no interruption came since.
+    answered: bool,
+    /// Watchers were told the agent is not connected: told again when it is.
+    told_disconnected: bool,
+    ask_every: Duration,
+    next_ask: Instant,
+}
+
+/// The last chunks delivered of one stream.
+#[derive(Debug, Default)]
+struct Recent {
+    chunks: VecDeque<pb::OutputChunk>,
+    bytes: usize,
+}
+
+impl Recent {
+    fn push(&mut self, chunk: pb::OutputChunk) {
+        self.bytes += chunk.data.len();
+        self.chunks.push_back(chunk);
+        while self.bytes > limits::LIVE_OUTPUT_HELD_BYTES && self.chunks.len() > 1 {
+            if let Some(old) = self.chunks.pop_front() {
+                self.bytes -= old.data.len();
+            }
+        }
+    }
+}
+
+/// A run whose output this replica asks of its agent.
+#[derive(Debug)]
+struct Tailing {
+    pc_id: String,
+    /// The channels that want it, and when they last said so.
+    wanted_by: HashMap<String, Instant>,
+    /// The streams told to send it.
+    told: Vec<Weak<StreamSink>>,
+}
+
+#[derive(Debug, Default)]
+struct Forward {
+    messages: Vec<(String, OutputMessage)>,
+    bytes: usize,
+}
+
+/// One watcher's queue.
+#[derive(Debug, Default)]
+struct WatcherQueue {
+    queue: Mutex<QueueState>,
+    ready: Notify,
+}
+
+#[derive(Debug, Default)]
+struct QueueState {
+    events: VecDeque<TailEvent>,
+    bytes: usize,
+    /// The final row was queued: nothing follows it.
+    finished: bool,
+}
+
+impl WatcherQueue {
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `event`; output that does not fit is dropped (false), anything else always fits.
+    fn push(&self, event: TailEvent) -> bool {
+        let mut queue = self.lock();
+        if queue.finished {
+            return false;
+        }
+        let bytes = event.bytes();
+        if bytes > 0 && queue.bytes + bytes > WATCHER_BUFFER_BYTES {
+            return false;
+        }
+        queue.finished = matches!(event, TailEvent::Finished(_));
+        queue.bytes += bytes;
+        queue.events.push_back(event);
+        drop(queue);
+        self.ready.notify_one();
+        true
+    }
+
+    async fn next(&self) -> TailEvent {
+        loop {
+            {
+                let mut queue = self.lock();
+                if let Some(event) = queue.events.pop_front() {
+                    queue.bytes -= event.bytes();
+                    return event;
+                }
+            }
+            self.ready.notified().await;
+        }
+    }
+}
+
+/// One watcher of one run: its events, in order, until the run's final row. Dropping it
+/// leaves.
+#[derive(Debug)]
+pub struct Watcher {
+    queue: Arc<WatcherQueue>,
+    /// `None` for a run that had ended already (nothing to leave).
+    registered: Option<(Tails, Uuid, u64)>,
+    done: bool,
+}
+
+impl Watcher {
+    /// The next event; `None` after the final row.
+    pub async fn next(&mut self) -> Option<TailEvent> {
+        if self.done {
+            return None;
+        }
+        let event = self.queue.next().await;
+        self.done = matches!(event, TailEvent::Finished(_));
+        Some(event)
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        if let Some((tails, result_id, id)) = self.registered.take() {
+            tails.leave(result_id, id);
+        }
+    }
+}
+
+/// Everything live output is built from.
+#[derive(Debug)]
+pub struct TailParts {
+    pub reads: Arc<dyn ReadStore>,
+    pub bus: Bus,
+    pub registry: Arc<StreamRegistry>,
+    pub changes: Changes,
+    pub lost_grace: chrono::Duration,
+    pub presence_every: Duration,
+    pub limits: TailLimits,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Tails {
+    pub fn new(parts: TailParts) -> Tails {
+        Tails {
+            inner: Arc::new(Inner {
+                reads: parts.reads,
+                bus: parts.bus,
+                registry: parts.registry,
+                changes: parts.changes,
+                lost_grace: parts.lost_grace,
+                presence_every: parts.presence_every,
+                limits: parts.limits,
+                metrics: parts.metrics,
+                state: Mutex::default(),
+                forward: Mutex::default(),
+                forward_ready: Notify::new(),
+                due: Notify::new(),
+            }),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Follows the run `result_id`: for a running run, what its agent holds then what it writes,
+    /// then its final row; for a finished run, its stored outputs then its row.
+    pub async fn watch(&self, result_id: &str) -> Result<Watcher, TailError> {
+        let id =
+            Uuid::try_parse(result_id).map_err(|_| TailError::NotAnId(result_id.to_string()))?;
+        let now = Utc::now();
+        let run = self
+            .inner
+            .reads
+            .get(id, now, self.inner.lost_grace)
+            .await?
+            .ok_or(TailError::NotFound(id))?;
+        if run.outcome.is_some() {
+            return Ok(finished_watcher(run));
+        }
+        let pc_id = run.pc_id.clone();
+        let queue = Arc::new(WatcherQueue::default());
+        let (watcher_id, first) = {
+            let mut state = self.state();
+            if state.watchers >= self.inner.limits.max_watchers {
+                return Err(TailError::TooMany {
+                    max: self.inner.limits.max_watchers,
+                });
+            }
+            state.watchers += 1;
+            state.next_watcher += 1;
+            let watcher_id = state.next_watcher;
+            let first = !state.watched.contains_key(&id);
+            let watched = state.watched.entry(id).or_insert_with(|| Watched {
+                pc_id: pc_id.clone(),
+                watchers: Vec::new(),
+                delivered: [0, 0],
+                recent: Default::default(),
+                answered: false,
+                told_disconnected: false,
+                ask_every: FIRST_RETRY,
+                next_ask: Instant::now(),
+            });
+            for recent in &watched.recent {
+                for chunk in &recent.chunks {
+                    queue.push(TailEvent::Chunk(chunk.clone()));
+                }
+            }
+            watched.watchers.push((watcher_id, queue.clone()));
+            self.inner.metrics.tail_watchers.set(state.watchers as i64);
+            (watcher_id, first)
+        };
+        let watcher = Watcher {
+            queue: queue.clone(),
+            registered: Some((self.clone(), id, watcher_id)),
+            done: false,
+        };
+        if first {
+            self.inner.due.notify_one();
+        }
+        if !self.agent_connected(&pc_id).await {
+            queue.push(TailEvent::Notice {
+                agent_connected: false,
+                message: format!(
+                    "the agent of {pc_id} is not connected to ingest: its output shows when it \
+                     reconnects (the run's result arrives then too)"
+                ),
+            });
+            if let Some(watched) = self.state().watched.get_mut(&id) {
+                watched.told_disconnected = true;
+            }
+        }
+        Ok(watcher)
+    }
+
+    /// Whether `pc_id`'s agent has a stream open here or, as presence says, on any replica.
+    async fn agent_connected(&self, pc_id: &str) -> bool {
+        if !self.inner.registry.sinks(pc_id).is_empty() {
+            return true;
+        }
+        let connected_after = presence::connected_after(Utc::now(), self.inner.presence_every);
+        match self.inner.reads.get_endpoint(pc_id, connected_after).await {
+            Ok(Some(endpoint)) => endpoint.connected,
+            Ok(None) => false,
+            // Not knowing is no reason to alarm the watcher.
+            Err(_) => true,
+        }
+    }
+
+    /// A watcher left.
+    fn leave(&self, result_id: Uuid, watcher_id: u64) {
+        let last = {
+            let mut state = self.state();
+            let Some(watched) = state.watched.get_mut(&result_id) else {
+                return;
+            };
+            let before = watched.watchers.len();
+            watched.watchers.retain(|(id, _)| *id != watcher_id);
+            let left = before - watched.watchers.len();
+            let last = watched.watchers.is_empty();
+            if last {
+                state.watched.remove(&result_id);
+            }
+            state.watchers -= left;
+            self.inner.metrics.tail_watchers.set(state.watchers as i64);
+            last
+        };
+        if last && let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let bus = self.inner.bus.clone();
+            runtime.spawn(async move {
+                let reply_to = bus.tail_channel().to_string();
+                bus.publish(ControlMessage::Unwatching {
+                    reply_to,
+                    runs: vec![result_id],
+                })
+                .await;
+            });
+        }
+    }
+
+    /// A chunk of output from the agent stream of `pc_id`: to every channel that wants it.
+    pub fn from_agent(&self, pc_id: &str, chunk: pb::OutputChunk) {
+        let Some((result_id, stdout)) = checked(&chunk) else {
+            tracing::debug!(%pc_id, "ignored a malformed output chunk");
+            return;
+        };
+        let wanted: Vec<String> = {
+            let state = self.state();
+            match state.held.get(&result_id) {
+                Some(tailing) if tailing.pc_id == pc_id => {
+                    tailing.wanted_by.keys().cloned().collect()
+                }
+                _ => Vec::new(),
+            }
+        };
+        if wanted.is_empty() {
+            // Nobody (any more): the agent stops sending.
+            for sink in self.inner.registry.sinks(pc_id) {
+                sink.send(tail_message(result_id, false));
+            }
+            return;
+        }
+        let own = self.inner.bus.tail_channel();
+        for channel in wanted {
+            if channel == own {
+                self.deliver(result_id, stdout, chunk.offset, chunk.length, &chunk.data);
+            } else {
+                for piece in pieces(result_id, stdout, &chunk) {
+                    self.queue_forward(channel.clone(), piece);
+                }
+            }
+        }
+    }
+
+    fn queue_forward(&self, channel: String, message: OutputMessage) {
+        let bytes = match &message {
+            OutputMessage::Chunk { data, .. } => data.len(),
+            _ => 0,
+        } + 100;
+        let mut forward = self.inner.forward.lock().unwrap_or_else(|e| e.into_inner());
+        if forward.bytes + bytes > FORWARD_MAX_BYTES {
+            drop(forward);
+            self.inner.metrics.tail_chunk("dropped");
+            return;
+        }
+        forward.bytes += bytes;
+        forward.messages.push((channel, message));
+        drop(forward);
+        self.inner.forward_ready.notify_one();
+    }
+
+    /// Output of a run watched here: what watchers do not have yet goes to each of them.
+    fn deliver(&self, result_id: Uuid, stdout: bool, offset: u64, length: u64, data: &str) {
+        let mut state = self.state();
+        let Some(watched) = state.watched.get_mut(&result_id) else {
+            return;
+        };
+        let stream = if stdout { 0 } else { 1 };
+        let Some(chunk) = unseen(
+            watched.delivered[stream],
+            result_id,
+            stdout,
+            offset,
+            length,
+            data,
+        ) else {
+            return;
+        };
+        watched.delivered[stream] = chunk.offset + chunk.length;
+        watched.answered = true;
+        for (_, queue) in &watched.watchers {
+            let delivered = queue.push(TailEvent::Chunk(chunk.clone()));
+            self.inner
+                .metrics
+                .tail_chunk(if delivered { "delivered" } else { "dropped" });
+        }
+        watched.recent[stream].push(chunk);
+    }
+
+    /// What the bus brought for live output.
+    fn on_heard(&self, heard: TailHeard) {
+        match heard {
+            TailHeard::Control(ControlMessage::Watching { reply_to, runs }) => {
+                self.on_watching(reply_to, runs)
+            }
+            TailHeard::Control(ControlMessage::Unwatching { reply_to, runs }) => {
+                for result_id in runs {
+                    self.unwant(result_id, &reply_to);
+                }
+            }
+            TailHeard::Control(ControlMessage::Cancel { .. }) => {}
+            TailHeard::Output(OutputMessage::Chunk {
+                result_id,
+                stdout,
+                offset,
+                length,
+                data,
+            }) => self.deliver(result_id, stdout, offset, length, &data),
+            TailHeard::Output(OutputMessage::Tailing { result_id }) => self.on_tailing(result_id),
+            TailHeard::Output(OutputMessage::Interrupted { result_id }) => {
+                self.on_interrupted(result_id)
+            }
+        }
+    }
+
+    /// The replica listening on `reply_to` watches `runs`: those whose agent streams are here
+    /// are asked for.
+    fn on_watching(&self, reply_to: String, runs: Vec<WatchedRun>) {
+        let now = Instant::now();
+        let mut answers = Vec::new();
+        {
+            let mut state = self.state();
+            for run in runs {
+                let sinks = self.inner.registry.sinks(&run.pc_id);
+                if sinks.is_empty() {
+                    continue;
+                }
+                let tailing = state.held.entry(run.result_id).or_insert_with(|| Tailing {
+                    pc_id: run.pc_id.clone(),
+                    wanted_by: HashMap::new(),
+                    told: Vec::new(),
+                });
+                if tailing.pc_id != run.pc_id {
+                    continue;
+                }
+                let new = tailing.wanted_by.insert(reply_to.clone(), now).is_none();
+                if !tailing.told.iter().any(|s| s.strong_count() > 0) {
+                    for sink in &sinks {
+                        sink.send(tail_message(run.result_id, true));
+                    }
+                    tailing.told = sinks.iter().map(Arc::downgrade).collect();
+                    tracing::debug!(result_id = %run.result_id, pc_id = %run.pc_id,
+                        "asked an agent for a run's output");
+                }
+                if new {
+                    answers.push(OutputMessage::Tailing {
+                        result_id: run.result_id,
+                    });
+                }
+            }
+            self.inner.metrics.tails_held.set(state.held.len() as i64);
+        }
+        for answer in answers {
+            self.send_to(&reply_to, answer);
+        }
+    }
+
+    /// Sends `message` to the replica listening on `channel` (this one's straight in).
+    fn send_to(&self, channel: &str, message: OutputMessage) {
+        if channel == self.inner.bus.tail_channel() {
+            self.on_heard(TailHeard::Output(message));
+        } else {
+            self.queue_forward(channel.to_string(), message);
+        }
+    }
+
+    /// `channel` no longer wants `result_id`; the agent stops when nobody does.
+    fn unwant(&self, result_id: Uuid, channel: &str) {
+        let mut state = self.state();
+        let Some(tailing) = state.held.get_mut(&result_id) else {
+            return;
+        };
+        tailing.wanted_by.remove(channel);
+        if tailing.wanted_by.is_empty()
+            && let Some(tailing) = state.held.remove(&result_id)
+        {
+            stop_tailing(result_id, &tailing);
+        }
+        self.inner.metrics.tails_held.set(state.held.len() as i64);
+    }
+
+    fn on_tailing(&self, result_id: Uuid) {
+        let mut state = self.state();
+        let Some(watched) = state.watched.get_mut(&result_id) else {
+            return;
+        };
+        watched.answered = true;
+        watched.ask_every = REFRESH;
+        watched.next_ask = watched.next_ask.max(Instant::now() + REFRESH);
+        if std::mem::take(&mut watched.told_disconnected) {
+            notify(
+                watched,
+                true,
+                "the agent is connected: its output follows".to_string(),
+            );
+        }
+    }
+
+    fn on_interrupted(&self, result_id: Uuid) {
+        let mut state = self.state();
+        let Some(watched) = state.watched.get_mut(&result_id) else {
+            return;
+        };
+        watched.answered = false;
+        watched.ask_every = FIRST_RETRY;
+        watched.next_ask = Instant::now() + FIRST_RETRY;
+        if !watched.told_disconnected {
+            watched.told_disconnected = true;
+            notify(
+                watched,
+                false,
+                "the agent's stream ended (it reconnects): its output resumes then; what it \
+                 writes meanwhile shows once it is back, as far as the agent still holds it"
+                    .to_string(),
+            );
+        }
+    }
+
+    /// A stream of `pc_id` said Hello here: runs of it watched here are asked for at once.
+    pub fn on_welcome(&self, pc_id: &str) {
+        let mut state = self.state();
+        let mut any = false;
+        for watched in state.watched.values_mut().filter(|w| w.pc_id == pc_id) {
+            watched.next_ask = Instant::now();
+            any = true;
+        }
+        drop(state);
+        if any {
+            self.inner.due.notify_one();
+        }
+    }
+
+    /// A stream of `pc_id` ended: the output it carried stops, and whoever wanted it is told.
+    pub fn on_stream_ended(&self, pc_id: &str, sink: &Arc<StreamSink>) {
+        let mut interrupted = Vec::new();
+        {
+            let mut state = self.state();
+            state.held.retain(|result_id, tailing| {
+                if tailing.pc_id != pc_id {
+                    return true;
+                }
+                tailing.told.retain(|s| {
+                    s.strong_count() > 0 && !std::ptr::eq(s.as_ptr(), Arc::as_ptr(sink))
+                });
+                if !tailing.told.is_empty() {
+                    return true;
+                }
+                interrupted.push((
+                    *result_id,
+                    tailing.wanted_by.keys().cloned().collect::<Vec<_>>(),
+                ));
+                false
+            });
+            self.inner.metrics.tails_held.set(state.held.len() as i64);
+        }
+        for (result_id, channels) in interrupted {
+            for channel in channels {
+                self.send_to(&channel, OutputMessage::Interrupted { result_id });
+            }
+        }
+    }
+
+    /// Keeps live output going until `stop`: what the bus brings, asking again, expiring what is
+    /// no longer wanted, ending watchers of runs that ended, sending output to other replicas.
+    pub async fn run(self, mut heard: mpsc::Receiver<TailHeard>, stop: CancellationToken) {
+        let forwarding = self.clone().forward(stop.clone());
+        let main = async {
+            let mut beat = tokio::time::interval(BEAT);
+            beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut commits = self.inner.changes.follow();
+            let mut last_check = Instant::now();
+            let mut check_wanted = false;
+            loop {
+                tokio::select! {
+                    message = heard.recv() => match message {
+                        Some(message) => self.on_heard(message),
+                        None => return,
+                    },
+                    _ = beat.tick() => {}
+                    _ = self.inner.due.notified() => {}
+                    changed = commits.changed() => {
+                        if changed.is_err() { return }
+                        check_wanted = true;
+                    }
+                    _ = stop.cancelled() => return,
+                }
+                self.ask_due().await;
+                self.expire();
+                let since = last_check.elapsed();
+                if (check_wanted && since >= FINISHED_CHECK_GAP) || since >= FINISHED_CHECK_EVERY {
+                    check_wanted = false;
+                    last_check = Instant::now();
+                    self.end_finished().await;
+                }
+            }
+        };
+        tokio::join!(main, forwarding);
+    }
+
+    /// Says which runs are watched here, for those due.
+    async fn ask_due(&self) {
+        let now = Instant::now();
+        let due: Vec<WatchedRun> = {
+            let mut state = self.state();
+            state
+                .watched
+                .iter_mut()
+                .filter(|(_, w)| w.next_ask <= now)
+                .map(|(id, w)| {
+                    w.next_ask = now + w.ask_every;
+                    if !w.answered {
+                        w.ask_every = (w.ask_every * 2).min(REFRESH);
+                    }
+                    WatchedRun {
+                        pc_id: w.pc_id.clone(),
+                        result_id: *id,
+                    }
+                })
+                .collect()
+        };
+        if due.is_empty() {
+            return;
+        }
+        let reply_to = self.inner.bus.tail_channel().to_string();
+        self.inner
+            .bus
+            .publish_all(watching_messages(&reply_to, due))
+            .await;
+    }
+
+    /// Forgets the channels that stopped saying they watch.
+    fn expire(&self) {
+        let mut state = self.state();
+        let now = Instant::now();
+        state.held.retain(|result_id, tailing| {
+            tailing
+                .wanted_by
+                .retain(|_, said| now.duration_since(*said) < EXPIRE);
+            let keep =
+                !tailing.wanted_by.is_empty() && tailing.told.iter().any(|s| s.strong_count() > 0);
+            if !keep {
+                stop_tailing(*result_id, tailing);
+            }
+            keep
+        });
+        self.inner.metrics.tails_held.set(state.held.len() as i64);
+    }
+
+    /// Gives the watchers of runs that ended their final row.
+    async fn end_finished(&self) {
+        let ids: Vec<Uuid> = self.state().watched.keys().copied().collect();
+        if ids.is_empty() {
+            return;
+        }
+        let rows = match self
+            .inner
+            .reads
+            .finished_among(&ids, Utc::now(), self.inner.lost_grace)
+            .await
+        {
+            Ok(rows) => rows,
+            Err(err) => {
+                tracing::debug!(error = %err, "looking up whether watched runs ended failed");
+                return;
+            }
+        };
+        if rows.is_empty() {
+            return;
+        }
+        let mut ended = Vec::new();
+        {
+            let mut state = self.state();
+            for row in rows {
+                let Some(watched) = state.watched.remove(&row.result_id) else {
+                    continue;
+                };
+                ended.push(row.result_id);
+                state.watchers -= watched.watchers.len();
+                for (_, queue) in &watched.watchers {
+                    queue.push(TailEvent::Finished(Box::new(row.clone())));
+                }
+            }
+            self.inner.metrics.tail_watchers.set(state.watchers as i64);
+        }
+        let reply_to = self.inner.bus.tail_channel().to_string();
+        self.inner
+            .bus
+            .publish(ControlMessage::Unwatching {
+                reply_to,
+                runs: ended,
+            })
+            .await;
+    }
+
+    /// Sends output to other replicas, in batches, until `stop`.
+    async fn forward(self, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = self.inner.forward_ready.notified() => {}
+                _ = stop.cancelled() => return,
+            }
+            tokio::time::sleep(FORWARD_EVERY).await;
+            let batch = {
+                let mut forward = self.inner.forward.lock().unwrap_or_else(|e| e.into_inner());
+                forward.bytes = 0;
+                std::mem::take(&mut forward.messages)
+            };
+            let chunks = batch
+                .iter()
+                .filter(|(_, m)| matches!(m, OutputMessage::Chunk { .. }))
+                .count();
+            self.inner.bus.send_output(batch).await;
+            self.inner
+                .metrics
+                .tail_chunks
+                .get_or_create(&vec![("outcome", "forwarded")])
+                .inc_by(chunks as u64);
+        }
+    }
+}
+
+/// The agent's stream is told to stop sending `result_id`.
+fn stop_tailing(result_id: Uuid, tailing: &Tailing) {
+    for sink in tailing.told.iter().filter_map(Weak::upgrade) {
+        sink.send(tail_message(result_id, false));
+    }
+    tracing::debug!(%result_id, "nobody watches a run any more: its agent stops sending");
+}
+
+fn tail_message(result_id: Uuid, watch: bool) -> pb::ingest_message::Msg {
+    pb::ingest_message::Msg::Tail(pb::Tail {
+        result_id: result_id.hyphenated().to_string(),
+        watch,
+    })
+}
+
+fn notify(watched: &Watched, agent_connected: bool, message: String) {
+    for (_, queue) in &watched.watchers {
+        queue.push(TailEvent::Notice {
+            agent_connected,
+            message: message.clone(),
+        });
+    }
+}
+
+/// The run and stream of an agent's chunk, when it is well formed.
+fn checked(chunk: &pb::OutputChunk) -> Option<(Uuid, bool)> {
+    let result_id = Uuid::try_parse(&chunk.result_id).ok()?;
+    let stdout = match pb::OutputStream::try_from(chunk.stream).ok()? {
+        pb::OutputStream::Stdout => true,
+        pb::OutputStream::Stderr => false,
+        pb::OutputStream::Unspecified => return None,
+    };
+    let fits = chunk.length as usize <= limits::MAX_OUTPUT_CHUNK_BYTES
+        && chunk.data.len() <= 3 * limits::MAX_OUTPUT_CHUNK_BYTES
+        && chunk.offset.checked_add(chunk.length).is_some();
+    fits.then_some((result_id, stdout))
+}
+
+/// What of a chunk starting at `offset` comes after `delivered`: `None` when nothing does. A
+/// chunk that overlaps is cut at a character boundary (or dropped when its text does not map
+/// byte for byte onto the stream: invalid UTF-8 was replaced).
+fn unseen(
+    delivered: u64,
+    result_id: Uuid,
+    stdout: bool,
+    offset: u64,
+    length: u64,
+    data: &str,
+) -> Option<pb::OutputChunk> {
+    let end = offset + length;
+    if end <= delivered || length == 0 {
+        return None;
+    }
+    let (offset, data) = if offset >= delivered {
+        (offset, data)
+    } else {
+        if data.len() as u64 != length {
+            return None;
+        }
+        let mut skip = (delivered - offset) as usize;
+        while !data.is_char_boundary(skip) {
+            skip += 1;
+        }
+        (offset + skip as u64, &data[skip..])
+    };
+    Some(pb::OutputChunk {
+        result_id: result_id.hyphenated().to_string(),
+        stream: if stdout {
+            pb::OutputStream::Stdout
+        } else {
+            pb::OutputStream::Stderr
+        } as i32,
+        offset,
+        length: end - offset,
+        data: data.to_string(),
+    })
+}
+
+/// Bytes `c` takes in a JSON string.
+fn json_len(c: char) -> usize {
+    match c {
+        '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+        c if (c as u32) < 0x20 => 6,
+        c => c.len_utf8(),
+    }
+}
+
+/// A chunk cut into messages that each fit a notification.
+fn pieces(result_id: Uuid, stdout: bool, chunk: &pb::OutputChunk) -> Vec<OutputMessage> {
+    let exact = chunk.data.len() as u64 == chunk.length;
+    let mut messages = Vec::new();
+    let mut offset = chunk.offset;
+    let mut left = chunk.length;
+    let mut start = 0;
+    let mut json = 0;
+    let data = &chunk.data;
+    let mut cut = |messages: &mut Vec<OutputMessage>, start: usize, end: usize, last: bool| {
+        let text = &data[start..end];
+        // Text mapping byte for byte covers its own length; otherwise the last piece covers
+        // whatever the chunk covers beyond the others.
+        let length = if exact || !last {
+            (text.len() as u64).min(left)
+        } else {
+            left
+        };
+        messages.push(OutputMessage::Chunk {
+            result_id,
+            stdout,
+            offset,
+            length,
+            data: text.to_string(),
+        });
+        offset += length;
+        left -= length;
+    };
+    for (i, c) in data.char_indices() {
+        let n = json_len(c);
+        if json + n > PIECE_JSON_BYTES {
+            cut(&mut messages, start, i, false);
+            start = i;
+            json = 0;
+        }
+        json += n;
+    }
+    if start < data.len() || messages.is_empty() {
+        cut(&mut messages, start, data.len(), true);
+    }
+    messages
+}
+
+/// `runs` said in as many `Watching` messages as notifications need.
+fn watching_messages(reply_to: &str, runs: Vec<WatchedRun>) -> Vec<ControlMessage> {
+    let room = bus::MAX_PAYLOAD_BYTES - 100 - reply_to.len();
+    let mut messages = Vec::new();
+    let mut batch = Vec::new();
+    let mut used = 0;
+    for run in runs {
+        let n = serde_json::to_string(&run)
+            .map(|s| s.len() + 1)
+            .unwrap_or(room);
+        if used + n > room && !batch.is_empty() {
+            messages.push(ControlMessage::Watching {
+                reply_to: reply_to.to_string(),
+                runs: std::mem::take(&mut batch),
+            });
+            used = 0;
+        }
+        used += n;
+        batch.push(run);
+    }
+    if !batch.is_empty() {
+        messages.push(ControlMessage::Watching {
+            reply_to: reply_to.to_string(),
+            runs: batch,
+        });
+    }
+    messages
+}
+
+/// The watcher of a run that had ended: its stored outputs, then its row.
+fn finished_watcher(run: ExecutionRow) -> Watcher {
+    let queue = Arc::new(WatcherQueue::default());
+    let result_id = run.result_id;
+    if let Some(outcome) = &run.outcome {
+        for (stdout, text) in [(true, &outcome.stdout), (false, &outcome.stderr)] {
+            let mut offset = 0;
+            let mut rest = text.as_str();
+            while !rest.is_empty() {
+                let mut end = rest.len().min(limits::MAX_OUTPUT_CHUNK_BYTES);
+                while !rest.is_char_boundary(end) {
+                    end -= 1;
+                }
+                let (piece, after) = rest.split_at(end);
+                let chunk = unseen(0, result_id, stdout, offset, piece.len() as u64, piece)
+                    .expect("a stored piece is never empty");
+                // The queue's bound is for live output: stored outputs are queued whole.
+                queue.lock().events.push_back(TailEvent::Chunk(chunk));
+                offset += piece.len() as u64;
+                rest = after;
+            }
+        }
+    }
+    queue
+        .lock()
+        .events
+        .push_back(TailEvent::Finished(Box::new(run)));
+    Watcher {
+        queue,
+        registered: None,
+        done: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(offset: u64, data: &str) -> pb::OutputChunk {
+        pb::OutputChunk {
+            result_id: Uuid::nil().to_string(),
+            stream: pb::OutputStream::Stdout as i32,
+            offset,
+            length: data.len() as u64,
+            data: data.to_string(),
+        }
+    }
+
+    #[test]
+    fn output_a_watcher_has_is_not_delivered_again() {
+        let id = Uuid::nil();
+        assert_eq!(unseen(10, id, true, 0, 10, "0123456789"), None);
+        let rest = unseen(10, id, true, 5, 10, "56789abcde").unwrap();
+        assert_eq!(
+            (rest.offset, rest.length, rest.data.as_str()),
+            (10, 5, "abcde")
+        );
+        // Cut inside a character: the cut moves past it.
+        let rest = unseen(12, id, true, 10, 4, "aé!").unwrap();
+        assert_eq!((rest.offset, rest.data.as_str()), (13, "!"));
+        // Beyond what was delivered: a gap, passed on as it is.
+        assert_eq!(unseen(10, id, true, 50, 2, "xy").unwrap().offset, 50);
+        // Text that does not map byte for byte cannot be cut: dropped when it overlaps.
+        assert_eq!(
+            unseen(10, id, true, 5, 10, "\u{fffd}\u{fffd}\u{fffd}\u{fffd}"),
+            None
+        );
+    }
+
+    #[test]
+    fn a_chunk_is_cut_into_notifications_that_fit_and_cover_it_exactly() {
+        let id = Uuid::now_v7();
+        for data in [
+            "line\n".repeat(6000),
+            "\u{1}".repeat(limits::MAX_OUTPUT_CHUNK_BYTES),
+            "é\"\\".repeat(5000),
+        ] {
+            let chunk = chunk(1000, &data);
+            let pieces = pieces(id, true, &chunk);
+            let mut next = 1000;
+            let mut text = String::new();
+            for piece in &pieces {
+                let payload = serde_json::to_string(piece).unwrap();
+                assert!(payload.len() <= bus::MAX_PAYLOAD_BYTES, "{}", payload.len());
+                let OutputMessage::Chunk {
+                    offset,
+                    length,
+                    data,
+                    ..
+                } = piece
+                else {
+                    panic!("{piece:?}")
+                };
+                assert_eq!(*offset, next);
+                next += length;
+                text.push_str(data);
+            }
+            assert_eq!(next, 1000 + data.len() as u64);
+            assert_eq!(text, data);
+        }
+    }
+
+    #[test]
+    fn watched_runs_are_said_in_messages_that_fit() {
+        let runs: Vec<WatchedRun> = (0..300)
+            .map(|i| WatchedRun {
+                pc_id: format!("{}{i}", "\u{1}".repeat(100)),
+                result_id: Uuid::now_v7(),
+            })
+            .collect();
+        let reply_to = format!("kanade_tail_{}", Uuid::new_v4().simple());
+        let messages = watching_messages(&reply_to, runs.clone());
+        assert!(messages.len() > 1);
+        let mut said = Vec::new();
+        for message in messages {
+            assert!(serde_json::to_string(&message).unwrap().len() <= bus::MAX_PAYLOAD_BYTES);
+            let ControlMessage::Watching { runs, .. } = message else {
+                panic!()
+            };
+            said.extend(runs);
+        }
+        assert_eq!(said, runs);
+    }
+
+    #[tokio::test]
+    async fn a_slow_watcher_loses_output_but_never_the_final_row() {
+        let queue = WatcherQueue::default();
+        let big = "x".repeat(WATCHER_BUFFER_BYTES / 2 + 1);
+        assert!(queue.push(TailEvent::Chunk(chunk(0, &big))));
+        assert!(
+            !queue.push(TailEvent::Chunk(chunk(big.len() as u64, &big))),
+            "over its bound"
+        );
+        assert!(queue.push(TailEvent::Notice {
+            agent_connected: false,
+            message: "x".into()
+        }));
+        assert!(matches!(queue.next().await, TailEvent::Chunk(c) if c.offset == 0));
+        assert!(queue.push(TailEvent::Chunk(chunk(2 * big.len() as u64, &big))));
+        assert!(matches!(queue.next().await, TailEvent::Notice { .. }));
+        assert!(
+            matches!(queue.next().await, TailEvent::Chunk(c) if c.offset == 2 * big.len() as u64)
+        );
+        // Full again: output is dropped, the final row is not, and nothing follows it.
+        assert!(queue.push(TailEvent::Chunk(chunk(0, &big))));
+        assert!(!queue.push(TailEvent::Chunk(chunk(0, &big))));
+        let row = ExecutionRow {
+            result_id: Uuid::nil(),
+            request_id: "r".into(),
+            exec_id: "e".into(),
+            pc_id: "pc".into(),
+            manifest_id: "m".into(),
+            version: String::new(),
+            timeout_secs: None,
+            state: crate::store::RunState::Running,
+            outcome: None,
+            started_at: Utc::now(),
+            received_at: Utc::now(),
+            trace_id: None,
+            cancel: None,
+        };
+        assert!(queue.push(TailEvent::Finished(Box::new(row))));
+        assert!(!queue.push(TailEvent::Notice {
+            agent_connected: true,
+            message: "late".into()
+        }));
+    }
+}
