@@ -25,7 +25,7 @@ use crate::{
     bus::{self, Bus},
     changes::{self, Changes},
     config::ServeArgs,
-    console::{self, Console, ConsoleConfig},
+    console::{self, Console, ConsoleConfig, ConsoleParts},
     control::{
         Cancels, ControlService, Tails,
         tail::{TailLimits, TailParts},
@@ -424,13 +424,14 @@ impl Prepared {
                 .local_addr()
                 .map(|a| a.to_string())
                 .unwrap_or_default();
-            let console = Console::new(
-                self.reads.clone(),
-                self.store.clone(),
-                self.tokens.clone(),
-                changes.clone(),
-                cancels.clone(),
-                ConsoleConfig {
+            let console = Console::new(ConsoleParts {
+                reads: self.reads.clone(),
+                store: self.store.clone(),
+                tokens: self.tokens.clone(),
+                changes: changes.clone(),
+                cancels: cancels.clone(),
+                tails: tails.clone(),
+                config: ConsoleConfig {
                     lost_grace: chrono::Duration::from_std(args.lost_grace)
                         .unwrap_or(chrono::Duration::MAX),
                     trace_url: args.trace_url.clone(),
@@ -440,8 +441,8 @@ impl Prepared {
                     read_replica: args.read_database_url.is_some(),
                     presence_every: args.presence_every,
                 },
-                stop.clone(),
-            );
+                stop: stop.clone(),
+            });
             tracing::info!(%addr, tls = self.tls.is_some(), "console listening");
             let router = console::router(console);
             match &self.tls {

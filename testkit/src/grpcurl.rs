@@ -29,6 +29,14 @@ impl Grpcurl {
             .unwrap_or_else(|e| panic!("grpcurl printed no JSON ({e}):\n{}", self.stdout))
     }
 
+    /// The responses of a successful server-streaming call, one JSON value each.
+    pub fn messages(&self) -> Vec<Value> {
+        serde_json::Deserializer::from_str(self.text())
+            .into_iter::<Value>()
+            .collect::<Result<_, _>>()
+            .unwrap_or_else(|e| panic!("grpcurl printed no JSON messages ({e}):\n{}", self.stdout))
+    }
+
     /// The text output of a successful call (list, describe).
     pub fn text(&self) -> &str {
         assert_eq!(

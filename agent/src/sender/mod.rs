@@ -389,6 +389,11 @@ async fn session<Q: Queue>(
     let mut status_tick = tokio::time::interval(config.status_every);
     status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // Output the runs sent before their events were enqueued goes first: a run sends its
+        // last output before it records its result.
+        while let Some(chunk) = outputs.as_mut().and_then(|o| o.try_recv().ok()) {
+            session.forward_output(chunk);
+        }
         if let Err(end) = session.fill().await {
             return end;
         }

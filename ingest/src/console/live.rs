@@ -3,15 +3,27 @@
 //! script then re-reads its own URL and swaps in the fresh view. Announcements are coalesced: at
 //! most one event per [`COALESCE`], and announcements that arrive meanwhile fold into the next
 //! (nothing queues behind a slow page).
+//!
+//! `/runs/{result_id}/live` carries a running run's output to its page (SPEC §14): the same
+//! watcher as `Control/TailExecution` ([`crate::control::Tails`]), as `chunk` events (JSON:
+//! `stream`, `offset`, `length`, `data`), `notice` events (`connected`, `message`) and one
+//! `finished` when the run has its result (the page then re-reads its final view). The script
+//! writes every text as text, never as markup.
 
 use std::{convert::Infallible, time::Duration};
 
 use axum::{
-    extract::State,
-    response::sse::{Event, KeepAlive, Sse},
+    extract::{Path, State},
+    response::{
+        IntoResponse, Response,
+        sse::{Event, KeepAlive, Sse},
+    },
 };
+use kanade_shared::pb;
+use serde_json::json;
 
-use super::Console;
+use super::{Console, PageError, not_yet, parse_result_id};
+use crate::control::{TailError, TailEvent};
 
 /// The shortest gap between two events on one page.
 const COALESCE: Duration = Duration::from_millis(500);
@@ -49,4 +61,58 @@ pub async fn events(State(console): State<Console>) -> impl axum::response::Into
         [("x-accel-buffering", "no")],
         Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)),
     )
+}
+
+/// `/runs/{result_id}/live`: the run's output as it is written, then `finished`.
+pub async fn run_output(
+    State(console): State<Console>,
+    Path(result_id): Path<String>,
+) -> Result<Response, PageError> {
+    let id = parse_result_id(&result_id)?;
+    let inner = &console.inner;
+    let mut watcher = inner
+        .tails
+        .watch(&result_id)
+        .await
+        .map_err(|err| match err {
+            TailError::NotFound(_) => not_yet(id, inner.config.read_replica),
+            TailError::TooMany { .. } => PageError::Unavailable(err.to_string()),
+            TailError::NotAnId(_) => PageError::BadRequest(err.to_string()),
+            TailError::Store(err) => PageError::from(err),
+        })?;
+    let stop = inner.stop.clone();
+    let stream = async_stream::stream! {
+        loop {
+            let event = tokio::select! {
+                event = watcher.next() => match event {
+                    Some(event) => event,
+                    None => return,
+                },
+                _ = stop.cancelled() => return,
+            };
+            yield Ok::<_, Infallible>(match event {
+                TailEvent::Chunk(chunk) => {
+                    let stream = match chunk.stream() {
+                        pb::OutputStream::Stderr => "stderr",
+                        _ => "stdout",
+                    };
+                    Event::default().event("chunk").data(json!({
+                        "stream": stream,
+                        "offset": chunk.offset,
+                        "length": chunk.length,
+                        "data": chunk.data,
+                    }).to_string())
+                }
+                TailEvent::Notice { agent_connected, message } => Event::default()
+                    .event("notice")
+                    .data(json!({"connected": agent_connected, "message": message}).to_string()),
+                TailEvent::Finished(_) => Event::default().event("finished").data("finished"),
+            });
+        }
+    };
+    Ok((
+        [("x-accel-buffering", "no")],
+        Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)),
+    )
+        .into_response())
 }

@@ -3,7 +3,8 @@
 //! - this module: the routes, their handlers and the headers every answer carries;
 //! - [`filters`]: the Activity page's URL parameters, read and written (URLs are a contract);
 //! - [`pages`]: the HTML of every page (maud templates: every value is escaped by construction);
-//! - [`live`]: Server-Sent Events telling open pages to re-read when runs change;
+//! - [`live`]: Server-Sent Events telling open pages to re-read when runs change, and carrying a
+//!   running run's output to its page;
 //! - [`session`]: sign-in with a reader or operator token, sessions, CSRF tokens;
 //! - `assets/`: the stylesheet and the one script, embedded in the binary.
 //!
@@ -33,7 +34,7 @@ use uuid::Uuid;
 use crate::{
     auth::Tokens,
     changes::Changes,
-    control::{CancelError, Cancels},
+    control::{CancelError, Cancels, Tails},
     presence,
     store::{
         EndpointOrder, EndpointQuery, ListQuery, ReadStore, RunState, Store, StoreError,
@@ -84,6 +85,8 @@ struct Inner {
     changes: Changes,
     /// The Cancel button's work.
     cancels: Cancels,
+    /// A running run's live output.
+    tails: Tails,
     /// `None`: no authentication configured, every page is open.
     sessions: Option<Sessions>,
     config: ConsoleConfig,
@@ -91,18 +94,34 @@ struct Inner {
     stop: CancellationToken,
 }
 
+/// Everything the console is built from.
+pub struct ConsoleParts {
+    /// Every page's queries.
+    pub reads: Arc<dyn ReadStore>,
+    /// Where sessions are kept: the primary (a sign-in must hold at once, on every replica).
+    pub store: Arc<dyn Store>,
+    /// With a tokens file, every page needs a sign-in with a reader token.
+    pub tokens: Option<Arc<Tokens>>,
+    pub changes: Changes,
+    pub cancels: Cancels,
+    pub tails: Tails,
+    pub config: ConsoleConfig,
+    /// Ends the live streams at shutdown.
+    pub stop: CancellationToken,
+}
+
 impl Console {
-    /// `tokens`: with a tokens file, every page needs a sign-in with a reader token; sessions
-    /// are kept in `store` (the primary: a sign-in must hold at once, on every replica).
-    pub fn new(
-        reads: Arc<dyn ReadStore>,
-        store: Arc<dyn Store>,
-        tokens: Option<Arc<Tokens>>,
-        changes: Changes,
-        cancels: Cancels,
-        config: ConsoleConfig,
-        stop: CancellationToken,
-    ) -> Console {
+    pub fn new(parts: ConsoleParts) -> Console {
+        let ConsoleParts {
+            reads,
+            store,
+            tokens,
+            changes,
+            cancels,
+            tails,
+            config,
+            stop,
+        } = parts;
         let sessions =
             tokens.map(|tokens| Sessions::new(store, tokens, config.session_ttl, config.tls));
         Console {
@@ -110,6 +129,7 @@ impl Console {
                 reads,
                 changes,
                 cancels,
+                tails,
                 sessions,
                 config,
                 stop,
@@ -155,6 +175,7 @@ pub fn router(console: Console) -> Router {
         .route("/", get(activity))
         .route("/runs/{result_id}", get(run))
         .route("/runs/{result_id}/cancel", post(cancel))
+        .route("/runs/{result_id}/live", get(live::run_output))
         .route("/runs/{result_id}/{output}", get(download))
         .route("/endpoints", get(endpoints))
         .route("/manifests", get(manifests))

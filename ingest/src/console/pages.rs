@@ -10,7 +10,7 @@ use super::{
     filters::{EndpointFilters, STATE_NAMES},
     session::Visitor,
 };
-use crate::store::{EndpointRow, ExecutionRow, ManifestSummary, RunState};
+use crate::store::{EndpointRow, ExecutionRow, ManifestSummary, RunOutcome, RunState};
 
 /// A whole page, ready to send.
 pub type Page = Html<String>;
@@ -270,26 +270,25 @@ pub struct RunView<'a> {
     pub visitor: &'a Visitor,
 }
 
-fn output_block(name: &str, file: &str, run: &ExecutionRow) -> Markup {
-    let (text, dropped) = match &run.outcome {
-        Some(o) if name == "stdout" => (o.stdout.as_str(), o.stdout_dropped_bytes),
-        Some(o) => (o.stderr.as_str(), o.stderr_dropped_bytes),
-        None => ("", 0),
+/// One stored output of a finished run.
+fn output_block(name: &str, file: &str, run: &ExecutionRow, outcome: &RunOutcome) -> Markup {
+    let (text, dropped) = if name == "stdout" {
+        (outcome.stdout.as_str(), outcome.stdout_dropped_bytes)
+    } else {
+        (outcome.stderr.as_str(), outcome.stderr_dropped_bytes)
     };
     html! {
         section.output aria-labelledby={"h-" (name)} {
             h2 #{"h-" (name)} {
                 (name) " "
                 span.meta { (text.len()) " bytes" }
-                @if run.outcome.is_some() {
-                    " " a.download href={"/runs/" (run.result_id) "/" (file)} download { "download" }
-                }
+                " " a.download href={"/runs/" (run.result_id) "/" (file)} download { "download" }
             }
             @if dropped > 0 {
                 p.dropped { (dropped) " more bytes were dropped by the agent (output beyond its limit)." }
             }
             @if text.is_empty() {
-                p.empty { @if run.outcome.is_some() { "(empty)" } @else { "(no result yet)" } }
+                p.empty { "(empty)" }
             } @else {
                 pre.out #{"out-" (name)} tabindex="0" { (text) }
             }
@@ -361,8 +360,27 @@ pub fn run(v: &RunView<'_>) -> Page {
                     }
                 }
             }
-            (output_block("stdout", "stdout.txt", run))
-            (output_block("stderr", "stderr.txt", run))
+            @if let Some(outcome) = &run.outcome {
+                (output_block("stdout", "stdout.txt", run, outcome))
+                (output_block("stderr", "stderr.txt", run, outcome))
+            } @else {
+                p.empty.outputs-later {
+                    "No result yet: both outputs are stored when the run ends, and show here "
+                    "as it writes them meanwhile."
+                }
+            }
+        }
+        // The output as the script writes it, outside the live part so what arrived survives the
+        // page's re-reads; the script shows it once the stream opens and hides it at the end
+        // (the final view then shows the outputs as stored).
+        @if run.outcome.is_none() {
+            section.tail aria-labelledby="h-tail" data-tail={"/runs/" (run.result_id) "/live"} hidden data-hide-when-final {
+                h2 #h-tail { "Live output " span.meta data-tail-notice { "following the run" } }
+                h3 { "stdout" }
+                pre.out data-tail-stream="stdout" tabindex="0" {}
+                h3 { "stderr" }
+                pre.out data-tail-stream="stderr" tabindex="0" {}
+            }
         }
         // Outside the live part, so a reason being typed survives the page's live re-reads; the
         // script hides it once the run has a result.

@@ -811,7 +811,27 @@ impl Tails {
                 };
                 ended.push(row.result_id);
                 state.watchers -= watched.watchers.len();
+                let mut rest = Vec::new();
+                if let Some(o) = &row.outcome {
+                    rest.extend(stored_rest(
+                        watched.delivered[0],
+                        row.result_id,
+                        true,
+                        &o.stdout,
+                        o.stdout_dropped_bytes,
+                    ));
+                    rest.extend(stored_rest(
+                        watched.delivered[1],
+                        row.result_id,
+                        false,
+                        &o.stderr,
+                        o.stderr_dropped_bytes,
+                    ));
+                }
                 for (_, queue) in &watched.watchers {
+                    for chunk in &rest {
+                        queue.push(TailEvent::Chunk(chunk.clone()));
+                    }
                     queue.push(TailEvent::Finished(Box::new(row.clone())));
                 }
             }
@@ -1013,26 +1033,76 @@ fn watching_messages(reply_to: &str, runs: Vec<WatchedRun>) -> Vec<ControlMessag
     messages
 }
 
+/// `text`, which starts at `offset` of its stream, as chunks of whole characters.
+fn text_chunks(result_id: Uuid, stdout: bool, mut offset: u64, text: &str) -> Vec<pb::OutputChunk> {
+    let mut chunks = Vec::new();
+    let mut rest = text;
+    while !rest.is_empty() {
+        let mut end = rest.len().min(limits::MAX_OUTPUT_CHUNK_BYTES);
+        while !rest.is_char_boundary(end) {
+            end -= 1;
+        }
+        let (piece, after) = rest.split_at(end);
+        chunks.extend(unseen(
+            0,
+            result_id,
+            stdout,
+            offset,
+            piece.len() as u64,
+            piece,
+        ));
+        offset += piece.len() as u64;
+        rest = after;
+    }
+    chunks
+}
+
+/// The end of a finished run's stored output (`text`, with `dropped` bytes cut from its
+/// middle) that watchers did not get live, past `delivered`, at most what the agent holds of a
+/// stream: the live stream can miss the last writes (the agent's stream ends after a result
+/// with a large output, a chunk was dropped) and an agent adds a line when a run is cancelled.
+fn stored_rest(
+    delivered: u64,
+    result_id: Uuid,
+    stdout: bool,
+    text: &str,
+    dropped: u64,
+) -> Vec<pb::OutputChunk> {
+    let written = text.len() as u64 + dropped;
+    if delivered >= written {
+        return Vec::new();
+    }
+    // With bytes cut, the stored text's second half is the stream's end.
+    let stored_end = if dropped > 0 {
+        text.len() / 2
+    } else {
+        text.len()
+    };
+    let wanted = ((written - delivered) as usize)
+        .min(stored_end)
+        .min(limits::LIVE_OUTPUT_HELD_BYTES);
+    let mut start = text.len() - wanted;
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    text_chunks(
+        result_id,
+        stdout,
+        written - (text.len() - start) as u64,
+        &text[start..],
+    )
+}
+
 /// The watcher of a run that had ended: its stored outputs, then its row.
 fn finished_watcher(run: ExecutionRow) -> Watcher {
     let queue = Arc::new(WatcherQueue::default());
-    let result_id = run.result_id;
     if let Some(outcome) = &run.outcome {
+        let mut queued = queue.lock();
         for (stdout, text) in [(true, &outcome.stdout), (false, &outcome.stderr)] {
-            let mut offset = 0;
-            let mut rest = text.as_str();
-            while !rest.is_empty() {
-                let mut end = rest.len().min(limits::MAX_OUTPUT_CHUNK_BYTES);
-                while !rest.is_char_boundary(end) {
-                    end -= 1;
-                }
-                let (piece, after) = rest.split_at(end);
-                let chunk = unseen(0, result_id, stdout, offset, piece.len() as u64, piece)
-                    .expect("a stored piece is never empty");
-                // The queue's bound is for live output: stored outputs are queued whole.
-                queue.lock().events.push_back(TailEvent::Chunk(chunk));
-                offset += piece.len() as u64;
-                rest = after;
+            // The queue's bound is for live output: stored outputs are queued whole.
+            for chunk in text_chunks(run.result_id, stdout, 0, text) {
+                queued.bytes += chunk.data.len();
+                queued.events.push_back(TailEvent::Chunk(chunk));
             }
         }
     }
@@ -1135,6 +1205,22 @@ mod tests {
             said.extend(runs);
         }
         assert_eq!(said, runs);
+    }
+
+    #[test]
+    fn the_stored_end_of_a_run_completes_what_watchers_missed() {
+        let id = Uuid::nil();
+        let text = "line 1\nline 2\nline 3\n";
+        let rest = stored_rest(7, id, true, text, 0);
+        assert_eq!(rest.len(), 1);
+        assert_eq!(
+            (rest[0].offset, rest[0].data.as_str()),
+            (7, "line 2\nline 3\n")
+        );
+        assert!(stored_rest(text.len() as u64, id, true, text, 0).is_empty());
+        // With bytes cut from the middle, only the stored end is the stream's end.
+        let rest = stored_rest(0, id, true, "headtail", 100);
+        assert_eq!((rest[0].offset, rest[0].data.as_str()), (104, "tail"));
     }
 
     #[tokio::test]

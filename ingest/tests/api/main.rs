@@ -16,5 +16,6 @@ mod presence;
 mod replica;
 mod replicas;
 mod stream;
+mod tail;
 mod telemetry;
 mod tls;

@@ -84,6 +84,8 @@
           if (again) { again = false; refresh(); }
         });
     }
+    // The run's live output asks for a re-read when the run ends.
+    document.addEventListener("kanade:refresh", refresh);
     var status = document.querySelector("[data-live-status]");
     var events = new EventSource("/events");
     events.addEventListener("ready", function () {
@@ -94,12 +96,58 @@
     events.onerror = function () { if (status) status.hidden = true; };
   }
 
+  // A running run's output as its script writes it: appended as text (never markup), each
+  // stream in order by its offsets; bytes the page did not get show as a gap; what it already
+  // has (after the browser reconnects the stream) is not shown twice.
+  function tail() {
+    var panel = document.querySelector("[data-tail]");
+    if (!panel || !window.EventSource) return;
+    var outs = {}, next = {};
+    panel.querySelectorAll("[data-tail-stream]").forEach(function (pre) {
+      outs[pre.getAttribute("data-tail-stream")] = pre;
+    });
+    var notice = panel.querySelector("[data-tail-notice]");
+    var encoder = new TextEncoder(), decoder = new TextDecoder();
+    var source = new EventSource(panel.getAttribute("data-tail"));
+    source.addEventListener("chunk", function (e) {
+      var c = JSON.parse(e.data), out = outs[c.stream];
+      if (!out) return;
+      panel.hidden = false;
+      var data = c.data, start = c.offset, have = next[c.stream];
+      if (have !== undefined && start + c.length <= have) return;
+      if (have !== undefined && start < have) {
+        data = decoder.decode(encoder.encode(data).slice(have - start));
+        start = have;
+      }
+      var atEnd = out.scrollTop + out.clientHeight >= out.scrollHeight - 4;
+      if (have !== undefined && start > have) {
+        var gap = document.createElement("span");
+        gap.className = "gap";
+        gap.textContent = "[" + (start - have) + " bytes not shown]\n";
+        out.appendChild(gap);
+      }
+      out.appendChild(document.createTextNode(data));
+      next[c.stream] = c.offset + c.length;
+      if (atEnd) out.scrollTop = out.scrollHeight;
+    });
+    source.addEventListener("notice", function (e) {
+      panel.hidden = false;
+      if (notice) notice.textContent = JSON.parse(e.data).message;
+    });
+    source.addEventListener("finished", function () {
+      source.close();
+      document.dispatchEvent(new Event("kanade:refresh"));
+    });
+    source.addEventListener("open", function () { panel.hidden = false; });
+  }
+
   function start() {
     localTimes(document);
     copyButtons(document);
     tick();
     setInterval(tick, 1000);
     live();
+    tail();
   }
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
   else start();
