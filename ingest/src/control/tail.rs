@@ -569,7 +569,10 @@ impl Tails {
                     continue;
                 }
                 let new = tailing.wanted_by.insert(reply_to.clone(), now).is_none();
-                if !tailing.told.iter().any(|s| s.strong_count() > 0) {
+                // A replica that starts wanting the run needs what the agent holds: the agent
+                // is asked (again: it sends what it holds first, and the replicas that have it
+                // already drop it by its offsets).
+                if new || !tailing.told.iter().any(|s| s.strong_count() > 0) {
                     for sink in &sinks {
                         sink.send(tail_message(run.result_id, true));
                     }

@@ -124,7 +124,13 @@ async fn list_through_reflection_shows_ingest_activity_and_health() {
         "Activity methods through reflection: {methods:?}"
     );
     let out = grpcurl(&ingest, None, &["list", "kanade.v1.Control"]).await;
-    assert_eq!(out.names(), ["kanade.v1.Control.CancelExecution"]);
+    assert_eq!(
+        out.names(),
+        [
+            "kanade.v1.Control.CancelExecution",
+            "kanade.v1.Control.TailExecution"
+        ]
+    );
 }
 
 #[tokio::test]
