@@ -16,7 +16,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -27,7 +27,7 @@ use kanade_testkit::percentile;
 use tonic::transport::Channel;
 
 use crate::{
-    process::{self, BenchDb, IngestProcess},
+    process::{self, BenchDb, Guard, IngestProcess, running},
     report,
 };
 
@@ -47,16 +47,6 @@ pub struct CancelArgs {
     /// Append the summary as a CSV row to this file.
     #[arg(long)]
     pub csv: Option<PathBuf>,
-}
-
-/// A child process killed when dropped.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// Whether process `pid` still exists (and is no zombie).
@@ -84,28 +74,6 @@ async fn until(
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     Ok(())
-}
-
-/// The run a fresh `exec` started, once ingest lists it as running.
-async fn running(activity: &mut ActivityClient<Channel>, manifest: &str) -> anyhow::Result<String> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let page = activity
-            .list_executions(pb::ListExecutionsRequest {
-                states: vec![pb::ExecutionState::Running as i32],
-                manifest_id: manifest.to_string(),
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
-        if let Some(run) = page.executions.first() {
-            return Ok(run.result_id.clone());
-        }
-        if Instant::now() > deadline {
-            bail!("run {manifest} was never listed as running");
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
 }
 
 fn agent_config(dir: &Path, ingest: &str) -> anyhow::Result<PathBuf> {

@@ -17,6 +17,7 @@ mod process;
 mod report;
 mod retention;
 mod storm;
+mod tail;
 mod throughput;
 
 use std::path::PathBuf;
@@ -60,6 +61,10 @@ enum Mode {
     /// What fleet presence costs the database with many idle agents: statements and rows per
     /// second.
     Presence(presence::PresenceArgs),
+    /// Live output: a script's write to its watcher on the agent's replica and on another
+    /// (p50/p99), the agent's CPU with a run watched and not, ingest's memory with many watched
+    /// runs.
+    Tail(tail::TailArgs),
     /// Draws throughput and p99 latency against agents from a throughput CSV.
     Plot {
         /// CSV written by `throughput --csv`.
@@ -84,6 +89,7 @@ async fn main() -> anyhow::Result<()> {
         Mode::Retention(args) => retention::run(args).await,
         Mode::Cancel(args) => cancel::run(args).await,
         Mode::Presence(args) => presence::run(args).await,
+        Mode::Tail(args) => tail::run(args).await,
         Mode::Plot { csv, png } => {
             report::plot(&csv, &png)?;
             println!("mode=plot png={}", png.display());

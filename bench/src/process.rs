@@ -7,7 +7,11 @@ use std::{
     process::{Child, Command, Stdio},
 };
 
+use std::time::{Duration, Instant};
+
 use anyhow::{Context, bail};
+use kanade_shared::pb::{self, activity_client::ActivityClient};
+use tonic::transport::Channel;
 
 /// A binary of this workspace, built next to the benchmark (`cargo build --release --workspace`).
 pub fn workspace_binary(name: &str) -> anyhow::Result<PathBuf> {
@@ -314,5 +318,40 @@ impl BenchDb {
             .execute(&pool)
             .await;
         }
+    }
+}
+
+/// A child process killed when dropped.
+pub struct Guard(pub Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The run a fresh `exec` started, once ingest lists it as running.
+pub async fn running(
+    activity: &mut ActivityClient<Channel>,
+    manifest: &str,
+) -> anyhow::Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let page = activity
+            .list_executions(pb::ListExecutionsRequest {
+                states: vec![pb::ExecutionState::Running as i32],
+                manifest_id: manifest.to_string(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        if let Some(run) = page.executions.first() {
+            return Ok(run.result_id.clone());
+        }
+        if Instant::now() > deadline {
+            bail!("run {manifest} was never listed as running");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }

@@ -186,6 +186,27 @@ fn cancel_times_cancels_through_both_replicas() {
 }
 
 #[test]
+fn tail_times_live_output_on_both_replicas_and_measures_its_cost() {
+    let s = run(&[
+        "tail",
+        "--database-url",
+        &postgres_admin_url(),
+        "--lines",
+        "5",
+        "--cpu-seconds",
+        "1",
+        "--watched",
+        "3",
+        "--measure",
+        "1s",
+    ]);
+    assert_eq!(s["mode"], "tail");
+    for key in ["same_p99_ms", "other_p99_ms", "crossing_kib_s"] {
+        assert!(s[key].parse::<f64>().unwrap() > 0.0, "{key}: {s:?}");
+    }
+}
+
+#[test]
 fn presence_counts_what_idle_streams_cost() {
     let s = run(&[
         "presence",
