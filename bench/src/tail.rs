@@ -309,12 +309,19 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
             Some(watcher) => watcher.await??,
             None => 0,
         };
-        let stored = activity
-            .get_execution(pb::GetExecutionRequest {
-                result_id: running_id.clone(),
-            })
-            .await?
-            .into_inner();
+        // The run's result reaches ingest through the daemon a moment after exec ends.
+        let stored = loop {
+            let stored = activity
+                .get_execution(pb::GetExecutionRequest {
+                    result_id: running_id.clone(),
+                })
+                .await?
+                .into_inner();
+            if stored.finished_at.is_some() {
+                break stored;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
         let written = stored.stdout.len() as u64 + stored.stdout_dropped_bytes;
         cpu.push((case, exec_cpu, daemon_cpu, written, followed));
     }
@@ -397,13 +404,15 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
         other.cpu_seconds() - cpu_before.1,
         pg.seconds(),
     );
-    // Nobody reads: each watcher's queue fills to its bound (256 KiB, about 13 s of this
-    // output), then memory holds still.
+    // Nobody reads: each watcher's queue fills to its bound (256 KiB), and so do the HTTP/2
+    // buffers in front of it; then memory holds still.
     reading.store(false, std::sync::atomic::Ordering::Relaxed);
-    tokio::time::sleep(measure).await;
-    let stalled_rss = (rss(&near), rss(&other));
-    tokio::time::sleep(2 * measure).await;
-    let stalled_longer = (rss(&near), rss(&other));
+    let stall_began = Instant::now();
+    let mut stalled = Vec::new();
+    for after in [1, 3, 6] {
+        tokio::time::sleep_until((stall_began + measure * after).into()).await;
+        stalled.push((measure * after, rss(&near), rss(&other)));
+    }
     let peak = (near.peak_rss_bytes(), other.peak_rss_bytes());
     stop.cancel();
     for watcher in watchers {
@@ -441,12 +450,22 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
             }
         );
     }
+    let stalled_text: Vec<String> = stalled
+        .iter()
+        .map(|(after, holder, watchers)| {
+            format!(
+                "{:.1} / {:.1} MiB after {} s",
+                mib(*holder),
+                mib(*watchers),
+                after.as_secs()
+            )
+        })
+        .collect();
     println!(
         "ingest with {} watched runs ({} B every 200 ms each, watched on the other replica): \
          holder {:.1} → {:.1} MiB, watchers' replica {:.1} → {:.1} MiB while reading \
          ({:.0} KiB/s arrived; CPU holder {:.2} s, watchers' replica {:.2} s, PostgreSQL {:.2} s \
-         over {} s), {:.1} / {:.1} MiB after {} s of nobody reading, {:.1} / {:.1} MiB after {} s; \
-         peak {:.1} / {:.1} MiB",
+         over {} s); nobody reading: {}; peak {:.1} / {:.1} MiB",
         args.watched,
         args.chunk_bytes,
         mib(before.0),
@@ -458,12 +477,7 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
         cpu_reading.1,
         cpu_reading.2,
         measure.as_secs(),
-        mib(stalled_rss.0),
-        mib(stalled_rss.1),
-        measure.as_secs(),
-        mib(stalled_longer.0),
-        mib(stalled_longer.1),
-        3 * measure.as_secs(),
+        stalled_text.join(", "),
         mib(peak.0),
         mib(peak.1),
     );
@@ -477,7 +491,7 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
         "mode=tail lines={} same_p50_ms={:.1} same_p99_ms={:.1} other_p50_ms={:.1} \
          other_p99_ms={:.1} rpc_p50_ms={:.2} target_p99_ms=500 exec_cpu_unwatched_s={:.2} \
          exec_cpu_watched_s={:.2} daemon_cpu_unwatched_s={:.2} daemon_cpu_watched_s={:.2}{} \
-         watched_runs={} holder_rss_mib={:.1}/{:.1}/{:.1} watcher_rss_mib={:.1}/{:.1}/{:.1}/{:.1} \
+         watched_runs={} holder_rss_mib={:.1}/{:.1}/{:.1} watcher_rss_mib={:.1}/{:.1}/{} \
          crossing_kib_s={:.0} pg_cpu_s={pg_cpu:.2}",
         args.lines,
         ms(&results[0].1, 0.5),
@@ -495,11 +509,14 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
         args.watched,
         mib(before.0),
         mib(reading_rss.0),
-        mib(stalled_rss.0),
+        mib(stalled.last().map_or(0, |s| s.1)),
         mib(before.1),
         mib(reading_rss.1),
-        mib(stalled_rss.1),
-        mib(stalled_longer.1),
+        stalled
+            .iter()
+            .map(|s| format!("{:.1}", mib(s.2)))
+            .collect::<Vec<_>>()
+            .join("/"),
         flowing as f64 / 1024.0 / measure.as_secs_f64(),
     );
     if let Some(csv) = &args.csv {

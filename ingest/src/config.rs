@@ -261,9 +261,10 @@ pub struct ServeArgs {
 
     /// Most watchers of runs' live output at once on this replica (Control/TailExecution calls
     /// and console run pages; any number of them share one request to the agent per run);
-    /// more get RESOURCE_EXHAUSTED. Each holds at most 256 KiB of output not yet read, and each
-    /// run watched here the last 64 KiB of each of its outputs.
-    #[arg(long, env = "KANADE_INGEST_MAX_TAILS", default_value_t = 256)]
+    /// more get RESOURCE_EXHAUSTED. A watcher that does not read holds up to 256 KiB of output
+    /// queued here plus what HTTP/2 buffers for it (up to about 460 KiB), and each run watched
+    /// here the last 64 KiB of each of its outputs.
+    #[arg(long, env = "KANADE_INGEST_MAX_TAILS", default_value_t = 128)]
     pub max_tails: usize,
 
     /// Streams older than this (±10 % jitter) are ended cleanly so agents spread over replicas.

@@ -709,14 +709,20 @@ impl Tails {
             let mut last_check = Instant::now();
             let mut check_wanted = false;
             loop {
+                // Nothing watched here and nothing held: nothing is due until a message or a
+                // watcher comes.
+                let busy = {
+                    let state = self.state();
+                    !state.watched.is_empty() || !state.held.is_empty()
+                };
                 tokio::select! {
                     message = heard.recv() => match message {
                         Some(message) => self.on_heard(message),
                         None => return,
                     },
-                    _ = beat.tick() => {}
+                    _ = beat.tick(), if busy => {}
                     _ = self.inner.due.notified() => {}
-                    changed = commits.changed() => {
+                    changed = commits.changed(), if busy => {
                         if changed.is_err() { return }
                         check_wanted = true;
                     }
