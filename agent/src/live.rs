@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     data_dir::DataDir,
-    runner::{OutputStream, RunOutput},
+    runner::{self, OutputStream, RunOutput},
 };
 
 /// At most one send of a run's output per this long: a script printing a line at a time costs
@@ -44,8 +44,9 @@ pub const COALESCE: Duration = Duration::from_millis(200);
 const SEND_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a run that ended waits for its last chunks to be sent.
 const LAST_SEND: Duration = Duration::from_secs(1);
-/// Chunks waiting in the sending process for the stream to ingest.
-const FORWARD_QUEUE: usize = 256;
+/// Chunks waiting in the sending process for the stream to ingest (each at most
+/// [`MAX_DATAGRAM_BYTES`]: a few MiB at worst).
+const FORWARD_QUEUE: usize = 32;
 /// The largest datagram a chunk makes: its bytes read as text (up to three times as long) and
 /// the message around them.
 const MAX_DATAGRAM_BYTES: usize = 3 * limits::MAX_OUTPUT_CHUNK_BYTES + 1024;
@@ -125,6 +126,8 @@ struct Position {
     stream: OutputStream,
     /// The next byte to send.
     next: u64,
+    /// Nothing sent yet: `next` may fall inside a character.
+    first: bool,
 }
 
 /// Sends the run's output until `stop`, the sending process going away, or the end of the run.
@@ -140,6 +143,7 @@ async fn follow(tail: Arc<TailInner>, stop: CancellationToken) {
     let mut positions = OutputStream::BOTH.map(|stream| Position {
         stream,
         next: tail.output.written(stream).saturating_sub(held),
+        first: true,
     });
     let mut rate = Rate::new(tail.rate_bytes);
     let mut last_send: Option<Instant> = None;
@@ -157,7 +161,10 @@ async fn follow(tail: Arc<TailInner>, stop: CancellationToken) {
                 continue;
             }
             let (start, bytes) = tail.output.since(position.stream, position.next, allowed);
-            let chunks = split(start, &bytes, ended);
+            // Bytes were skipped (the first send, or what fell out of the buffer): the rest of
+            // a character cut there is not sent.
+            let after_skip = position.first || start > position.next;
+            let chunks = split(start, &bytes, after_skip, ended);
             for (offset, piece) in chunks {
                 let chunk = pb::OutputChunk {
                     result_id: tail.result_id.clone(),
@@ -172,6 +179,7 @@ async fn follow(tail: Arc<TailInner>, stop: CancellationToken) {
                 }
                 rate.spend(piece.len());
                 position.next = offset + piece.len() as u64;
+                position.first = false;
                 sent_any = true;
             }
         }
@@ -204,18 +212,19 @@ async fn follow(tail: Arc<TailInner>, stop: CancellationToken) {
     }
 }
 
-/// Cuts the bytes that start at `start` into chunks of whole characters: continuation bytes
-/// at the start (the rest of a character whose start was skipped) are left out, and so are the
-/// first bytes of a character cut by the end while more may come (`ended`: nothing will).
-fn split(start: u64, bytes: &[u8], ended: bool) -> Vec<(u64, &[u8])> {
-    let lead = bytes
-        .iter()
-        .take(3)
-        .take_while(|b| (**b & 0b1100_0000) == 0b1000_0000)
-        .count();
+/// Cuts the bytes that start at `start` into chunks of whole characters: after a skip,
+/// continuation bytes at the start (the rest of a character whose start was skipped) are left
+/// out, and so are the first bytes of a character cut by the end while more may come (`ended`:
+/// nothing will).
+fn split(start: u64, bytes: &[u8], after_skip: bool, ended: bool) -> Vec<(u64, &[u8])> {
+    let lead = if after_skip {
+        runner::leading_continuations(bytes)
+    } else {
+        0
+    };
     let mut rest = &bytes[lead..];
     if !ended {
-        rest = &rest[..rest.len() - crate::runner::incomplete_suffix(rest)];
+        rest = &rest[..rest.len() - runner::incomplete_suffix(rest)];
     }
     let mut offset = start + lead as u64;
     let mut chunks = Vec::new();
@@ -225,7 +234,7 @@ fn split(start: u64, bytes: &[u8], ended: bool) -> Vec<(u64, &[u8])> {
             // Back to a character's first byte, unless none is near (not UTF-8 at all).
             let boundary = (end.saturating_sub(3)..=end)
                 .rev()
-                .find(|&i| (rest[i] & 0b1100_0000) != 0b1000_0000);
+                .find(|&i| !runner::is_continuation(rest[i]));
             end = boundary.filter(|&b| b > 0).unwrap_or(end);
         }
         chunks.push((offset, &rest[..end]));
@@ -342,7 +351,7 @@ mod tests {
     fn chunks_hold_whole_characters_and_cover_every_byte() {
         let text = "é".repeat(limits::MAX_OUTPUT_CHUNK_BYTES); // two bytes each
         let bytes = text.as_bytes();
-        let chunks = split(100, bytes, true);
+        let chunks = split(100, bytes, false, true);
         assert!(chunks.len() >= 2);
         let mut next = 100;
         for (offset, piece) in &chunks {
@@ -358,12 +367,14 @@ mod tests {
     fn a_character_cut_at_either_edge_is_not_sent_in_pieces() {
         let bytes = "aé€".as_bytes(); // 1 + 2 + 3 bytes
         // The end cuts '€' after its first byte: it waits for the rest while the run goes.
-        let chunks = split(0, &bytes[..4], false);
+        let chunks = split(0, &bytes[..4], false, false);
         assert_eq!(chunks, [(0, "aé".as_bytes())]);
         // Once the run ended nothing more comes: the bytes go as they are.
-        assert_eq!(split(0, &bytes[..4], true), [(0, &bytes[..4])]);
-        // Starting inside 'é' (its first byte fell out): the rest of it is skipped.
-        assert_eq!(split(2, &bytes[2..], false), [(3, "€".as_bytes())]);
+        assert_eq!(split(0, &bytes[..4], false, true), [(0, &bytes[..4])]);
+        // Starting inside 'é' after a skip (its first byte fell out): the rest of it is left out.
+        assert_eq!(split(2, &bytes[2..], true, false), [(3, "€".as_bytes())]);
+        // Without a skip, stray continuation bytes (binary output) are sent like any other.
+        assert_eq!(split(2, &bytes[2..], false, false), [(2, &bytes[2..])]);
     }
 
     #[test]

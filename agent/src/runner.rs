@@ -176,11 +176,7 @@ impl HeadTail {
         // count as dropped rather than turning into replacement characters.
         let head_partial = incomplete_suffix(&head);
         head.truncate(head.len() - head_partial);
-        let tail_partial = tail
-            .iter()
-            .take(3)
-            .take_while(|b| is_continuation(**b))
-            .count();
+        let tail_partial = leading_continuations(&tail);
         tail.drain(..tail_partial);
         let mut text = String::from_utf8_lossy(&head).into_owned();
         text.push_str(&String::from_utf8_lossy(&tail));
@@ -258,8 +254,17 @@ impl RunOutput {
     }
 }
 
-fn is_continuation(byte: u8) -> bool {
+pub(crate) fn is_continuation(byte: u8) -> bool {
     byte & 0b1100_0000 == 0b1000_0000
+}
+
+/// How many bytes at the start of `bytes` end a UTF-8 character whose first bytes are missing.
+pub(crate) fn leading_continuations(bytes: &[u8]) -> usize {
+    bytes
+        .iter()
+        .take(3)
+        .take_while(|b| is_continuation(**b))
+        .count()
 }
 
 /// How many bytes at the end of `bytes` are the start of a UTF-8 character whose remaining bytes

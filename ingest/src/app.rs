@@ -618,7 +618,11 @@ async fn serve(mut prepared: Prepared, shutdown: CancellationToken) -> anyhow::R
         tasks: stream_tasks.clone(),
     });
     let activity = ActivityService::new(prepared.reads.clone(), lost_grace, args.presence_every);
-    let control = ControlService::new(shared.cancels.clone(), shared.tails.clone());
+    let control = ControlService::new(
+        shared.cancels.clone(),
+        shared.tails.clone(),
+        shutdown.clone(),
+    );
     tracing::info!(replica = %args.replica_id, "replica id");
     let mut background_tasks = prepared.spawn_background(&shared, heard, &background);
     let (budget_bytes, budget_from) = args.memory_budget();

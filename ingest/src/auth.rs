@@ -66,7 +66,9 @@ pub enum Access {
     /// Act on runs (Control/CancelExecution): operators.
     Act,
     /// Decided per call by the service ([`permit`]): Control, where watching a run's output
-    /// (TailExecution) is reading and cancelling it is acting.
+    /// (TailExecution) is reading and cancelling it is acting. Every method must call
+    /// [`permit`] first (a test calls each method listed by reflection with an endpoint's
+    /// token and expects PERMISSION_DENIED).
     PerCall,
 }
 

@@ -75,13 +75,20 @@ pub struct WatchedRun {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OutputMessage {
-    /// A piece of the run's output ([`kanade_shared::pb::OutputChunk`]'s fields).
+    /// A piece of a chunk of the run's output ([`kanade_shared::pb::OutputChunk`]'s fields): a
+    /// chunk too long for one notification goes in parts, numbered from 0, each carrying the
+    /// chunk's offset and length, all but the last marked `more`; the receiver puts them back
+    /// together (they are sent in order, in one statement).
     Chunk {
         result_id: Uuid,
         stdout: bool,
         offset: u64,
         length: u64,
         data: String,
+        #[serde(default)]
+        part: u32,
+        #[serde(default)]
+        more: bool,
     },
     /// The agent was asked for the run's output: it flows now.
     Tailing { result_id: Uuid },
@@ -171,8 +178,13 @@ impl Bus {
                 };
                 let _ = self.cancels.send(Control::Cancel(cancel)).await;
             }
+            // Never waited for (the queue also carries output, and its consumer publishes
+            // through here): watchers say what they watch again every few seconds, and a
+            // holding nobody confirms expires.
             ControlMessage::Watching { .. } | ControlMessage::Unwatching { .. } => {
-                let _ = self.tails.send(TailHeard::Control(message)).await;
+                if self.tails.try_send(TailHeard::Control(message)).is_err() {
+                    tracing::debug!("live output is busy: a watching message dropped");
+                }
             }
         }
     }

@@ -187,6 +187,10 @@ pub struct SenderConfig {
     pub status_every: Duration,
 }
 
+/// Places of the stream's outbound queue live output never takes: events and status reports
+/// always find room.
+const OUTBOUND_KEPT_FOR_EVENTS: usize = 16;
+
 /// Refusals at the transport level (e.g. over ingest's message size limit) of the same event
 /// after which it is dead-lettered.
 const TRANSPORT_REFUSALS_BEFORE_DEAD_LETTER: u32 = 3;
@@ -528,15 +532,18 @@ impl<Q: Queue> Session<'_, Q> {
         }
     }
 
-    /// Puts a run's output on the stream, never waiting: when the stream's queue is full the
-    /// chunk is dropped (its watchers see a gap) rather than holding up events and acks.
+    /// Puts a run's output on the stream, never waiting and never taking the room events need:
+    /// when the stream's queue is nearly full the chunk is dropped (its watchers see a gap)
+    /// rather than holding up events, status reports and acks.
     fn forward_output(&self, chunk: pb::OutputChunk) {
+        if self.outbound.capacity() <= OUTBOUND_KEPT_FOR_EVENTS {
+            tracing::debug!("the stream to ingest is busy: a live output chunk dropped");
+            return;
+        }
         let message = pb::AgentMessage {
             msg: Some(pb::agent_message::Msg::Output(chunk)),
         };
-        if let Err(mpsc::error::TrySendError::Full(_)) = self.outbound.try_send(message) {
-            tracing::debug!("the stream to ingest is full: a live output chunk dropped");
-        }
+        let _ = self.outbound.try_send(message);
     }
 
     /// Sends the agent's status to ingest (when it accepts it); a failure to read it is logged

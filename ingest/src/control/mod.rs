@@ -12,6 +12,7 @@ use std::pin::Pin;
 
 use futures::Stream;
 use kanade_shared::pb;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 pub use cancel::{CancelError, Cancels};
@@ -67,11 +68,18 @@ pub fn tail_response(event: TailEvent) -> pb::TailExecutionResponse {
 pub struct ControlService {
     cancels: Cancels,
     tails: Tails,
+    /// Cancelled when ingest begins shutting down: open tails end, so they do not hold up the
+    /// drain (their callers call again, and reach another replica).
+    shutdown: CancellationToken,
 }
 
 impl ControlService {
-    pub fn new(cancels: Cancels, tails: Tails) -> ControlService {
-        ControlService { cancels, tails }
+    pub fn new(cancels: Cancels, tails: Tails, shutdown: CancellationToken) -> ControlService {
+        ControlService {
+            cancels,
+            tails,
+            shutdown,
+        }
     }
 }
 
@@ -103,9 +111,22 @@ impl pb::control_server::Control for ControlService {
         auth::permit(&mut request, Access::Read)?;
         let result_id = request.into_inner().result_id;
         let mut watcher = self.tails.watch(&result_id).await.map_err(tail_status)?;
+        let shutdown = self.shutdown.clone();
         let events = async_stream::stream! {
-            while let Some(event) = watcher.next().await {
-                yield Ok(tail_response(event));
+            loop {
+                tokio::select! {
+                    event = watcher.next() => match event {
+                        Some(event) => yield Ok(tail_response(event)),
+                        None => break,
+                    },
+                    _ = shutdown.cancelled() => {
+                        yield Err(Status::unavailable(
+                            "ingest is shutting down; call again to go on following the run \
+                             (offsets show what you have)",
+                        ));
+                        break;
+                    }
+                }
             }
         };
         Ok(Response::new(Box::pin(events)))

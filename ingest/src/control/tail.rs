@@ -155,6 +155,9 @@ struct State {
     next_watcher: u64,
     /// Runs whose output this replica asks of an agent stream it holds.
     held: HashMap<Uuid, Tailing>,
+    /// Runs no longer watched here, to say so (by the task that says what is watched, so the
+    /// two are said in order).
+    unwatched: Vec<Uuid>,
 }
 
 /// A run watched on this replica.
@@ -166,12 +169,54 @@ struct Watched {
     delivered: [u64; 2],
     /// Per stream: the last output delivered (up to the agent's 64 KiB), for watchers joining.
     recent: [Recent; 2],
+    /// Per stream: a chunk from another replica whose parts are arriving.
+    assembling: [Option<Assembly>; 2],
     /// A replica answered that it holds the run's agent, and no interruption came since.
     answered: bool,
     /// Watchers were told the agent is not connected: told again when it is.
     told_disconnected: bool,
     ask_every: Duration,
     next_ask: Instant,
+}
+
+/// A chunk from another replica, put back together from its parts.
+#[derive(Debug)]
+struct Assembly {
+    offset: u64,
+    length: u64,
+    next_part: u32,
+    data: String,
+}
+
+/// Puts a chunk back together in `slot` from its parts (`part` number, `more` to come), each
+/// at the chunk's `offset` and `length`: its whole text once the last part came after every
+/// other in order. A part missing or out of place drops the chunk (the watchers see a gap).
+fn assemble(
+    slot: &mut Option<Assembly>,
+    (offset, length): (u64, u64),
+    data: String,
+    (part, more): (u32, bool),
+) -> Option<String> {
+    if part == 0 {
+        *slot = Some(Assembly {
+            offset,
+            length,
+            next_part: 0,
+            data: String::new(),
+        });
+    }
+    let assembly = slot.as_mut()?;
+    let fits = assembly.data.len() + data.len() <= 3 * limits::MAX_OUTPUT_CHUNK_BYTES;
+    if (assembly.offset, assembly.length, assembly.next_part) != (offset, length, part) || !fits {
+        *slot = None;
+        return None;
+    }
+    assembly.data.push_str(&data);
+    assembly.next_part += 1;
+    if more {
+        return None;
+    }
+    slot.take().map(|a| a.data)
 }
 
 /// The last chunks delivered of one stream.
@@ -196,6 +241,7 @@ impl Recent {
 /// A run whose output this replica asks of its agent.
 #[derive(Debug)]
 struct Tailing {
+    result_id: Uuid,
     pc_id: String,
     /// The channels that want it, and when they last said so.
     wanted_by: HashMap<String, Instant>,
@@ -247,6 +293,14 @@ impl WatcherQueue {
         true
     }
 
+    /// Queues a stored output or a final row: a finished run's whole answer, not held to the
+    /// bound of live output (its watcher counts against --max-tails like any other).
+    fn push_stored(&self, event: TailEvent) {
+        let mut queue = self.lock();
+        queue.bytes += event.bytes();
+        queue.events.push_back(event);
+    }
+
     async fn next(&self) -> TailEvent {
         loop {
             {
@@ -266,9 +320,16 @@ impl WatcherQueue {
 #[derive(Debug)]
 pub struct Watcher {
     queue: Arc<WatcherQueue>,
-    /// `None` for a run that had ended already (nothing to leave).
-    registered: Option<(Tails, Uuid, u64)>,
+    leave: Option<Leave>,
     done: bool,
+}
+
+/// What a watcher gives back when it is dropped: its place among the replica's `--max-tails`,
+/// and, following a running run, its place among that run's watchers.
+#[derive(Debug)]
+struct Leave {
+    tails: Tails,
+    watching: Option<(Uuid, u64)>,
 }
 
 impl Watcher {
@@ -285,8 +346,8 @@ impl Watcher {
 
 impl Drop for Watcher {
     fn drop(&mut self) {
-        if let Some((tails, result_id, id)) = self.registered.take() {
-            tails.leave(result_id, id);
+        if let Some(Leave { tails, watching }) = self.leave.take() {
+            tails.leave(watching);
         }
     }
 }
@@ -340,12 +401,7 @@ impl Tails {
             .get(id, now, self.inner.lost_grace)
             .await?
             .ok_or(TailError::NotFound(id))?;
-        if run.outcome.is_some() {
-            return Ok(finished_watcher(run));
-        }
-        let pc_id = run.pc_id.clone();
-        let queue = Arc::new(WatcherQueue::default());
-        let (watcher_id, first) = {
+        let watcher_id = {
             let mut state = self.state();
             if state.watchers >= self.inner.limits.max_watchers {
                 return Err(TailError::TooMany {
@@ -354,13 +410,27 @@ impl Tails {
             }
             state.watchers += 1;
             state.next_watcher += 1;
-            let watcher_id = state.next_watcher;
+            self.inner.metrics.tail_watchers.set(state.watchers as i64);
+            state.next_watcher
+        };
+        if run.outcome.is_some() {
+            let leave = Leave {
+                tails: self.clone(),
+                watching: None,
+            };
+            return Ok(finished_watcher(run, leave));
+        }
+        let pc_id = run.pc_id.clone();
+        let queue = Arc::new(WatcherQueue::default());
+        let first = {
+            let mut state = self.state();
             let first = !state.watched.contains_key(&id);
             let watched = state.watched.entry(id).or_insert_with(|| Watched {
                 pc_id: pc_id.clone(),
                 watchers: Vec::new(),
                 delivered: [0, 0],
                 recent: Default::default(),
+                assembling: Default::default(),
                 answered: false,
                 told_disconnected: false,
                 ask_every: FIRST_RETRY,
@@ -372,12 +442,14 @@ impl Tails {
                 }
             }
             watched.watchers.push((watcher_id, queue.clone()));
-            self.inner.metrics.tail_watchers.set(state.watchers as i64);
-            (watcher_id, first)
+            first
         };
         let watcher = Watcher {
             queue: queue.clone(),
-            registered: Some((self.clone(), id, watcher_id)),
+            leave: Some(Leave {
+                tails: self.clone(),
+                watching: Some((id, watcher_id)),
+            }),
             done: false,
         };
         if first {
@@ -412,34 +484,24 @@ impl Tails {
         }
     }
 
-    /// A watcher left.
-    fn leave(&self, result_id: Uuid, watcher_id: u64) {
-        let last = {
-            let mut state = self.state();
-            let Some(watched) = state.watched.get_mut(&result_id) else {
-                return;
-            };
-            let before = watched.watchers.len();
-            watched.watchers.retain(|(id, _)| *id != watcher_id);
-            let left = before - watched.watchers.len();
-            let last = watched.watchers.is_empty();
-            if last {
-                state.watched.remove(&result_id);
-            }
-            state.watchers -= left;
-            self.inner.metrics.tail_watchers.set(state.watchers as i64);
-            last
+    /// A watcher left: its place is free, and a run it was the last to watch is said to be
+    /// watched no more.
+    fn leave(&self, watching: Option<(Uuid, u64)>) {
+        let mut state = self.state();
+        state.watchers -= 1;
+        self.inner.metrics.tail_watchers.set(state.watchers as i64);
+        let Some((result_id, watcher_id)) = watching else {
+            return;
         };
-        if last && let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let bus = self.inner.bus.clone();
-            runtime.spawn(async move {
-                let reply_to = bus.tail_channel().to_string();
-                bus.publish(ControlMessage::Unwatching {
-                    reply_to,
-                    runs: vec![result_id],
-                })
-                .await;
-            });
+        let Some(watched) = state.watched.get_mut(&result_id) else {
+            return;
+        };
+        watched.watchers.retain(|(id, _)| *id != watcher_id);
+        if watched.watchers.is_empty() {
+            state.watched.remove(&result_id);
+            state.unwatched.push(result_id);
+            drop(state);
+            self.inner.due.notify_one();
         }
     }
 
@@ -460,28 +522,31 @@ impl Tails {
         };
         if wanted.is_empty() {
             // Nobody (any more): the agent stops sending.
-            for sink in self.inner.registry.sinks(pc_id) {
-                sink.send(tail_message(result_id, false));
-            }
+            stop_sending(result_id, self.inner.registry.sinks(pc_id));
             return;
         }
         let own = self.inner.bus.tail_channel();
+        let mut parts = None;
         for channel in wanted {
             if channel == own {
                 self.deliver(result_id, stdout, chunk.offset, chunk.length, &chunk.data);
             } else {
-                for piece in pieces(result_id, stdout, &chunk) {
-                    self.queue_forward(channel.clone(), piece);
-                }
+                let parts = parts.get_or_insert_with(|| pieces(result_id, stdout, &chunk));
+                self.queue_forward(&channel, parts);
             }
         }
     }
 
-    fn queue_forward(&self, channel: String, message: OutputMessage) {
-        let bytes = match &message {
-            OutputMessage::Chunk { data, .. } => data.len(),
-            _ => 0,
-        } + 100;
+    /// Queues `messages` for the replica listening on `channel`: all of them, or none when the
+    /// queue has no room (the watchers there see a gap).
+    fn queue_forward(&self, channel: &str, messages: &[OutputMessage]) {
+        let bytes: usize = messages
+            .iter()
+            .map(|m| match m {
+                OutputMessage::Chunk { data, .. } => data.len() + 100,
+                _ => 100,
+            })
+            .sum();
         let mut forward = self.inner.forward.lock().unwrap_or_else(|e| e.into_inner());
         if forward.bytes + bytes > FORWARD_MAX_BYTES {
             drop(forward);
@@ -489,7 +554,9 @@ impl Tails {
             return;
         }
         forward.bytes += bytes;
-        forward.messages.push((channel, message));
+        forward
+            .messages
+            .extend(messages.iter().map(|m| (channel.to_string(), m.clone())));
         drop(forward);
         self.inner.forward_ready.notify_one();
     }
@@ -540,12 +607,42 @@ impl Tails {
                 offset,
                 length,
                 data,
-            }) => self.deliver(result_id, stdout, offset, length, &data),
+                part,
+                more,
+            }) => {
+                let whole = if part == 0 && !more {
+                    Some(data)
+                } else {
+                    self.assemble(result_id, stdout, (offset, length), data, (part, more))
+                };
+                if let Some(data) = whole {
+                    self.deliver(result_id, stdout, offset, length, &data);
+                }
+            }
             TailHeard::Output(OutputMessage::Tailing { result_id }) => self.on_tailing(result_id),
             TailHeard::Output(OutputMessage::Interrupted { result_id }) => {
                 self.on_interrupted(result_id)
             }
         }
+    }
+
+    /// A part of a chunk from another replica: the chunk's whole text once its last part came.
+    fn assemble(
+        &self,
+        result_id: Uuid,
+        stdout: bool,
+        place: (u64, u64),
+        data: String,
+        part: (u32, bool),
+    ) -> Option<String> {
+        let mut state = self.state();
+        let watched = state.watched.get_mut(&result_id)?;
+        assemble(
+            &mut watched.assembling[if stdout { 0 } else { 1 }],
+            place,
+            data,
+            part,
+        )
     }
 
     /// The replica listening on `reply_to` watches `runs`: those whose agent streams are here
@@ -561,6 +658,7 @@ impl Tails {
                     continue;
                 }
                 let tailing = state.held.entry(run.result_id).or_insert_with(|| Tailing {
+                    result_id: run.result_id,
                     pc_id: run.pc_id.clone(),
                     wanted_by: HashMap::new(),
                     told: Vec::new(),
@@ -571,11 +669,20 @@ impl Tails {
                 let new = tailing.wanted_by.insert(reply_to.clone(), now).is_none();
                 // A replica that starts wanting the run needs what the agent holds: the agent
                 // is asked (again: it sends what it holds first, and the replicas that have it
-                // already drop it by its offsets).
-                if new || !tailing.told.iter().any(|s| s.strong_count() > 0) {
-                    for sink in &sinks {
-                        sink.send(tail_message(run.result_id, true));
-                    }
+                // already drop it by its offsets). So is a stream of its agent not asked yet
+                // (it reconnected while its old stream is still ending).
+                let told = |sink: &Arc<StreamSink>| {
+                    tailing
+                        .told
+                        .iter()
+                        .any(|t| std::ptr::eq(t.as_ptr(), Arc::as_ptr(sink)))
+                };
+                let asked: Vec<&Arc<StreamSink>> =
+                    sinks.iter().filter(|s| new || !told(s)).collect();
+                for sink in &asked {
+                    sink.send(tail_message(run.result_id, true));
+                }
+                if !asked.is_empty() {
                     tailing.told = sinks.iter().map(Arc::downgrade).collect();
                     tracing::debug!(result_id = %run.result_id, pc_id = %run.pc_id,
                         "asked an agent for a run's output");
@@ -598,23 +705,17 @@ impl Tails {
         if channel == self.inner.bus.tail_channel() {
             self.on_heard(TailHeard::Output(message));
         } else {
-            self.queue_forward(channel.to_string(), message);
+            self.queue_forward(channel, &[message]);
         }
     }
 
     /// `channel` no longer wants `result_id`; the agent stops when nobody does.
     fn unwant(&self, result_id: Uuid, channel: &str) {
-        let mut state = self.state();
-        let Some(tailing) = state.held.get_mut(&result_id) else {
-            return;
-        };
-        tailing.wanted_by.remove(channel);
-        if tailing.wanted_by.is_empty()
-            && let Some(tailing) = state.held.remove(&result_id)
-        {
-            stop_tailing(result_id, &tailing);
-        }
-        self.inner.metrics.tails_held.set(state.held.len() as i64);
+        self.forget_held(|tailing| {
+            if tailing.result_id == result_id {
+                tailing.wanted_by.remove(channel);
+            }
+        });
     }
 
     fn on_tailing(&self, result_id: Uuid) {
@@ -670,24 +771,35 @@ impl Tails {
 
     /// A stream of `pc_id` ended: the output it carried stops, and whoever wanted it is told.
     pub fn on_stream_ended(&self, pc_id: &str, sink: &Arc<StreamSink>) {
+        self.forget_held(|tailing| {
+            if tailing.pc_id == pc_id {
+                tailing
+                    .told
+                    .retain(|s| !std::ptr::eq(s.as_ptr(), Arc::as_ptr(sink)));
+            }
+        });
+    }
+
+    /// Applies `update` to every holding, then forgets those nobody wants any more (their
+    /// agent stops sending) and those whose agent streams are all gone (whoever wanted them is
+    /// told the output stopped, and asks again).
+    fn forget_held(&self, mut update: impl FnMut(&mut Tailing)) {
         let mut interrupted = Vec::new();
         {
             let mut state = self.state();
             state.held.retain(|result_id, tailing| {
-                if tailing.pc_id != pc_id {
-                    return true;
+                update(tailing);
+                tailing.told.retain(|s| s.strong_count() > 0);
+                if tailing.wanted_by.is_empty() {
+                    stop_sending(*result_id, tailing.told.iter().filter_map(Weak::upgrade));
+                    return false;
                 }
-                tailing.told.retain(|s| {
-                    s.strong_count() > 0 && !std::ptr::eq(s.as_ptr(), Arc::as_ptr(sink))
-                });
-                if !tailing.told.is_empty() {
-                    return true;
+                if tailing.told.is_empty() {
+                    let channels: Vec<String> = tailing.wanted_by.keys().cloned().collect();
+                    interrupted.push((*result_id, channels));
+                    return false;
                 }
-                interrupted.push((
-                    *result_id,
-                    tailing.wanted_by.keys().cloned().collect::<Vec<_>>(),
-                ));
-                false
+                true
             });
             self.inner.metrics.tails_held.set(state.held.len() as i64);
         }
@@ -744,9 +856,12 @@ impl Tails {
     /// Says which runs are watched here, for those due.
     async fn ask_due(&self) {
         let now = Instant::now();
-        let due: Vec<WatchedRun> = {
+        let (due, unwatched) = {
             let mut state = self.state();
-            state
+            let mut unwatched = std::mem::take(&mut state.unwatched);
+            // Watched again meanwhile: nothing to say.
+            unwatched.retain(|id| !state.watched.contains_key(id));
+            let due: Vec<WatchedRun> = state
                 .watched
                 .iter_mut()
                 .filter(|(_, w)| w.next_ask <= now)
@@ -760,8 +875,10 @@ impl Tails {
                         result_id: *id,
                     }
                 })
-                .collect()
+                .collect();
+            (due, unwatched)
         };
+        self.say_unwatched(unwatched).await;
         if due.is_empty() {
             return;
         }
@@ -772,22 +889,27 @@ impl Tails {
             .await;
     }
 
-    /// Forgets the channels that stopped saying they watch.
+    /// Tells the replicas holding `runs` that nobody here watches them any more.
+    async fn say_unwatched(&self, runs: Vec<Uuid>) {
+        if runs.is_empty() {
+            return;
+        }
+        let reply_to = self.inner.bus.tail_channel().to_string();
+        self.inner
+            .bus
+            .publish(ControlMessage::Unwatching { reply_to, runs })
+            .await;
+    }
+
+    /// Forgets the channels that stopped saying they watch, and the holdings whose streams went
+    /// away.
     fn expire(&self) {
-        let mut state = self.state();
         let now = Instant::now();
-        state.held.retain(|result_id, tailing| {
+        self.forget_held(|tailing| {
             tailing
                 .wanted_by
                 .retain(|_, said| now.duration_since(*said) < EXPIRE);
-            let keep =
-                !tailing.wanted_by.is_empty() && tailing.told.iter().any(|s| s.strong_count() > 0);
-            if !keep {
-                stop_tailing(*result_id, tailing);
-            }
-            keep
         });
-        self.inner.metrics.tails_held.set(state.held.len() as i64);
     }
 
     /// Gives the watchers of runs that ended their final row.
@@ -819,7 +941,6 @@ impl Tails {
                     continue;
                 };
                 ended.push(row.result_id);
-                state.watchers -= watched.watchers.len();
                 let mut rest = Vec::new();
                 if let Some(o) = &row.outcome {
                     rest.extend(stored_rest(
@@ -844,16 +965,8 @@ impl Tails {
                     queue.push(TailEvent::Finished(Box::new(row.clone())));
                 }
             }
-            self.inner.metrics.tail_watchers.set(state.watchers as i64);
         }
-        let reply_to = self.inner.bus.tail_channel().to_string();
-        self.inner
-            .bus
-            .publish(ControlMessage::Unwatching {
-                reply_to,
-                runs: ended,
-            })
-            .await;
+        self.say_unwatched(ended).await;
     }
 
     /// Sends output to other replicas, in batches, until `stop`.
@@ -883,9 +996,9 @@ impl Tails {
     }
 }
 
-/// The agent's stream is told to stop sending `result_id`.
-fn stop_tailing(result_id: Uuid, tailing: &Tailing) {
-    for sink in tailing.told.iter().filter_map(Weak::upgrade) {
+/// The agent's `streams` are told to stop sending `result_id`: nobody watches it any more.
+fn stop_sending(result_id: Uuid, streams: impl IntoIterator<Item = Arc<StreamSink>>) {
+    for sink in streams {
         sink.send(tail_message(result_id, false));
     }
     tracing::debug!(%result_id, "nobody watches a run any more: its agent stops sending");
@@ -972,45 +1085,32 @@ fn json_len(c: char) -> usize {
 
 /// A chunk cut into messages that each fit a notification.
 fn pieces(result_id: Uuid, stdout: bool, chunk: &pb::OutputChunk) -> Vec<OutputMessage> {
-    let exact = chunk.data.len() as u64 == chunk.length;
-    let mut messages = Vec::new();
-    let mut offset = chunk.offset;
-    let mut left = chunk.length;
-    let mut start = 0;
-    let mut json = 0;
     let data = &chunk.data;
-    let mut cut = |messages: &mut Vec<OutputMessage>, start: usize, end: usize, last: bool| {
-        let text = &data[start..end];
-        // Text mapping byte for byte covers its own length; otherwise the last piece covers
-        // whatever the chunk covers beyond the others.
-        let length = if exact || !last {
-            (text.len() as u64).min(left)
-        } else {
-            left
-        };
-        messages.push(OutputMessage::Chunk {
-            result_id,
-            stdout,
-            offset,
-            length,
-            data: text.to_string(),
-        });
-        offset += length;
-        left -= length;
-    };
+    let mut cuts = Vec::new();
+    let (mut start, mut json) = (0, 0);
     for (i, c) in data.char_indices() {
         let n = json_len(c);
         if json + n > PIECE_JSON_BYTES {
-            cut(&mut messages, start, i, false);
+            cuts.push((start, i));
             start = i;
             json = 0;
         }
         json += n;
     }
-    if start < data.len() || messages.is_empty() {
-        cut(&mut messages, start, data.len(), true);
-    }
-    messages
+    cuts.push((start, data.len()));
+    let last = cuts.len() - 1;
+    cuts.into_iter()
+        .enumerate()
+        .map(|(part, (from, to))| OutputMessage::Chunk {
+            result_id,
+            stdout,
+            offset: chunk.offset,
+            length: chunk.length,
+            data: data[from..to].to_string(),
+            part: part as u32,
+            more: part < last,
+        })
+        .collect()
 }
 
 /// `runs` said in as many `Watching` messages as notifications need.
@@ -1077,8 +1177,10 @@ fn stored_rest(
     text: &str,
     dropped: u64,
 ) -> Vec<pb::OutputChunk> {
+    // Replaced bytes (U+FFFD) make the stored text longer than the stream: no byte offset
+    // can be trusted then, and the final row has the output anyway.
     let written = text.len() as u64 + dropped;
-    if delivered >= written {
+    if delivered >= written || text.contains('\u{FFFD}') {
         return Vec::new();
     }
     // With bytes cut, the stored text's second half is the stream's end.
@@ -1103,25 +1205,41 @@ fn stored_rest(
 }
 
 /// The watcher of a run that had ended: its stored outputs, then its row.
-fn finished_watcher(run: ExecutionRow) -> Watcher {
+fn finished_watcher(run: ExecutionRow, leave: Leave) -> Watcher {
     let queue = Arc::new(WatcherQueue::default());
     if let Some(outcome) = &run.outcome {
-        let mut queued = queue.lock();
-        for (stdout, text) in [(true, &outcome.stdout), (false, &outcome.stderr)] {
-            // The queue's bound is for live output: stored outputs are queued whole.
-            for chunk in text_chunks(run.result_id, stdout, 0, text) {
-                queued.bytes += chunk.data.len();
-                queued.events.push_back(TailEvent::Chunk(chunk));
+        for (stdout, text, dropped) in [
+            (true, &outcome.stdout, outcome.stdout_dropped_bytes),
+            (false, &outcome.stderr, outcome.stderr_dropped_bytes),
+        ] {
+            // With bytes cut from the middle, the stored text's second half starts that much
+            // further on (its head and tail were kept half and half).
+            let mut half = if dropped > 0 {
+                text.len() / 2
+            } else {
+                text.len()
+            };
+            while !text.is_char_boundary(half) {
+                half -= 1;
+            }
+            let (head, tail) = text.split_at(half);
+            let chunks = text_chunks(run.result_id, stdout, 0, head)
+                .into_iter()
+                .chain(text_chunks(
+                    run.result_id,
+                    stdout,
+                    (half as u64) + dropped,
+                    tail,
+                ));
+            for chunk in chunks {
+                queue.push_stored(TailEvent::Chunk(chunk));
             }
         }
     }
-    queue
-        .lock()
-        .events
-        .push_back(TailEvent::Finished(Box::new(run)));
+    queue.push_stored(TailEvent::Finished(Box::new(run)));
     Watcher {
         queue,
-        registered: None,
+        leave: Some(leave),
         done: false,
     }
 }
@@ -1162,35 +1280,62 @@ mod tests {
     }
 
     #[test]
-    fn a_chunk_is_cut_into_notifications_that_fit_and_cover_it_exactly() {
+    fn a_chunk_crosses_replicas_in_notifications_that_fit_and_is_put_back_together() {
         let id = Uuid::now_v7();
-        for data in [
-            "line\n".repeat(6000),
-            "\u{1}".repeat(limits::MAX_OUTPUT_CHUNK_BYTES),
-            "é\"\\".repeat(5000),
+        for (data, length) in [
+            ("line\n".repeat(6000), 30_000),
+            ("\u{1}".repeat(limits::MAX_OUTPUT_CHUNK_BYTES), 32_768),
+            ("é\"\\".repeat(5000), 20_000),
+            // Binary output: the text (U+FFFD for each invalid byte) is longer than the bytes.
+            ("\u{fffd}".repeat(10_000), 10_000),
         ] {
-            let chunk = chunk(1000, &data);
+            let mut chunk = chunk(1000, &data);
+            chunk.length = length;
             let pieces = pieces(id, true, &chunk);
-            let mut next = 1000;
-            let mut text = String::new();
-            for piece in &pieces {
+            assert!(pieces.len() > 1);
+            let mut slot = None;
+            let mut whole = None;
+            for (i, piece) in pieces.iter().enumerate() {
                 let payload = serde_json::to_string(piece).unwrap();
                 assert!(payload.len() <= bus::MAX_PAYLOAD_BYTES, "{}", payload.len());
                 let OutputMessage::Chunk {
                     offset,
                     length,
                     data,
+                    part,
+                    more,
                     ..
-                } = piece
+                } = piece.clone()
                 else {
                     panic!("{piece:?}")
                 };
-                assert_eq!(*offset, next);
-                next += length;
-                text.push_str(data);
+                assert_eq!((offset, length, part as usize), (1000, chunk.length, i));
+                whole = assemble(&mut slot, (offset, length), data, (part, more));
+                assert_eq!(whole.is_some(), i == pieces.len() - 1);
             }
-            assert_eq!(next, 1000 + data.len() as u64);
-            assert_eq!(text, data);
+            assert_eq!(whole.unwrap(), data);
+
+            // A part lost on the way: the chunk is dropped, not shown with a hole.
+            let mut slot = None;
+            let mut shown = Vec::new();
+            for piece in pieces
+                .iter()
+                .filter(|p| !matches!(p, OutputMessage::Chunk { part: 1, .. }))
+            {
+                let OutputMessage::Chunk {
+                    offset,
+                    length,
+                    data,
+                    part,
+                    more,
+                    ..
+                } = piece.clone()
+                else {
+                    panic!()
+                };
+                shown.extend(assemble(&mut slot, (offset, length), data, (part, more)));
+            }
+            assert!(shown.is_empty());
         }
     }
 

@@ -6,7 +6,8 @@
 //! answers the event, so a stream holding `max_unacked` events (or bytes) unanswered is not read
 //! further (the one event waiting for its permits is charged to the memory budget). Messages
 //! that are not events (status reports, live output) need no permit: they are handled as they
-//! arrive, never queued behind the window.
+//! arrive, behind the window only when an agent sent more events than its window (one that
+//! honours Welcome never does).
 //!
 //! A stream ends cleanly when the client closes its side or when it reaches its maximum age
 //! (after its acks, so the agent reconnects to whichever replica the balancer picks); with

@@ -461,6 +461,33 @@ async fn grpcurl_follows_a_run_and_refusals_say_what_it_takes() {
             }
         }
     }
+    // Control decides who may call per call: every method of it refuses an endpoint's token
+    // (a method that forgot to check would let agents act).
+    let endpoint_header = format!("authorization: Bearer {agent_token}");
+    let methods = grpcurl_over(
+        &ingest,
+        &["-plaintext"],
+        None,
+        &["list", "kanade.v1.Control"],
+    )
+    .await
+    .names()
+    .into_iter()
+    .map(String::from)
+    .collect::<Vec<_>>();
+    assert!(methods.len() >= 2, "{methods:?}");
+    for method in methods {
+        let method = method.replacen("kanade.v1.Control.", "kanade.v1.Control/", 1);
+        let (code, message) = grpcurl_over(
+            &ingest,
+            &["-plaintext", "-H", &endpoint_header],
+            Some(&request),
+            &[&method],
+        )
+        .await
+        .status();
+        assert_eq!(code, "PermissionDenied", "{method}: {message}");
+    }
     let unknown = json!({"result_id": uuid::Uuid::now_v7().to_string()});
     let (code, _) = grpcurl_over(
         &ingest,
@@ -548,4 +575,47 @@ every = "1s"
     .await;
     browser.screenshot("run-live-output-finished").await;
     browser.close().await;
+}
+
+#[tokio::test]
+async fn an_open_tail_ends_with_unavailable_when_ingest_shuts_down_and_holds_nothing_up() {
+    let db = TestDb::sqlite();
+    let mut ingest = TestIngest::builder(&db.url)
+        .args(&["--shutdown-timeout", "20s"])
+        .start()
+        .await;
+    let work = tempfile::tempdir().unwrap();
+    let home = AgentHome::new(&ingest.url(), &counting_job(work.path(), 300, "0.2", 0));
+    let _daemon = home.daemon();
+    let result_id = running_run(&ingest).await;
+    let Tail(mut stream, _client) = tail(&ingest, &result_id).await;
+    // It follows the run…
+    loop {
+        if let Some(Event::Chunk(_)) = stream.message().await.unwrap().unwrap().event {
+            break;
+        }
+    }
+    // …until ingest is told to stop: the call ends at once, saying why, and ingest is gone
+    // long before its shutdown timeout.
+    let began = Instant::now();
+    let (ended, exited) = tokio::join!(
+        async {
+            loop {
+                match stream.message().await {
+                    Ok(Some(_)) => continue,
+                    other => return other,
+                }
+            }
+        },
+        ingest.terminate()
+    );
+    let status = ended.expect_err("the tail ends with a status");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("shutting down"), "{status:?}");
+    assert!(exited, "ingest exited cleanly");
+    assert!(
+        began.elapsed() < Duration::from_secs(10),
+        "shutdown took {:?} with a tail open",
+        began.elapsed()
+    );
 }

@@ -113,17 +113,21 @@
       var c = JSON.parse(e.data), out = outs[c.stream];
       if (!out) return;
       panel.hidden = false;
-      var data = c.data, start = c.offset, have = next[c.stream];
-      if (have !== undefined && start + c.length <= have) return;
-      if (have !== undefined && start < have) {
-        data = decoder.decode(encoder.encode(data).slice(have - start));
+      var data = c.data, start = c.offset, have = next[c.stream] || 0;
+      if (start + c.length <= have && next[c.stream] !== undefined) return;
+      if (start < have) {
+        // Cut what the page has only where the text maps byte for byte onto the output.
+        var bytes = encoder.encode(data);
+        if (bytes.length !== c.length) return;
+        data = decoder.decode(bytes.slice(have - start));
         start = have;
       }
       var atEnd = out.scrollTop + out.clientHeight >= out.scrollHeight - 4;
-      if (have !== undefined && start > have) {
+      if (start > have) {
         var gap = document.createElement("span");
         gap.className = "gap";
-        gap.textContent = "[" + (start - have) + " bytes not shown]\n";
+        gap.textContent = "[" + (start - have) + (next[c.stream] === undefined ? " earlier" : "") +
+          " bytes not shown]\n";
         out.appendChild(gap);
       }
       out.appendChild(document.createTextNode(data));
