@@ -244,6 +244,7 @@ fn the_alerts_and_the_dashboard_use_only_metrics_ingest_serves() {
     metrics.rejected(reject::INVALID);
     metrics.store_error("unavailable");
     metrics.cancel_request("requested");
+    metrics.tail_chunk("delivered");
     metrics.fleet(&kanade_ingest::store::FleetTotals::default());
     let served: BTreeSet<String> = metrics
         .render()
