@@ -15,7 +15,7 @@
 //! cancel is.
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -24,10 +24,9 @@ use anyhow::{Context, bail};
 use clap::Args;
 use kanade_shared::pb::{self, activity_client::ActivityClient, control_client::ControlClient};
 use kanade_testkit::percentile;
-use tonic::transport::Channel;
 
 use crate::{
-    process::{self, BenchDb, Guard, IngestProcess, running},
+    process::{Guard, TwoReplicas, running},
     report,
 };
 
@@ -76,49 +75,17 @@ async fn until(
     Ok(())
 }
 
-fn agent_config(dir: &Path, ingest: &str) -> anyhow::Result<PathBuf> {
-    let config = dir.join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "pc_id = \"bench-cancel\"\ningest = \"{ingest}\"\ndata_dir = \"{}\"\n",
-            dir.join("data").display()
-        ),
-    )?;
-    Ok(config)
-}
-
 pub async fn run(args: CancelArgs) -> anyhow::Result<()> {
-    let db = BenchDb::fresh(&args.database_url).await?;
-    if !db.is_postgres() {
-        bail!("a cancel through another replica needs PostgreSQL (--database-url postgres://…)");
-    }
-    let near = IngestProcess::start(&db.url, "127.0.0.1:0", &[])?;
-    let other = IngestProcess::start(&db.url, "127.0.0.1:0", &[])?;
-    let dir = tempfile::tempdir()?;
-    let config = agent_config(dir.path(), &format!("http://{}", near.addr))?;
-    let agent = process::workspace_binary("kanade-agent")?;
-    let _daemon = Guard(
-        Command::new(&agent)
-            .args(["run", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .context("starting the agent daemon")?,
-    );
-    let connect = |addr: std::net::SocketAddr| async move {
-        Channel::from_shared(format!("http://{addr}"))
-            .expect("an address")
-            .connect()
-            .await
-    };
-    let (near_channel, other_channel) = (connect(near.addr).await?, connect(other.addr).await?);
+    let setting = TwoReplicas::start(&args.database_url, "bench-cancel", "a cancel").await?;
+    let (near_channel, other_channel) =
+        (setting.near_channel.clone(), setting.other_channel.clone());
+    let (config, agent) = (setting.config.clone(), setting.agent.clone());
+    let dir = setting.dir().to_path_buf();
     let mut activity = ActivityClient::new(near_channel.clone());
 
     let (mut same, mut across, mut rpc) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..args.cancels {
-        let pid_file = dir.path().join(format!("pid-{i}"));
+        let pid_file = dir.join(format!("pid-{i}"));
         let manifest = format!("nap-{i}");
         let script = format!("echo $$ > {}; exec sleep 300", pid_file.display());
         let mut exec = Guard(
@@ -186,8 +153,7 @@ pub async fn run(args: CancelArgs) -> anyhow::Result<()> {
         }
         let _ = exec.0.wait();
     }
-    drop((near, other));
-    db.drop_database().await;
+    setting.finish().await;
 
     for samples in [&mut same, &mut across, &mut rpc] {
         samples.sort();

@@ -355,3 +355,92 @@ pub async fn running(
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
+
+/// Two real ingest replicas on one fresh PostgreSQL database and a real agent daemon streaming to
+/// the first ("near"): the setting of the modes that act through the replica holding an agent's
+/// stream and through another (cancel, tail).
+pub struct TwoReplicas {
+    pub db: BenchDb,
+    pub near: IngestProcess,
+    pub other: IngestProcess,
+    pub near_channel: Channel,
+    pub other_channel: Channel,
+    /// The agent's config file (its data dir beside it) and binary, for `exec` runs.
+    pub config: PathBuf,
+    pub agent: PathBuf,
+    /// The daemon, until [`TwoReplicas::stop_daemon`].
+    pub daemon: Option<Guard>,
+    dir: tempfile::TempDir,
+}
+
+impl TwoReplicas {
+    /// Starts everything; the agent speaks for `pc_id`. `mode` names what needs PostgreSQL.
+    pub async fn start(database_url: &str, pc_id: &str, mode: &str) -> anyhow::Result<TwoReplicas> {
+        let db = BenchDb::fresh(database_url).await?;
+        if !db.is_postgres() {
+            bail!("{mode} through another replica needs PostgreSQL (--database-url postgres://…)");
+        }
+        let near = IngestProcess::start(&db.url, "127.0.0.1:0", &[])?;
+        let other = IngestProcess::start(&db.url, "127.0.0.1:0", &[])?;
+        let dir = tempfile::tempdir()?;
+        let config = dir.path().join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "pc_id = \"{pc_id}\"\ningest = \"http://{}\"\ndata_dir = \"{}\"\n",
+                near.addr,
+                dir.path().join("data").display()
+            ),
+        )?;
+        let agent = workspace_binary("kanade-agent")?;
+        let daemon = Guard(
+            Command::new(&agent)
+                .args(["run", "--config"])
+                .arg(&config)
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .spawn()
+                .context("starting the agent daemon")?,
+        );
+        let connect = |addr: SocketAddr| async move {
+            Channel::from_shared(format!("http://{addr}"))
+                .expect("an address")
+                .connect()
+                .await
+        };
+        let (near_channel, other_channel) = (connect(near.addr).await?, connect(other.addr).await?);
+        Ok(TwoReplicas {
+            db,
+            near,
+            other,
+            near_channel,
+            other_channel,
+            config,
+            agent,
+            daemon: Some(daemon),
+            dir,
+        })
+    }
+
+    /// A directory for the mode's own files.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    pub fn stop_daemon(&mut self) {
+        self.daemon = None;
+    }
+
+    /// Stops the processes, then drops the database.
+    pub async fn finish(self) {
+        let TwoReplicas {
+            db,
+            near,
+            other,
+            daemon,
+            ..
+        } = self;
+        drop((daemon, near, other));
+        db.drop_database().await;
+    }
+}

@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 use crate::{
-    process::{self, BenchDb, Guard, IngestProcess, running},
+    process::{self, Guard, IngestProcess, TwoReplicas, running},
     report,
 };
 
@@ -71,18 +71,6 @@ pub struct TailArgs {
     /// Append the summary as a CSV row to this file.
     #[arg(long)]
     pub csv: Option<PathBuf>,
-}
-
-fn agent_config(dir: &Path, ingest: &str) -> anyhow::Result<PathBuf> {
-    let config = dir.join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "pc_id = \"bench-tail\"\ningest = \"{ingest}\"\ndata_dir = \"{}\"\n",
-            dir.join("data").display()
-        ),
-    )?;
-    Ok(config)
 }
 
 /// `kanade-agent exec` of `script` (manifest `manifest`), writing into the daemon's data dir.
@@ -219,31 +207,11 @@ fn mib(bytes: u64) -> f64 {
 }
 
 pub async fn run(args: TailArgs) -> anyhow::Result<()> {
-    let db = BenchDb::fresh(&args.database_url).await?;
-    if !db.is_postgres() {
-        bail!("a watcher on another replica needs PostgreSQL (--database-url postgres://…)");
-    }
-    let near = IngestProcess::start(&db.url, "127.0.0.1:0", &[])?;
-    let other = IngestProcess::start(&db.url, "127.0.0.1:0", &[])?;
-    let dir = tempfile::tempdir()?;
-    let config = agent_config(dir.path(), &format!("http://{}", near.addr))?;
-    let agent = process::workspace_binary("kanade-agent")?;
-    let daemon = Guard(
-        Command::new(&agent)
-            .args(["run", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .context("starting the agent daemon")?,
-    );
-    let connect = |addr: std::net::SocketAddr| async move {
-        Channel::from_shared(format!("http://{addr}"))
-            .expect("an address")
-            .connect()
-            .await
-    };
-    let (near_channel, other_channel) = (connect(near.addr).await?, connect(other.addr).await?);
+    let mut setting = TwoReplicas::start(&args.database_url, "bench-tail", "a watcher").await?;
+    let (near_channel, other_channel) =
+        (setting.near_channel.clone(), setting.other_channel.clone());
+    let (config, agent) = (setting.config.clone(), setting.agent.clone());
+    let daemon_pid = setting.daemon.as_ref().map_or(0, |d| d.0.id());
     let mut activity = ActivityClient::new(near_channel.clone());
 
     // Latency: write → watcher, on each replica, against one unary call.
@@ -304,7 +272,7 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
                 anyhow::Ok(bytes)
             })
         });
-        let (exec_cpu, daemon_cpu) = cpu_while_running(&mut run, daemon.0.id())?;
+        let (exec_cpu, daemon_cpu) = cpu_while_running(&mut run, daemon_pid)?;
         let followed = match watcher {
             Some(watcher) => watcher.await??,
             None => 0,
@@ -325,12 +293,13 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
         let written = stored.stdout.len() as u64 + stored.stdout_dropped_bytes;
         cpu.push((case, exec_cpu, daemon_cpu, written, followed));
     }
-    drop(daemon);
+    setting.stop_daemon();
+    let (near, other) = (&setting.near, &setting.other);
 
     // Ingest memory with many watched runs, every byte crossing replicas.
     let stop = CancellationToken::new();
     let rss = |p: &IngestProcess| p.rss_bytes();
-    let before = (rss(&near), rss(&other));
+    let before = (rss(near), rss(other));
     let mut ids = Vec::new();
     for i in 0..args.watched {
         ids.push(
@@ -394,11 +363,11 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
     }
     let measure = args.measure;
     let cpu_before = (near.cpu_seconds(), other.cpu_seconds());
-    let pg = process::PgCpu::start(db.name());
+    let pg = process::PgCpu::start(setting.db.name());
     let received_before = received.load(std::sync::atomic::Ordering::Relaxed);
     tokio::time::sleep(measure).await;
     let flowing = received.load(std::sync::atomic::Ordering::Relaxed) - received_before;
-    let reading_rss = (rss(&near), rss(&other));
+    let reading_rss = (rss(near), rss(other));
     let cpu_reading = (
         near.cpu_seconds() - cpu_before.0,
         other.cpu_seconds() - cpu_before.1,
@@ -411,15 +380,14 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
     let mut stalled = Vec::new();
     for after in [1, 3, 6] {
         tokio::time::sleep_until((stall_began + measure * after).into()).await;
-        stalled.push((measure * after, rss(&near), rss(&other)));
+        stalled.push((measure * after, rss(near), rss(other)));
     }
     let peak = (near.peak_rss_bytes(), other.peak_rss_bytes());
     stop.cancel();
     for watcher in watchers {
         let _ = watcher.await;
     }
-    drop((near, other));
-    db.drop_database().await;
+    setting.finish().await;
 
     let ms = |samples: &[Duration], q: f64| {
         percentile(samples, q).map_or(0.0, |d| d.as_secs_f64() * 1000.0)

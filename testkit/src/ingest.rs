@@ -213,6 +213,30 @@ impl TestIngest {
             .expect("connecting")
     }
 
+    /// The result_id of the newest run this ingest lists as running, once there is one (15 s at
+    /// most).
+    pub async fn running_run(&self) -> String {
+        let mut activity = self.activity().await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let page = activity
+                .list_executions(kanade_shared::pb::ListExecutionsRequest {
+                    states: vec![kanade_shared::pb::ExecutionState::Running as i32],
+                    ..Default::default()
+                })
+                .await
+                .expect("listing runs");
+            if let Some(run) = page.into_inner().executions.first() {
+                return run.result_id.clone();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no run was listed as running"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Publishes one event through the Ingest service's unary `Publish`; panics unless it is
     /// committed.
     pub async fn publish(&self, body: kanade_shared::wire::EventBody) {

@@ -45,27 +45,6 @@ async fn pid_in(file: &Path) -> i32 {
     pid.unwrap()
 }
 
-/// The result_id of the one run `ingest` lists as running.
-async fn running_run(ingest: &TestIngest) -> String {
-    let mut activity = ingest.activity().await;
-    let mut found = None;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while found.is_none() {
-        assert!(Instant::now() < deadline, "no run was listed as running");
-        let page = activity
-            .list_executions(pb::ListExecutionsRequest {
-                states: vec![pb::ExecutionState::Running as i32],
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        found = page.executions.first().map(|e| e.result_id.clone());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    found.unwrap()
-}
-
 /// Waits until process `pid` is gone; panics after `within`.
 async fn gone(pid: i32, within: Duration) -> Duration {
     let began = Instant::now();
@@ -127,7 +106,7 @@ async fn a_scheduled_run_is_cancelled_through_grpcurl_and_its_processes_are_gone
     let home = AgentHome::new(&ingest.url(), &sleeper_job(work.path()));
     let _daemon = home.daemon();
     let pid = pid_in(&work.path().join("pid")).await;
-    let result_id = running_run(&ingest).await;
+    let result_id = ingest.running_run().await;
 
     let cancel = json!({"result_id": result_id, "reason": "stuck since 09:00"});
     let answer = grpcurl(
@@ -176,7 +155,7 @@ async fn a_cancel_reaches_the_agent_on_another_replica() {
     let home = AgentHome::new(&far.url(), &sleeper_job(work.path()));
     let _daemon = home.daemon();
     let pid = pid_in(&work.path().join("pid")).await;
-    let result_id = running_run(&near).await;
+    let result_id = near.running_run().await;
 
     let asked = Instant::now();
     near.control()
@@ -202,7 +181,7 @@ async fn a_cancel_made_while_the_agent_is_offline_is_delivered_when_it_reconnect
     let home = AgentHome::new(&format!("http://{}", proxy.addr), &sleeper_job(work.path()));
     let _daemon = home.daemon();
     let pid = pid_in(&work.path().join("pid")).await;
-    let result_id = running_run(&ingest).await;
+    let result_id = ingest.running_run().await;
 
     // The network path dies: the cancel is committed, but nothing reaches the agent.
     proxy.blackhole();
@@ -569,7 +548,7 @@ async fn exec_wait_without_a_daemon_streams_its_run_from_the_start_and_can_be_ca
         .unwrap();
     let pid = pid_in(&pid_file).await;
     // Listed as running while it runs: this exec holds the stream itself.
-    let result_id = running_run(&ingest).await;
+    let result_id = ingest.running_run().await;
     ingest
         .control()
         .await

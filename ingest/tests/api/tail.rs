@@ -34,27 +34,6 @@ every = "1s"
     )
 }
 
-/// The result_id of the first run `ingest` lists as running.
-async fn running_run(ingest: &TestIngest) -> String {
-    let mut activity = ingest.activity().await;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let page = activity
-            .list_executions(pb::ListExecutionsRequest {
-                states: vec![pb::ExecutionState::Running as i32],
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if let Some(run) = page.executions.first() {
-            return run.result_id.clone();
-        }
-        assert!(Instant::now() < deadline, "no run was listed as running");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// What one watcher saw: every event with when it arrived.
 struct Watched {
     chunks: Vec<(Instant, pb::OutputChunk)>,
@@ -180,7 +159,7 @@ async fn a_running_scripts_lines_arrive_once_in_order_while_it_runs_then_the_fin
     let work = tempfile::tempdir().unwrap();
     let home = AgentHome::new(&ingest.url(), &counting_job(work.path(), LINES, "0.2", 0));
     let _daemon = home.daemon();
-    let result_id = running_run(&ingest).await;
+    let result_id = ingest.running_run().await;
 
     let watched = watch_to_end(tail(&ingest, &result_id).await, Duration::from_secs(30)).await;
     assert_lines_once_in_order(&watched.stdout_without_gaps(), LINES);
@@ -208,7 +187,7 @@ async fn two_watchers_on_two_replicas_each_get_every_line_once() {
     let work = tempfile::tempdir().unwrap();
     let home = AgentHome::new(&far.url(), &counting_job(work.path(), LINES, "0.2", 0));
     let _daemon = home.daemon();
-    let result_id = running_run(&near).await;
+    let result_id = near.running_run().await;
 
     let (on_near, on_far) = tokio::join!(
         async { watch_to_end(tail(&near, &result_id).await, Duration::from_secs(30)).await },
@@ -239,7 +218,7 @@ async fn a_watcher_that_stops_reading_loses_output_but_slows_nobody() {
     );
     let home = AgentHome::new(&ingest.url(), &job);
     let _daemon = home.daemon();
-    let result_id = running_run(&ingest).await;
+    let result_id = ingest.running_run().await;
 
     // HTTP/2's own default window (hyper's client would take 2 MiB before it stops the server).
     let channel = tonic::transport::Endpoint::from_shared(ingest.url())
@@ -302,7 +281,7 @@ async fn when_the_agent_reconnects_mid_tail_the_watcher_is_told_and_output_resum
         &counting_job(work.path(), lines, "0.2", 0),
     );
     let _daemon = home.daemon();
-    let result_id = running_run(&ingest).await;
+    let result_id = ingest.running_run().await;
 
     let Tail(mut stream, client) = tail(&ingest, &result_id).await;
     // A few lines, then the connection is cut for a moment: the agent reconnects (its backoff is
@@ -367,7 +346,7 @@ async fn a_run_started_by_exec_is_followed_through_the_daemon() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let result_id = running_run(&ingest).await;
+    let result_id = ingest.running_run().await;
     let watched = watch_to_end(tail(&ingest, &result_id).await, Duration::from_secs(30)).await;
     assert_lines_once_in_order(&watched.stdout_without_gaps(), LINES);
     assert_live(&watched);
@@ -517,7 +496,7 @@ every = "1s"
     );
     let home = AgentHome::new(&ingest.url(), &job);
     let _daemon = home.daemon();
-    let result_id = running_run(&ingest).await;
+    let result_id = ingest.running_run().await;
 
     let browser = kanade_testkit::Browser::start(1280, 900).await;
     browser
@@ -587,7 +566,7 @@ async fn an_open_tail_ends_with_unavailable_when_ingest_shuts_down_and_holds_not
     let work = tempfile::tempdir().unwrap();
     let home = AgentHome::new(&ingest.url(), &counting_job(work.path(), 300, "0.2", 0));
     let _daemon = home.daemon();
-    let result_id = running_run(&ingest).await;
+    let result_id = ingest.running_run().await;
     let Tail(mut stream, _client) = tail(&ingest, &result_id).await;
     // It follows the run…
     loop {
