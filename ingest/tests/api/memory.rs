@@ -95,11 +95,19 @@ async fn hundreds_of_streams_of_1_mib_results_stay_within_the_memory_budget() {
         base / MIB,
         agents as u64 * runs_per_agent * MIB / MIB
     );
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let after = procfs::rss_bytes(pid);
+    // Back near the base once the burst is answered: within a few seconds on a quiet machine
+    // (3 s measured), longer while the rest of the suite loads both cores.
+    let settled = Instant::now() + Duration::from_secs(20);
+    let after = loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let after = procfs::rss_bytes(pid);
+        if after <= base + FIXED_ALLOWANCE_MIB * MIB || Instant::now() > settled {
+            break after;
+        }
+    };
     assert!(
         after <= base + FIXED_ALLOWANCE_MIB * MIB,
-        "after the burst ingest still holds {} MiB (base {} MiB)",
+        "20 s after the burst ingest still holds {} MiB (base {} MiB)",
         after / MIB,
         base / MIB
     );
