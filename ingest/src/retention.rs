@@ -1,8 +1,11 @@
 //! The table over time: days ahead get their partitions before their runs arrive, and runs older
-//! than `--retention` go. On PostgreSQL a day of runs is one partition, dropped whole (the same
-//! cost for a thousand runs as for a million); rows outside the day partitions (and every row on
-//! SQLite) are deleted by `received_at` in small batches, so the table is never locked for long
-//! and replicas can sweep concurrently. Replicas take turns on the partitions (an advisory lock).
+//! than `--retention` go. On PostgreSQL a day of runs is one partition, dropped whole, one day per
+//! transaction: the moment the table is the sweep's alone is a catalog change, the same for a
+//! thousand runs as for a million, and it waits for busy queries at most briefly (the day's files
+//! are removed after, when no reader or writer waits for them); rows outside the day partitions
+//! (and every row on SQLite) are deleted by `received_at` in small batches, so the table is never
+//! locked for long and replicas can sweep concurrently. Replicas take turns on the partitions (an
+//! advisory lock).
 //! Endpoints not seen for as long go too, and cancels whose run has a result.
 
 use std::{sync::Arc, time::Duration};
@@ -10,7 +13,7 @@ use std::{sync::Arc, time::Duration};
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::Store;
+use crate::store::{DroppedDays, Store};
 
 /// Day partitions kept ready ahead of today (the first sweep runs at start).
 const DAYS_AHEAD: u32 = 3;
@@ -64,8 +67,19 @@ pub async fn run(
             }
         }
         match store.drop_days_before(cutoff).await {
-            Ok(days) if days.is_empty() => {}
-            Ok(days) => tracing::info!(?days, %cutoff, "retention: dropped days of runs"),
+            Ok(DroppedDays { dropped, postponed }) => {
+                if !dropped.is_empty() {
+                    tracing::info!(days = ?dropped, %cutoff, "retention: dropped days of runs");
+                }
+                if !postponed.is_empty() {
+                    tracing::warn!(
+                        days = ?postponed,
+                        "retention: execution_results stayed busy with other queries, so these \
+                         days are dropped at the next sweep (long Activity queries hold it; \
+                         pg_stat_activity shows them)"
+                    );
+                }
+            }
             Err(err) => {
                 tracing::warn!(error = %err, "retention: dropping old days failed; will try again")
             }

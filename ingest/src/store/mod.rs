@@ -547,6 +547,16 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
+/// What one retention pass did to the day partitions ([`Store::drop_days_before`]).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct DroppedDays {
+    /// Days whose runs are gone, oldest first.
+    pub dropped: Vec<NaiveDate>,
+    /// Expired days left for the next sweep: the table was busy with other queries for longer
+    /// than the retention may make the writers wait.
+    pub postponed: Vec<NaiveDate>,
+}
+
 /// What a database error says about retrying.
 enum ErrorClass {
     /// Not now: retry later.
@@ -727,9 +737,10 @@ pub trait Store: ReadStore {
     }
 
     /// Drops the partitions of days that ended before `cutoff` whole (PostgreSQL), whatever
-    /// they hold; returns the days dropped.
-    async fn drop_days_before(&self, _cutoff: DateTime<Utc>) -> Result<Vec<NaiveDate>, StoreError> {
-        Ok(Vec::new())
+    /// they hold. A day whose partition could not be taken out of the table quickly (other
+    /// queries held it) is left for the next sweep, never waited for at the writers' expense.
+    async fn drop_days_before(&self, _cutoff: DateTime<Utc>) -> Result<DroppedDays, StoreError> {
+        Ok(DroppedDays::default())
     }
 
     /// Whether other processes serve this database too (PostgreSQL: several replicas), so that

@@ -19,9 +19,9 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::{
-    CancelOutcome, CancelRequest, ConsoleSession, EndpointQuery, EndpointRow, ExecutionRow,
-    FleetTotals, Heard, ListQuery, ManifestSummary, PendingCancel, PresenceWrite, ReadStore,
-    RunWrite, Store, StoreError, SummaryQuery,
+    CancelOutcome, CancelRequest, ConsoleSession, DroppedDays, EndpointQuery, EndpointRow,
+    ExecutionRow, FleetTotals, Heard, ListQuery, ManifestSummary, PendingCancel, PresenceWrite,
+    ReadStore, RunWrite, Store, StoreError, SummaryQuery,
     sql::{
         self, Dialect, Param, Params, StoredEndpoint, StoredRun, StoredSummary, StoredTotals,
         bigint,
@@ -45,6 +45,13 @@ const LISTEN_BACKOFF: Backoff = Backoff {
     base: StdDuration::from_millis(200),
     cap: StdDuration::from_secs(5),
 };
+/// How long dropping a day's partition may wait for the queries using `execution_results`.
+/// The drop needs the table to itself for a moment, and writers queue behind a waiting drop, so
+/// this is the longest retention can hold them up; a busier table keeps the day until the next
+/// sweep.
+const DROP_LOCK_TIMEOUT: StdDuration = StdDuration::from_millis(500);
+/// SQLSTATE `lock_not_available`: `lock_timeout` expired.
+const LOCK_NOT_AVAILABLE: &str = "55P03";
 /// How long the server keeps a transaction of ours that stopped talking (see `connect`).
 const IDLE_IN_TRANSACTION_TIMEOUT_MS: u64 = 5_000;
 
@@ -815,42 +822,77 @@ impl Store for PostgresStore {
         Ok(created)
     }
 
-    async fn drop_days_before(&self, cutoff: DateTime<Utc>) -> Result<Vec<NaiveDate>, StoreError> {
-        let mut tx = self.pool().begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(PARTITIONS_LOCK)
-            .execute(&mut *tx)
-            .await?;
+    async fn drop_days_before(&self, cutoff: DateTime<Utc>) -> Result<DroppedDays, StoreError> {
+        let pool = self.pool();
         let names: Vec<String> = sqlx::query_scalar(
             "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
              WHERE i.inhparent = 'execution_results'::regclass \
-             AND c.relname LIKE 'execution_results_p%'",
+             AND c.relname LIKE 'execution_results_p%' ORDER BY c.relname",
         )
-        .fetch_all(&mut *tx)
+        .fetch_all(&pool)
         .await?;
-        let mut dropped = Vec::new();
-        for name in names {
-            let Some(day) = name
-                .strip_prefix("execution_results_p")
-                .and_then(|d| NaiveDate::parse_from_str(d, "%Y%m%d").ok())
-            else {
-                continue;
-            };
+        let mut days = DroppedDays::default();
+        for (name, day) in names
+            .iter()
+            .filter_map(|name| Some((name, day_of_partition(name)?)))
             // Whole days only: the day's last instant is before the cutoff.
-            if day
-                .succ_opt()
-                .is_some_and(|next| next <= cutoff.date_naive())
-            {
-                sqlx::query(AssertSqlSafe(format!("DROP TABLE {name}")))
-                    .execute(&mut *tx)
-                    .await?;
-                dropped.push(day);
+            .filter(|(_, day)| {
+                day.succ_opt()
+                    .is_some_and(|next| next <= cutoff.date_naive())
+            })
+        {
+            // A busy table is not tried again in the same sweep: each try could hold the
+            // writers up once more.
+            if !days.postponed.is_empty() {
+                days.postponed.push(day);
+                continue;
+            }
+            // One transaction per day: the table is the sweep's alone only for one day's
+            // catalog change, the same for a day of any size (the day's files are removed
+            // after the commit, when nothing waits for them).
+            let mut tx = pool.begin().await?;
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(PARTITIONS_LOCK)
+                .execute(&mut *tx)
+                .await?;
+            // Another replica may have dropped it between the listing and the lock.
+            let still_there: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+                .bind(name)
+                .fetch_one(&mut *tx)
+                .await?;
+            if !still_there {
+                continue;
+            }
+            sqlx::query(AssertSqlSafe(format!(
+                "SET LOCAL lock_timeout = '{}ms'",
+                DROP_LOCK_TIMEOUT.as_millis()
+            )))
+            .execute(&mut *tx)
+            .await?;
+            let dropped = sqlx::query(AssertSqlSafe(format!("DROP TABLE {name}")))
+                .execute(&mut *tx)
+                .await;
+            match dropped {
+                Ok(_) => {
+                    tx.commit().await?;
+                    days.dropped.push(day);
+                }
+                Err(sqlx::Error::Database(db))
+                    if db.code().as_deref() == Some(LOCK_NOT_AVAILABLE) =>
+                {
+                    days.postponed.push(day);
+                }
+                Err(err) => return Err(err.into()),
             }
         }
-        tx.commit().await?;
-        dropped.sort();
-        Ok(dropped)
+        Ok(days)
     }
+}
+
+/// The day (UTC) a day partition of `execution_results` holds, from its name.
+fn day_of_partition(name: &str) -> Option<NaiveDate> {
+    name.strip_prefix("execution_results_p")
+        .and_then(|day| NaiveDate::parse_from_str(day, "%Y%m%d").ok())
 }
 
 #[cfg(test)]

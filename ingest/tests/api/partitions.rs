@@ -1,9 +1,10 @@
 //! PostgreSQL's day partitions (SPEC §15, Storage): keyed by result_id's mint time, so every
-//! event of a run finds its row however late it comes; days dropped whole; days created ahead by
-//! replicas taking turns; a database made by the previous release upgraded without losing a row.
+//! event of a run finds its row however late it comes; days dropped whole, never holding writers
+//! up behind a busy table; days created ahead by replicas taking turns; a database made by the
+//! previous release upgraded without losing a row.
 
 use chrono::{Duration, NaiveDate, Utc};
-use kanade_ingest::store::{ExecutionRow, ListQuery, PostgresStore, RunWrite, Store};
+use kanade_ingest::store::{DroppedDays, ExecutionRow, ListQuery, PostgresStore, RunWrite, Store};
 use kanade_shared::wire::{EventBody, ExecStatus};
 use kanade_testkit::{Run, TestDb, now, workspace_binary};
 use uuid::Uuid;
@@ -37,6 +38,14 @@ async fn partition_of(store: &PostgresStore, result_id: &str) -> String {
     .fetch_one(&store.pool())
     .await
     .unwrap()
+}
+
+async fn table_exists(store: &PostgresStore, name: &str) -> bool {
+    sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(name)
+        .fetch_one(&store.pool())
+        .await
+        .unwrap()
 }
 
 fn day_table(day: NaiveDate) -> String {
@@ -103,23 +112,69 @@ async fn old_days_are_dropped_whole_and_recent_ones_kept() {
     store.apply(&[started(&recent)], now()).await.unwrap();
 
     let cutoff = now() - Duration::days(90);
-    let dropped = store.drop_days_before(cutoff).await.unwrap();
+    let swept = store.drop_days_before(cutoff).await.unwrap();
     let expected: Vec<NaiveDate> = (0..3)
         .map(|d| (old_day + Duration::days(d)).date_naive())
         .collect();
-    assert_eq!(dropped, expected);
+    assert_eq!(swept.dropped, expected);
+    assert!(swept.postponed.is_empty());
     let rows = all_rows(&store).await;
     assert_eq!(rows.len(), 1, "the 600 old runs went with their days");
     assert_eq!(rows[0].result_id.to_string(), recent.result_id);
-    assert!(store.drop_days_before(cutoff).await.unwrap().is_empty());
+    for day in &expected {
+        assert!(
+            !table_exists(&store, &day_table(*day)).await,
+            "{day}'s files went too"
+        );
+    }
+    assert_eq!(
+        store.drop_days_before(cutoff).await.unwrap(),
+        DroppedDays::default()
+    );
     // Today and the days ahead are never dropped: the cutoff's own day is not over.
     let today = day_table(Utc::now().date_naive());
-    let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
-        .bind(&today)
-        .fetch_one(&store.pool())
+    assert!(table_exists(&store, &today).await, "{today}");
+}
+
+#[tokio::test]
+async fn a_day_waits_for_the_next_sweep_while_long_queries_hold_the_table() {
+    let (_db, store) = postgres().await;
+    let old_day = now() - Duration::days(100);
+    store.prepare_days(old_day.date_naive(), 0).await.unwrap();
+    let old = Run::minted_at("pc-a", old_day);
+    store.apply(&[started(&old)], old_day).await.unwrap();
+    let cutoff = now() - Duration::days(90);
+
+    // A long Activity query (here: a transaction that read the table and has not ended).
+    let mut reader = store.pool().begin().await.unwrap();
+    sqlx::query("SELECT count(*) FROM execution_results")
+        .execute(&mut *reader)
         .await
         .unwrap();
-    assert!(exists, "{today}");
+    // The sweep gives up on the day instead of waiting for the reader (which this task holds:
+    // waiting would never end).
+    let swept = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        store.drop_days_before(cutoff),
+    )
+    .await
+    .expect("the sweep does not wait for the reader")
+    .unwrap();
+    assert_eq!(swept.dropped, Vec::<NaiveDate>::new());
+    assert_eq!(swept.postponed, vec![old_day.date_naive()]);
+    // Writers were not left queued behind the retention: a write goes through while the
+    // reader still holds the table.
+    let fresh = Run::new("pc-a");
+    store.apply(&[started(&fresh)], now()).await.unwrap();
+    assert_eq!(all_rows(&store).await.len(), 2, "nothing went yet");
+    reader.rollback().await.unwrap();
+
+    let swept = store.drop_days_before(cutoff).await.unwrap();
+    assert_eq!(swept.dropped, vec![old_day.date_naive()]);
+    assert!(swept.postponed.is_empty());
+    let rows = all_rows(&store).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].result_id.to_string(), fresh.result_id);
 }
 
 #[tokio::test]
