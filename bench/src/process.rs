@@ -308,15 +308,42 @@ impl BenchDb {
     }
 
     /// Drops the PostgreSQL database (call when done).
-    pub async fn drop_database(self) {
-        if let Some((admin, name)) = &self.admin
-            && let Ok(pool) = sqlx::PgPool::connect(admin).await
-        {
-            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-            )))
-            .execute(&pool)
-            .await;
+    pub async fn drop_database(mut self) {
+        if let Some((admin, name)) = self.admin.take() {
+            drop_postgres_database(&admin, &name).await;
+        }
+    }
+}
+
+async fn drop_postgres_database(admin: &str, name: &str) {
+    if let Ok(pool) = sqlx::PgPool::connect(admin).await {
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+        )))
+        .execute(&pool)
+        .await;
+        pool.close().await;
+    }
+}
+
+/// A benchmark that stops early (an error, a failed check) leaves no database behind: a
+/// read-path table is gigabytes.
+impl Drop for BenchDb {
+    fn drop(&mut self) {
+        let Some((admin, name)) = self.admin.take() else {
+            return;
+        };
+        // Its own thread and runtime: this may run inside the benchmark's runtime.
+        let shown = name.clone();
+        let dropped = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map(|runtime| runtime.block_on(drop_postgres_database(&admin, &name)))
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("could not drop the benchmark's database {shown}: drop it by hand");
         }
     }
 }

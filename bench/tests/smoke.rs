@@ -5,17 +5,24 @@ use std::process::Command;
 
 use kanade_testkit::postgres_admin_url;
 
-fn run(args: &[&str]) -> std::collections::BTreeMap<String, String> {
+/// What a successful `kanade-bench` prints.
+fn stdout_of(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_kanade-bench"))
         .args(args)
         .output()
         .expect("running kanade-bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "kanade-bench {args:?} failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    stdout
+}
+
+/// The `key=value` summary a mode prints last.
+fn run(args: &[&str]) -> std::collections::BTreeMap<String, String> {
+    let stdout = stdout_of(args);
     let last = stdout.lines().last().expect("a summary line");
     last.split_whitespace()
         .filter_map(|kv| kv.split_once('='))
@@ -233,4 +240,103 @@ fn presence_counts_what_idle_streams_cost() {
         s["pg_endpoint_rows_per_s"].parse::<f64>().unwrap() > 0.0,
         "{s:?}"
     );
+}
+
+#[test]
+fn activity_times_every_case_on_a_small_table() {
+    let out = stdout_of(&[
+        "activity",
+        "--database-url",
+        &postgres_admin_url(),
+        "--rows",
+        "3000",
+        "--calls",
+        "3",
+    ]);
+    // Each case's line gives p50, p99, mean rows per call and calls (and says OVER TARGET when
+    // its p99 is: a debug build on a busy machine may be; not asserted here).
+    for (case, rows) in [
+        ("all runs, newest first", "50.0"),
+        ("state timed_out (no rows)", "0.0"),
+        ("page 100 of all runs", "50.0"),
+        ("get one run", "1.0"),
+        ("summarize manifests, 24 h", "50.0"),
+    ] {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(case))
+            .unwrap_or_else(|| panic!("no line for {case}:\n{out}"));
+        let fields: Vec<&str> = line[case.len()..].split_whitespace().collect();
+        assert!(fields.len() >= 4, "{line}");
+        assert_eq!((fields[2], fields[3]), (rows, "3"), "{line}");
+    }
+    assert!(out.contains("console /runs/{id}"), "{out}");
+}
+
+#[test]
+fn indexes_measures_the_writes_with_and_without_each_index() {
+    let s = run(&[
+        "indexes",
+        "--database-url",
+        &postgres_admin_url(),
+        "--runs",
+        "1000",
+        "--repeat",
+        "1",
+    ]);
+    for key in [
+        "all",
+        "none",
+        "execution_results_running",
+        "execution_results_pc",
+    ] {
+        assert!(s[key].parse::<f64>().unwrap() > 0.0, "{key}: {s:?}");
+    }
+}
+
+#[test]
+fn memory_reads_ingest_under_a_burst() {
+    let s = run(&[
+        "memory",
+        "--database-url",
+        &postgres_admin_url(),
+        "--agents",
+        "4",
+        "--runs",
+        "1",
+        "--output-bytes",
+        "10000",
+        "--settle",
+        "1s",
+    ]);
+    assert_eq!(s["mode"], "memory");
+    assert_eq!(s["events"], "8");
+    assert!(s["peak_rss_mib"].parse::<f64>().unwrap() > 0.0, "{s:?}");
+}
+
+#[test]
+fn retention_drops_two_days_while_a_writer_writes() {
+    let s = run(&[
+        "retention",
+        "--database-url",
+        &postgres_admin_url(),
+        "--small-day",
+        "10",
+        "--large-day",
+        "2000",
+    ]);
+    assert_eq!(s["mode"], "retention");
+    assert_eq!(
+        (s["small_rows"].as_str(), s["large_rows"].as_str()),
+        ("10", "2000")
+    );
+    for key in [
+        "small_ms",
+        "large_ms",
+        "small_stall_ms",
+        "large_stall_ms",
+        "rowwise_ms",
+    ] {
+        assert!(s[key].parse::<f64>().is_ok(), "{key}: {s:?}");
+    }
 }
