@@ -11,7 +11,8 @@
 //!   asked again: after a reconnect, on another replica), so each byte reaches a watcher once,
 //!   in order; the last 64 KiB delivered of each stream are kept for watchers who join later.
 //!   Each watcher has its own queue of at most [`WATCHER_BUFFER_BYTES`]: a watcher that reads
-//!   too slowly loses chunks (it sees the gap in the offsets), and nobody else waits for it.
+//!   too slowly loses chunks (it sees the gap in the offsets), and nobody else waits for it;
+//!   when the run ends, each watcher gets the stored end of the output it was not given.
 //!   Whether a watched run ended is looked up after commits are announced (and every
 //!   [`FINISHED_CHECK_EVERY`]: a read replica may not have the commit yet), and its watchers
 //!   get its final row, then the end.
@@ -266,6 +267,10 @@ struct WatcherQueue {
 struct QueueState {
     events: VecDeque<TailEvent>,
     bytes: usize,
+    /// Per stream (stdout, stderr): where the output this watcher was given ends. Past it, a
+    /// run that ends gives this watcher the stored end of its output (so one that fell behind
+    /// sees the gap and still gets the end).
+    received: [u64; 2],
     /// The final row was queued: nothing follows it.
     finished: bool,
 }
@@ -286,6 +291,10 @@ impl WatcherQueue {
             return false;
         }
         queue.finished = matches!(event, TailEvent::Finished(_));
+        if let TailEvent::Chunk(chunk) = &event {
+            let stream = stream_index(chunk);
+            queue.received[stream] = queue.received[stream].max(chunk.offset + chunk.length);
+        }
         queue.bytes += bytes;
         queue.events.push_back(event);
         drop(queue);
@@ -299,6 +308,29 @@ impl WatcherQueue {
         let mut queue = self.lock();
         queue.bytes += event.bytes();
         queue.events.push_back(event);
+    }
+
+    /// Per stream: where the output this watcher was given ends.
+    fn received(&self) -> [u64; 2] {
+        self.lock().received
+    }
+
+    /// Ends this watcher's run: the stored end of `row`'s output it was not given (at most what
+    /// an agent holds of each stream, past its own bound: a gap in the offsets tells what it
+    /// lost), then the row.
+    fn finish(&self, row: &ExecutionRow) {
+        if let Some(o) = &row.outcome {
+            let received = self.received();
+            for (stream, stdout, text, dropped) in [
+                (0, true, &o.stdout, o.stdout_dropped_bytes),
+                (1, false, &o.stderr, o.stderr_dropped_bytes),
+            ] {
+                for chunk in stored_rest(received[stream], row.result_id, stdout, text, dropped) {
+                    self.push_stored(TailEvent::Chunk(chunk));
+                }
+            }
+        }
+        self.push(TailEvent::Finished(Box::new(row.clone())));
     }
 
     async fn next(&self) -> TailEvent {
@@ -567,7 +599,7 @@ impl Tails {
         let Some(watched) = state.watched.get_mut(&result_id) else {
             return;
         };
-        let stream = if stdout { 0 } else { 1 };
+        let stream = usize::from(!stdout);
         let Some(chunk) = unseen(
             watched.delivered[stream],
             result_id,
@@ -638,7 +670,7 @@ impl Tails {
         let mut state = self.state();
         let watched = state.watched.get_mut(&result_id)?;
         assemble(
-            &mut watched.assembling[if stdout { 0 } else { 1 }],
+            &mut watched.assembling[usize::from(!stdout)],
             place,
             data,
             part,
@@ -941,28 +973,8 @@ impl Tails {
                     continue;
                 };
                 ended.push(row.result_id);
-                let mut rest = Vec::new();
-                if let Some(o) = &row.outcome {
-                    rest.extend(stored_rest(
-                        watched.delivered[0],
-                        row.result_id,
-                        true,
-                        &o.stdout,
-                        o.stdout_dropped_bytes,
-                    ));
-                    rest.extend(stored_rest(
-                        watched.delivered[1],
-                        row.result_id,
-                        false,
-                        &o.stderr,
-                        o.stderr_dropped_bytes,
-                    ));
-                }
                 for (_, queue) in &watched.watchers {
-                    for chunk in &rest {
-                        queue.push(TailEvent::Chunk(chunk.clone()));
-                    }
-                    queue.push(TailEvent::Finished(Box::new(row.clone())));
+                    queue.finish(&row);
                 }
             }
         }
@@ -1032,6 +1044,11 @@ fn checked(chunk: &pb::OutputChunk) -> Option<(Uuid, bool)> {
         && chunk.data.len() <= 3 * limits::MAX_OUTPUT_CHUNK_BYTES
         && chunk.offset.checked_add(chunk.length).is_some();
     fits.then_some((result_id, stdout))
+}
+
+/// Index of a chunk's stream in per-stream arrays: 0 for stdout, 1 for stderr.
+fn stream_index(chunk: &pb::OutputChunk) -> usize {
+    usize::from(chunk.stream != pb::OutputStream::Stdout as i32)
 }
 
 /// What of a chunk starting at `offset` comes after `delivered`: `None` when nothing does. A
@@ -1246,6 +1263,8 @@ fn finished_watcher(run: ExecutionRow, leave: Leave) -> Watcher {
 
 #[cfg(test)]
 mod tests {
+    use kanade_shared::wire::ExecStatus;
+
     use super::*;
 
     fn chunk(offset: u64, data: &str) -> pb::OutputChunk {
@@ -1377,6 +1396,73 @@ mod tests {
         assert_eq!((rest[0].offset, rest[0].data.as_str()), (104, "tail"));
     }
 
+    fn finished_row(stdout: &str) -> ExecutionRow {
+        ExecutionRow {
+            result_id: Uuid::nil(),
+            request_id: "r".into(),
+            exec_id: "e".into(),
+            pc_id: "pc".into(),
+            manifest_id: "m".into(),
+            version: String::new(),
+            timeout_secs: None,
+            state: crate::store::RunState::Finished(ExecStatus::Succeeded),
+            outcome: Some(crate::store::RunOutcome {
+                status: ExecStatus::Succeeded,
+                exit_code: Some(0),
+                stdout: stdout.into(),
+                stderr: String::new(),
+                stdout_dropped_bytes: 0,
+                stderr_dropped_bytes: 0,
+                finished_at: Utc::now(),
+            }),
+            started_at: Utc::now(),
+            received_at: Utc::now(),
+            trace_id: None,
+            cancel: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_watcher_that_fell_behind_gets_the_end_of_the_output_after_a_gap() {
+        let output = "y".repeat(4 * WATCHER_BUFFER_BYTES);
+        let behind = WatcherQueue::default();
+        let caught_up = WatcherQueue::default();
+        let piece = WATCHER_BUFFER_BYTES / 2;
+        for start in (0..output.len()).step_by(piece) {
+            let chunk = chunk(start as u64, &output[start..start + piece]);
+            behind.push(TailEvent::Chunk(chunk.clone()));
+            caught_up.push(TailEvent::Chunk(chunk));
+            caught_up.next().await;
+        }
+        let row = finished_row(&output);
+        behind.finish(&row);
+        caught_up.finish(&row);
+
+        // Spans of contiguous output, in the order received.
+        let mut spans: Vec<(u64, u64)> = Vec::new();
+        loop {
+            match behind.next().await {
+                TailEvent::Chunk(c) => match spans.last_mut() {
+                    Some((_, end)) if *end == c.offset => *end += c.length,
+                    _ => spans.push((c.offset, c.offset + c.length)),
+                },
+                TailEvent::Finished(_) => break,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        let end = output.len() as u64;
+        let held = limits::LIVE_OUTPUT_HELD_BYTES as u64;
+        assert_eq!(
+            spans,
+            [(0, 2 * piece as u64), (end - held, end)],
+            "what fit, then a gap, then the stored end"
+        );
+        assert!(
+            matches!(caught_up.next().await, TailEvent::Finished(_)),
+            "a watcher that has everything gets the row alone"
+        );
+    }
+
     #[tokio::test]
     async fn a_slow_watcher_loses_output_but_never_the_final_row() {
         let queue = WatcherQueue::default();
@@ -1399,22 +1485,7 @@ mod tests {
         // Full again: output is dropped, the final row is not, and nothing follows it.
         assert!(queue.push(TailEvent::Chunk(chunk(0, &big))));
         assert!(!queue.push(TailEvent::Chunk(chunk(0, &big))));
-        let row = ExecutionRow {
-            result_id: Uuid::nil(),
-            request_id: "r".into(),
-            exec_id: "e".into(),
-            pc_id: "pc".into(),
-            manifest_id: "m".into(),
-            version: String::new(),
-            timeout_secs: None,
-            state: crate::store::RunState::Running,
-            outcome: None,
-            started_at: Utc::now(),
-            received_at: Utc::now(),
-            trace_id: None,
-            cancel: None,
-        };
-        assert!(queue.push(TailEvent::Finished(Box::new(row))));
+        assert!(queue.push(TailEvent::Finished(Box::new(finished_row("")))));
         assert!(!queue.push(TailEvent::Notice {
             agent_connected: true,
             message: "late".into()

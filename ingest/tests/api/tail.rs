@@ -246,7 +246,8 @@ async fn a_watcher_that_stops_reading_loses_output_but_slows_nobody() {
         "the script ran at its own pace ({script_took} s)"
     );
 
-    // The one that stopped reading lost some output (it sees the gap) and still gets the end.
+    // The one that stopped reading lost some output (it sees the gap) and still gets the end of
+    // the output, then the final row.
     let stalled = watch_to_end(stalled, Duration::from_secs(10)).await;
     let mut next = None;
     let mut gaps = 0;
@@ -265,6 +266,11 @@ async fn a_watcher_that_stops_reading_loses_output_but_slows_nobody() {
     assert!(
         gaps >= 1,
         "a watcher that did not read for seconds lost output (it got {got} of {all} bytes)"
+    );
+    assert_eq!(
+        next,
+        Some(all),
+        "after the gap, the end of the output ({got} of {all} bytes)"
     );
     assert!(stalled.finished.is_some(), "and it still got the final row");
 }
