@@ -419,6 +419,9 @@ impl Prepared {
         if let Some(tls) = &self.tls {
             tasks.spawn(tls.clone().watch(args.tls_reload_every, stop.clone()));
         }
+        if let Some(tokens) = &self.tokens {
+            tasks.spawn(tokens.clone().watch(args.tokens_reload_every, stop.clone()));
+        }
         if let Some(listener) = self.listeners.console.take() {
             let addr = listener
                 .local_addr()

@@ -9,12 +9,25 @@
 //! trusted — which is why ingest then refuses non-loopback addresses unless told otherwise.
 //!
 //! Health and reflection need no token: probes and grpcurl `list` must work without one.
+//!
+//! The tokens file is read again every `--tokens-reload-every`: a token added with `token add`
+//! (or a Kubernetes Secret replaced) is honoured, and a removed one refused (its console
+//! sessions end), without a restart. A file that changed but does not load keeps the previous
+//! tokens, with an error logged. An agent stream already open stays open until it reconnects.
 
-use std::{collections::HashMap, io::Write, os::unix::fs::OpenOptionsExt, path::Path, sync::Arc};
+use std::{
+    collections::HashMap,
+    io::Write,
+    os::unix::fs::OpenOptionsExt,
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+    time::Duration,
+};
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Status};
 
 use crate::tls::Peer;
@@ -108,9 +121,18 @@ pub fn sha256_hex(token: &str) -> String {
         .collect()
 }
 
-/// The loaded tokens file.
-#[derive(Debug, Default)]
+/// The tokens file, as last read.
+#[derive(Debug)]
 pub struct Tokens {
+    path: PathBuf,
+    current: RwLock<Loaded>,
+}
+
+/// One reading of the tokens file.
+#[derive(Debug)]
+struct Loaded {
+    /// SHA-256 of the file's text: whether it changed since.
+    text_sha256: String,
     by_hash: HashMap<String, Identity>,
 }
 
@@ -119,50 +141,109 @@ impl Tokens {
     pub fn load(path: &Path) -> anyhow::Result<Tokens> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading the tokens file {}", path.display()))?;
-        let file: TokensFile = toml::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("tokens file {}: {e}", path.display()))?;
-        let mut by_hash = HashMap::new();
-        for (i, entry) in file.tokens.into_iter().enumerate() {
-            let at = || format!("tokens file {}: [[token]] #{}", path.display(), i + 1);
-            let hash = entry.sha256.to_ascii_lowercase();
-            if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
-                bail!("{}: sha256 must be 64 hex digits", at());
-            }
-            if let Some(name) = &entry.name
-                && !valid_name(name)
-            {
-                bail!(
-                    "{}: name must be 1 to {MAX_TOKEN_NAME_BYTES} printable characters",
-                    at()
-                );
-            }
-            // Unnamed, a person's token is known by the start of its hash (findable in the file).
-            let name = entry
-                .name
-                .unwrap_or_else(|| format!("token {}", &hash[..12]));
-            let identity = match (entry.pc_id, entry.role.as_deref()) {
-                (Some(pc_id), None) if !pc_id.is_empty() => Identity::Agent { pc_id },
-                (None, Some("reader")) => Identity::Reader { name },
-                (None, Some("operator")) => Identity::Operator { name },
-                _ => bail!(
-                    "{}: give either pc_id = \"…\", role = \"reader\" or role = \"operator\"",
-                    at()
-                ),
-            };
-            by_hash.insert(hash, identity);
-        }
-        Ok(Tokens { by_hash })
+        Ok(Tokens {
+            path: path.to_path_buf(),
+            current: RwLock::new(parse(path, &text)?),
+        })
     }
 
     /// The identity a presented token proves, if any.
-    pub fn identify(&self, token: &str) -> Option<&Identity> {
+    pub fn identify(&self, token: &str) -> Option<Identity> {
         self.by_sha256(&sha256_hex(token))
     }
 
     /// The identity of the token whose SHA-256 (hex) this is, while the file still lists it.
-    pub fn by_sha256(&self, sha256: &str) -> Option<&Identity> {
-        self.by_hash.get(sha256)
+    pub fn by_sha256(&self, sha256: &str) -> Option<Identity> {
+        self.read().by_hash.get(sha256).cloned()
     }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Loaded> {
+        self.current.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reads the file again and takes its tokens if its text changed. A file that changed but
+    /// does not load keeps the previous tokens serving, logged once per change; a file briefly
+    /// missing (mid-replace) is looked at again next time.
+    pub fn reload_if_changed(&self) {
+        let Ok(text) = std::fs::read_to_string(&self.path) else {
+            return;
+        };
+        let text_sha256 = sha256_hex(&text);
+        if self.read().text_sha256 == text_sha256 {
+            return;
+        }
+        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+        match parse(&self.path, &text) {
+            Ok(loaded) => {
+                tracing::info!(
+                    file = %self.path.display(),
+                    tokens = loaded.by_hash.len(),
+                    "tokens file changed; reloaded"
+                );
+                *current = loaded;
+            }
+            Err(err) => {
+                tracing::error!(
+                    error = %format!("{err:#}"),
+                    "tokens file changed but cannot be used; the previous tokens still apply"
+                );
+                current.text_sha256 = text_sha256;
+            }
+        }
+    }
+
+    /// Reads the file again every `every` until `stop`.
+    pub async fn watch(self: Arc<Self>, every: Duration, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.cancelled() => return,
+            }
+            let tokens = self.clone();
+            // A file read: keep it off the async workers.
+            let _ = tokio::task::spawn_blocking(move || tokens.reload_if_changed()).await;
+        }
+    }
+}
+
+/// The tokens of a tokens file's `text`; errors name the file and the entry.
+fn parse(path: &Path, text: &str) -> anyhow::Result<Loaded> {
+    let file: TokensFile =
+        toml::from_str(text).map_err(|e| anyhow::anyhow!("tokens file {}: {e}", path.display()))?;
+    let mut by_hash = HashMap::new();
+    for (i, entry) in file.tokens.into_iter().enumerate() {
+        let at = || format!("tokens file {}: [[token]] #{}", path.display(), i + 1);
+        let hash = entry.sha256.to_ascii_lowercase();
+        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            bail!("{}: sha256 must be 64 hex digits", at());
+        }
+        if let Some(name) = &entry.name
+            && !valid_name(name)
+        {
+            bail!(
+                "{}: name must be 1 to {MAX_TOKEN_NAME_BYTES} printable characters",
+                at()
+            );
+        }
+        // Unnamed, a person's token is known by the start of its hash (findable in the file).
+        let name = entry
+            .name
+            .unwrap_or_else(|| format!("token {}", &hash[..12]));
+        let identity = match (entry.pc_id, entry.role.as_deref()) {
+            (Some(pc_id), None) if !pc_id.is_empty() => Identity::Agent { pc_id },
+            (None, Some("reader")) => Identity::Reader { name },
+            (None, Some("operator")) => Identity::Operator { name },
+            _ => bail!(
+                "{}: give either pc_id = \"…\", role = \"reader\" or role = \"operator\"",
+                at()
+            ),
+        };
+        by_hash.insert(hash, identity);
+    }
+    Ok(Loaded {
+        text_sha256: sha256_hex(text),
+        by_hash,
+    })
 }
 
 fn valid_name(name: &str) -> bool {
@@ -293,7 +374,6 @@ impl Authenticator {
             })?;
         tokens
             .identify(presented.trim())
-            .cloned()
             .map(Some)
             .ok_or_else(|| Status::unauthenticated("unknown token"))
     }
@@ -416,18 +496,18 @@ mod tests {
         let tokens = Tokens::load(&path).unwrap();
         assert_eq!(
             tokens.identify(&agent),
-            Some(&Identity::Agent {
+            Some(Identity::Agent {
                 pc_id: "pc-1".into()
             })
         );
         let reader_name = format!("token {}", &sha256_hex(&reader)[..12]);
         assert_eq!(
             tokens.identify(&reader),
-            Some(&Identity::Reader { name: reader_name })
+            Some(Identity::Reader { name: reader_name })
         );
         assert_eq!(
             tokens.identify(&operator),
-            Some(&Identity::Operator {
+            Some(Identity::Operator {
                 name: "alice".into()
             })
         );

@@ -10,6 +10,9 @@ fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
     humantime::parse_duration(s)
 }
 
+/// The shortest `--tls-reload-every` and `--tokens-reload-every`.
+const MIN_RELOAD_EVERY: Duration = Duration::from_millis(100);
+
 /// `--console-listen`: an address, or `off`.
 fn console_listen(s: &str) -> Result<ConsoleListen, String> {
     if s == "off" {
@@ -183,9 +186,14 @@ pub struct ServeArgs {
     pub presence_every: Duration,
 
     /// Require bearer tokens (TOML `[[token]]` entries of SHA-256 hashes bound to a pc_id, or to
-    /// role = "reader" or "operator"; create them with `kanade-ingest token add`).
+    /// role = "reader" or "operator"; create them with `kanade-ingest token add`). The file is
+    /// read again every --tokens-reload-every: tokens added or removed apply without a restart.
     #[arg(long, env = "KANADE_INGEST_TOKENS_FILE")]
     pub tokens_file: Option<PathBuf>,
+
+    /// How often the tokens file is checked for changes.
+    #[arg(long, env = "KANADE_INGEST_TOKENS_RELOAD_EVERY", default_value = "10s", value_parser = duration)]
+    pub tokens_reload_every: Duration,
 
     /// Serve TLS with this certificate chain (PEM). The files are checked every
     /// --tls-reload-every and reloaded when they change, so certificates rotate without a restart.
@@ -408,6 +416,18 @@ impl ServeArgs {
                  --console-listen off"
                     .to_string(),
             );
+        }
+        for (flag, every) in [
+            ("--tls-reload-every", self.tls_reload_every),
+            ("--tokens-reload-every", self.tokens_reload_every),
+        ] {
+            if every < MIN_RELOAD_EVERY {
+                return Err(format!(
+                    "{flag} {} is too short: files are read again at most every {}",
+                    humantime::format_duration(every),
+                    humantime::format_duration(MIN_RELOAD_EVERY)
+                ));
+            }
         }
         if let Some(template) = &self.trace_url
             && !template.contains("{trace_id}")

@@ -3,7 +3,11 @@
 use kanade_shared::pb;
 use tonic::{Code, Request, metadata::MetadataValue};
 
-use kanade_testkit::{AgentStream, Run, SERVING, TestDb, TestIngest, add_token, health, hello};
+use std::time::Duration;
+
+use kanade_testkit::{
+    AgentStream, Run, SERVING, TestDb, TestIngest, add_token, eventually, health, hello,
+};
 
 fn with_token<T>(message: T, token: &str) -> Request<T> {
     let mut request = Request::new(message);
@@ -112,4 +116,72 @@ async fn tokens_bind_writers_to_their_pc_and_readers_to_activity() {
 
     // Health needs no token.
     assert_eq!(health(ingest.addr, "").await, SERVING);
+}
+
+#[tokio::test]
+async fn tokens_added_or_removed_apply_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.toml");
+    let pc_a = add_token(&tokens, &["pc-a"]);
+    let db = TestDb::sqlite();
+    let ingest = TestIngest::builder(&db.url)
+        .args(&[
+            "--tokens-file",
+            tokens.to_str().unwrap(),
+            "--tokens-reload-every",
+            "100ms",
+        ])
+        .start()
+        .await;
+    let list = |token: String| {
+        let ingest = &ingest;
+        async move {
+            ingest
+                .activity()
+                .await
+                .list_executions(with_token(pb::ListExecutionsRequest::default(), &token))
+                .await
+                .map(|_| ())
+                .map_err(|status| status.code())
+        }
+    };
+
+    // Added while ingest runs: honoured within a few checks.
+    let reader = add_token(&tokens, &["--reader"]);
+    let added = std::fs::read_to_string(&tokens).unwrap();
+    eventually(Duration::from_secs(5), "the new reader token works", || {
+        let list = list(reader.clone());
+        async move { list.await.is_ok() }
+    })
+    .await;
+
+    // A file that changed but does not load: the tokens read before still apply.
+    std::fs::write(&tokens, format!("{added}\n[[token]]\nsha256 = \"short\"\n")).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(list(reader.clone()).await, Ok(()), "a broken file changes nothing");
+    ingest
+        .ingest()
+        .await
+        .publish(with_token(Run::new("pc-a").started_event(0), &pc_a))
+        .await
+        .expect("the endpoint's token too");
+
+    // Removed: refused within a few checks.
+    let without_reader: String = added
+        .split("\n[[token]]")
+        .filter(|entry| !entry.contains(&kanade_ingest::auth::sha256_hex(&reader)))
+        .collect::<Vec<_>>()
+        .join("\n[[token]]");
+    std::fs::write(&tokens, without_reader).unwrap();
+    eventually(Duration::from_secs(5), "the removed token is refused", || {
+        let list = list(reader.clone());
+        async move { list.await == Err(Code::Unauthenticated) }
+    })
+    .await;
+    ingest
+        .ingest()
+        .await
+        .publish(with_token(Run::new("pc-a").started_event(1), &pc_a))
+        .await
+        .expect("the tokens left still work");
 }
