@@ -191,6 +191,10 @@ pub struct SenderConfig {
 /// always find room.
 const OUTBOUND_KEPT_FOR_EVENTS: usize = 16;
 
+/// How long a stopping agent waits for ingest to take its last status and answer what it sent
+/// (see `Session::close`).
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
+
 /// Refusals at the transport level (e.g. over ingest's message size limit) of the same event
 /// after which it is dead-lettered.
 const TRANSPORT_REFUSALS_BEFORE_DEAD_LETTER: u32 = 3;
@@ -415,7 +419,10 @@ async fn session<Q: Queue>(
                 session.forward_output(chunk);
                 continue;
             }
-            _ = shutdown.cancelled() => return SessionEnd::Shutdown,
+            _ = shutdown.cancelled() => {
+                session.close(&mut inbound).await;
+                return SessionEnd::Shutdown;
+            }
         };
         let handled = match next {
             Inbound::Ack(seqs) => session.on_ack(seqs).await,
@@ -578,6 +585,31 @@ impl<Q: Queue> Session<'_, Q> {
         };
         // A closed transport ends the session through the stream's own error.
         let _ = self.outbound.send(message).await;
+    }
+
+    /// Ends the session as the agent stops: a last status report (the endpoint's row then shows
+    /// what the agent leaves behind, not what it had when it connected), then this side of the
+    /// stream closes and ingest's answers are taken (acks of what it committed meanwhile) until
+    /// ingest ends the stream, for at most [`CLOSE_WAIT`].
+    async fn close(&mut self, inbound: &mut tonic::Streaming<pb::IngestMessage>) {
+        let closing = async {
+            self.report().await;
+            // Dropping the only sender closes the request stream: ingest drains and ends it.
+            let (closed, _) = mpsc::channel(1);
+            drop(std::mem::replace(&mut self.outbound, closed));
+            loop {
+                let handled = match Inbound::from_message(inbound.message().await) {
+                    Inbound::Ack(seqs) => self.on_ack(seqs).await,
+                    Inbound::Reject { seq, reason } => self.on_reject(seq, reason).await,
+                    Inbound::Ended | Inbound::Failed(_) => return,
+                    Inbound::Cancel(_) | Inbound::Tail(_) | Inbound::Nothing => Ok(()),
+                };
+                if handled.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(CLOSE_WAIT, closing).await;
     }
 
     /// Reports at once when the backlog moved a lot since the last report (looked at most every

@@ -154,6 +154,35 @@ async fn an_endpoint_is_connected_while_its_agent_runs_and_disconnected_once_it_
 }
 
 #[tokio::test]
+async fn an_agent_that_stops_leaves_its_last_figures_not_those_it_connected_with() {
+    let db = TestDb::sqlite();
+    let ingest = TestIngest::start(&db.url).await;
+    let home = std::sync::Arc::new(AgentHome::new(&ingest.url(), ""));
+    // `exec --wait` connects while its run runs (one event waiting, one run running), and
+    // disconnects once the result is acknowledged: its last report says it left nothing.
+    let exec = {
+        let home = home.clone();
+        tokio::task::spawn_blocking(move || home.exec(&["--wait"], "nap", &["sleep", "1"]))
+    };
+    let (e, _) = endpoint_when(&ingest, "pc-test", Duration::from_secs(10), |e| {
+        e.connected && e.running_runs == 1
+    })
+    .await;
+    let connected_at = e.status_at.unwrap();
+    assert!(e.outbox_depth >= 1, "{e:?}");
+    let out = exec.await.unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let (e, _) =
+        endpoint_when(&ingest, "pc-test", Duration::from_secs(5), |e| !e.connected).await;
+    assert_eq!((e.outbox_depth, e.running_runs), (0, 0), "{e:?}");
+    let left_at = e.status_at.unwrap();
+    assert!(
+        (left_at.seconds, left_at.nanos) > (connected_at.seconds, connected_at.nanos),
+        "{e:?}"
+    );
+}
+
+#[tokio::test]
 async fn what_an_agent_reports_is_kept_and_a_backlogged_one_comes_first() {
     let db = TestDb::sqlite();
     let ingest = TestIngest::start(&db.url).await;
