@@ -63,7 +63,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let token = add_token(&args.tokens_file, &new)?;
             eprintln!(
-                "added {} to {}; it is shown once, here:",
+                "added {} to {}; the token is printed on standard output, this once (only its \
+                 SHA-256 is kept): save it now",
                 match &new {
                     NewToken::Agent { pc_id } => format!("a token for pc_id {pc_id:?}"),
                     NewToken::Reader { .. } => "a reader token".to_string(),

@@ -135,7 +135,7 @@ pub async fn handshake(client: &mut Client, config: &SenderConfig) -> Result<Str
     let mut inbound = client
         .stream(ReceiverStream::new(rx))
         .await
-        .map_err(|status| format!("opening the stream: {status}"))?
+        .map_err(|status| format!("opening the stream: {}", refusal(&status, config)))?
         .into_inner();
     match inbound.message().await {
         Ok(Some(pb::IngestMessage {
@@ -148,6 +148,34 @@ pub async fn handshake(client: &mut Client, config: &SenderConfig) -> Result<Str
             accepts_agent_status: w.accepts_agent_status,
         }),
         Ok(other) => Err(format!("expected Welcome, got {other:?}")),
-        Err(status) => Err(format!("waiting for Welcome: {status}")),
+        Err(status) => Err(format!(
+            "waiting for Welcome: {}",
+            refusal(&status, config)
+        )),
+    }
+}
+
+/// What ingest's refusal means to whoever runs this agent: refusals of its identity say what to
+/// do on which side. The agent keeps trying (a token added to ingest's tokens file applies
+/// without a restart of either side).
+fn refusal(status: &tonic::Status, config: &SenderConfig) -> String {
+    let said = status.message();
+    let pc_id = &config.pc_id;
+    match status.code() {
+        tonic::Code::Unauthenticated if config.token.is_none() => format!(
+            "ingest requires a token: create one for this endpoint on the ingest host \
+             with `kanade-ingest token add {pc_id} --tokens-file FILE` and give it to this agent \
+             with --token-file (token_file in its config)"
+        ),
+        tonic::Code::Unauthenticated => format!(
+            "ingest does not know this agent's token: it is not in ingest's tokens file; \
+             create one on the ingest host with `kanade-ingest token add {pc_id} \
+             --tokens-file FILE` (ingest takes it within --tokens-reload-every) and give it to \
+             this agent with --token-file"
+        ),
+        tonic::Code::PermissionDenied => format!(
+            "ingest refused this agent as pc_id {pc_id:?}: {said}"
+        ),
+        code => format!("{code:?}: {said}"),
     }
 }

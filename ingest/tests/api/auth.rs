@@ -6,7 +6,8 @@ use tonic::{Code, Request, metadata::MetadataValue};
 use std::time::Duration;
 
 use kanade_testkit::{
-    AgentStream, Run, SERVING, TestDb, TestIngest, add_token, eventually, health, hello,
+    AgentHome, AgentStream, Run, SERVING, TestDb, TestIngest, add_token, eventually, health,
+    hello,
 };
 
 fn with_token<T>(message: T, token: &str) -> Request<T> {
@@ -184,4 +185,78 @@ async fn tokens_added_or_removed_apply_without_a_restart() {
         .publish(with_token(Run::new("pc-a").started_event(1), &pc_a))
         .await
         .expect("the tokens left still work");
+}
+
+#[tokio::test]
+async fn an_agent_refused_for_its_token_says_what_to_do_and_gets_through_once_it_is_added() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.toml");
+    let reader = add_token(&tokens, &["--reader"]);
+    let db = TestDb::sqlite();
+    let ingest = TestIngest::builder(&db.url)
+        .args(&[
+            "--tokens-file",
+            tokens.to_str().unwrap(),
+            "--tokens-reload-every",
+            "100ms",
+        ])
+        .start()
+        .await;
+
+    // No token at all: the agent's log says how to make one and where it goes.
+    let tokenless = AgentHome::named("pc-bare", &ingest.url(), "");
+    let bare = tokenless.daemon();
+    // A token ingest does not know (yet).
+    let token = uuid::Uuid::new_v4().simple().to_string();
+    let token_file = dir.path().join("pc-late.token");
+    std::fs::write(&token_file, &token).unwrap();
+    let home = AgentHome::named(
+        "pc-late",
+        &ingest.url(),
+        &format!("token_file = {:?}\n", token_file.to_str().unwrap()),
+    );
+    let late = home.daemon();
+    let out = home.exec(&["--exec-id", "after-the-token"], "hello", &["true"]);
+    assert!(out.status.success(), "{out:?}");
+    eventually(Duration::from_secs(10), "both agents say why", || {
+        let (bare, late) = (bare.log(), late.log());
+        async move {
+            bare.contains("ingest requires a token")
+                && bare.contains("kanade-ingest token add pc-bare")
+                && late.contains("ingest does not know this agent's token")
+                && late.contains("kanade-ingest token add pc-late")
+        }
+    })
+    .await;
+    assert!(!late.log().contains(&token), "the agent never logs its token");
+
+    // The token is added to ingest's file: the waiting run arrives, no restart of either side.
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&tokens)
+        .unwrap();
+    use std::io::Write;
+    writeln!(
+        file,
+        "\n[[token]]\nsha256 = \"{}\"\npc_id = \"pc-late\"",
+        kanade_ingest::auth::sha256_hex(&token)
+    )
+    .unwrap();
+    let reader = &reader;
+    let ingest = &ingest;
+    eventually(Duration::from_secs(10), "the run is stored", || async move {
+        ingest
+            .activity()
+            .await
+            .list_executions(with_token(
+                pb::ListExecutionsRequest {
+                    exec_id: "after-the-token".into(),
+                    ..Default::default()
+                },
+                reader,
+            ))
+            .await
+            .is_ok_and(|listed| listed.into_inner().executions.len() == 1)
+    })
+    .await;
 }
