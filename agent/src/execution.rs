@@ -1,7 +1,10 @@
 //! One run, start to finish: mint its ids, commit `EventStarted` (and the run's journal entry)
 //! before spawning, run the process, commit `ExecResult` before forgetting the run.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context;
 use chrono::{SubsecRound, Utc};
@@ -99,6 +102,10 @@ pub async fn execute(
     kill: &CancellationToken,
 ) -> anyhow::Result<Finished> {
     let started = request.started(&settings.pc_id);
+    // The moment of `started_at` on the monotonic clock: the run's duration is measured from
+    // it, so finished_at - started_at is the whole run (outbox write and spawn included) and a
+    // wall-clock step meanwhile changes nothing.
+    let began = Instant::now();
     started
         .validate()
         .map_err(|e| anyhow::anyhow!("refusing to record run of {}: {e}", request.manifest_id))?;
@@ -117,9 +124,16 @@ pub async fn execute(
     );
     telemetry::record_trace_id(&span);
     let trace_context = telemetry::inject(&span);
-    run(outbox, settings, request, kill, started, trace_context)
-        .instrument(span)
-        .await
+    run(
+        outbox,
+        settings,
+        request,
+        kill,
+        (started, began),
+        trace_context,
+    )
+    .instrument(span)
+    .await
 }
 
 async fn run(
@@ -127,7 +141,7 @@ async fn run(
     settings: &Settings,
     request: RunRequest,
     kill: &CancellationToken,
-    started: EventStarted,
+    (started, began): (EventStarted, Instant),
     trace_context: BTreeMap<String, String>,
 ) -> anyhow::Result<Finished> {
     let result_id = started.result_id.clone();
@@ -184,7 +198,8 @@ async fn run(
         }
         stderr.push_str(&note.stderr_line());
     }
-    let elapsed = chrono::Duration::from_std(outcome.elapsed).unwrap_or(chrono::Duration::MAX);
+    let elapsed = chrono::Duration::from_std(outcome.ended.saturating_duration_since(began))
+        .unwrap_or(chrono::Duration::MAX);
     let finished_at = started
         .started_at
         .checked_add_signed(elapsed)

@@ -54,8 +54,8 @@ pub struct ProcessOutcome {
     pub spawn_failure: Option<SpawnFailure>,
     pub stdout: Captured,
     pub stderr: Captured,
-    /// From just before spawn to the end, on a monotonic clock.
-    pub elapsed: Duration,
+    /// When the process ended (or failed to start), on a monotonic clock.
+    pub ended: Instant,
 }
 
 /// One captured output stream.
@@ -431,10 +431,9 @@ pub async fn run_process(spec: ProcessSpec<'_>, stops: Stops<'_>) -> ProcessOutc
         kill_grace,
         echo,
     } = spec;
-    let started = Instant::now();
     let Some((program, args)) = argv.split_first() else {
         output.end();
-        return spawn_failed(SpawnFailure::Other, "empty command".into(), started);
+        return spawn_failed(SpawnFailure::Other, "empty command".into());
     };
     let mut command = Command::new(program);
     command
@@ -462,7 +461,7 @@ pub async fn run_process(spec: ProcessSpec<'_>, stops: Stops<'_>) -> ProcessOutc
                 _ => SpawnFailure::Other,
             };
             output.end();
-            return spawn_failed(failure, format!("cannot run {program:?}: {err}"), started);
+            return spawn_failed(failure, format!("cannot run {program:?}: {err}"));
         }
     };
     let pid = child.id().unwrap_or(0);
@@ -498,7 +497,7 @@ pub async fn run_process(spec: ProcessSpec<'_>, stops: Stops<'_>) -> ProcessOutc
         // Whatever of the tree survived TERM goes now.
         signal_group(pid, Signal::SIGKILL);
     }
-    let elapsed = started.elapsed();
+    let ended = Instant::now();
     let drained = async {
         let _ = tokio::join!(stdout, stderr);
     };
@@ -515,7 +514,7 @@ pub async fn run_process(spec: ProcessSpec<'_>, stops: Stops<'_>) -> ProcessOutc
         output.captured(OutputStream::Stdout),
         output.captured(OutputStream::Stderr),
     );
-    outcome(exit, ending, stdout, stderr, elapsed)
+    outcome(exit, ending, stdout, stderr, ended)
 }
 
 /// TERM to the whole group, KILL after the grace period; returns the child's exit.
@@ -534,7 +533,7 @@ async fn terminate(
     }
 }
 
-fn spawn_failed(failure: SpawnFailure, message: String, started: Instant) -> ProcessOutcome {
+fn spawn_failed(failure: SpawnFailure, message: String) -> ProcessOutcome {
     ProcessOutcome {
         status: ExecStatus::SpawnFailed,
         exit_code: None,
@@ -545,7 +544,7 @@ fn spawn_failed(failure: SpawnFailure, message: String, started: Instant) -> Pro
             text: message,
             dropped_bytes: 0,
         },
-        elapsed: started.elapsed(),
+        ended: Instant::now(),
     }
 }
 
@@ -554,7 +553,7 @@ fn outcome(
     ending: Ending,
     stdout: Captured,
     stderr: Captured,
-    elapsed: Duration,
+    ended: Instant,
 ) -> ProcessOutcome {
     let (code, signal) = match &exit {
         Ok(status) => (status.code(), status.signal()),
@@ -579,7 +578,7 @@ fn outcome(
         spawn_failure: None,
         stdout,
         stderr,
-        elapsed,
+        ended,
     }
 }
 

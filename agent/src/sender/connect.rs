@@ -148,10 +148,7 @@ pub async fn handshake(client: &mut Client, config: &SenderConfig) -> Result<Str
             accepts_agent_status: w.accepts_agent_status,
         }),
         Ok(other) => Err(format!("expected Welcome, got {other:?}")),
-        Err(status) => Err(format!(
-            "waiting for Welcome: {}",
-            refusal(&status, config)
-        )),
+        Err(status) => Err(format!("waiting for Welcome: {}", refusal(&status, config))),
     }
 }
 
@@ -173,9 +170,9 @@ fn refusal(status: &tonic::Status, config: &SenderConfig) -> String {
              --tokens-file FILE` (ingest takes it within --tokens-reload-every) and give it to \
              this agent with --token-file"
         ),
-        tonic::Code::PermissionDenied => format!(
-            "ingest refused this agent as pc_id {pc_id:?}: {said}"
-        ),
+        tonic::Code::PermissionDenied => {
+            format!("ingest refused this agent as pc_id {pc_id:?}: {said}")
+        }
         code => format!("{code:?}: {said}"),
     }
 }

@@ -6,8 +6,7 @@ use tonic::{Code, Request, metadata::MetadataValue};
 use std::time::Duration;
 
 use kanade_testkit::{
-    AgentHome, AgentStream, Run, SERVING, TestDb, TestIngest, add_token, eventually, health,
-    hello,
+    AgentHome, AgentStream, Run, SERVING, TestDb, TestIngest, add_token, eventually, health, hello,
 };
 
 fn with_token<T>(message: T, token: &str) -> Request<T> {
@@ -159,7 +158,11 @@ async fn tokens_added_or_removed_apply_without_a_restart() {
     // A file that changed but does not load: the tokens read before still apply.
     std::fs::write(&tokens, format!("{added}\n[[token]]\nsha256 = \"short\"\n")).unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(list(reader.clone()).await, Ok(()), "a broken file changes nothing");
+    assert_eq!(
+        list(reader.clone()).await,
+        Ok(()),
+        "a broken file changes nothing"
+    );
     ingest
         .ingest()
         .await
@@ -174,10 +177,14 @@ async fn tokens_added_or_removed_apply_without_a_restart() {
         .collect::<Vec<_>>()
         .join("\n[[token]]");
     std::fs::write(&tokens, without_reader).unwrap();
-    eventually(Duration::from_secs(5), "the removed token is refused", || {
-        let list = list(reader.clone());
-        async move { list.await == Err(Code::Unauthenticated) }
-    })
+    eventually(
+        Duration::from_secs(5),
+        "the removed token is refused",
+        || {
+            let list = list(reader.clone());
+            async move { list.await == Err(Code::Unauthenticated) }
+        },
+    )
     .await;
     ingest
         .ingest()
@@ -228,7 +235,10 @@ async fn an_agent_refused_for_its_token_says_what_to_do_and_gets_through_once_it
         }
     })
     .await;
-    assert!(!late.log().contains(&token), "the agent never logs its token");
+    assert!(
+        !late.log().contains(&token),
+        "the agent never logs its token"
+    );
 
     // The token is added to ingest's file: the waiting run arrives, no restart of either side.
     let mut file = std::fs::OpenOptions::new()
@@ -244,19 +254,23 @@ async fn an_agent_refused_for_its_token_says_what_to_do_and_gets_through_once_it
     .unwrap();
     let reader = &reader;
     let ingest = &ingest;
-    eventually(Duration::from_secs(10), "the run is stored", || async move {
-        ingest
-            .activity()
-            .await
-            .list_executions(with_token(
-                pb::ListExecutionsRequest {
-                    exec_id: "after-the-token".into(),
-                    ..Default::default()
-                },
-                reader,
-            ))
-            .await
-            .is_ok_and(|listed| listed.into_inner().executions.len() == 1)
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the run is stored",
+        || async move {
+            ingest
+                .activity()
+                .await
+                .list_executions(with_token(
+                    pb::ListExecutionsRequest {
+                        exec_id: "after-the-token".into(),
+                        ..Default::default()
+                    },
+                    reader,
+                ))
+                .await
+                .is_ok_and(|listed| listed.into_inner().executions.len() == 1)
+        },
+    )
     .await;
 }

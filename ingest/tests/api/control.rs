@@ -96,6 +96,14 @@ fn assert_cancelled(run: &pb::Execution, by: &str, reason: &str) {
         "the run's stderr says who cancelled it and why: {:?}",
         run.stderr
     );
+    // One machine's clock: the run ended after it was asked to.
+    let at = |t: &Option<prost_types::Timestamp>| t.as_ref().map(|t| (t.seconds, t.nanos));
+    assert!(
+        at(&run.finished_at) >= at(&run.cancel_requested_at),
+        "finished {:?} before the cancel was requested {:?}",
+        run.finished_at,
+        run.cancel_requested_at
+    );
 }
 
 #[tokio::test]

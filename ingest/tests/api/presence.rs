@@ -172,8 +172,7 @@ async fn an_agent_that_stops_leaves_its_last_figures_not_those_it_connected_with
     assert!(e.outbox_depth >= 1, "{e:?}");
     let out = exec.await.unwrap();
     assert!(out.status.success(), "{out:?}");
-    let (e, _) =
-        endpoint_when(&ingest, "pc-test", Duration::from_secs(5), |e| !e.connected).await;
+    let (e, _) = endpoint_when(&ingest, "pc-test", Duration::from_secs(5), |e| !e.connected).await;
     assert_eq!((e.outbox_depth, e.running_runs), (0, 0), "{e:?}");
     let left_at = e.status_at.unwrap();
     assert!(
