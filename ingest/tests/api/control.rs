@@ -475,6 +475,11 @@ async fn an_operator_cancels_an_exec_run_from_the_console_and_a_reader_cannot() 
         .await;
     assert!(!browser.text().await.contains("Cancel run"));
     browser.click("form.signout button[type=submit]").await;
+    // Signed out once the browser is at the sign-in page (going on sooner races the POST).
+    eventually(Duration::from_secs(5), "back at /signin", || async {
+        browser.client.current_url().await.unwrap().path() == "/signin"
+    })
+    .await;
 
     // An operator does: the reason is asked for, the request is kept, the run ends.
     browser.client.goto(&run_url).await.unwrap();
