@@ -17,6 +17,12 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
+/// Acks the client has not read yet are merged into one message of at most this many
+/// sequence numbers (the default send window): a stream answered by several batches before it
+/// is written to gets one Ack, not one per batch, and a queue never holds more sequence numbers
+/// per message than before merging.
+const MAX_SEQS_PER_ACK: usize = kanade_shared::limits::DEFAULT_MAX_UNACKED as usize;
+
 /// A drained queue keeps at most this much room, so a burst of acks does not stay allocated for
 /// the life of an idle stream.
 const RETAINED_CAPACITY: usize = 4;
@@ -86,6 +92,12 @@ impl StreamSink {
     /// Queues a message without waiting; a client that does not read its stream is cut off.
     pub fn send(&self, msg: Msg) {
         let mut queue = self.shared.lock();
+        if let (Msg::Ack(ack), Some(Msg::Ack(waiting))) = (&msg, queue.messages.back_mut())
+            && waiting.seqs.len() + ack.seqs.len() <= MAX_SEQS_PER_ACK
+        {
+            waiting.seqs.extend_from_slice(&ack.seqs);
+            return;
+        }
         if queue.messages.len() >= self.shared.capacity {
             drop(queue);
             if !self.overflow.is_cancelled() {
@@ -182,14 +194,47 @@ mod tests {
         let overflow = CancellationToken::new();
         let (sink, receiver) = channel(2, overflow.clone());
         for seq in 1..=3 {
-            sink.send(ack(seq));
+            sink.reject(seq, "refused".into());
         }
         assert!(overflow.is_cancelled());
         drop(sink);
         let mut seen = Vec::new();
-        while let Next::Message(Msg::Ack(a)) = receiver.next().await {
-            seen.extend(a.seqs);
+        while let Next::Message(Msg::Reject(r)) = receiver.next().await {
+            seen.push(r.seq);
         }
         assert_eq!(seen, [1, 2]);
+    }
+
+    #[tokio::test]
+    async fn acks_waiting_to_be_read_go_out_as_one_message_in_order() {
+        let (sink, receiver) = channel(4, CancellationToken::new());
+        sink.send(ack(1));
+        sink.send(Msg::Ack(pb::Ack { seqs: vec![2, 3] }));
+        sink.reject(4, "refused".into());
+        sink.send(ack(5));
+        // Merged up to a window's worth of seqs, then a new message.
+        let full: Vec<u64> = (6..6 + MAX_SEQS_PER_ACK as u64 - 1).collect();
+        sink.send(Msg::Ack(pb::Ack { seqs: full }));
+        let after_full = 6 + MAX_SEQS_PER_ACK as u64 - 1;
+        sink.send(ack(after_full));
+        drop(sink);
+        let mut seen = Vec::new();
+        loop {
+            match receiver.next().await {
+                Next::Message(Msg::Ack(a)) => seen.push(("ack", a.seqs.len(), a.seqs[0])),
+                Next::Message(Msg::Reject(r)) => seen.push(("reject", 1, r.seq)),
+                Next::Message(other) => panic!("{other:?}"),
+                Next::End(_) => break,
+            }
+        }
+        assert_eq!(
+            seen,
+            [
+                ("ack", 3, 1),
+                ("reject", 1, 4),
+                ("ack", MAX_SEQS_PER_ACK, 5),
+                ("ack", 1, after_full)
+            ]
+        );
     }
 }
