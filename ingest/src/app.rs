@@ -416,11 +416,13 @@ impl Prepared {
                 stop.clone(),
             ));
         }
-        if let Some(tls) = &self.tls {
-            tasks.spawn(tls.clone().watch(args.tls_reload_every, stop.clone()));
+        if let Some(tls) = self.tls.clone() {
+            let reread = move || tls.reload_if_changed();
+            tasks.spawn(reread_every(args.tls_reload_every, stop.clone(), reread));
         }
-        if let Some(tokens) = &self.tokens {
-            tasks.spawn(tokens.clone().watch(args.tokens_reload_every, stop.clone()));
+        if let Some(tokens) = self.tokens.clone() {
+            let reread = move || tokens.reload_if_changed();
+            tasks.spawn(reread_every(args.tokens_reload_every, stop.clone(), reread));
         }
         if let Some(listener) = self.listeners.console.take() {
             let addr = listener
@@ -783,5 +785,21 @@ mod tests {
             redact("sqlite://kanade-ingest.db"),
             "sqlite://kanade-ingest.db"
         );
+    }
+}
+
+/// Rereads files that may change while ingest runs (TLS certificates, the tokens file) every
+/// `every` until `stop`, off the async workers (file reads and parsing block).
+async fn reread_every(
+    every: Duration,
+    stop: CancellationToken,
+    reread: impl Fn() + Clone + Send + 'static,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.cancelled() => return,
+        }
+        let _ = tokio::task::spawn_blocking(reread.clone()).await;
     }
 }

@@ -21,13 +21,11 @@ use std::{
     os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
     sync::{Arc, RwLock},
-    time::Duration,
 };
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use tokio_util::sync::CancellationToken;
 use tonic::{Request, Status};
 
 use crate::tls::Peer;
@@ -189,19 +187,6 @@ impl Tokens {
                 );
                 current.text_sha256 = text_sha256;
             }
-        }
-    }
-
-    /// Reads the file again every `every` until `stop`.
-    pub async fn watch(self: Arc<Self>, every: Duration, stop: CancellationToken) {
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(every) => {}
-                _ = stop.cancelled() => return,
-            }
-            let tokens = self.clone();
-            // A file read: keep it off the async workers.
-            let _ = tokio::task::spawn_blocking(move || tokens.reload_if_changed()).await;
         }
     }
 }

@@ -13,7 +13,6 @@ use std::{
     pin::Pin,
     sync::{Arc, RwLock},
     task::{Context, Poll},
-    time::Duration,
 };
 
 use anyhow::Context as _;
@@ -25,7 +24,6 @@ use tokio::{
     net::TcpStream,
 };
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
-use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
 
 use crate::listen::Proof;
@@ -174,7 +172,7 @@ impl ServerTls {
 
     /// Reloads the configuration if the files changed. A change that does not load keeps the
     /// previous configuration serving and is logged once.
-    fn reload_if_changed(&self) {
+    pub fn reload_if_changed(&self) {
         let Ok(contents) = self.files.read() else {
             // Mid-rotation (a file briefly missing): look again at the next check.
             return;
@@ -193,19 +191,6 @@ impl ServerTls {
                 error = %format!("{err:#}"),
                 "TLS certificate files changed but cannot be used; still serving the previous ones"
             ),
-        }
-    }
-
-    /// Checks the files every `every` until `stop`.
-    pub async fn watch(self: Arc<Self>, every: Duration, stop: CancellationToken) {
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(every) => {}
-                _ = stop.cancelled() => return,
-            }
-            let tls = self.clone();
-            // File reads and certificate parsing block; keep them off the async workers.
-            let _ = tokio::task::spawn_blocking(move || tls.reload_if_changed()).await;
         }
     }
 }
