@@ -767,6 +767,22 @@ async fn watch_store(
     }
 }
 
+/// Rereads files that may change while ingest runs (TLS certificates, the tokens file) every
+/// `every` until `stop`, off the async workers (file reads and parsing block).
+async fn reread_every(
+    every: Duration,
+    stop: CancellationToken,
+    reread: impl Fn() + Clone + Send + 'static,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.cancelled() => return,
+        }
+        let _ = tokio::task::spawn_blocking(reread.clone()).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::redact;
@@ -785,21 +801,5 @@ mod tests {
             redact("sqlite://kanade-ingest.db"),
             "sqlite://kanade-ingest.db"
         );
-    }
-}
-
-/// Rereads files that may change while ingest runs (TLS certificates, the tokens file) every
-/// `every` until `stop`, off the async workers (file reads and parsing block).
-async fn reread_every(
-    every: Duration,
-    stop: CancellationToken,
-    reread: impl Fn() + Clone + Send + 'static,
-) {
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = stop.cancelled() => return,
-        }
-        let _ = tokio::task::spawn_blocking(reread.clone()).await;
     }
 }
