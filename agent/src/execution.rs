@@ -101,11 +101,12 @@ pub async fn execute(
     request: RunRequest,
     kill: &CancellationToken,
 ) -> anyhow::Result<Finished> {
-    let started = request.started(&settings.pc_id);
-    // The moment of `started_at` on the monotonic clock: the run's duration is measured from
-    // it, so finished_at - started_at is the whole run (outbox write and spawn included) and a
-    // wall-clock step meanwhile changes nothing.
+    // The moment of `started_at` on the monotonic clock (taken just before it, so finished_at
+    // is never early): the run's duration is measured from it, so finished_at - started_at is
+    // the whole run (outbox write and spawn included) and a wall-clock step meanwhile changes
+    // nothing.
     let began = Instant::now();
+    let started = request.started(&settings.pc_id);
     started
         .validate()
         .map_err(|e| anyhow::anyhow!("refusing to record run of {}: {e}", request.manifest_id))?;
@@ -129,7 +130,8 @@ pub async fn execute(
         settings,
         request,
         kill,
-        (started, began),
+        started,
+        began,
         trace_context,
     )
     .instrument(span)
@@ -141,7 +143,8 @@ async fn run(
     settings: &Settings,
     request: RunRequest,
     kill: &CancellationToken,
-    (started, began): (EventStarted, Instant),
+    started: EventStarted,
+    began: Instant,
     trace_context: BTreeMap<String, String>,
 ) -> anyhow::Result<Finished> {
     let result_id = started.result_id.clone();

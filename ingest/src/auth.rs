@@ -10,17 +10,19 @@
 //!
 //! Health and reflection need no token: probes and grpcurl `list` must work without one.
 //!
-//! The tokens file is read again every `--tokens-reload-every`: a token added with `token add`
-//! (or a Kubernetes Secret replaced) is honoured, and a removed one refused (its console
-//! sessions end), without a restart. A file that changed but does not load keeps the previous
-//! tokens, with an error logged. An agent stream already open stays open until it reconnects.
+//! The tokens file is read again every `--tokens-reload-every`, and a change taken once two
+//! checks in a row read the same text: a token added with `token add` (or a Kubernetes Secret
+//! replaced) is honoured, and a removed one refused from its next call (its console sessions
+//! open no more pages), without a restart. A file that changed but does not load keeps the
+//! previous tokens, with an error logged. Calls and streams already admitted (an agent's
+//! stream, a live tail) are not cut: they run until they end.
 
 use std::{
     collections::HashMap,
     io::Write,
     os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
-    sync::{Arc, RwLock},
+    sync::{Arc, Mutex, RwLock},
 };
 
 use anyhow::{Context, bail};
@@ -124,6 +126,17 @@ pub fn sha256_hex(token: &str) -> String {
 pub struct Tokens {
     path: PathBuf,
     current: RwLock<Loaded>,
+    /// What the rereading checks found so far (only they touch it).
+    check: Mutex<Check>,
+}
+
+/// What the checks of the tokens file found since the tokens in force were read.
+#[derive(Debug, Default)]
+struct Check {
+    /// SHA-256 of a changed text seen by the last check: taken if the next one reads it too.
+    changed_to: Option<String>,
+    /// Checks in a row that could not read the file.
+    unreadable: u32,
 }
 
 /// One reading of the tokens file.
@@ -142,6 +155,7 @@ impl Tokens {
         Ok(Tokens {
             path: path.to_path_buf(),
             current: RwLock::new(parse(path, &text)?),
+            check: Mutex::default(),
         })
     }
 
@@ -159,35 +173,54 @@ impl Tokens {
         self.current.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Reads the file again and takes its tokens if its text changed. A file that changed but
-    /// does not load keeps the previous tokens serving, logged once per change; a file briefly
-    /// missing (mid-replace) is looked at again next time.
+    /// Reads the file again and takes its tokens once a changed text has been read by two
+    /// checks in a row: a file caught mid-write (emptied, half written) is never taken. A
+    /// changed text that does not load keeps the previous tokens serving, logged once per change;
+    /// a file that cannot be read keeps them too, with a warning once it stays unreadable.
     pub fn reload_if_changed(&self) {
-        let Ok(text) = std::fs::read_to_string(&self.path) else {
-            return;
+        let mut check = self.check.lock().unwrap_or_else(|e| e.into_inner());
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(text) => text,
+            Err(err) => {
+                check.unreadable += 1;
+                // Once: a file briefly missing (replaced by hand) is read again next time.
+                if check.unreadable == 2 {
+                    tracing::warn!(file = %self.path.display(), error = %err,
+                        "cannot read the tokens file; the tokens read before still apply");
+                }
+                return;
+            }
         };
+        check.unreadable = 0;
         let text_sha256 = sha256_hex(&text);
         if self.read().text_sha256 == text_sha256 {
+            check.changed_to = None;
             return;
         }
-        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+        if check.changed_to.as_deref() != Some(text_sha256.as_str()) {
+            check.changed_to = Some(text_sha256);
+            return;
+        }
+        check.changed_to = None;
+        // Parsed before the lock is taken: callers being identified never wait for it.
         match parse(&self.path, &text) {
             Ok(loaded) => {
-                tracing::info!(
-                    file = %self.path.display(),
-                    tokens = loaded.by_hash.len(),
-                    "tokens file changed; reloaded"
-                );
-                *current = loaded;
+                let tokens = loaded.by_hash.len();
+                *self.write() = loaded;
+                tracing::info!(file = %self.path.display(), tokens, "tokens file changed; reloaded");
             }
             Err(err) => {
+                self.write().text_sha256 = text_sha256;
                 tracing::error!(
                     error = %format!("{err:#}"),
                     "tokens file changed but cannot be used; the previous tokens still apply"
                 );
-                current.text_sha256 = text_sha256;
             }
         }
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Loaded> {
+        self.current.write().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -502,6 +535,50 @@ mod tests {
             std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
             0o600
         );
+    }
+
+    #[test]
+    fn a_changed_file_is_taken_once_two_checks_read_it_and_never_half_written_or_broken() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.toml");
+        let first = add_token(&path, &NewToken::Reader { name: None }).unwrap();
+        let tokens = Tokens::load(&path).unwrap();
+        let second = add_token(&path, &NewToken::Reader { name: None }).unwrap();
+        let both = std::fs::read_to_string(&path).unwrap();
+        let knows = |token: &str| tokens.identify(token).is_some();
+
+        tokens.reload_if_changed();
+        assert!(!knows(&second), "one check saw the change: not taken yet");
+        tokens.reload_if_changed();
+        assert!(knows(&first) && knows(&second), "two checks agree: taken");
+
+        // Caught mid-write (emptied, then half written): never two checks alike, never taken.
+        for text in ["", &both[..both.len() / 2]] {
+            std::fs::write(&path, text).unwrap();
+            tokens.reload_if_changed();
+        }
+        assert!(knows(&first) && knows(&second));
+        // A broken file, however long it stays, and a missing one change nothing.
+        std::fs::write(&path, format!("{both}\n[[token]]\nsha256 = \"short\"\n")).unwrap();
+        for _ in 0..3 {
+            tokens.reload_if_changed();
+        }
+        std::fs::remove_file(&path).unwrap();
+        for _ in 0..3 {
+            tokens.reload_if_changed();
+        }
+        assert!(knows(&first) && knows(&second));
+
+        // The first token's entry removed: refused after two checks.
+        let without_first: String = both
+            .split("\n[[token]]")
+            .filter(|entry| !entry.contains(&sha256_hex(&first)))
+            .collect::<Vec<_>>()
+            .join("\n[[token]]");
+        std::fs::write(&path, without_first).unwrap();
+        tokens.reload_if_changed();
+        tokens.reload_if_changed();
+        assert!(!knows(&first) && knows(&second));
     }
 
     #[test]

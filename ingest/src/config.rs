@@ -270,8 +270,9 @@ pub struct ServeArgs {
     /// Most watchers of runs' live output at once on this replica (Control/TailExecution calls
     /// and console run pages; any number of them share one request to the agent per run);
     /// more get RESOURCE_EXHAUSTED. A watcher that does not read holds up to 256 KiB of output
-    /// queued here plus what HTTP/2 buffers for it (up to about 460 KiB), and each run watched
-    /// here the last 64 KiB of each of its outputs.
+    /// queued here plus what HTTP/2 buffers for it (up to about 460 KiB), and, once its run
+    /// ends, up to 64 KiB more of each output's stored end; each run watched here holds the
+    /// last 64 KiB of each of its outputs.
     #[arg(long, env = "KANADE_INGEST_MAX_TAILS", default_value_t = 128)]
     pub max_tails: usize,
 

@@ -17,12 +17,6 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
-/// Acks the client has not read yet are merged into one message of at most this many
-/// sequence numbers (the default send window): a stream answered by several batches before it
-/// is written to gets one Ack, not one per batch, and a queue never holds more sequence numbers
-/// per message than before merging.
-const MAX_SEQS_PER_ACK: usize = kanade_shared::limits::DEFAULT_MAX_UNACKED as usize;
-
 /// A drained queue keeps at most this much room, so a burst of acks does not stay allocated for
 /// the life of an idle stream.
 const RETAINED_CAPACITY: usize = 4;
@@ -41,6 +35,10 @@ struct Shared {
     queue: Mutex<Queue>,
     ready: Notify,
     capacity: usize,
+    /// Acks the client has not read yet are merged into one message of at most this many
+    /// sequence numbers (the stream's window): a stream answered by several batches before it
+    /// is written to gets one Ack, not one per batch, and no message holds more than a window.
+    max_seqs_per_ack: usize,
 }
 
 impl Shared {
@@ -72,12 +70,18 @@ pub enum Next {
     End(Option<Status>),
 }
 
-/// A queue holding at most `capacity` messages; `overflow` is cancelled when it would hold more.
-pub fn channel(capacity: usize, overflow: CancellationToken) -> (StreamSink, OutboundReceiver) {
+/// A queue holding at most `capacity` messages, each Ack at most `window` sequence numbers;
+/// `overflow` is cancelled when it would hold more.
+pub fn channel(
+    capacity: usize,
+    window: u32,
+    overflow: CancellationToken,
+) -> (StreamSink, OutboundReceiver) {
     let shared = Arc::new(Shared {
         queue: Mutex::new(Queue::default()),
         ready: Notify::new(),
         capacity,
+        max_seqs_per_ack: window.max(1) as usize,
     });
     (
         StreamSink {
@@ -93,7 +97,7 @@ impl StreamSink {
     pub fn send(&self, msg: Msg) {
         let mut queue = self.shared.lock();
         if let (Msg::Ack(ack), Some(Msg::Ack(waiting))) = (&msg, queue.messages.back_mut())
-            && waiting.seqs.len() + ack.seqs.len() <= MAX_SEQS_PER_ACK
+            && waiting.seqs.len() + ack.seqs.len() <= self.shared.max_seqs_per_ack
         {
             waiting.seqs.extend_from_slice(&ack.seqs);
             return;
@@ -164,7 +168,7 @@ mod tests {
     #[tokio::test]
     async fn messages_come_out_in_order_then_the_ending() {
         let overflow = CancellationToken::new();
-        let (sink, receiver) = channel(8, overflow.clone());
+        let (sink, receiver) = channel(8, 512, overflow.clone());
         let sink = Arc::new(sink);
         let batcher = sink.clone();
         let waiting = tokio::spawn(async move {
@@ -192,7 +196,7 @@ mod tests {
     #[tokio::test]
     async fn a_full_queue_cancels_overflow_and_keeps_what_it_holds() {
         let overflow = CancellationToken::new();
-        let (sink, receiver) = channel(2, overflow.clone());
+        let (sink, receiver) = channel(2, 512, overflow.clone());
         for seq in 1..=3 {
             sink.reject(seq, "refused".into());
         }
@@ -207,15 +211,16 @@ mod tests {
 
     #[tokio::test]
     async fn acks_waiting_to_be_read_go_out_as_one_message_in_order() {
-        let (sink, receiver) = channel(4, CancellationToken::new());
+        let window = 8;
+        let (sink, receiver) = channel(4, window, CancellationToken::new());
         sink.send(ack(1));
         sink.send(Msg::Ack(pb::Ack { seqs: vec![2, 3] }));
         sink.reject(4, "refused".into());
         sink.send(ack(5));
         // Merged up to a window's worth of seqs, then a new message.
-        let full: Vec<u64> = (6..6 + MAX_SEQS_PER_ACK as u64 - 1).collect();
+        let full: Vec<u64> = (6..6 + window as u64 - 1).collect();
         sink.send(Msg::Ack(pb::Ack { seqs: full }));
-        let after_full = 6 + MAX_SEQS_PER_ACK as u64 - 1;
+        let after_full = 6 + window as u64 - 1;
         sink.send(ack(after_full));
         drop(sink);
         let mut seen = Vec::new();
@@ -232,7 +237,7 @@ mod tests {
             [
                 ("ack", 3, 1),
                 ("reject", 1, 4),
-                ("ack", MAX_SEQS_PER_ACK, 5),
+                ("ack", window as usize, 5),
                 ("ack", 1, after_full)
             ]
         );

@@ -167,7 +167,7 @@ fn refusal(status: &tonic::Status, config: &SenderConfig) -> String {
         tonic::Code::Unauthenticated => format!(
             "ingest does not know this agent's token: it is not in ingest's tokens file; \
              create one on the ingest host with `kanade-ingest token add {pc_id} \
-             --tokens-file FILE` (ingest takes it within --tokens-reload-every) and give it to \
+             --tokens-file FILE` (ingest rereads its tokens file, no restart needed) and give it to \
              this agent with --token-file"
         ),
         tonic::Code::PermissionDenied => {

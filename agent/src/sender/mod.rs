@@ -587,29 +587,36 @@ impl<Q: Queue> Session<'_, Q> {
         let _ = self.outbound.send(message).await;
     }
 
-    /// Ends the session as the agent stops: a last status report (the endpoint's row then shows
-    /// what the agent leaves behind, not what it had when it connected), then this side of the
-    /// stream closes and ingest's answers are taken (acks of what it committed meanwhile) until
-    /// ingest ends the stream, for at most [`CLOSE_WAIT`].
+    /// Ends the session as the agent stops: ingest's answers to what was sent are taken first
+    /// (acks of what it committed meanwhile), then a last status report (the endpoint's row then
+    /// shows what the agent leaves behind, not what it had when it connected), then this side of
+    /// the stream closes and ingest ends it; for at most [`CLOSE_WAIT`] in all.
     async fn close(&mut self, inbound: &mut tonic::Streaming<pb::IngestMessage>) {
         let closing = async {
+            while self.window.oldest().is_some() {
+                if !self.take_answer(inbound).await {
+                    return;
+                }
+            }
             self.report().await;
             // Dropping the only sender closes the request stream: ingest drains and ends it.
             let (closed, _) = mpsc::channel(1);
             drop(std::mem::replace(&mut self.outbound, closed));
-            loop {
-                let handled = match Inbound::from_message(inbound.message().await) {
-                    Inbound::Ack(seqs) => self.on_ack(seqs).await,
-                    Inbound::Reject { seq, reason } => self.on_reject(seq, reason).await,
-                    Inbound::Ended | Inbound::Failed(_) => return,
-                    Inbound::Cancel(_) | Inbound::Tail(_) | Inbound::Nothing => Ok(()),
-                };
-                if handled.is_err() {
-                    return;
-                }
-            }
+            while self.take_answer(inbound).await {}
         };
         let _ = tokio::time::timeout(CLOSE_WAIT, closing).await;
+    }
+
+    /// Takes one message from ingest while closing: false once the stream is over.
+    async fn take_answer(&mut self, inbound: &mut tonic::Streaming<pb::IngestMessage>) -> bool {
+        let handled = match Inbound::from_message(inbound.message().await) {
+            Inbound::Ack(seqs) => self.on_ack(seqs).await,
+            Inbound::Reject { seq, reason } => self.on_reject(seq, reason).await,
+            Inbound::Ended | Inbound::Failed(_) => return false,
+            // A cancel is sent again after the next Welcome; nobody tails a stopping agent.
+            Inbound::Cancel(_) | Inbound::Tail(_) | Inbound::Nothing => Ok(()),
+        };
+        handled.is_ok()
     }
 
     /// Reports at once when the backlog moved a lot since the last report (looked at most every

@@ -292,7 +292,7 @@ impl WatcherQueue {
         }
         queue.finished = matches!(event, TailEvent::Finished(_));
         if let TailEvent::Chunk(chunk) = &event {
-            let stream = stream_index(chunk);
+            let stream = slot(chunk.stream == pb::OutputStream::Stdout as i32);
             queue.received[stream] = queue.received[stream].max(chunk.offset + chunk.length);
         }
         queue.bytes += bytes;
@@ -321,11 +321,12 @@ impl WatcherQueue {
     fn finish(&self, row: &ExecutionRow) {
         if let Some(o) = &row.outcome {
             let received = self.received();
-            for (stream, stdout, text, dropped) in [
-                (0, true, &o.stdout, o.stdout_dropped_bytes),
-                (1, false, &o.stderr, o.stderr_dropped_bytes),
+            for (stdout, text, dropped) in [
+                (true, &o.stdout, o.stdout_dropped_bytes),
+                (false, &o.stderr, o.stderr_dropped_bytes),
             ] {
-                for chunk in stored_rest(received[stream], row.result_id, stdout, text, dropped) {
+                let from = received[slot(stdout)];
+                for chunk in stored_rest(from, row.result_id, stdout, text, dropped) {
                     self.push_stored(TailEvent::Chunk(chunk));
                 }
             }
@@ -599,7 +600,7 @@ impl Tails {
         let Some(watched) = state.watched.get_mut(&result_id) else {
             return;
         };
-        let stream = usize::from(!stdout);
+        let stream = slot(stdout);
         let Some(chunk) = unseen(
             watched.delivered[stream],
             result_id,
@@ -669,12 +670,7 @@ impl Tails {
     ) -> Option<String> {
         let mut state = self.state();
         let watched = state.watched.get_mut(&result_id)?;
-        assemble(
-            &mut watched.assembling[usize::from(!stdout)],
-            place,
-            data,
-            part,
-        )
+        assemble(&mut watched.assembling[slot(stdout)], place, data, part)
     }
 
     /// The replica listening on `reply_to` watches `runs`: those whose agent streams are here
@@ -1046,9 +1042,9 @@ fn checked(chunk: &pb::OutputChunk) -> Option<(Uuid, bool)> {
     fits.then_some((result_id, stdout))
 }
 
-/// Index of a chunk's stream in per-stream arrays: 0 for stdout, 1 for stderr.
-fn stream_index(chunk: &pb::OutputChunk) -> usize {
-    usize::from(chunk.stream != pb::OutputStream::Stdout as i32)
+/// A stream's place in per-stream arrays: 0 for stdout, 1 for stderr.
+fn slot(stdout: bool) -> usize {
+    usize::from(!stdout)
 }
 
 /// What of a chunk starting at `offset` comes after `delivered`: `None` when nothing does. A

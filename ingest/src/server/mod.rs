@@ -212,7 +212,8 @@ impl pb::ingest_server::Ingest for IngestService {
             )));
         }
         let overflow = CancellationToken::new();
-        let (sink, outbound) = outbound::channel(OUTBOUND_CAPACITY, overflow.clone());
+        let (sink, outbound) =
+            outbound::channel(OUTBOUND_CAPACITY, self.limits.max_unacked, overflow.clone());
         let sink = Arc::new(sink);
         let stream = StreamInfo::opened(&pc_id, &hello.agent_version);
         registration

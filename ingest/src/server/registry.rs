@@ -236,7 +236,7 @@ mod tests {
     }
 
     fn sink() -> Arc<StreamSink> {
-        Arc::new(outbound::channel(4, CancellationToken::new()).0)
+        Arc::new(outbound::channel(4, 4, CancellationToken::new()).0)
     }
 
     #[test]

@@ -162,7 +162,7 @@ async fn an_agent_that_stops_leaves_its_last_figures_not_those_it_connected_with
     // disconnects once the result is acknowledged: its last report says it left nothing.
     let exec = {
         let home = home.clone();
-        tokio::task::spawn_blocking(move || home.exec(&["--wait"], "nap", &["sleep", "1"]))
+        tokio::task::spawn_blocking(move || home.exec(&["--wait"], "nap", &["sleep", "3"]))
     };
     let (e, _) = endpoint_when(&ingest, "pc-test", Duration::from_secs(10), |e| {
         e.connected && e.running_runs == 1
