@@ -13,9 +13,9 @@
 //! The tokens file is read again every `--tokens-reload-every`, and a change taken once two
 //! checks in a row read the same text: a token added with `token add` (or a Kubernetes Secret
 //! replaced) is honoured, and a removed one refused from its next call (its console sessions
-//! open no more pages), without a restart. A file that changed but does not load keeps the
-//! previous tokens, with an error logged. Calls and streams already admitted (an agent's
-//! stream, a live tail) are not cut: they run until they end.
+//! open no more pages), without a restart; calls it holds open (an agent's stream, a live
+//! tail, a console page's live updates) watch their [`HeldToken`] and end. A file that changed
+//! but does not load keeps the previous tokens, with an error logged.
 
 use std::{
     collections::HashMap,
@@ -28,6 +28,7 @@ use std::{
 use anyhow::{Context, bail};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+use tokio::sync::watch;
 use tonic::{Request, Status};
 
 use crate::tls::Peer;
@@ -128,6 +129,8 @@ pub struct Tokens {
     current: RwLock<Loaded>,
     /// What the rereading checks found so far (only they touch it).
     check: Mutex<Check>,
+    /// Counts the changes taken: calls still running on a token look again when it moves.
+    changes: watch::Sender<u64>,
 }
 
 /// What the checks of the tokens file found since the tokens in force were read.
@@ -156,7 +159,18 @@ impl Tokens {
             path: path.to_path_buf(),
             current: RwLock::new(parse(path, &text)?),
             check: Mutex::default(),
+            changes: watch::Sender::new(0),
         })
+    }
+
+    /// The hold of a call admitted with the token whose SHA-256 this is, as `identity`.
+    pub fn hold(self: &Arc<Self>, sha256: String, identity: Identity) -> HeldToken {
+        HeldToken {
+            changes: self.changes.subscribe(),
+            tokens: self.clone(),
+            sha256,
+            identity,
+        }
     }
 
     /// The identity a presented token proves, if any.
@@ -207,6 +221,7 @@ impl Tokens {
             Ok(loaded) => {
                 let tokens = loaded.by_hash.len();
                 *self.write() = loaded;
+                self.changes.send_modify(|n| *n += 1);
                 tracing::info!(file = %self.path.display(), tokens, "tokens file changed; reloaded");
             }
             Err(err) => {
@@ -222,6 +237,47 @@ impl Tokens {
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Loaded> {
         self.current.write().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// The token a call that stays open (an agent's stream, a live tail, a console page's live
+/// updates) was admitted with, to end it once the token is withdrawn: removed from the tokens
+/// file, or bound to something else.
+#[derive(Debug, Clone)]
+pub struct HeldToken {
+    tokens: Arc<Tokens>,
+    changes: watch::Receiver<u64>,
+    sha256: String,
+    identity: Identity,
+}
+
+impl HeldToken {
+    /// Returns once the token no longer speaks for the identity it was admitted as.
+    pub async fn withdrawn(&mut self) {
+        loop {
+            if self.changes.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            if self.tokens.by_sha256(&self.sha256).as_ref() != Some(&self.identity) {
+                return;
+            }
+        }
+    }
+}
+
+/// Returns once `held` is withdrawn; never without one (no tokens file, a certificate).
+pub async fn withdrawn(held: &mut Option<HeldToken>) {
+    match held {
+        Some(held) => held.withdrawn().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What an open call says when its token is withdrawn.
+pub fn withdrawn_status() -> Status {
+    Status::unauthenticated(
+        "the token this call was admitted with was removed from ingest's tokens file (or now \
+         speaks for someone else)",
+    )
 }
 
 /// The tokens of a tokens file's `text`; errors name the file and the entry.
@@ -346,25 +402,32 @@ impl Authenticator {
         Authenticator { tokens, access }
     }
 
-    /// A tonic interceptor: attaches the caller's [`Identity`] to the request, or refuses it.
+    /// A tonic interceptor: attaches the caller's [`Identity`] (and the [`HeldToken`] it came
+    /// with) to the request, or refuses it.
     pub fn check(&self, mut request: Request<()>) -> Result<Request<()>, Status> {
         let certificate = request
             .extensions()
             .get::<Peer>()
             .and_then(|peer| peer.certificate_identity.clone());
+        let mut held = None;
         let identity = match self.access {
             Access::Write => match certificate {
                 Some(pc_id) => Some(Identity::Agent {
                     pc_id: pc_id.to_string(),
                 }),
-                None => self.token(&request)?,
+                None => self.token(&request)?.map(|(identity, token)| {
+                    held = Some(token);
+                    identity
+                }),
             },
             Access::Read | Access::Act => {
-                let caller = self.caller(&request, certificate.is_some())?;
+                let (caller, token) = self.caller(&request, certificate.is_some())?;
+                held = token;
                 judge(&caller, self.access)?
             }
             Access::PerCall => {
-                let caller = self.caller(&request, certificate.is_some())?;
+                let (caller, token) = self.caller(&request, certificate.is_some())?;
+                held = token;
                 request.extensions_mut().insert(caller);
                 None
             }
@@ -372,11 +435,15 @@ impl Authenticator {
         if let Some(identity) = identity {
             request.extensions_mut().insert(identity);
         }
+        if let Some(held) = held {
+            request.extensions_mut().insert(held);
+        }
         Ok(request)
     }
 
-    /// The identity the request's token proves; `None` when no tokens file is configured.
-    fn token<T>(&self, request: &Request<T>) -> Result<Option<Identity>, Status> {
+    /// The identity the request's token proves, and its hold; `None` when no tokens file is
+    /// configured.
+    fn token<T>(&self, request: &Request<T>) -> Result<Option<(Identity, HeldToken)>, Status> {
         let Some(tokens) = &self.tokens else {
             return Ok(None);
         };
@@ -390,23 +457,30 @@ impl Authenticator {
                     "this ingest requires a token: send `authorization: Bearer TOKEN`",
                 )
             })?;
-        tokens
-            .identify(presented.trim())
-            .map(Some)
-            .ok_or_else(|| Status::unauthenticated("unknown token"))
+        let sha256 = sha256_hex(presented.trim());
+        let identity = tokens
+            .by_sha256(&sha256)
+            .ok_or_else(|| Status::unauthenticated("unknown token"))?;
+        Ok(Some((identity.clone(), tokens.hold(sha256, identity))))
     }
 
-    /// Who a person-facing call comes from; refused only for a missing or unknown token.
-    fn caller<T>(&self, request: &Request<T>, has_certificate: bool) -> Result<Caller, Status> {
+    /// Who a person-facing call comes from, and the token it holds; refused only for a missing
+    /// or unknown token.
+    fn caller<T>(
+        &self,
+        request: &Request<T>,
+        has_certificate: bool,
+    ) -> Result<(Caller, Option<HeldToken>), Status> {
         if self.tokens.is_none() {
-            return Ok(if has_certificate {
+            let caller = if has_certificate {
                 Caller::Certificate
             } else {
                 Caller::Anonymous
-            });
+            };
+            return Ok((caller, None));
         }
-        let identity = self.token(request)?.expect("a tokens file is configured");
-        Ok(Caller::Token(identity))
+        let (identity, held) = self.token(request)?.expect("a tokens file is configured");
+        Ok((Caller::Token(identity), Some(held)))
     }
 }
 

@@ -9,10 +9,13 @@
 //! `stream`, `offset`, `length`, `data`), `notice` events (`connected`, `message`) and one
 //! `finished` when the run has its result (the page then re-reads its final view). The script
 //! writes every text as text, never as markup.
+//!
+//! Both end when the token the session was signed in with leaves the tokens file.
 
 use std::{convert::Infallible, time::Duration};
 
 use axum::{
+    Extension,
     extract::{Path, State},
     response::{
         IntoResponse, Response,
@@ -22,8 +25,11 @@ use axum::{
 use kanade_shared::pb;
 use serde_json::json;
 
-use super::{Console, PageError, not_yet, parse_result_id};
-use crate::control::{TailError, TailEvent};
+use super::{Console, PageError, not_yet, parse_result_id, session::Visitor};
+use crate::{
+    auth,
+    control::{TailError, TailEvent},
+};
 
 /// The shortest gap between two events on one page.
 const COALESCE: Duration = Duration::from_millis(500);
@@ -33,7 +39,11 @@ const REPLICA_CATCH_UP: Duration = Duration::from_secs(1);
 /// A comment line this often keeps proxies from closing a quiet stream.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
-pub async fn events(State(console): State<Console>) -> impl axum::response::IntoResponse {
+pub async fn events(
+    State(console): State<Console>,
+    Extension(visitor): Extension<Visitor>,
+) -> impl axum::response::IntoResponse {
+    let mut held = visitor.held;
     let mut changes = console.inner.changes.follow();
     let catch_up = console.inner.config.read_replica;
     let stop = console.inner.stop.clone();
@@ -46,6 +56,8 @@ pub async fn events(State(console): State<Console>) -> impl axum::response::Into
             tokio::select! {
                 changed = changes.changed() => if changed.is_err() { return },
                 _ = stop.cancelled() => return,
+                // Signed out by the tokens file: the page's next request meets the sign-in.
+                _ = auth::withdrawn(&mut held) => return,
             }
             changes.borrow_and_update();
             yield Ok(Event::default().event("changed").data("changed"));
@@ -66,8 +78,10 @@ pub async fn events(State(console): State<Console>) -> impl axum::response::Into
 /// `/runs/{result_id}/live`: the run's output as it is written, then `finished`.
 pub async fn run_output(
     State(console): State<Console>,
+    Extension(visitor): Extension<Visitor>,
     Path(result_id): Path<String>,
 ) -> Result<Response, PageError> {
+    let mut held = visitor.held;
     let id = parse_result_id(&result_id)?;
     let inner = &console.inner;
     let mut watcher = inner
@@ -89,6 +103,7 @@ pub async fn run_output(
                     None => return,
                 },
                 _ = stop.cancelled() => return,
+                _ = auth::withdrawn(&mut held) => return,
             };
             yield Ok::<_, Infallible>(match event {
                 TailEvent::Chunk(chunk) => {

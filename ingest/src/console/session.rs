@@ -20,7 +20,7 @@ use chrono::Utc;
 
 use super::{Console, PageError, pages};
 use crate::{
-    auth::{Identity, Tokens, sha256_hex},
+    auth::{HeldToken, Identity, Tokens, sha256_hex},
     store::{ConsoleSession, Store},
 };
 
@@ -38,6 +38,8 @@ pub struct Visitor {
     pub signed_in: bool,
     /// May act (cancel runs): an operator, or anyone when the console runs without tokens.
     pub may_act: bool,
+    /// The token the session was signed in with: live updates end when it is withdrawn.
+    pub held: Option<HeldToken>,
     /// Who their actions are recorded under.
     pub name: String,
 }
@@ -134,6 +136,7 @@ impl Sessions {
                 signed_in: true,
                 may_act: identity.may_act(),
                 name: identity.name().to_string(),
+                held: Some(self.tokens.hold(session.token_sha256, identity)),
             }))
     }
 
@@ -166,6 +169,7 @@ async fn anyone(console: &Console, mut request: Request, next: Next) -> Response
         signed_in: false,
         may_act: true,
         name: crate::auth::ANONYMOUS.to_string(),
+        held: None,
     });
     let mut response = next.run(request).await;
     if existing.is_none() {

@@ -109,6 +109,7 @@ impl pb::control_server::Control for ControlService {
         mut request: Request<pb::TailExecutionRequest>,
     ) -> Result<Response<TailStream>, Status> {
         auth::permit(&mut request, Access::Read)?;
+        let mut held = request.extensions().get::<auth::HeldToken>().cloned();
         let result_id = request.into_inner().result_id;
         let mut watcher = self.tails.watch(&result_id).await.map_err(tail_status)?;
         let shutdown = self.shutdown.clone();
@@ -119,6 +120,10 @@ impl pb::control_server::Control for ControlService {
                         Some(event) => yield Ok(tail_response(event)),
                         None => break,
                     },
+                    _ = auth::withdrawn(&mut held) => {
+                        yield Err(auth::withdrawn_status());
+                        break;
+                    }
                     _ = shutdown.cancelled() => {
                         yield Err(Status::unavailable(
                             "ingest is shutting down; call again to go on following the run \

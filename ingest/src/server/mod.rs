@@ -177,6 +177,7 @@ impl pb::ingest_server::Ingest for IngestService {
         }
         let token_pc_id = auth::writer_pc_id(&request)?;
         let credits = request.extensions().get::<Arc<Credits>>().cloned();
+        let held = request.extensions().get::<auth::HeldToken>().cloned();
         let mut registration = self.registry.open().map_err(registry_status)?;
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(self.limits.hello_timeout, inbound.message())
@@ -237,6 +238,7 @@ impl pb::ingest_server::Ingest for IngestService {
             window_bytes: Arc::new(Semaphore::new(max_window_bytes as usize)),
             max_window_bytes,
             credits,
+            held,
             _registration: registration.clone(),
         };
         self.tasks.spawn(handler.run(inbound));

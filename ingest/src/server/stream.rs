@@ -29,6 +29,7 @@ use super::{
     registry::Registration,
 };
 use crate::{
+    auth::{self, HeldToken},
     batcher::{Reply, Submission},
     budget::{Charge, Credits},
     outbound::StreamSink,
@@ -95,6 +96,8 @@ enum End {
     Shutdown,
     /// The client broke the protocol.
     Violation(Status),
+    /// The token the stream was admitted with was withdrawn from the tokens file.
+    Withdrawn,
     /// The client does not read its acks; the outbound side ends the stream.
     Overflow,
 }
@@ -117,13 +120,17 @@ pub(super) struct StreamHandler {
     pub max_window_bytes: u32,
     /// The memory-budget charges of this stream's messages, one per message read.
     pub credits: Option<Arc<Credits>>,
+    /// The token the stream was admitted with (none under mTLS or without tokens): the stream
+    /// ends when it is withdrawn.
+    pub held: Option<HeldToken>,
     /// Shared with the response stream: the stream keeps its place in the registry until both
     /// its reading and its writing side are gone.
     pub _registration: Arc<Registration>,
 }
 
 impl StreamHandler {
-    pub async fn run(self, mut inbound: Streaming<pb::AgentMessage>) {
+    pub async fn run(mut self, mut inbound: Streaming<pb::AgentMessage>) {
+        let mut held = self.held.take();
         let age = self
             .service
             .limits
@@ -137,6 +144,7 @@ impl StreamHandler {
                     _ = self.service.shutdown.cancelled() => End::Shutdown,
                     _ = &mut aged => End::Aged,
                     _ = self.overflow.cancelled() => End::Overflow,
+                    _ = auth::withdrawn(&mut held) => End::Withdrawn,
                 }
             };
             let message = tokio::select! {
@@ -268,6 +276,7 @@ impl StreamHandler {
         let status = match end {
             End::Overflow => return,
             End::Violation(status) => Some(status),
+            End::Withdrawn => Some(auth::withdrawn_status()),
             End::Shutdown => Some(Status::unavailable(
                 "ingest is shutting down; reconnect to resend anything unacknowledged",
             )),

@@ -2,6 +2,8 @@
 
 use std::{io::Write, time::Duration};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
 use kanade_shared::pb;
 use tonic::{Code, Request, metadata::MetadataValue};
 
@@ -136,6 +138,7 @@ async fn tokens_added_or_removed_apply_without_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let tokens = dir.path().join("tokens.toml");
     let pc_a = add_token(&tokens, &["pc-a"]);
+    let pc_b = add_token(&tokens, &["pc-b"]);
     let db = TestDb::sqlite();
     let ingest = rereading_tokens(&db, &tokens).await;
     let list = |token: String| {
@@ -153,7 +156,6 @@ async fn tokens_added_or_removed_apply_without_a_restart() {
 
     // Added while ingest runs: honoured within a few checks.
     let reader = add_token(&tokens, &["--reader"]);
-    let added = std::fs::read_to_string(&tokens).unwrap();
     eventually(Duration::from_secs(5), "the new reader token works", || {
         let list = list(reader.clone());
         async move { list.await.is_ok() }
@@ -161,9 +163,38 @@ async fn tokens_added_or_removed_apply_without_a_restart() {
     .await;
 
     // Removed: refused within a few checks.
+    // What the reader and pc-b hold open when their tokens go: a live tail of a running run and
+    // an agent stream.
+    let run = Run::new("pc-a");
+    ingest
+        .ingest()
+        .await
+        .publish(with_token(run.started_event(0), &pc_a))
+        .await
+        .unwrap();
+    let mut tail = ingest
+        .control()
+        .await
+        .tail_execution(with_token(
+            pb::TailExecutionRequest {
+                result_id: run.result_id.clone(),
+            },
+            &reader,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let added = std::fs::read_to_string(&tokens).unwrap();
+    let mut agent = open_stream(&ingest, "pc-b", &pc_b).await;
+    let mut live_page = console_events(&ingest, &reader).await;
+
+    let withdrawn = [
+        kanade_ingest::auth::sha256_hex(&reader),
+        kanade_ingest::auth::sha256_hex(&pc_b),
+    ];
     let without_reader: String = added
         .split("\n[[token]]")
-        .filter(|entry| !entry.contains(&kanade_ingest::auth::sha256_hex(&reader)))
+        .filter(|entry| !withdrawn.iter().any(|hash| entry.contains(hash)))
         .collect::<Vec<_>>()
         .join("\n[[token]]");
     // Replaced whole, as an editor or a Secret update does (a half-written file is covered by
@@ -180,12 +211,112 @@ async fn tokens_added_or_removed_apply_without_a_restart() {
         },
     )
     .await;
+    // What they held open ends, saying why.
+    let within = Duration::from_secs(5);
+    let tail_end = tokio::time::timeout(within, async {
+        loop {
+            match tail.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the tail ends");
+    let status = tail_end.expect_err("ends with an error");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("removed"), "{status:?}");
+    let agent_end = tokio::time::timeout(within, async {
+        loop {
+            match agent.rx.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the agent's stream ends");
+    assert_eq!(
+        agent_end.expect_err("ends with an error").code(),
+        Code::Unauthenticated
+    );
+    let mut rest = Vec::new();
+    tokio::time::timeout(within, live_page.read_to_end(&mut rest))
+        .await
+        .expect("the console page's live updates end")
+        .unwrap();
     ingest
         .ingest()
         .await
         .publish(with_token(Run::new("pc-a").started_event(1), &pc_a))
         .await
         .expect("the tokens left still work");
+}
+
+/// The console's live updates (`/events`) for a session signed in with `token`, past the
+/// response head.
+async fn console_events(ingest: &TestIngest, token: &str) -> tokio::net::TcpStream {
+    let addr = ingest.console_addr.expect("a console");
+    let body = format!("token={token}&next=%2F");
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(
+        format!(
+            "POST /signin HTTP/1.1\r\nHost: {addr}\r\nContent-Type: \
+             application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).await.unwrap();
+    let cookie = answer
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .and_then(|c| c.split(';').next())
+        .unwrap_or_else(|| panic!("signed in: {answer}"))
+        .to_string();
+    let mut events = tokio::net::TcpStream::connect(addr).await.unwrap();
+    events
+        .write_all(
+            format!("GET /events HTTP/1.1\r\nHost: {addr}\r\nCookie: {cookie}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8];
+        events.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    events
+}
+
+/// An agent stream for `pc_id` with `token`, past its Welcome.
+async fn open_stream(ingest: &TestIngest, pc_id: &str, token: &str) -> AgentStream {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(hello(pc_id)).await.unwrap();
+    let mut stream = AgentStream {
+        tx,
+        rx: ingest
+            .ingest()
+            .await
+            .stream(with_token(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+                token,
+            ))
+            .await
+            .unwrap()
+            .into_inner(),
+    };
+    assert!(matches!(
+        stream.next().await,
+        Some(pb::ingest_message::Msg::Welcome(_))
+    ));
+    stream
 }
 
 #[tokio::test]
