@@ -71,6 +71,9 @@ pub const WATCHER_BUFFER_BYTES: usize = 256 * 1024;
 /// [`FINISHED_CHECK_GAP`] however often commits are announced.
 const FINISHED_CHECK_EVERY: Duration = Duration::from_secs(1);
 const FINISHED_CHECK_GAP: Duration = Duration::from_millis(200);
+/// Watchers are told the agent's stream ended this long after it did, unless the run turned
+/// out to have ended (a look whether watched runs ended starts within [`FINISHED_CHECK_EVERY`]).
+const INTERRUPTION_TOLD_AFTER: Duration = FINISHED_CHECK_EVERY.saturating_add(FINISHED_CHECK_GAP);
 /// How often due work (asking again, expiring holdings) is looked at.
 const BEAT: Duration = Duration::from_millis(50);
 /// Room in a notification for the text of one output piece, once escaped for JSON (the rest of
@@ -176,6 +179,11 @@ struct Watched {
     answered: bool,
     /// Watchers were told the agent is not connected: told again when it is.
     told_disconnected: bool,
+    /// When the stream carrying the run's output ended, while its watchers are not told yet:
+    /// they are once the run is known not to have ended with it
+    /// ([`INTERRUPTION_TOLD_AFTER`]; an `exec --wait` disconnects right after its result), or at
+    /// once when its output resumes.
+    interrupted_at: Option<Instant>,
     ask_every: Duration,
     next_ask: Instant,
 }
@@ -466,6 +474,7 @@ impl Tails {
                 assembling: Default::default(),
                 answered: false,
                 told_disconnected: false,
+                interrupted_at: None,
                 ask_every: FIRST_RETRY,
                 next_ask: Instant::now(),
             });
@@ -613,6 +622,7 @@ impl Tails {
         };
         watched.delivered[stream] = chunk.offset + chunk.length;
         watched.answered = true;
+        tell_interrupted(watched);
         for (_, queue) in &watched.watchers {
             let delivered = queue.push(TailEvent::Chunk(chunk.clone()));
             self.inner
@@ -754,6 +764,7 @@ impl Tails {
         watched.answered = true;
         watched.ask_every = REFRESH;
         watched.next_ask = watched.next_ask.max(Instant::now() + REFRESH);
+        tell_interrupted(watched);
         if std::mem::take(&mut watched.told_disconnected) {
             notify(
                 watched,
@@ -771,15 +782,21 @@ impl Tails {
         watched.answered = false;
         watched.ask_every = FIRST_RETRY;
         watched.next_ask = Instant::now() + FIRST_RETRY;
-        if !watched.told_disconnected {
-            watched.told_disconnected = true;
-            notify(
-                watched,
-                false,
-                "the agent's stream ended (it reconnects): its output resumes then; what it \
-                 writes meanwhile shows once it is back, as far as the agent still holds it"
-                    .to_string(),
-            );
+        if !watched.told_disconnected && watched.interrupted_at.is_none() {
+            watched.interrupted_at = Some(Instant::now());
+        }
+    }
+
+    /// Tells the watchers of runs whose agent's stream ended a while ago, and that did not end.
+    fn tell_interrupted_due(&self) {
+        let mut state = self.state();
+        for watched in state.watched.values_mut() {
+            if watched
+                .interrupted_at
+                .is_some_and(|at| at.elapsed() >= INTERRUPTION_TOLD_AFTER)
+            {
+                tell_interrupted(watched);
+            }
         }
     }
 
@@ -876,6 +893,7 @@ impl Tails {
                     last_check = Instant::now();
                     self.end_finished().await;
                 }
+                self.tell_interrupted_due();
             }
         };
         tokio::join!(main, forwarding);
@@ -1017,6 +1035,20 @@ fn tail_message(result_id: Uuid, watch: bool) -> pb::ingest_message::Msg {
         result_id: result_id.hyphenated().to_string(),
         watch,
     })
+}
+
+/// Tells `watched`'s watchers that the agent's stream ended, if that is pending.
+fn tell_interrupted(watched: &mut Watched) {
+    if watched.interrupted_at.take().is_some() {
+        watched.told_disconnected = true;
+        notify(
+            watched,
+            false,
+            "the agent's stream ended (it reconnects): its output resumes then; what it writes \
+             meanwhile shows once it is back, as far as the agent still holds it"
+                .to_string(),
+        );
+    }
 }
 
 fn notify(watched: &Watched, agent_connected: bool, message: String) {

@@ -360,6 +360,43 @@ async fn a_run_started_by_exec_is_followed_through_the_daemon() {
 }
 
 #[tokio::test]
+async fn an_exec_wait_run_ends_with_its_row_and_no_word_of_a_stream_ending() {
+    let db = TestDb::sqlite();
+    let ingest = TestIngest::start(&db.url).await;
+    let home = AgentHome::new(&ingest.url(), "");
+    // No daemon: `exec --wait` holds the stream itself and closes it right after its result is
+    // acknowledged, which is no interruption to tell watchers of.
+    let script = format!("for i in $(seq 1 {LINES}); do echo \"line $i\"; sleep 0.2; done");
+    let mut exec = home
+        .command(&[
+            "exec",
+            "--wait",
+            "--manifest",
+            "counter",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let result_id = ingest.running_run().await;
+    let watched = watch_to_end(tail(&ingest, &result_id).await, Duration::from_secs(30)).await;
+    assert_lines_once_in_order(&watched.stdout_without_gaps(), LINES);
+    assert!(
+        watched
+            .notices
+            .iter()
+            .all(|n| !n.message.contains("stream ended")),
+        "{:?}",
+        watched.notices
+    );
+    assert!(exec.wait().unwrap().success());
+}
+
+#[tokio::test]
 async fn grpcurl_follows_a_run_and_refusals_say_what_it_takes() {
     let db = TestDb::sqlite();
     let dir = tempfile::tempdir().unwrap();
