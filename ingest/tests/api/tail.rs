@@ -333,6 +333,19 @@ async fn when_the_agent_reconnects_mid_tail_the_watcher_is_told_and_output_resum
     assert!(watched.finished.is_some());
 }
 
+/// `kanade-agent exec FLAGS` of a script printing LINES numbered lines, one every 200 ms.
+fn counting_exec(home: &AgentHome, flags: &[&str]) -> std::process::Child {
+    let script = format!("for i in $(seq 1 {LINES}); do echo \"line $i\"; sleep 0.2; done");
+    let mut args = vec!["exec"];
+    args.extend_from_slice(flags);
+    args.extend_from_slice(&["--manifest", "counter", "--", "sh", "-c", &script]);
+    home.command(&args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 #[tokio::test]
 async fn a_run_started_by_exec_is_followed_through_the_daemon() {
     let db = TestDb::sqlite();
@@ -345,13 +358,7 @@ async fn a_run_started_by_exec_is_followed_through_the_daemon() {
         || async { daemon.log().contains("connected to ingest") },
     )
     .await;
-    let script = format!("for i in $(seq 1 {LINES}); do echo \"line $i\"; sleep 0.2; done");
-    let mut exec = home
-        .command(&["exec", "--manifest", "counter", "--", "sh", "-c", &script])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut exec = counting_exec(&home, &[]);
     let result_id = ingest.running_run().await;
     let watched = watch_to_end(tail(&ingest, &result_id).await, Duration::from_secs(30)).await;
     assert_lines_once_in_order(&watched.stdout_without_gaps(), LINES);
@@ -366,22 +373,7 @@ async fn an_exec_wait_run_ends_with_its_row_and_no_word_of_a_stream_ending() {
     let home = AgentHome::new(&ingest.url(), "");
     // No daemon: `exec --wait` holds the stream itself and closes it right after its result is
     // acknowledged, which is no interruption to tell watchers of.
-    let script = format!("for i in $(seq 1 {LINES}); do echo \"line $i\"; sleep 0.2; done");
-    let mut exec = home
-        .command(&[
-            "exec",
-            "--wait",
-            "--manifest",
-            "counter",
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut exec = counting_exec(&home, &["--wait"]);
     let result_id = ingest.running_run().await;
     let watched = watch_to_end(tail(&ingest, &result_id).await, Duration::from_secs(30)).await;
     assert_lines_once_in_order(&watched.stdout_without_gaps(), LINES);
