@@ -48,6 +48,8 @@ pub async fn events(
     let catch_up = console.inner.config.read_replica;
     let stop = console.inner.stop.clone();
     let stream = async_stream::stream! {
+        let withdrawn = auth::withdrawn(&mut held);
+        tokio::pin!(withdrawn);
         // Tells the page the stream is open (its script shows "live" and re-reads once: what
         // was committed between rendering the page and opening this stream, or while the
         // browser was reconnecting, was announced to nobody).
@@ -57,7 +59,7 @@ pub async fn events(
                 changed = changes.changed() => if changed.is_err() { return },
                 _ = stop.cancelled() => return,
                 // Signed out by the tokens file: the page's next request meets the sign-in.
-                _ = auth::withdrawn(&mut held) => return,
+                _ = &mut withdrawn => return,
             }
             changes.borrow_and_update();
             yield Ok(Event::default().event("changed").data("changed"));
@@ -96,6 +98,8 @@ pub async fn run_output(
         })?;
     let stop = inner.stop.clone();
     let stream = async_stream::stream! {
+        let withdrawn = auth::withdrawn(&mut held);
+        tokio::pin!(withdrawn);
         loop {
             let event = tokio::select! {
                 event = watcher.next() => match event {
@@ -103,7 +107,7 @@ pub async fn run_output(
                     None => return,
                 },
                 _ = stop.cancelled() => return,
-                _ = auth::withdrawn(&mut held) => return,
+                _ = &mut withdrawn => return,
             };
             yield Ok::<_, Infallible>(match event {
                 TailEvent::Chunk(chunk) => {

@@ -114,13 +114,15 @@ impl pb::control_server::Control for ControlService {
         let mut watcher = self.tails.watch(&result_id).await.map_err(tail_status)?;
         let shutdown = self.shutdown.clone();
         let events = async_stream::stream! {
+            let withdrawn = auth::withdrawn(&mut held);
+            tokio::pin!(withdrawn);
             loop {
                 tokio::select! {
                     event = watcher.next() => match event {
                         Some(event) => yield Ok(tail_response(event)),
                         None => break,
                     },
-                    _ = auth::withdrawn(&mut held) => {
+                    _ = &mut withdrawn => {
                         yield Err(auth::withdrawn_status());
                         break;
                     }

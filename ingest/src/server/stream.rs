@@ -138,13 +138,16 @@ impl StreamHandler {
             .mul_f64(0.9 + 0.2 * fastrand::f64());
         let aged = tokio::time::sleep(age);
         tokio::pin!(aged);
+        // Made once for the stream's life, like `aged`: not again for every message read.
+        let withdrawn = auth::withdrawn(&mut held);
+        tokio::pin!(withdrawn);
         let end = loop {
             let stop = async {
                 tokio::select! {
                     _ = self.service.shutdown.cancelled() => End::Shutdown,
                     _ = &mut aged => End::Aged,
                     _ = self.overflow.cancelled() => End::Overflow,
-                    _ = auth::withdrawn(&mut held) => End::Withdrawn,
+                    _ = &mut withdrawn => End::Withdrawn,
                 }
             };
             let message = tokio::select! {

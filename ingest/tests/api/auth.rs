@@ -75,26 +75,8 @@ async fn tokens_bind_writers_to_their_pc_and_readers_to_activity() {
         .await
         .unwrap_err();
     assert_eq!(foreign.code(), Code::PermissionDenied);
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(hello("pc-a")).await.unwrap();
-    tx.send(kanade_testkit::event_msg(Run::new("pc-a").started_event(1)))
-        .await
-        .unwrap();
-    let mut own = AgentStream {
-        tx,
-        rx: client
-            .stream(with_token(
-                tokio_stream::wrappers::ReceiverStream::new(rx),
-                &pc_a,
-            ))
-            .await
-            .unwrap()
-            .into_inner(),
-    };
-    assert!(matches!(
-        own.next().await,
-        Some(pb::ingest_message::Msg::Welcome(_))
-    ));
+    let mut own = open_stream(&ingest, "pc-a", &pc_a).await;
+    own.send(Run::new("pc-a").started_event(1)).await;
     assert_eq!(own.answers(1).await.0, [1]);
 
     // Activity: readers only.
