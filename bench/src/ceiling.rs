@@ -9,6 +9,11 @@
 //! - back to back: each run's Started and Result merged into one finished row, as the batcher
 //!   merges a run whose two events arrive in one batch (a backlog flushed after an outage).
 //!
+//! The separated writes are also measured pipelined, as ingest's batches hold them: each
+//! statement finishes the runs started two statements earlier and starts the next ones. That
+//! tells whether a statement mixing inserts and updates costs PostgreSQL more than the phases
+//! do (it does not, within a few per cent; BENCHMARKS.md).
+//!
 //! Figures are events per second, so they compare with what ingest acks: a merged row carries
 //! two events.
 
@@ -40,19 +45,18 @@ async fn empty(store: &PostgresStore) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes `rows` in statements of `STATEMENT_ROWS`, the statements shared out over
-/// `CONNECTIONS` concurrent writers; returns when all committed.
-async fn write_all(store: &Arc<PostgresStore>, rows: &Arc<Vec<RunWrite>>) -> anyhow::Result<()> {
+/// Writes `statements`, shared out over `CONNECTIONS` concurrent writers in turn (statement
+/// `i` on writer `i % CONNECTIONS`, each writer's in order); returns when all committed.
+async fn write_all(
+    store: &Arc<PostgresStore>,
+    statements: &Arc<Vec<Vec<RunWrite>>>,
+) -> anyhow::Result<()> {
     let mut writers = tokio::task::JoinSet::new();
     for writer in 0..CONNECTIONS {
-        let (store, rows) = (store.clone(), rows.clone());
+        let (store, statements) = (store.clone(), statements.clone());
         writers.spawn(async move {
-            for chunk in rows
-                .chunks(STATEMENT_ROWS)
-                .skip(writer)
-                .step_by(CONNECTIONS)
-            {
-                store.apply(chunk, Utc::now().trunc_subsecs(6)).await?;
+            for rows in statements.iter().skip(writer).step_by(CONNECTIONS) {
+                store.apply(rows, Utc::now().trunc_subsecs(6)).await?;
             }
             anyhow::Ok(())
         });
@@ -63,11 +67,16 @@ async fn write_all(store: &Arc<PostgresStore>, rows: &Arc<Vec<RunWrite>>) -> any
     Ok(())
 }
 
-/// Times `phases` written one after the other (each phase fully committed before the next
-/// starts); `events` is how many events they stand for.
+/// `rows` cut into statements of `STATEMENT_ROWS`.
+fn statements(rows: &[RunWrite]) -> Arc<Vec<Vec<RunWrite>>> {
+    Arc::new(rows.chunks(STATEMENT_ROWS).map(<[_]>::to_vec).collect())
+}
+
+/// Times `phases` of statements written one after the other (each phase fully committed
+/// before the next starts); `events` is how many events they stand for.
 async fn measure(
     store: &Arc<PostgresStore>,
-    phases: &[Arc<Vec<RunWrite>>],
+    phases: &[Arc<Vec<Vec<RunWrite>>>],
     events: usize,
 ) -> anyhow::Result<Ceiling> {
     empty(store).await?;
@@ -93,8 +102,36 @@ pub async fn separated(
     started: &[RunWrite],
     results: &[RunWrite],
 ) -> anyhow::Result<Ceiling> {
-    let phases = [Arc::new(started.to_vec()), Arc::new(results.to_vec())];
+    let phases = [statements(started), statements(results)];
     measure(store, &phases, started.len() + results.len()).await
+}
+
+/// The separated writes pipelined: statement `j` holds the results of the runs statement
+/// `j - 2` started (committed by then: it ran before on the same connection) and the Started
+/// of the next runs, in id order; the runs are `started` and `results` in id order.
+pub async fn pipelined(
+    store: &Arc<PostgresStore>,
+    started: &[RunWrite],
+    results: &[RunWrite],
+) -> anyhow::Result<Ceiling> {
+    let per_statement = STATEMENT_ROWS / 2;
+    let starting: Vec<&[RunWrite]> = started.chunks(per_statement).collect();
+    let finishing: Vec<&[RunWrite]> = results.chunks(per_statement).collect();
+    let lag = CONNECTIONS;
+    let pipeline = (0..starting.len() + lag)
+        .map(|j| {
+            let finished = j.checked_sub(lag).and_then(|k| finishing.get(k));
+            let mut rows: Vec<RunWrite> = finished
+                .into_iter()
+                .flat_map(|r| r.iter())
+                .cloned()
+                .collect();
+            rows.extend(starting.get(j).into_iter().flat_map(|r| r.iter()).cloned());
+            rows.sort_by_key(|r| r.result_id);
+            rows
+        })
+        .collect();
+    measure(store, &[Arc::new(pipeline)], started.len() + results.len()).await
 }
 
 /// The back-to-back shape: one merged, finished row per run.
@@ -112,7 +149,7 @@ pub async fn back_to_back(
             run
         })
         .collect();
-    measure(store, &[Arc::new(merged)], started.len() + results.len()).await
+    measure(store, &[statements(&merged)], started.len() + results.len()).await
 }
 
 /// Events per second writing one row per transaction (the first `sample` runs, started then

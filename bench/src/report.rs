@@ -14,21 +14,31 @@ pub fn parse_summary(line: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// Appends a summary as a CSV row (writing the header first when the file is new).
+/// Appends a summary as a CSV row (writing the header first when the file is new). A file whose
+/// header names other columns (another mode, another version of the benchmark) is refused, so
+/// rows never land under the wrong names.
 pub fn append_csv(path: &Path, summary: &str) -> anyhow::Result<()> {
     let fields = parse_summary(summary);
+    let header = fields.keys().cloned().collect::<Vec<_>>().join(",");
     let new = !path.exists() || std::fs::metadata(path)?.len() == 0;
+    if !new {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let theirs = text.lines().next().unwrap_or_default();
+        anyhow::ensure!(
+            theirs == header,
+            "{} has other columns than this run writes (another mode, or an older kanade-bench): \
+             write to a new file\n  the file's: {theirs}\n  this run's: {header}",
+            path.display()
+        );
+    }
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
         .with_context(|| format!("opening {}", path.display()))?;
     if new {
-        writeln!(
-            file,
-            "{}",
-            fields.keys().cloned().collect::<Vec<_>>().join(",")
-        )?;
+        writeln!(file, "{header}")?;
     }
     writeln!(
         file,
@@ -189,4 +199,30 @@ pub fn plot(csv: &Path, png: &Path) -> anyhow::Result<()> {
     chart.draw_series(latency.iter().map(|&p| Circle::new(p, 4, RED.filled())))?;
     root.present()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_are_appended_under_their_own_header_and_a_different_header_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let csv = dir.path().join("bench.csv");
+        append_csv(&csv, "mode=throughput agents=1 events_per_s=10").unwrap();
+        append_csv(&csv, "mode=throughput agents=10 events_per_s=90").unwrap();
+        let rows = read_csv(&csv).unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[1]["agents"], "10");
+        assert_eq!(rows[1]["events_per_s"], "90");
+
+        let err = append_csv(
+            &csv,
+            "mode=throughput agents=100 events_per_s=700 ratio=0.5",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("has other columns"), "{err}");
+        assert_eq!(read_csv(&csv).unwrap().len(), 2, "nothing appended");
+    }
 }

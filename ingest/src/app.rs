@@ -299,6 +299,7 @@ impl From<&ServeArgs> for BatchConfig {
             max_bytes: args.batch_max_bytes,
             linger: args.batch_linger,
             commits_in_flight: args.commits_in_flight,
+            max_pending: args.queue_capacity,
             retry_max: args.retry_max,
             commit_timeout: args.commit_timeout,
         }
@@ -596,7 +597,9 @@ async fn serve(mut prepared: Prepared, shutdown: CancellationToken) -> anyhow::R
     let background = CancellationToken::new();
     let metrics = prepared.metrics.clone();
     let args = prepared.args.clone();
-    let (queue, queue_rx) = mpsc::channel(args.queue_capacity);
+    // One batch's worth in transit: the batcher takes events in as they come and holds up to
+    // --queue-capacity of them (BatchConfig::max_pending).
+    let (queue, queue_rx) = mpsc::channel(args.batch_max_rows.max(1));
     let lost_grace =
         chrono::Duration::from_std(args.lost_grace).context("--lost-grace is too long")?;
     let (shared, heard) = Shared::new(&prepared, metrics.clone(), lost_grace);

@@ -345,8 +345,10 @@ pub struct ServeArgs {
     #[arg(long, env = "KANADE_INGEST_MEMORY_BUDGET", value_parser = bytes)]
     pub memory_budget: Option<u64>,
 
-    /// Events waiting for the batcher across all streams; when full, streams stop being read.
-    #[arg(long, env = "KANADE_INGEST_QUEUE_CAPACITY", default_value_t = 8192)]
+    /// Events waiting for a batch across all streams and Publish calls; when full, streams stop
+    /// being read. Each batch takes the waiting events lowest run id first (within each second
+    /// of arrival), so the more wait, the narrower the stretch of the indexes a batch writes.
+    #[arg(long, env = "KANADE_INGEST_QUEUE_CAPACITY", default_value_t = 65536)]
     pub queue_capacity: usize,
 
     /// Longest pause between retries of a batch while the database is unavailable.

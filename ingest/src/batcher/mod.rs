@@ -2,11 +2,14 @@
 //! writes each batch in ONE transaction; outcomes fan out to their senders only after commit.
 //!
 //! A batch closes at `max_rows` events, `max_bytes` bytes, or `linger` after its first event.
+//! While batches commit, arrivals gather in [`pending`], and each batch takes the events there in
+//! the order that writes PostgreSQL's indexes cheapest (by arrival second, then by run id).
 //! Events of one run in a batch are merged in arrival order first (one upsert per run), and runs
 //! are written in `result_id` order so concurrent writers cannot deadlock. Several batches commit
-//! at once (`commits_in_flight`): one is built and sent while another waits for its commit. The
-//! queue in front is bounded: when the database is slow, submitters wait, streams stop being
-//! read, agents stall on their windows, and memory stays flat.
+//! at once (`commits_in_flight`): one is built and sent while another waits for its commit. What
+//! waits is bounded (`max_pending`, and the queue in front): when the database is slow,
+//! submitters wait, streams stop being read, agents stall on their windows, and memory stays
+//! flat.
 //!
 //! Failures (SPEC §3): a transient store error retries the same batch in place with backoff,
 //! acking nothing, and turns health NOT_SERVING until a commit succeeds. When the database refuses
@@ -27,6 +30,10 @@ use tokio_util::sync::CancellationToken;
 
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+mod pending;
+
+use pending::Pending;
 
 use crate::{
     budget::Charge,
@@ -50,6 +57,9 @@ pub struct BatchConfig {
     pub retry_max: Duration,
     /// Batches committing at once (each its own transaction), at most what the store allows.
     pub commits_in_flight: usize,
+    /// Events held waiting for a batch at most; past this the queue in front fills and streams
+    /// stop being read.
+    pub max_pending: usize,
     /// How long one attempt to commit a batch may take. A connection that went silent (no FIN,
     /// no RST) would otherwise hold the batch forever; past this the outcome is unknown, and the
     /// batch is retried on another connection (the upserts are idempotent).
@@ -114,10 +124,10 @@ pub struct Submission {
 /// Up to `commits_in_flight` batches commit at once (each in its own transaction on its own
 /// connection), so the next batch is built and sent while one waits for its commit. Runs are
 /// locked in `result_id` order in every batch, so concurrent batches cannot deadlock; and no two
-/// batches in flight write the same run (an event of a run being written waits for the next
+/// batches in flight write the same run (an event of a run being written waits for a later
 /// batch), so each run's events reach its row in the order they arrived.
 pub async fn run(
-    mut queue: mpsc::Receiver<Submission>,
+    queue: mpsc::Receiver<Submission>,
     store: Arc<dyn Store>,
     config: BatchConfig,
     readiness: Readiness,
@@ -138,41 +148,53 @@ pub async fn run(
     });
     let mut in_flight = InFlight::default();
     let mut commits = tokio::task::JoinSet::new();
-    // Events held back from the last batch: their runs were still being written.
-    let mut held = Vec::new();
+    let mut arrivals = Arrivals {
+        queue,
+        open: true,
+        pending: Pending::new(),
+        max_pending: config.max_pending.max(1),
+    };
     loop {
-        // A free slot first: while every slot is committing, events gather in the queue and
-        // the next batch starts out full.
-        let slot = slots
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the semaphore is never closed");
+        // A free slot first. Meanwhile arrivals wait in `pending`, so the next batch is chosen
+        // from everything that came while the slots were committing.
+        let acquire = slots.clone().acquire_owned();
+        tokio::pin!(acquire);
+        let slot = loop {
+            tokio::select! {
+                biased;
+                slot = &mut acquire => break slot.expect("the semaphore is never closed"),
+                () = arrivals.next(), if arrivals.can_take() => arrivals.drain(),
+            }
+        };
         while let Some(done) = commits.try_join_next() {
             reap(done);
         }
-        let Some(mut batch) = gather(&mut queue, &batcher.config, std::mem::take(&mut held)).await
-        else {
+        if !arrivals.gather(&batcher.config).await {
             break;
-        };
-        batcher.metrics.queue_depth.set(queue.len() as i64);
+        }
+        batcher
+            .metrics
+            .queue_depth
+            .set((arrivals.queue.len() + arrivals.pending.len()) as i64);
         if batcher.hard_stop.is_cancelled() {
             break;
         }
-        // An event of a run that a batch in flight is writing waits for that batch: it goes
-        // into the next one, ahead of newer events, so each run's events reach its row in the
-        // order they arrived. When every event gathered waits, so does the batcher.
-        loop {
-            let (ready, waiting) = in_flight.split(batch);
-            if !ready.is_empty() {
-                (batch, held) = (ready, waiting);
-                break;
+        // An event of a run that a batch in flight is writing waits for a later batch. When
+        // every event waiting does, so does the batcher, holding its slot: the oldest batch is
+        // the likeliest to be done first.
+        let batch = loop {
+            in_flight.prune();
+            let batch =
+                arrivals
+                    .pending
+                    .take(batcher.config.max_rows, batcher.config.max_bytes, |run| {
+                        in_flight.writing(run)
+                    });
+            if !batch.is_empty() {
+                break batch;
             }
-            // Holding a slot and reading nothing meanwhile: the held events go first, and the
-            // oldest batch is the likeliest to be done first.
             in_flight.oldest_done().await;
-            batch = waiting;
-        }
+        };
         if batcher.hard_stop.is_cancelled() {
             break;
         }
@@ -190,6 +212,71 @@ pub async fn run(
     tracing::debug!("batcher: queue closed and flushed");
 }
 
+/// The queue from the streams and Publish calls, and the events taken from it that wait for a
+/// batch.
+struct Arrivals {
+    queue: mpsc::Receiver<Submission>,
+    /// False once every submitter is gone and the queue is empty.
+    open: bool,
+    pending: Pending,
+    max_pending: usize,
+}
+
+impl Arrivals {
+    /// Whether another event may be taken from the queue now.
+    fn can_take(&self) -> bool {
+        self.open && self.pending.len() < self.max_pending
+    }
+
+    /// Waits for the next event and takes it in (or notes that the queue closed).
+    async fn next(&mut self) {
+        match self.queue.recv().await {
+            Some(s) => self.pending.push(s),
+            None => self.open = false,
+        }
+    }
+
+    /// Takes in what is queued without waiting.
+    fn drain(&mut self) {
+        while self.can_take() {
+            match self.queue.try_recv() {
+                Ok(s) => self.pending.push(s),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => self.open = false,
+            }
+        }
+    }
+
+    /// Waits until a batch can close: at least one event waiting, then more until a batch's
+    /// worth of events or bytes, or `linger` after the wait began. `false`: every submitter is
+    /// gone and nothing waits.
+    async fn gather(&mut self, config: &BatchConfig) -> bool {
+        if self.pending.is_empty() {
+            if !self.open {
+                return false;
+            }
+            self.next().await;
+            if self.pending.is_empty() {
+                return false;
+            }
+        }
+        let linger = tokio::time::sleep(config.linger);
+        tokio::pin!(linger);
+        loop {
+            self.drain();
+            let full =
+                self.pending.len() >= config.max_rows || self.pending.bytes() >= config.max_bytes;
+            if full || !self.can_take() {
+                return true;
+            }
+            tokio::select! {
+                () = self.next() => {}
+                _ = &mut linger => return true,
+            }
+        }
+    }
+}
+
 /// The batches committing, by the runs they write, each with a token cancelled when it is
 /// answered.
 #[derive(Default)]
@@ -198,19 +285,14 @@ struct InFlight {
 }
 
 impl InFlight {
-    /// Splits `batch` into the events no batch in flight is writing the run of, and those that
-    /// must wait (arrival order kept in both).
-    fn split(&mut self, batch: Vec<Submission>) -> (Vec<Submission>, Vec<Submission>) {
+    /// Forgets the batches that were answered.
+    fn prune(&mut self) {
         self.batches.retain(|(_, done)| !done.is_cancelled());
-        if self.batches.is_empty() {
-            return (batch, Vec::new());
-        }
-        batch.into_iter().partition(|s| {
-            !self
-                .batches
-                .iter()
-                .any(|(runs, _)| runs.contains(&s.write.result_id))
-        })
+    }
+
+    /// Whether a batch in flight writes `run`.
+    fn writing(&self, run: &uuid::Uuid) -> bool {
+        self.batches.iter().any(|(runs, _)| runs.contains(run))
     }
 
     /// Records `batch` as in flight; cancel the token returned once it is answered.
@@ -236,37 +318,6 @@ fn reap(done: Result<(), tokio::task::JoinError>) {
     {
         std::panic::resume_unwind(err.into_panic());
     }
-}
-
-/// The next batch: the events `held` back from the last one, or else the first event to come;
-/// then more until `max_rows`, `max_bytes` or `linger` after that. `None`: every submitter is
-/// gone and nothing is queued or held.
-async fn gather(
-    queue: &mut mpsc::Receiver<Submission>,
-    config: &BatchConfig,
-    held: Vec<Submission>,
-) -> Option<Vec<Submission>> {
-    let mut batch = held;
-    if batch.is_empty() {
-        batch.push(queue.recv().await?);
-    }
-    let mut bytes: usize = batch.iter().map(|s| s.bytes).sum();
-    let linger = tokio::time::sleep(config.linger);
-    tokio::pin!(linger);
-    while batch.len() < config.max_rows && bytes < config.max_bytes {
-        let next = match queue.try_recv() {
-            Ok(s) => Some(s),
-            Err(mpsc::error::TryRecvError::Disconnected) => None,
-            Err(mpsc::error::TryRecvError::Empty) => tokio::select! {
-                s = queue.recv() => s,
-                _ = &mut linger => None,
-            },
-        };
-        let Some(s) = next else { break };
-        bytes += s.bytes;
-        batch.push(s);
-    }
-    Some(batch)
 }
 
 /// Merges a batch into one write per (run, endpoint), in arrival order; returns the writes sorted
@@ -520,37 +571,97 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn events_of_runs_in_flight_wait_for_the_next_batch_in_arrival_order() {
-        let mut in_flight = InFlight::default();
-        let first = in_flight.admit(&[submission(1, "a", false), submission(2, "a", false)]);
-        let second = in_flight.admit(&[submission(3, "a", false)]);
-        let batch = vec![
-            submission(2, "a", true),
-            submission(4, "a", false),
-            submission(3, "a", true),
-            submission(2, "a", true),
-            submission(5, "a", false),
-        ];
-        let ids = |b: &[Submission]| -> Vec<u128> {
-            b.iter().map(|s| s.write.result_id.as_u128()).collect()
-        };
-        let (ready, waiting) = in_flight.split(batch);
-        assert_eq!(ids(&ready), [4, 5], "runs no batch in flight writes go now");
+    fn ids(batch: &[Submission]) -> Vec<u128> {
+        batch.iter().map(|s| s.write.result_id.as_u128()).collect()
+    }
+
+    fn finished(batch: &[Submission]) -> Vec<bool> {
+        batch.iter().map(|s| s.write.outcome.is_some()).collect()
+    }
+
+    #[test]
+    fn a_batch_takes_the_lowest_runs_first_and_a_runs_events_in_arrival_order() {
+        let mut pending = Pending::new();
+        for (id, done) in [
+            (7, false),
+            (3, false),
+            (9, false),
+            (3, true),
+            (1, false),
+            (7, true),
+        ] {
+            pending.push(submission(id, "a", done));
+        }
+        let batch = pending.take(4, usize::MAX, |_| false);
+        assert_eq!(ids(&batch), [1, 3, 3, 7]);
         assert_eq!(
-            ids(&waiting),
-            [2, 3, 2],
-            "the others wait, in arrival order"
+            finished(&batch),
+            [false, false, true, false],
+            "run 3's Started before its Result"
         );
+        let rest = pending.take(4, usize::MAX, |_| false);
+        assert_eq!(
+            (ids(&rest), finished(&rest)),
+            (vec![7, 9], vec![true, false])
+        );
+        assert!(pending.is_empty());
+        assert_eq!(pending.bytes(), 0);
+    }
+
+    #[test]
+    fn events_of_runs_in_flight_stay_in_order_for_a_later_batch() {
+        let mut in_flight = InFlight::default();
+        let first = in_flight.admit(&[submission(2, "a", false)]);
+        let _second = in_flight.admit(&[submission(3, "a", false)]);
+        let mut pending = Pending::new();
+        for (id, done) in [(2, true), (4, false), (3, true), (2, true), (5, false)] {
+            pending.push(submission(id, "a", done));
+        }
+        let batch = pending.take(10, usize::MAX, |run| in_flight.writing(run));
+        assert_eq!(ids(&batch), [4, 5], "runs no batch in flight writes go now");
 
         first.cancel();
-        in_flight.oldest_done().await;
-        let (ready, waiting) = in_flight.split(waiting);
-        assert_eq!(ids(&ready), [2, 2], "run 2's batch is answered");
-        assert_eq!(ids(&waiting), [3], "run 3's is not");
-        second.cancel();
-        let (ready, waiting) = in_flight.split(waiting);
-        assert_eq!((ids(&ready), waiting.len()), (vec![3], 0));
+        in_flight.prune();
+        let batch = pending.take(10, usize::MAX, |run| in_flight.writing(run));
+        assert_eq!(
+            ids(&batch),
+            [2, 2],
+            "run 2's batch is answered; run 3's is not"
+        );
+        assert_eq!(pending.len(), 1);
+    }
+
+    #[test]
+    fn an_earlier_second_goes_before_a_lower_id_so_no_clock_starves_anyone() {
+        let mut pending = Pending::new();
+        let mut late = submission(1, "behind", false);
+        late.read_at += Duration::from_secs(1);
+        pending.push(late);
+        pending.push(submission(9, "a", false));
+        let batch = pending.take(1, usize::MAX, |_| false);
+        assert_eq!(
+            ids(&batch),
+            [9],
+            "run 9 came a second earlier than run 1, whose agent's clock is behind"
+        );
+    }
+
+    #[test]
+    fn a_batch_closes_once_its_events_reach_max_bytes() {
+        let mut pending = Pending::new();
+        for id in 1..=5 {
+            let mut s = submission(id, "a", false);
+            s.bytes = 400;
+            pending.push(s);
+        }
+        assert_eq!(pending.bytes(), 2000);
+        let batch = pending.take(100, 1000, |_| false);
+        assert_eq!(
+            ids(&batch),
+            [1, 2, 3],
+            "the event that reaches the limit is the last"
+        );
+        assert_eq!(pending.bytes(), 800);
     }
 
     #[test]
