@@ -172,10 +172,6 @@ pub async fn run(
         if !arrivals.gather(&batcher.config).await {
             break;
         }
-        batcher
-            .metrics
-            .queue_depth
-            .set((arrivals.queue.len() + arrivals.pending.len()) as i64);
         if batcher.hard_stop.is_cancelled() {
             break;
         }
@@ -195,6 +191,10 @@ pub async fn run(
             }
             in_flight.oldest_done().await;
         };
+        batcher
+            .metrics
+            .queue_depth
+            .set((arrivals.queue.len() + arrivals.pending.len()) as i64);
         if batcher.hard_stop.is_cancelled() {
             break;
         }

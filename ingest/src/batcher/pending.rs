@@ -5,8 +5,8 @@
 //! through theirs, so the events that arrive together belong to runs minted over the whole span
 //! of the backlog. Written in arrival order, each batch of 1,000 rows lands on ~1,000 different
 //! leaf pages in the middle of every index of `execution_results`; taken lowest id first from
-//! everything waiting, a batch is one stretch of each index, near its right edge, which
-//! PostgreSQL writes with about a fifth less CPU (BENCHMARKS.md).
+//! everything waiting, a batch is one stretch of each index, which PostgreSQL writes with a
+//! quarter less CPU (BENCHMARKS.md).
 //!
 //! Why by second first: ids are minted by the agents' clocks. An agent whose clock is behind
 //! mints ids lower than everyone else's, and ordering by id alone would let its events go first
