@@ -346,8 +346,8 @@ pub struct ServeArgs {
     pub memory_budget: Option<u64>,
 
     /// Events waiting for a batch across all streams and Publish calls; when full, streams stop
-    /// being read. Each batch takes the waiting events lowest run id first (within each second
-    /// of arrival), so the more wait, the narrower the stretch of the indexes a batch writes.
+    /// being read. Each batch takes the waiting events lowest run id first (within each tenth of
+    /// a second of arrival), so a batch writes a narrow stretch of the indexes.
     #[arg(long, env = "KANADE_INGEST_QUEUE_CAPACITY", default_value_t = 65536)]
     pub queue_capacity: usize,
 

@@ -3,7 +3,8 @@
 //!
 //! A batch closes at `max_rows` events, `max_bytes` bytes, or `linger` after its first event.
 //! While batches commit, arrivals gather in [`pending`], and each batch takes the events there in
-//! the order that writes PostgreSQL's indexes cheapest (by arrival second, then by run id).
+//! the order that writes PostgreSQL's indexes cheapest (by arrival within a tenth of a second,
+//! then by run id).
 //! Events of one run in a batch are merged in arrival order first (one upsert per run), and runs
 //! are written in `result_id` order so concurrent writers cannot deadlock. Several batches commit
 //! at once (`commits_in_flight`): one is built and sent while another waits for its commit. What
@@ -632,17 +633,17 @@ mod tests {
     }
 
     #[test]
-    fn an_earlier_second_goes_before_a_lower_id_so_no_clock_starves_anyone() {
+    fn an_earlier_arrival_window_goes_before_a_lower_id_so_no_clock_starves_anyone() {
         let mut pending = Pending::new();
         let mut late = submission(1, "behind", false);
-        late.read_at += Duration::from_secs(1);
+        late.read_at += pending::ARRIVAL_WINDOW;
         pending.push(late);
         pending.push(submission(9, "a", false));
         let batch = pending.take(1, usize::MAX, |_| false);
         assert_eq!(
             ids(&batch),
             [9],
-            "run 9 came a second earlier than run 1, whose agent's clock is behind"
+            "run 9 came a window earlier than run 1, whose agent's clock is behind"
         );
     }
 

@@ -1,35 +1,41 @@
-//! The events waiting for a batch, and the order batches take them in: by the second they
-//! arrived in, then by run id, then in arrival order.
+//! The events waiting for a batch, and the order batches take them in: by the tenth of a second
+//! they arrived in ([`ARRIVAL_WINDOW`]), then by run id, then in arrival order.
 //!
 //! Why by run id: at full load every agent has a backlog, and the agents are never equally far
 //! through theirs, so the events that arrive together belong to runs minted over the whole span
 //! of the backlog. Written in arrival order, each batch of 1,000 rows lands on ~1,000 different
-//! leaf pages in the middle of every index of `execution_results`; taken lowest id first from
-//! everything waiting, a batch is one stretch of each index, which PostgreSQL writes with a
-//! quarter less CPU (BENCHMARKS.md).
+//! leaf pages in the middle of every index of `execution_results`; taken lowest id first, a
+//! batch covers a narrow stretch of each index, which PostgreSQL writes with a fifth less CPU
+//! (BENCHMARKS.md).
 //!
-//! Why by second first: ids are minted by the agents' clocks. An agent whose clock is behind
-//! mints ids lower than everyone else's, and ordering by id alone would let its events go first
-//! for ever. Events of an earlier second always go before those of a later one, so no event
-//! waits behind events that arrived more than a second after it.
+//! Why by arrival window first: ids are minted by the agents' clocks. An agent whose clock is
+//! behind mints ids lower than everyone else's, and ordering by id alone would let its events go
+//! first for ever. Events of an earlier window always go before those of a later one, so no
+//! event waits behind events that arrived more than a window after it. At full load the events
+//! of one window are plenty to sort (a tenth of a second is ~5,000 events); a longer window
+//! measured no better and makes the wait it allows longer (BENCHMARKS.md).
 //!
-//! A run's events keep their arrival order: they share a run id, so they sort by second and then
+//! A run's events keep their arrival order: they share a run id, so they sort by window and then
 //! by arrival. A batch leaves out every event of a run that a batch in flight is writing; those
 //! stay here, in order, for a later batch.
 
 use std::collections::BTreeMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use slab::Slab;
 use uuid::Uuid;
 
 use super::Submission;
 
+/// Events that arrived within one such window are taken lowest run id first; an earlier
+/// window's before a later one's.
+pub const ARRIVAL_WINDOW: Duration = Duration::from_millis(100);
+
 /// Where an event stands in the order batches take them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct Place {
-    /// Whole seconds from the batcher's start to when ingest read the event.
-    second: u64,
+    /// The [`ARRIVAL_WINDOW`] in which ingest read the event, counted from the batcher's start.
+    window: u64,
     run: Uuid,
     /// Counts every event taken in: a run's events keep their arrival order.
     arrival: u64,
@@ -58,10 +64,11 @@ impl Pending {
 
     pub fn push(&mut self, submission: Submission) {
         let place = Place {
-            second: submission
+            window: (submission
                 .read_at
                 .saturating_duration_since(self.since)
-                .as_secs(),
+                .as_nanos()
+                / ARRIVAL_WINDOW.as_nanos()) as u64,
             run: submission.write.result_id,
             arrival: self.arrivals,
         };
