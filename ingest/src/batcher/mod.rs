@@ -164,7 +164,11 @@ pub async fn run(
             tokio::select! {
                 biased;
                 slot = &mut acquire => break slot.expect("the semaphore is never closed"),
-                () = arrivals.next(), if arrivals.can_take() => arrivals.drain(),
+                () = arrivals.next(), if arrivals.can_take() => {
+                    arrivals.drain();
+                    // What waits grows here while every slot commits (a slow database).
+                    batcher.metrics.queue_depth.set(arrivals.waiting());
+                }
             }
         };
         while let Some(done) = commits.try_join_next() {
@@ -192,10 +196,7 @@ pub async fn run(
             }
             in_flight.oldest_done().await;
         };
-        batcher
-            .metrics
-            .queue_depth
-            .set((arrivals.queue.len() + arrivals.pending.len()) as i64);
+        batcher.metrics.queue_depth.set(arrivals.waiting());
         if batcher.hard_stop.is_cancelled() {
             break;
         }
@@ -224,6 +225,11 @@ struct Arrivals {
 }
 
 impl Arrivals {
+    /// Events waiting for a batch: taken in, and still in the queue.
+    fn waiting(&self) -> i64 {
+        (self.pending.len() + self.queue.len()) as i64
+    }
+
     /// Whether another event may be taken from the queue now.
     fn can_take(&self) -> bool {
         self.open && self.pending.len() < self.max_pending

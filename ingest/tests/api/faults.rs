@@ -197,6 +197,54 @@ async fn database_cut_mid_stream_acks_nothing_then_commits_everything_exactly_on
 }
 
 #[tokio::test]
+async fn while_the_database_is_cut_the_queue_depth_gauge_counts_the_events_waiting() {
+    let metrics = kanade_testkit::free_addr();
+    let metrics_arg = metrics.to_string();
+    // One batch of two commits at a time, so all but two of the events wait while it retries.
+    let (db, proxy, ingest) = ingest_behind_proxy(&[
+        "--metrics-listen",
+        &metrics_arg,
+        "--batch-max-rows",
+        "2",
+        "--commits-in-flight",
+        "1",
+    ])
+    .await;
+    let runs: Vec<Run> = (0..5).map(|_| Run::new(PC)).collect();
+    let mut client = ingest.ingest().await;
+    let mut stream = AgentStream::open(&mut client, PC).await;
+
+    proxy.cut();
+    let sent = lifecycles(0..5, 1);
+    send_all(&stream, &runs, &sent).await;
+    let waiting = (sent.len() - 2) as f64;
+    eventually(
+        NOTICE,
+        "the gauge counting the events that wait",
+        || async {
+            crate::telemetry::sample(
+                &crate::telemetry::scrape(metrics).await,
+                "kanade_ingest_queue_depth",
+            ) >= waiting
+        },
+    )
+    .await;
+
+    proxy.heal();
+    let (acked, rejected) = stream.answers(sent.len()).await;
+    assert_eq!((acked, rejected), (seqs(&sent), vec![]));
+    assert_eq!(
+        crate::telemetry::sample(
+            &crate::telemetry::scrape(metrics).await,
+            "kanade_ingest_queue_depth"
+        ),
+        0.0,
+        "nothing waits once everything is answered"
+    );
+    assert_exactly_once_and_finished(&db, &runs).await;
+}
+
+#[tokio::test]
 async fn publish_while_database_is_down_times_out_with_unavailable() {
     let (db, proxy, ingest) = ingest_behind_proxy(&["--publish-timeout", "1s"]).await;
     let mut client = ingest.ingest().await;

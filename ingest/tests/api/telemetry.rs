@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use kanade_testkit::{AgentStream, OtlpReceiver, Run, TestDb, TestIngest, eventually, free_addr};
 
 /// GET /metrics over plain HTTP/1.1.
-async fn scrape(addr: std::net::SocketAddr) -> String {
+pub(crate) async fn scrape(addr: std::net::SocketAddr) -> String {
     let mut stream = tokio::net::TcpStream::connect(addr)
         .await
         .expect("metrics port");
@@ -24,7 +24,7 @@ async fn scrape(addr: std::net::SocketAddr) -> String {
 }
 
 /// The value of one sample line, e.g. `kanade_ingest_events_received_total`.
-fn sample(text: &str, name: &str) -> f64 {
+pub(crate) fn sample(text: &str, name: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
         .unwrap_or_else(|| panic!("{name} not in:\n{text}"))
