@@ -77,13 +77,33 @@ impl MemoryBudget {
 
     /// Waits for `bytes` of the budget (all of it when `bytes` is more than the whole budget).
     pub async fn charge(&self, bytes: usize) -> Charge {
-        let bytes = bytes.min(self.total).min(u32::MAX as usize);
+        let bytes = self.chargeable(bytes);
         let permit = self
             .bytes
             .clone()
             .acquire_many_owned(bytes as u32)
             .await
             .expect("the budget's semaphore is never closed");
+        self.charged(permit, bytes)
+    }
+
+    /// `bytes` of the budget without waiting, when they are free now. Never ahead of a charge
+    /// that waits: the semaphore hands what is released to its waiters first.
+    pub fn try_charge(&self, bytes: usize) -> Option<Charge> {
+        let bytes = self.chargeable(bytes);
+        let permit = self
+            .bytes
+            .clone()
+            .try_acquire_many_owned(bytes as u32)
+            .ok()?;
+        Some(self.charged(permit, bytes))
+    }
+
+    fn chargeable(&self, bytes: usize) -> usize {
+        bytes.min(self.total).min(u32::MAX as usize)
+    }
+
+    fn charged(&self, permit: OwnedSemaphorePermit, bytes: usize) -> Charge {
         self.used.inc_by(bytes as i64);
         Charge {
             _permit: permit,
@@ -190,7 +210,7 @@ struct BudgetedBody {
     credits: Arc<Credits>,
     framing: Framing,
     /// Data read from the connection and not handed on yet, and how many of its first bytes
-    /// the framing has already parsed (a header whose charge is pending).
+    /// the framing has already parsed (messages charged, or a header whose charge is pending).
     held: Option<(Bytes, usize)>,
     charging: Option<Charging>,
 }
@@ -214,16 +234,23 @@ impl http_body::Body for BudgetedBody {
                 match this.framing.advance(&data[parsed..]) {
                     Found::Nothing => return Poll::Ready(Some(Ok(Frame::data(data)))),
                     Found::Header { at, len } => {
+                        let header_end = parsed + at;
+                        let charged = MESSAGE_COPIES * (len + 5);
+                        // Most messages find their bytes free: they go on with the data around
+                        // them, and no future is boxed for them.
+                        if let Some(charge) = this.budget.try_charge(charged) {
+                            this.credits.push(charge);
+                            this.held = Some((data, header_end));
+                            continue;
+                        }
                         // What precedes the header belongs to the previous message (charged
                         // already) and goes on now; the header waits in `held` for its charge.
                         // (A header split across frames had its first bytes go on earlier:
                         // without the rest, nothing of its message can be decoded.)
-                        let header_end = parsed + at;
                         let header_start = header_end.saturating_sub(5);
                         let before = data.split_to(header_start);
                         this.held = Some((data, header_end - header_start));
                         let budget = this.budget.clone();
-                        let charged = MESSAGE_COPIES * (len + 5);
                         this.charging = Some(Box::pin(async move { budget.charge(charged).await }));
                         if !before.is_empty() {
                             return Poll::Ready(Some(Ok(Frame::data(before))));
@@ -334,6 +361,13 @@ mod tests {
         out
     }
 
+    /// Polls the body once, without waiting.
+    async fn poll_once(
+        body: &mut BudgetedBody,
+    ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+        std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx))).await
+    }
+
     fn body_of(
         chunks: Vec<Vec<u8>>,
         budget: &MemoryBudget,
@@ -391,5 +425,30 @@ mod tests {
         // Larger than the whole budget: it waits for all of it, and still goes.
         let big = body_of(vec![message(5000)], &budget, &credits);
         assert_eq!(drain(big).await.len(), 5005);
+    }
+
+    #[tokio::test]
+    async fn what_precedes_a_message_that_waits_goes_on_without_it() {
+        // One frame: a message the budget has room for, then one it has not (yet).
+        let budget = MemoryBudget::new(1000, Gauge::default());
+        let credits = Arc::new(Credits::default());
+        let first = message(100);
+        let mut frame = first.clone();
+        frame.extend(message(400));
+        let mut body = body_of(vec![frame], &budget, &credits);
+        let Poll::Ready(Some(Ok(went))) = poll_once(&mut body).await else {
+            panic!("the first message goes on at once");
+        };
+        assert_eq!(went.into_data().unwrap(), first);
+        assert!(
+            poll_once(&mut body).await.is_pending(),
+            "the second waits for its charge"
+        );
+        // The first is decoded and answered: its charge is given back, and the second goes.
+        drop(credits.take().expect("the first was charged"));
+        let rest = tokio::time::timeout(std::time::Duration::from_secs(5), drain(body))
+            .await
+            .expect("the second goes once the budget has room");
+        assert_eq!(rest, message(400));
     }
 }

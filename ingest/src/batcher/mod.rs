@@ -95,11 +95,12 @@ impl Outcome {
 /// Who is waiting for an event's outcome.
 #[derive(Debug)]
 pub enum Reply {
-    /// An event of an agent stream, with the window permits it holds until it is answered.
+    /// An event of an agent stream, with the window permits it holds until it is answered
+    /// (its place in the window's count, and its bytes).
     Stream {
         sink: Arc<StreamSink>,
         seq: u64,
-        permits: Vec<OwnedSemaphorePermit>,
+        permits: [OwnedSemaphorePermit; 2],
     },
     /// A Publish call.
     Once(oneshot::Sender<Outcome>),

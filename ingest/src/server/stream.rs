@@ -224,7 +224,7 @@ impl StreamHandler {
                     reply: Reply::Stream {
                         sink: self.sink.clone(),
                         seq,
-                        permits: vec![count_permit, bytes_permit],
+                        permits: [count_permit, bytes_permit],
                     },
                     charge,
                     span,
