@@ -48,6 +48,12 @@ pub type Client = IngestClient<InterceptedService<Channel, BearerToken>>;
 /// themselves; the reason an operator can act on (refused, a certificate problem) is below.
 pub fn with_causes(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
+    push_causes(&mut text, error);
+    text
+}
+
+/// Appends what caused `error` to `text`, each cause after a colon.
+fn push_causes(text: &mut String, error: &dyn std::error::Error) {
     let mut cause = error.source();
     while let Some(e) = cause {
         let said = e.to_string();
@@ -58,7 +64,6 @@ pub fn with_causes(error: &dyn std::error::Error) -> String {
         }
         cause = e.source();
     }
-    text
 }
 
 fn tls_config(tls: &ClientTls) -> ClientTlsConfig {
@@ -173,6 +178,51 @@ fn refusal(status: &tonic::Status, config: &SenderConfig) -> String {
         tonic::Code::PermissionDenied => {
             format!("ingest refused this agent as pc_id {pc_id:?}: {said}")
         }
-        code => format!("{code:?}: {said}"),
+        code => {
+            // A transport error says only that; its causes say what an operator can act on.
+            let mut text = format!("{code:?}: {said}");
+            push_causes(&mut text, status);
+            text
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use kanade_shared::backoff::Backoff;
+
+    use super::*;
+
+    fn config() -> SenderConfig {
+        SenderConfig {
+            ingest: "http://127.0.0.1:1".into(),
+            pc_id: "pc-1".into(),
+            tls: None,
+            token: None,
+            window: 512,
+            window_bytes: 1 << 20,
+            keepalive: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(10),
+            reconnect: Backoff {
+                base: Duration::from_millis(200),
+                cap: Duration::from_secs(30),
+            },
+            status_every: Duration::from_secs(60),
+        }
+    }
+
+    #[test]
+    fn a_transport_error_names_its_cause() {
+        let mut status = tonic::Status::unknown("transport error");
+        status.set_source(Arc::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "connection reset by peer",
+        )));
+        assert_eq!(
+            refusal(&status, &config()),
+            "Unknown: transport error: connection reset by peer"
+        );
     }
 }
