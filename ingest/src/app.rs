@@ -80,15 +80,10 @@ impl RunningIngest {
 }
 
 /// Binds an optional extra listener; errors name the flag that asked for it.
-async fn bind_optional(
-    addr: Option<SocketAddr>,
-    flag: &str,
-) -> anyhow::Result<Option<TcpListener>> {
+fn bind_optional(addr: Option<SocketAddr>, flag: &str) -> anyhow::Result<Option<TcpListener>> {
     match addr {
         Some(a) => Ok(Some(
-            TcpListener::bind(a)
-                .await
-                .with_context(|| format!("listening on {a} ({flag})"))?,
+            crate::listen::bind(a).with_context(|| format!("listening on {a} ({flag})"))?,
         )),
         None => Ok(None),
     }
@@ -217,12 +212,11 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<RunningIngest> {
     }
     let shutdown = CancellationToken::new();
     let listeners = Listeners {
-        grpc: TcpListener::bind(args.listen)
-            .await
+        grpc: crate::listen::bind(args.listen)
             .with_context(|| format!("listening on {}", args.listen))?,
-        health: bind_optional(args.health_listen, "--health-listen").await?,
-        metrics: bind_optional(args.metrics_listen, "--metrics-listen").await?,
-        console: bind_optional(args.console_listen.0, "--console-listen").await?,
+        health: bind_optional(args.health_listen, "--health-listen")?,
+        metrics: bind_optional(args.metrics_listen, "--metrics-listen")?,
+        console: bind_optional(args.console_listen.0, "--console-listen")?,
     };
     let addr = listeners.grpc.local_addr()?;
     let console_scheme = if args.tls_cert.is_some() {

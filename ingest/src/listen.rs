@@ -1,6 +1,10 @@
 //! Accepting connections, the same way on every listener ingest has (gRPC plaintext and TLS,
 //! health, metrics, console) — SPEC §12.
 //!
+//! - Every listener asks the kernel for a backlog of [`BACKLOG`] connections (capped by
+//!   `net.core.somaxconn`): a fleet reconnecting at once after an outage arrives faster than
+//!   connections are accepted, and past the backlog the kernel drops them or, with SYN cookies,
+//!   resets connections the client already counts as open.
 //! - Every accepted socket gets `TCP_NODELAY`: a response of a few packets must not wait 40 ms
 //!   for Nagle and the client's delayed ACK.
 //! - A connection must prove it speaks the listener's protocol within `--hello-timeout` (the
@@ -25,7 +29,7 @@ use std::{
 
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
-    net::{TcpListener, TcpStream},
+    net::{TcpListener, TcpSocket, TcpStream},
     sync::{Semaphore, mpsc},
 };
 use tokio_stream::wrappers::ReceiverStream;
@@ -36,12 +40,29 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 pub const EXHAUSTION_PAUSE: Duration = Duration::from_millis(50);
 /// Running out of file descriptors is logged at most this often.
 pub const EXHAUSTION_REPORT_EVERY: Duration = Duration::from_secs(10);
+/// Connections the kernel may hold for a listener before they are accepted. Tokio's default is
+/// 1,024; 10,000 agents reconnecting within seconds overflowed it (`TcpExtListenOverflows`),
+/// and some of them were reset while opening their stream.
+pub const BACKLOG: u32 = 4096;
 /// Default of `--max-pending-connections`.
 pub const DEFAULT_MAX_UNPROVEN: usize = 4096;
 /// The longest HTTP/1.1 request head accepted.
 const MAX_REQUEST_HEAD_BYTES: usize = 16 * 1024;
 /// Every HTTP/2 connection starts with these bytes (RFC 9113 §3.4).
 const HTTP2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Binds a listener with [`BACKLOG`] (and `SO_REUSEADDR`, as tokio's own `bind` sets: a restarted
+/// ingest binds its port again while the old connections are in TIME_WAIT).
+pub fn bind(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
 
 /// How a listener treats connections that have not shown yet that they speak its protocol.
 #[derive(Debug, Clone, Copy)]
