@@ -63,12 +63,15 @@ impl Queue for TimedOutbox {
 
     async fn ack(&self, seqs: &[u64]) -> anyhow::Result<()> {
         self.outbox.ack(seqs).await?;
+        let now = Instant::now();
         let mut enqueued = self.enqueued.lock().unwrap();
-        for seq in seqs {
-            if let Some(at) = enqueued.remove(seq) {
-                self.latencies.record(at.elapsed());
-            }
-        }
+        let answered: Vec<Duration> = seqs
+            .iter()
+            .filter_map(|seq| enqueued.remove(seq))
+            .map(|at| now - at)
+            .collect();
+        drop(enqueued);
+        self.latencies.record(answered);
         Ok(())
     }
 

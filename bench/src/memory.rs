@@ -95,20 +95,27 @@ pub async fn run(args: MemoryArgs) -> anyhow::Result<()> {
             queue.enqueue(EventBody::Result(r));
         }
     }
-    let mut drained = vec![None; args.agents];
-    while drained.iter().any(Option::is_none) {
-        let waiting = latencies.all_acked.notified();
-        for (i, q) in queues.iter().enumerate() {
-            if drained[i].is_none() && q.is_empty() {
-                drained[i] = Some(started.elapsed());
+    // Each agent's drain, timed by its own queue's acks.
+    let mut drains: tokio::task::JoinSet<anyhow::Result<Duration>> = tokio::task::JoinSet::new();
+    for (a, queue) in queues.iter().enumerate() {
+        let queue = queue.clone();
+        drains.spawn(async move {
+            loop {
+                let acked = queue.acked.notified();
+                if queue.is_empty() {
+                    return Ok(started.elapsed());
+                }
+                tokio::time::timeout(Duration::from_secs(60), acked)
+                    .await
+                    .with_context(|| {
+                        format!("agent mem-{a:05}: no ack for 60 s: is ingest stuck?")
+                    })?;
             }
-        }
-        if drained.iter().all(Option::is_some) {
-            break;
-        }
-        tokio::time::timeout(Duration::from_secs(60), waiting)
-            .await
-            .context("no ack for 60 s: is ingest stuck?")?;
+        });
+    }
+    let mut times: Vec<Duration> = Vec::with_capacity(args.agents);
+    while let Some(drained) = drains.join_next().await {
+        times.push(drained.context("an agent's drain panicked")??);
     }
     let elapsed = started.elapsed();
     let peak = ingest.peak_rss_bytes();
@@ -121,7 +128,6 @@ pub async fn run(args: MemoryArgs) -> anyhow::Result<()> {
     drop(ingest);
     db.drop_database().await;
 
-    let mut times: Vec<Duration> = drained.into_iter().flatten().collect();
     times.sort_unstable();
     let median = times[times.len() / 2];
     let slowest = *times.last().unwrap_or(&Duration::ZERO);

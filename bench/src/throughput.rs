@@ -247,15 +247,9 @@ async fn measure(
     while let Some(fed) = feeders.join_next().await {
         fed??;
     }
-    while latencies.acked.load(std::sync::atomic::Ordering::SeqCst) < total_events {
-        let waiting = latencies.all_acked.notified();
-        if latencies.acked.load(std::sync::atomic::Ordering::SeqCst) >= total_events {
-            break;
-        }
-        tokio::time::timeout(Duration::from_secs(60), waiting)
-            .await
-            .context("no ack for 60 s: is ingest stuck?")?;
-    }
+    latencies
+        .wait_for(total_events, Duration::from_secs(60))
+        .await?;
     let elapsed = started.elapsed();
     let machine = process::machine_cpu_ticks();
     let per_1k = |seconds: f64| 1000.0 * seconds / total_events as f64;
