@@ -236,22 +236,26 @@ impl http_body::Body for BudgetedBody {
                     Found::Header { at, len } => {
                         let header_end = parsed + at;
                         let charged = MESSAGE_COPIES * (len + 5);
-                        // Most messages find their bytes free: they go on with the data around
-                        // them, and no future is boxed for them.
-                        if let Some(charge) = this.budget.try_charge(charged) {
-                            this.credits.push(charge);
-                            this.held = Some((data, header_end));
-                            continue;
+                        // Most messages find their bytes free and are charged now, with no
+                        // future boxed for them; the others wait here for their charge.
+                        match this.budget.try_charge(charged) {
+                            Some(charge) => this.credits.push(charge),
+                            None => {
+                                let budget = this.budget.clone();
+                                this.charging =
+                                    Some(Box::pin(async move { budget.charge(charged).await }));
+                            }
                         }
-                        // What precedes the header belongs to the previous message (charged
-                        // already) and goes on now; the header waits in `held` for its charge.
-                        // (A header split across frames had its first bytes go on earlier:
-                        // without the rest, nothing of its message can be decoded.)
+                        // What precedes the header belongs to earlier messages (charged
+                        // already) and goes on now, without this one: while its charge waits,
+                        // and also when it is charged, because tonic's decoder keeps a buffer
+                        // as large as the most it was ever handed at once for the stream's
+                        // life, so it is handed one message at a time. (A header split across
+                        // frames had its first bytes go on earlier: without the rest, nothing
+                        // of its message can be decoded.)
                         let header_start = header_end.saturating_sub(5);
                         let before = data.split_to(header_start);
                         this.held = Some((data, header_end - header_start));
-                        let budget = this.budget.clone();
-                        this.charging = Some(Box::pin(async move { budget.charge(charged).await }));
                         if !before.is_empty() {
                             return Poll::Ready(Some(Ok(Frame::data(before))));
                         }
@@ -425,6 +429,29 @@ mod tests {
         // Larger than the whole budget: it waits for all of it, and still goes.
         let big = body_of(vec![message(5000)], &budget, &credits);
         assert_eq!(drain(big).await.len(), 5005);
+    }
+
+    #[tokio::test]
+    async fn a_frame_of_several_messages_goes_on_one_message_at_a_time() {
+        // tonic's decoder keeps, for the stream's life, a buffer as large as the most it was
+        // handed at once: a burst of small events in one frame must not leave every stream that
+        // sent one holding a frame-sized buffer.
+        let budget = MemoryBudget::new(1 << 20, Gauge::default());
+        let credits = Arc::new(Credits::default());
+        let messages = [message(300), message(0), message(500)];
+        let mut body = body_of(vec![messages.concat()], &budget, &credits);
+        for expected in &messages {
+            let Poll::Ready(Some(Ok(went))) = poll_once(&mut body).await else {
+                panic!("every message has its budget");
+            };
+            assert_eq!(&went.into_data().unwrap(), expected);
+        }
+        assert!(matches!(poll_once(&mut body).await, Poll::Ready(None)));
+        assert_eq!(
+            std::iter::from_fn(|| credits.take()).count(),
+            3,
+            "each message charged"
+        );
     }
 
     #[tokio::test]
