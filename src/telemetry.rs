@@ -35,8 +35,8 @@ pub enum LogFormat {
 }
 
 /// Most links a span may carry: a batch span links every event it committed, and a batch holds
-/// at most this many rows by default.
-pub const MAX_LINKS_PER_SPAN: u32 = 1000;
+/// at most this many events by default (1,000 rows, two events a row).
+pub const MAX_LINKS_PER_SPAN: u32 = 2000;
 
 static EXPORTING: AtomicBool = AtomicBool::new(false);
 

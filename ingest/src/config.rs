@@ -316,7 +316,8 @@ pub struct ServeArgs {
     #[arg(long, env = "KANADE_INGEST_MAX_UNACKED_BYTES", default_value_t = limits::DEFAULT_MAX_UNACKED_BYTES)]
     pub max_unacked_bytes: u64,
 
-    /// A batch closes at this many events.
+    /// A batch closes once it writes this many rows (a run's events in one batch are one row),
+    /// or at twice as many events.
     #[arg(long, env = "KANADE_INGEST_BATCH_MAX_ROWS", default_value_t = 1000)]
     pub batch_max_rows: usize,
 

@@ -1,7 +1,8 @@
 //! Group commit: one task collects the events of every stream and Publish call into batches and
 //! writes each batch in ONE transaction; outcomes fan out to their senders only after commit.
 //!
-//! A batch closes at `max_rows` events, `max_bytes` bytes, or `linger` after its first event.
+//! A batch closes at `max_rows` rows (a run's events in one batch are one row; at most
+//! [`EVENTS_PER_ROW`] events a row), `max_bytes` bytes, or `linger` after its first event.
 //! While batches commit, arrivals gather in [`pending`], and each batch takes the events there in
 //! the order that writes PostgreSQL's indexes cheapest (by arrival within a tenth of a second,
 //! then by run id).
@@ -44,6 +45,11 @@ use crate::{
     outbound::StreamSink,
     store::{RunWrite, Store, StoreError},
 };
+
+/// A batch holds at most this many events per row it may write: a run's Started and Result, which
+/// merge into one row when a backlog is flushed. A batch of `max_rows` runs written back to back
+/// is then one statement of `max_rows` rows, as large as one of runs written separately.
+pub const EVENTS_PER_ROW: usize = 2;
 
 /// The first retry of a batch waits up to this long (full jitter), doubling up to `retry_max`.
 const RETRY_BASE: Duration = Duration::from_millis(50);
@@ -186,12 +192,12 @@ pub async fn run(
         // the likeliest to be done first.
         let batch = loop {
             in_flight.prune();
-            let batch =
-                arrivals
-                    .pending
-                    .take(batcher.config.max_rows, batcher.config.max_bytes, |run| {
-                        in_flight.writing(run)
-                    });
+            let batch = arrivals.pending.take(
+                batcher.config.max_rows,
+                EVENTS_PER_ROW * batcher.config.max_rows,
+                batcher.config.max_bytes,
+                |run| in_flight.writing(run),
+            );
             if !batch.is_empty() {
                 break batch;
             }
@@ -600,20 +606,47 @@ mod tests {
         ] {
             pending.push(submission(id, "a", done));
         }
-        let batch = pending.take(4, usize::MAX, |_| false);
+        let batch = pending.take(usize::MAX, 4, usize::MAX, |_| false);
         assert_eq!(ids(&batch), [1, 3, 3, 7]);
         assert_eq!(
             finished(&batch),
             [false, false, true, false],
             "run 3's Started before its Result"
         );
-        let rest = pending.take(4, usize::MAX, |_| false);
+        let rest = pending.take(usize::MAX, 4, usize::MAX, |_| false);
         assert_eq!(
             (ids(&rest), finished(&rest)),
             (vec![7, 9], vec![true, false])
         );
         assert!(pending.is_empty());
         assert_eq!(pending.bytes(), 0);
+    }
+
+    #[test]
+    fn a_batch_counts_a_runs_events_as_one_row_and_holds_at_most_max_events() {
+        let mut pending = Pending::new();
+        for (id, done) in [(1, false), (1, true), (2, false), (2, true), (3, false)] {
+            pending.push(submission(id, "a", done));
+        }
+        // Runs written back to back: two rows are four events.
+        let batch = pending.take(2, 2 * 2, usize::MAX, |_| false);
+        assert_eq!(ids(&batch), [1, 1, 2, 2]);
+        assert_eq!(pending.len(), 1);
+
+        // A run with more events than a row's share (a Result resent while it waited): the
+        // events bound the batch, and what is left keeps its order for the next.
+        let mut pending = Pending::new();
+        for (id, done) in [(5, false), (5, true), (5, true), (6, false)] {
+            pending.push(submission(id, "a", done));
+        }
+        let batch = pending.take(1, 2, usize::MAX, |_| false);
+        assert_eq!(
+            (ids(&batch), finished(&batch)),
+            (vec![5, 5], vec![false, true])
+        );
+        let batch = pending.take(1, 2, usize::MAX, |_| false);
+        assert_eq!(ids(&batch), [5], "one row: run 6 waits for the next batch");
+        assert_eq!(ids(&pending.take(1, 2, usize::MAX, |_| false)), [6]);
     }
 
     #[test]
@@ -625,12 +658,12 @@ mod tests {
         for (id, done) in [(2, true), (4, false), (3, true), (2, true), (5, false)] {
             pending.push(submission(id, "a", done));
         }
-        let batch = pending.take(10, usize::MAX, |run| in_flight.writing(run));
+        let batch = pending.take(10, usize::MAX, usize::MAX, |run| in_flight.writing(run));
         assert_eq!(ids(&batch), [4, 5], "runs no batch in flight writes go now");
 
         first.cancel();
         in_flight.prune();
-        let batch = pending.take(10, usize::MAX, |run| in_flight.writing(run));
+        let batch = pending.take(10, usize::MAX, usize::MAX, |run| in_flight.writing(run));
         assert_eq!(
             ids(&batch),
             [2, 2],
@@ -646,7 +679,7 @@ mod tests {
         late.read_at += pending::ARRIVAL_WINDOW;
         pending.push(late);
         pending.push(submission(9, "a", false));
-        let batch = pending.take(1, usize::MAX, |_| false);
+        let batch = pending.take(1, usize::MAX, usize::MAX, |_| false);
         assert_eq!(
             ids(&batch),
             [9],
@@ -663,7 +696,7 @@ mod tests {
             pending.push(s);
         }
         assert_eq!(pending.bytes(), 2000);
-        let batch = pending.take(100, 1000, |_| false);
+        let batch = pending.take(100, usize::MAX, 1000, |_| false);
         assert_eq!(
             ids(&batch),
             [1, 2, 3],

@@ -19,7 +19,7 @@
 //! by arrival. A batch leaves out every event of a run that a batch in flight is writing; those
 //! stay here, in order, for a later batch.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 use slab::Slab;
@@ -91,23 +91,32 @@ impl Pending {
         self.bytes
     }
 
-    /// The next batch: events in order until `max_rows` of them, or until they reach
-    /// `max_bytes`, leaving out every event of a run `busy` says a batch in flight is writing.
+    /// The next batch: events in order until they write `max_rows` rows (a run's events in one
+    /// batch merge into one row) or number `max_events`, or until they reach `max_bytes`,
+    /// leaving out every event of a run `busy` says a batch in flight is writing.
     pub fn take(
         &mut self,
         max_rows: usize,
+        max_events: usize,
         max_bytes: usize,
         busy: impl Fn(&Uuid) -> bool,
     ) -> Vec<Submission> {
         let mut chosen = Vec::new();
+        let mut runs = HashSet::new();
         let mut bytes = 0;
         for (place, &key) in &self.order {
-            if chosen.len() >= max_rows || bytes >= max_bytes {
+            if chosen.len() >= max_events || bytes >= max_bytes {
                 break;
             }
             if busy(&place.run) {
                 continue;
             }
+            // Past the last row, only events of runs already in the batch could join; they
+            // wait with the rest, so that a run's events keep their order.
+            if runs.len() >= max_rows && !runs.contains(&place.run) {
+                break;
+            }
+            runs.insert(place.run);
             bytes += self.events[key].bytes;
             chosen.push(*place);
         }

@@ -200,12 +200,13 @@ async fn database_cut_mid_stream_acks_nothing_then_commits_everything_exactly_on
 async fn while_the_database_is_cut_the_queue_depth_gauge_counts_the_events_waiting() {
     let metrics = kanade_testkit::free_addr();
     let metrics_arg = metrics.to_string();
-    // One batch of two commits at a time, so all but two of the events wait while it retries.
+    // One batch of one run (at most its two events) commits at a time, so all but two of the
+    // events wait while it retries.
     let (db, proxy, ingest) = ingest_behind_proxy(&[
         "--metrics-listen",
         &metrics_arg,
         "--batch-max-rows",
-        "2",
+        "1",
         "--commits-in-flight",
         "1",
     ])
