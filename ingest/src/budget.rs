@@ -210,7 +210,8 @@ struct BudgetedBody {
     credits: Arc<Credits>,
     framing: Framing,
     /// Data read from the connection and not handed on yet, and how many of its first bytes
-    /// the framing has already parsed (messages charged, or a header whose charge is pending).
+    /// the framing has already parsed (the header of the message it starts with, charged or
+    /// waiting for its charge: earlier messages have been handed on).
     held: Option<(Bytes, usize)>,
     charging: Option<Charging>,
 }
