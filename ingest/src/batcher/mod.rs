@@ -73,6 +73,13 @@ pub struct BatchConfig {
     pub commit_timeout: Duration,
 }
 
+impl BatchConfig {
+    /// The most events a batch holds: [`EVENTS_PER_ROW`] for each of its rows.
+    pub fn max_events(&self) -> usize {
+        EVENTS_PER_ROW.saturating_mul(self.max_rows)
+    }
+}
+
 /// What became of a submitted event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -194,7 +201,7 @@ pub async fn run(
             in_flight.prune();
             let batch = arrivals.pending.take(
                 batcher.config.max_rows,
-                EVENTS_PER_ROW * batcher.config.max_rows,
+                batcher.config.max_events(),
                 batcher.config.max_bytes,
                 |run| in_flight.writing(run),
             );
@@ -262,7 +269,7 @@ impl Arrivals {
     }
 
     /// Waits until a batch can close: at least one event waiting, then more until a batch's
-    /// worth of events or bytes, or `linger` after the wait began. `false`: every submitter is
+    /// worth of rows, events or bytes, or `linger` after the wait began. `false`: every submitter is
     /// gone and nothing waits.
     async fn gather(&mut self, config: &BatchConfig) -> bool {
         if self.pending.is_empty() {
@@ -279,7 +286,8 @@ impl Arrivals {
         loop {
             self.drain();
             let full =
-                self.pending.len() >= config.max_rows || self.pending.bytes() >= config.max_bytes;
+                self.pending
+                    .fills_a_batch(config.max_rows, config.max_events(), config.max_bytes);
             if full || !self.can_take() {
                 return true;
             }
@@ -647,6 +655,32 @@ mod tests {
         let batch = pending.take(1, 2, usize::MAX, |_| false);
         assert_eq!(ids(&batch), [5], "one row: run 6 waits for the next batch");
         assert_eq!(ids(&pending.take(1, 2, usize::MAX, |_| false)), [6]);
+    }
+
+    #[test]
+    fn what_waits_fills_a_batch_at_the_rows_events_or_bytes_a_batch_takes() {
+        let mut pending = Pending::new();
+        for (id, done) in [(1, false), (1, true), (2, false)] {
+            pending.push(submission(id, "a", done));
+        }
+        // Three events, two rows: a batch of three rows is not full yet, one of two is.
+        assert!(!pending.fills_a_batch(3, 6, usize::MAX));
+        assert!(pending.fills_a_batch(2, 4, usize::MAX));
+        assert!(pending.fills_a_batch(3, 3, usize::MAX), "at max_events");
+        assert!(
+            pending.fills_a_batch(3, 6, 3),
+            "at max_bytes (one byte each)"
+        );
+
+        // What a batch took no longer counts; a run with an event left still does.
+        pending.push(submission(1, "a", true));
+        let batch = pending.take(1, 2, usize::MAX, |_| false);
+        assert_eq!(ids(&batch), [1, 1]);
+        assert!(!pending.fills_a_batch(3, 6, usize::MAX));
+        assert!(pending.fills_a_batch(2, 6, usize::MAX), "runs 1 and 2 wait");
+        let batch = pending.take(2, 4, usize::MAX, |_| false);
+        assert_eq!(ids(&batch), [1, 2]);
+        assert!(!pending.fills_a_batch(1, 1, 1), "nothing waits");
     }
 
     #[test]

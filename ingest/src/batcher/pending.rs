@@ -19,7 +19,7 @@
 //! by arrival. A batch leaves out every event of a run that a batch in flight is writing; those
 //! stay here, in order, for a later batch.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use slab::Slab;
@@ -46,6 +46,8 @@ struct Place {
 pub(super) struct Pending {
     order: BTreeMap<Place, usize>,
     events: Slab<Submission>,
+    /// Events waiting per run: how many rows what waits would write.
+    runs: HashMap<Uuid, usize>,
     bytes: usize,
     arrivals: u64,
     since: Instant,
@@ -56,6 +58,7 @@ impl Pending {
         Pending {
             order: BTreeMap::new(),
             events: Slab::new(),
+            runs: HashMap::new(),
             bytes: 0,
             arrivals: 0,
             since: Instant::now(),
@@ -74,6 +77,7 @@ impl Pending {
         };
         self.arrivals += 1;
         self.bytes += submission.bytes;
+        *self.runs.entry(place.run).or_default() += 1;
         self.order.insert(place, self.events.insert(submission));
     }
 
@@ -87,8 +91,16 @@ impl Pending {
     }
 
     /// Bytes of the events waiting.
+    #[cfg(test)]
     pub fn bytes(&self) -> usize {
         self.bytes
+    }
+
+    /// Whether what waits reaches one of the limits [`Pending::take`] stops at: `max_rows` rows
+    /// (runs), `max_events` events or `max_bytes` bytes. Runs a batch in flight is writing count
+    /// too: they are taken soon after.
+    pub fn fills_a_batch(&self, max_rows: usize, max_events: usize, max_bytes: usize) -> bool {
+        self.runs.len() >= max_rows || self.events.len() >= max_events || self.bytes >= max_bytes
     }
 
     /// The next batch: events in order until they write `max_rows` rows (a run's events in one
@@ -124,6 +136,12 @@ impl Pending {
         chosen
             .iter()
             .map(|place| {
+                if let Some(left) = self.runs.get_mut(&place.run) {
+                    *left -= 1;
+                    if *left == 0 {
+                        self.runs.remove(&place.run);
+                    }
+                }
                 let key = self.order.remove(place).expect("chosen from the order");
                 self.events.remove(key)
             })
