@@ -34,9 +34,8 @@ pub enum LogFormat {
     Json,
 }
 
-/// Most links a span may carry: a batch span links every event it committed, and a batch holds
-/// at most this many events by default (1,000 rows, two events a row).
-pub const MAX_LINKS_PER_SPAN: u32 = 2000;
+/// The OpenTelemetry SDK's own limit on a span's links, for a program whose spans link little.
+pub const SDK_MAX_LINKS_PER_SPAN: u32 = 128;
 
 static EXPORTING: AtomicBool = AtomicBool::new(false);
 
@@ -63,7 +62,10 @@ impl Telemetry {
     }
 }
 
-fn tracer_provider(default_service_name: &'static str) -> Result<SdkTracerProvider, String> {
+fn tracer_provider(
+    default_service_name: &'static str,
+    max_links_per_span: u32,
+) -> Result<SdkTracerProvider, String> {
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
         .build()
@@ -78,18 +80,20 @@ fn tracer_provider(default_service_name: &'static str) -> Result<SdkTracerProvid
         .with_batch_exporter(exporter)
         .with_resource(resource.build());
     if std::env::var_os("OTEL_SPAN_LINK_COUNT_LIMIT").is_none() {
-        builder = builder.with_max_links_per_span(MAX_LINKS_PER_SPAN);
+        builder = builder.with_max_links_per_span(max_links_per_span);
     }
     Ok(builder.build())
 }
 
 /// Installs logging and, when `OTEL_EXPORTER_OTLP_ENDPOINT` is set, trace export. Call once,
 /// inside the tokio runtime (the OTLP exporter runs on it). `default_filter` applies when
-/// `RUST_LOG` is not set (e.g. `"info"`).
+/// `RUST_LOG` is not set (e.g. `"info"`); `max_links_per_span` when `OTEL_SPAN_LINK_COUNT_LIMIT`
+/// is not (ingest's batch span links every event of its batch).
 pub fn init(
     format: LogFormat,
     default_service_name: &'static str,
     default_filter: &str,
+    max_links_per_span: u32,
 ) -> Telemetry {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
@@ -105,7 +109,7 @@ pub fn init(
     let (provider, problem) = if endpoint.is_empty() {
         (None, None)
     } else {
-        match tracer_provider(default_service_name) {
+        match tracer_provider(default_service_name, max_links_per_span) {
             Ok(p) => (Some(p), None),
             Err(e) => (None, Some(e)),
         }

@@ -20,7 +20,12 @@ fn main() -> ExitCode {
         }
     };
     let outcome = runtime.block_on(async {
-        let telemetry = telemetry::init(cli.log_format, "kanade-agent", cli.command.log_filter());
+        let telemetry = telemetry::init(
+            cli.log_format,
+            "kanade-agent",
+            cli.command.log_filter(),
+            telemetry::SDK_MAX_LINKS_PER_SPAN,
+        );
         let outcome = kanade_agent::run(cli.command).await;
         // Flushing blocks; the exporter needs the runtime's other threads meanwhile.
         let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;

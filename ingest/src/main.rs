@@ -5,6 +5,7 @@ use clap::Parser;
 use kanade_ingest::{
     app,
     auth::{NewToken, add_token},
+    batcher::BatchConfig,
     config::{Cli, Command, TokenCommand},
 };
 use kanade_shared::telemetry::{self, LogFormat};
@@ -50,7 +51,12 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let args = match cli.command {
         Some(Command::Migrate(args)) => {
-            let _telemetry = telemetry::init(LogFormat::Text, SERVICE_NAME, "info");
+            let _telemetry = telemetry::init(
+                LogFormat::Text,
+                SERVICE_NAME,
+                "info",
+                telemetry::SDK_MAX_LINKS_PER_SPAN,
+            );
             app::migrate(&args.database_url).await?;
             println!("migrations applied to {}", app::redact(&args.database_url));
             return Ok(());
@@ -80,7 +86,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Serve(args)) => *args,
         None => cli.serve,
     };
-    let telemetry = telemetry::init(args.log_format, SERVICE_NAME, "info");
+    // A batch's span links every event the batch holds, however large batches are made.
+    let links = u32::try_from(BatchConfig::from(&args).max_events()).unwrap_or(u32::MAX);
+    let telemetry = telemetry::init(args.log_format, SERVICE_NAME, "info", links);
     let served = serve(args).await;
     // Flushing blocks; the exporter needs the runtime's other threads meanwhile.
     let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;

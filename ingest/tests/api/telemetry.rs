@@ -158,6 +158,52 @@ async fn a_unary_call_with_traceparent_joins_the_callers_trace() {
 }
 
 #[tokio::test]
+async fn a_batch_span_links_every_event_of_a_batch_larger_than_the_default() {
+    let receiver = OtlpReceiver::start().await;
+    let mut env = receiver.env();
+    // Every event's span is exported too: room for all of them in the exporter's queue.
+    env.push(("OTEL_BSP_MAX_QUEUE_SIZE", "20000".to_string()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let db = TestDb::sqlite();
+    // 1,500 rows hold 3,000 events; 2,500 arrive within the linger, so they are one batch of
+    // more events than a batch of the default 1,000 rows could hold.
+    let ingest = TestIngest::builder(&db.url)
+        .envs(&env)
+        .args(&["--batch-max-rows", "1500", "--batch-linger", "5s"])
+        .start()
+        .await;
+    let (streams, runs_per_stream) = (5, 250);
+    let mut client = ingest.ingest().await;
+    let mut opened = Vec::new();
+    for s in 0..streams {
+        let pc_id = format!("pc-links-{s}");
+        let stream = AgentStream::open(&mut client, &pc_id).await;
+        for r in 0..runs_per_stream {
+            let run = Run::new(&pc_id);
+            stream.send(run.started_event(2 * r + 1)).await;
+            stream.send(run.result_event(2 * r + 2)).await;
+        }
+        opened.push(stream);
+    }
+    let events = (streams * runs_per_stream * 2) as usize;
+    for stream in &mut opened {
+        let (acked, _) = stream.answers(events / streams as usize).await;
+        assert_eq!(acked.len(), events / streams as usize);
+    }
+    eventually(
+        Duration::from_secs(20),
+        "the batch span exported",
+        || async { receiver.spans().iter().any(|s| s.name == "ingest.batch") },
+    )
+    .await;
+    let spans = receiver.spans();
+    let batches: Vec<_> = spans.iter().filter(|s| s.name == "ingest.batch").collect();
+    assert_eq!(batches.len(), 1, "one batch: {batches:?}");
+    assert_eq!(batches[0].attributes["batch.size"], events.to_string());
+    assert_eq!(batches[0].links.len(), events, "a link for every event");
+}
+
+#[tokio::test]
 async fn without_an_endpoint_nothing_is_set_up_for_export() {
     let db = TestDb::sqlite();
     let ingest = TestIngest::start(&db.url).await;
