@@ -269,8 +269,8 @@ impl Arrivals {
     }
 
     /// Waits until a batch can close: at least one event waiting, then more until a batch's
-    /// worth of rows, events or bytes, or `linger` after the wait began. `false`: every submitter is
-    /// gone and nothing waits.
+    /// worth of rows, events or bytes, or `linger` after the wait began. `false`: every
+    /// submitter is gone and nothing waits.
     async fn gather(&mut self, config: &BatchConfig) -> bool {
         if self.pending.is_empty() {
             if !self.open {
