@@ -93,7 +93,6 @@ async fn a_unary_call_with_traceparent_joins_the_callers_trace() {
     let receiver = OtlpReceiver::start().await;
     let mut env = receiver.env();
     env.push(("RUST_LOG", "info,kanade_ingest=debug".to_string()));
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let db = TestDb::sqlite();
     let ingest = TestIngest::builder(&db.url).envs(&env).start().await;
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -163,7 +162,6 @@ async fn a_batch_span_links_every_event_of_a_batch_larger_than_the_default() {
     let mut env = receiver.env();
     // Every event's span is exported too: room for all of them in the exporter's queue.
     env.push(("OTEL_BSP_MAX_QUEUE_SIZE", "20000".to_string()));
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let db = TestDb::sqlite();
     // 1,500 rows hold 3,000 events; 2,500 arrive within the linger, so they are one batch of
     // more events than a batch of the default 1,000 rows could hold.
