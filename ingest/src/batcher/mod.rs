@@ -93,7 +93,7 @@ pub enum Outcome {
 
 impl Outcome {
     /// The reason sent in a `Reject`, in words a person can act on.
-    pub fn reject_reason(&self, result_id: &str) -> Option<String> {
+    pub fn reject_reason(&self, result_id: impl std::fmt::Display) -> Option<String> {
         match self {
             Outcome::Committed => None,
             Outcome::NotOwner => Some(format!(
@@ -119,7 +119,8 @@ pub enum Reply {
     Once(oneshot::Sender<Outcome>),
 }
 
-/// One validated event on its way to the store.
+/// One validated event on its way to the store. Boxed on its way (`Box<Submission>`): it is
+/// 408 bytes, and the queue, the pending order and the batch would otherwise each copy it.
 #[derive(Debug)]
 pub struct Submission {
     pub write: RunWrite,
@@ -142,7 +143,7 @@ pub struct Submission {
 /// batches in flight write the same run (an event of a run being written waits for a later
 /// batch), so each run's events reach its row in the order they arrived.
 pub async fn run(
-    queue: mpsc::Receiver<Submission>,
+    queue: mpsc::Receiver<Box<Submission>>,
     store: Arc<dyn Store>,
     config: BatchConfig,
     readiness: Readiness,
@@ -231,7 +232,7 @@ pub async fn run(
 /// The queue from the streams and Publish calls, and the events taken from it that wait for a
 /// batch.
 struct Arrivals {
-    queue: mpsc::Receiver<Submission>,
+    queue: mpsc::Receiver<Box<Submission>>,
     /// False once every submitter is gone and the queue is empty.
     open: bool,
     pending: Pending,
@@ -318,7 +319,7 @@ impl InFlight {
     }
 
     /// Records `batch` as in flight; cancel the token returned once it is answered.
-    fn admit(&mut self, batch: &[Submission]) -> CancellationToken {
+    fn admit(&mut self, batch: &[Box<Submission>]) -> CancellationToken {
         let done = CancellationToken::new();
         let runs = batch.iter().map(|s| s.write.result_id).collect();
         self.batches.push_back((runs, done.clone()));
@@ -345,36 +346,27 @@ fn reap(done: Result<(), tokio::task::JoinError>) {
 /// Merges a batch into one write per (run, endpoint), in arrival order; returns the writes sorted
 /// by `result_id` and, for each submission, the index of the write that carries it. The writes
 /// are moved out of the submissions, not copied: a batch of large outputs is held once.
-fn merge(batch: &mut [Submission]) -> (Vec<RunWrite>, Vec<usize>) {
-    let mut writes: Vec<RunWrite> = Vec::new();
-    let mut index: HashMap<(uuid::Uuid, String), usize> = HashMap::new();
-    let mut carrier = Vec::with_capacity(batch.len());
-    for s in batch.iter_mut() {
-        let write = std::mem::take(&mut s.write);
-        match index.entry((write.result_id, write.pc_id.clone())) {
-            std::collections::hash_map::Entry::Occupied(at) => {
-                writes[*at.get()].absorb(write);
-                carrier.push(*at.get());
+fn merge(batch: &mut [Box<Submission>]) -> (Vec<RunWrite>, Vec<usize>) {
+    // A stable sort: the events of one (run, endpoint) stay in the order the batch has them,
+    // their arrival order.
+    let mut order: Vec<usize> = (0..batch.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (a, b) = (&batch[a].write, &batch[b].write);
+        (a.result_id, &a.pc_id).cmp(&(b.result_id, &b.pc_id))
+    });
+    let mut writes: Vec<RunWrite> = Vec::with_capacity(batch.len());
+    let mut carrier = vec![0; batch.len()];
+    for i in order {
+        let write = std::mem::take(&mut batch[i].write);
+        match writes.last_mut() {
+            Some(last) if (last.result_id, &last.pc_id) == (write.result_id, &write.pc_id) => {
+                last.absorb(write);
             }
-            std::collections::hash_map::Entry::Vacant(slot) => {
-                slot.insert(writes.len());
-                carrier.push(writes.len());
-                writes.push(write);
-            }
+            _ => writes.push(write),
         }
+        carrier[i] = writes.len() - 1;
     }
-    let mut order: Vec<usize> = (0..writes.len()).collect();
-    order.sort_by_key(|&i| writes[i].result_id);
-    let mut position = vec![0; writes.len()];
-    for (pos, &i) in order.iter().enumerate() {
-        position[i] = pos;
-    }
-    let mut slots: Vec<Option<RunWrite>> = writes.into_iter().map(Some).collect();
-    let sorted = order
-        .iter()
-        .map(|&i| slots[i].take().expect("each write is placed once"))
-        .collect();
-    (sorted, carrier.into_iter().map(|i| position[i]).collect())
+    (writes, carrier)
 }
 
 /// What committing a batch needs, shared by the batches in flight.
@@ -391,7 +383,7 @@ struct Batcher {
 impl Batcher {
     /// Writes one batch and answers every submission in it. When the hard stop comes first,
     /// nothing more can be committed: the batch is dropped unanswered (its agents resend it).
-    async fn commit(&self, mut batch: Vec<Submission>) {
+    async fn commit(&self, mut batch: Vec<Box<Submission>>) {
         let span = tracing::info_span!(
             "ingest.batch",
             batch.size = batch.len(),
@@ -511,7 +503,7 @@ fn database_message(err: &sqlx::Error) -> String {
 /// refused event, and each Publish caller its outcome. Dropping the submissions releases the
 /// window permits, so their streams are read again.
 fn deliver(
-    batch: Vec<Submission>,
+    batch: Vec<Box<Submission>>,
     writes: &[RunWrite],
     carrier: &[usize],
     outcomes: &[Outcome],
@@ -530,9 +522,10 @@ fn deliver(
             Outcome::NotOwner => metrics.rejected(reject::NOT_OWNER),
             Outcome::Refused(_) => metrics.rejected(reject::REFUSED_BY_DATABASE),
         };
-        match s.reply {
+        let Submission { reply, .. } = *s;
+        match reply {
             Reply::Stream { sink, seq, permits } => {
-                match outcome.reject_reason(&writes[w].result_id.to_string()) {
+                match outcome.reject_reason(writes[w].result_id) {
                     None => {
                         acks.entry(Arc::as_ptr(&sink))
                             .or_insert_with(|| (sink.clone(), Vec::new()))
@@ -562,9 +555,9 @@ mod tests {
     use super::*;
     use crate::store::RunOutcome;
 
-    fn submission(id: u128, pc: &str, finished: bool) -> Submission {
+    fn submission(id: u128, pc: &str, finished: bool) -> Box<Submission> {
         let (tx, _rx) = oneshot::channel();
-        Submission {
+        Box::new(Submission {
             write: RunWrite {
                 result_id: Uuid::from_u128(id),
                 pc_id: pc.into(),
@@ -590,14 +583,14 @@ mod tests {
             charge: None,
             span: tracing::Span::none(),
             read_at: std::time::Instant::now(),
-        }
+        })
     }
 
-    fn ids(batch: &[Submission]) -> Vec<u128> {
+    fn ids(batch: &[Box<Submission>]) -> Vec<u128> {
         batch.iter().map(|s| s.write.result_id.as_u128()).collect()
     }
 
-    fn finished(batch: &[Submission]) -> Vec<bool> {
+    fn finished(batch: &[Box<Submission>]) -> Vec<bool> {
         batch.iter().map(|s| s.write.outcome.is_some()).collect()
     }
 

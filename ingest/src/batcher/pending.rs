@@ -22,7 +22,6 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use slab::Slab;
 use uuid::Uuid;
 
 use super::Submission;
@@ -41,11 +40,10 @@ struct Place {
     arrival: u64,
 }
 
-/// The waiting events, by [`Place`]. The order holds keys into `events`: a submission is 408
-/// bytes, and the tree would move it each time it reorganises a node.
+/// The waiting events, by [`Place`]. Submissions are boxed: one is 408 bytes, and the tree
+/// would move it each time it reorganises a node.
 pub(super) struct Pending {
-    order: BTreeMap<Place, usize>,
-    events: Slab<Submission>,
+    order: BTreeMap<Place, Box<Submission>>,
     /// Events waiting per run: how many rows what waits would write.
     runs: HashMap<Uuid, usize>,
     bytes: usize,
@@ -57,7 +55,6 @@ impl Pending {
     pub fn new() -> Pending {
         Pending {
             order: BTreeMap::new(),
-            events: Slab::new(),
             runs: HashMap::new(),
             bytes: 0,
             arrivals: 0,
@@ -65,7 +62,7 @@ impl Pending {
         }
     }
 
-    pub fn push(&mut self, submission: Submission) {
+    pub fn push(&mut self, submission: Box<Submission>) {
         let place = Place {
             window: (submission
                 .read_at
@@ -78,16 +75,16 @@ impl Pending {
         self.arrivals += 1;
         self.bytes += submission.bytes;
         *self.runs.entry(place.run).or_default() += 1;
-        self.order.insert(place, self.events.insert(submission));
+        self.order.insert(place, submission);
     }
 
     /// Events waiting.
     pub fn len(&self) -> usize {
-        self.events.len()
+        self.order.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.events.is_empty()
+        self.order.is_empty()
     }
 
     /// Bytes of the events waiting.
@@ -100,7 +97,7 @@ impl Pending {
     /// (runs), `max_events` events or `max_bytes` bytes. Runs a batch in flight is writing count
     /// too: they are taken soon after.
     pub fn fills_a_batch(&self, max_rows: usize, max_events: usize, max_bytes: usize) -> bool {
-        self.runs.len() >= max_rows || self.events.len() >= max_events || self.bytes >= max_bytes
+        self.runs.len() >= max_rows || self.order.len() >= max_events || self.bytes >= max_bytes
     }
 
     /// The next batch: events in order until they write `max_rows` rows (a run's events in one
@@ -112,39 +109,38 @@ impl Pending {
         max_events: usize,
         max_bytes: usize,
         busy: impl Fn(&Uuid) -> bool,
-    ) -> Vec<Submission> {
+    ) -> Vec<Box<Submission>> {
         let mut chosen = Vec::new();
-        let mut runs = HashSet::new();
+        let mut runs = HashSet::with_capacity(max_rows.min(self.runs.len()));
+        let mut left_out = Vec::new();
         let mut bytes = 0;
-        for (place, &key) in &self.order {
-            if chosen.len() >= max_events || bytes >= max_bytes {
+        while chosen.len() < max_events && bytes < max_bytes {
+            let Some(first) = self.order.first_entry() else {
                 break;
-            }
-            if busy(&place.run) {
+            };
+            let run = first.key().run;
+            if busy(&run) {
+                left_out.push(first.remove_entry());
                 continue;
             }
             // Past the last row, only events of runs already in the batch could join; they
             // wait with the rest, so that a run's events keep their order.
-            if runs.len() >= max_rows && !runs.contains(&place.run) {
+            if runs.len() >= max_rows && !runs.contains(&run) {
                 break;
             }
-            runs.insert(place.run);
-            bytes += self.events[key].bytes;
-            chosen.push(*place);
+            runs.insert(run);
+            let submission = first.remove();
+            bytes += submission.bytes;
+            if let Some(left) = self.runs.get_mut(&run) {
+                *left -= 1;
+                if *left == 0 {
+                    self.runs.remove(&run);
+                }
+            }
+            chosen.push(submission);
         }
+        self.order.extend(left_out);
         self.bytes -= bytes;
         chosen
-            .iter()
-            .map(|place| {
-                if let Some(left) = self.runs.get_mut(&place.run) {
-                    *left -= 1;
-                    if *left == 0 {
-                        self.runs.remove(&place.run);
-                    }
-                }
-                let key = self.order.remove(place).expect("chosen from the order");
-                self.events.remove(key)
-            })
-            .collect()
     }
 }

@@ -55,7 +55,7 @@ const OUTBOUND_CAPACITY: usize = 256;
 #[derive(Clone)]
 pub struct IngestService {
     /// Where admitted events go; answers come back through each event's [`Reply`].
-    batcher: mpsc::Sender<Submission>,
+    batcher: mpsc::Sender<Box<Submission>>,
     metrics: Arc<Metrics>,
     limits: Arc<IngestLimits>,
     /// Every open stream, by endpoint.
@@ -76,7 +76,7 @@ pub struct IngestService {
 
 /// Everything the Ingest service is built from.
 pub struct IngestParts {
-    pub batcher: mpsc::Sender<Submission>,
+    pub batcher: mpsc::Sender<Box<Submission>>,
     pub metrics: Arc<Metrics>,
     pub limits: IngestLimits,
     pub registry: Arc<StreamRegistry>,
@@ -304,14 +304,14 @@ impl pb::ingest_server::Ingest for IngestService {
         let result_id = write.result_id.hyphenated().to_string();
         tracing::debug!(parent: &span, %result_id, "event accepted");
         let (tx, rx) = oneshot::channel();
-        let submission = Submission {
+        let submission = Box::new(Submission {
             write,
             bytes,
             reply: Reply::Once(tx),
             charge,
             span,
             read_at,
-        };
+        });
         let answered = tokio::time::timeout(deadline, async {
             self.batcher
                 .send(submission)

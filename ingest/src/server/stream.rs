@@ -218,7 +218,7 @@ impl StreamHandler {
                     .acquire_many_owned(wanted)
                     .await
                     .expect("window semaphore is never closed");
-                let submission = Submission {
+                let submission = Box::new(Submission {
                     write,
                     bytes,
                     reply: Reply::Stream {
@@ -229,7 +229,7 @@ impl StreamHandler {
                     charge,
                     span,
                     read_at,
-                };
+                });
                 self.service
                     .batcher
                     .send(submission)

@@ -212,9 +212,10 @@ async fn summary_settings(tx: &mut sqlx::PgTransaction<'_>) -> Result<(), StoreE
 /// Splits writes into rounds in which every key (the row a write touches) appears once:
 /// PostgreSQL refuses to touch one row twice in a statement. Almost every batch is a single round.
 fn rounds<K: std::hash::Hash + Eq>(keys: impl IntoIterator<Item = K>) -> Vec<Vec<usize>> {
+    let keys = keys.into_iter();
     let mut rounds: Vec<Vec<usize>> = Vec::new();
-    let mut seen: std::collections::HashMap<K, usize> = Default::default();
-    for (i, key) in keys.into_iter().enumerate() {
+    let mut seen = std::collections::HashMap::with_capacity(keys.size_hint().0);
+    for (i, key) in keys.enumerate() {
         let round = seen.entry(key).or_insert(0);
         if rounds.len() <= *round {
             rounds.push(Vec::new());
