@@ -204,6 +204,13 @@ fn result_id_is_normalised_to_lowercase_hyphenated() {
         EventStarted::try_from(s).unwrap().result_id,
         "0192f0c4-5b1e-7cc2-9a40-3f1d2b8e6a01"
     );
+    // Hyphenated, but uppercase: as long as the normal form, and still not it.
+    let mut s = pb::EventStarted::from(started());
+    s.result_id = "0192F0C4-5B1E-7CC2-9A40-3F1D2B8E6A01".into();
+    assert_eq!(
+        EventStarted::try_from(s).unwrap().result_id,
+        "0192f0c4-5b1e-7cc2-9a40-3f1d2b8e6a01"
+    );
 }
 
 #[test]

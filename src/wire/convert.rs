@@ -47,9 +47,17 @@ fn timestamp_from_proto(
     DateTime::from_timestamp(at.seconds, micros_as_nanos as u32).ok_or(out_of_range)
 }
 
-/// `result_id` checked and normalised to the lowercase hyphenated form.
+/// `result_id` checked and normalised to the lowercase hyphenated form (kept as it came when it
+/// already is, as agents send it: no second string per event).
 fn normalised_result_id(value: String) -> Result<String, WireError> {
-    Ok(check_result_id(&value)?.hyphenated().to_string())
+    let id = check_result_id(&value)?;
+    let mut buf = uuid::Uuid::encode_buffer();
+    let normal = id.hyphenated().encode_lower(&mut buf);
+    Ok(if *normal == *value {
+        value
+    } else {
+        normal.to_string()
+    })
 }
 
 impl From<ExecStatus> for pb::ExecStatus {
