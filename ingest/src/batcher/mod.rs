@@ -353,24 +353,37 @@ fn reap(done: Result<(), tokio::task::JoinError>) {
 /// by `result_id` and, for each submission, the index of the write that carries it. The writes
 /// are moved out of the submissions, not copied: a batch of large outputs is held once.
 fn merge(batch: &mut [Box<Submission>]) -> (Vec<RunWrite>, Vec<usize>) {
-    // A stable sort: the events of one (run, endpoint) stay in the order the batch has them,
-    // their arrival order.
+    // A stable sort: the events of one run stay in the order the batch has them, their arrival
+    // order.
     let mut order: Vec<usize> = (0..batch.len()).collect();
-    order.sort_by(|&a, &b| {
-        let (a, b) = (&batch[a].write, &batch[b].write);
-        (a.result_id, &a.pc_id).cmp(&(b.result_id, &b.pc_id))
-    });
+    order.sort_by_key(|&i| batch[i].write.result_id);
     let mut writes: Vec<RunWrite> = Vec::with_capacity(batch.len());
     let mut carrier = vec![0; batch.len()];
+    // Where the writes of the run being merged begin: one per endpoint, in the order each
+    // endpoint's first event arrived, so that the first to report a new run owns it (a run
+    // almost always has one endpoint).
+    let mut run_start = 0;
     for i in order {
         let write = std::mem::take(&mut batch[i].write);
-        match writes.last_mut() {
-            Some(last) if (last.result_id, &last.pc_id) == (write.result_id, &write.pc_id) => {
-                last.absorb(write);
-            }
-            _ => writes.push(write),
+        if writes
+            .get(run_start)
+            .is_none_or(|first| first.result_id != write.result_id)
+        {
+            run_start = writes.len();
         }
-        carrier[i] = writes.len() - 1;
+        match writes[run_start..]
+            .iter()
+            .position(|w| w.pc_id == write.pc_id)
+        {
+            Some(at) => {
+                writes[run_start + at].absorb(write);
+                carrier[i] = run_start + at;
+            }
+            None => {
+                carrier[i] = writes.len();
+                writes.push(write);
+            }
+        }
     }
     (writes, carrier)
 }
@@ -756,5 +769,27 @@ mod tests {
         // Started then Result of run 9 on pc a: one running-then-finished write.
         assert_eq!(writes[1].timeout_secs, Some(60));
         assert!(writes[1].outcome.is_some());
+    }
+
+    #[test]
+    fn the_endpoint_that_reported_a_run_first_is_written_first() {
+        // Two endpoints claim one new run in one batch: the store lets the first write own it,
+        // so the first to report it must come first, whatever its pc_id sorts as.
+        let mut batch = vec![
+            submission(9, "b", false),
+            submission(9, "a", false),
+            submission(9, "b", true),
+        ];
+        let (writes, carrier) = merge(&mut batch);
+        let ids: Vec<(u128, &str)> = writes
+            .iter()
+            .map(|w| (w.result_id.as_u128(), w.pc_id.as_str()))
+            .collect();
+        assert_eq!(ids, [(9, "b"), (9, "a")]);
+        assert_eq!(carrier, [0, 1, 0]);
+        assert!(
+            writes[0].outcome.is_some(),
+            "b's Result merged into b's write"
+        );
     }
 }
