@@ -613,6 +613,13 @@ mod tests {
         batch.iter().map(|s| s.write.outcome.is_some()).collect()
     }
 
+    fn runs_and_endpoints(writes: &[RunWrite]) -> Vec<(u128, &str)> {
+        writes
+            .iter()
+            .map(|w| (w.result_id.as_u128(), w.pc_id.as_str()))
+            .collect()
+    }
+
     #[test]
     fn a_batch_takes_the_lowest_runs_first_and_a_runs_events_in_arrival_order() {
         let mut pending = Pending::new();
@@ -760,10 +767,7 @@ mod tests {
             submission(9, "b", true),
         ];
         let (writes, carrier) = merge(&mut batch);
-        let ids: Vec<(u128, &str)> = writes
-            .iter()
-            .map(|w| (w.result_id.as_u128(), w.pc_id.as_str()))
-            .collect();
+        let ids = runs_and_endpoints(&writes);
         assert_eq!(ids, [(3, "a"), (9, "a"), (9, "b")]);
         assert_eq!(carrier, [1, 0, 1, 2]);
         // Started then Result of run 9 on pc a: one running-then-finished write.
@@ -781,10 +785,7 @@ mod tests {
             submission(9, "b", true),
         ];
         let (writes, carrier) = merge(&mut batch);
-        let ids: Vec<(u128, &str)> = writes
-            .iter()
-            .map(|w| (w.result_id.as_u128(), w.pc_id.as_str()))
-            .collect();
+        let ids = runs_and_endpoints(&writes);
         assert_eq!(ids, [(9, "b"), (9, "a")]);
         assert_eq!(carrier, [0, 1, 0]);
         assert!(
