@@ -14,6 +14,11 @@
 //! tells whether a statement mixing inserts and updates costs PostgreSQL more than the phases
 //! do (it does not, within a few per cent; BENCHMARKS.md).
 //!
+//! And the separated writes with the results **out of order**: a fleet's runs finish in the
+//! order their jobs end, not the order they started, so the results of one statement fall all
+//! over the table instead of on one stretch of each index. Ingest's batches are of that kind
+//! whenever agents report at different paces; the id-ordered ceiling is the best case.
+//!
 //! Figures are events per second, so they compare with what ingest acks: a merged row carries
 //! two events.
 
@@ -132,6 +137,31 @@ pub async fn pipelined(
         })
         .collect();
     measure(store, &[Arc::new(pipeline)], started.len() + results.len()).await
+}
+
+/// The seed of the out-of-order shuffle: every measurement shuffles the same way.
+const SHUFFLE_SEED: u64 = 0x6b61_6e61_6465;
+
+/// The separated writes with the results in random order (runs finishing out of start order),
+/// cut into statements each sorted by id as ingest sorts a batch: the running rows, then the
+/// results.
+pub async fn out_of_order(
+    store: &Arc<PostgresStore>,
+    started: &[RunWrite],
+    results: &[RunWrite],
+) -> anyhow::Result<Ceiling> {
+    let mut finishing = results.to_vec();
+    fastrand::Rng::with_seed(SHUFFLE_SEED).shuffle(&mut finishing);
+    let finishing = finishing
+        .chunks(STATEMENT_ROWS)
+        .map(|rows| {
+            let mut rows = rows.to_vec();
+            rows.sort_by_key(|r| r.result_id);
+            rows
+        })
+        .collect();
+    let phases = [statements(started), Arc::new(finishing)];
+    measure(store, &phases, started.len() + results.len()).await
 }
 
 /// The back-to-back shape: one merged, finished row per run.

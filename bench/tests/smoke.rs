@@ -57,6 +57,10 @@ fn throughput_delivers_every_event_and_measures_the_ceiling() {
         s["ceiling_back_to_back"].parse::<f64>().unwrap() > 0.0,
         "{s:?}"
     );
+    assert!(
+        s["ceiling_out_of_order"].parse::<f64>().unwrap() > 0.0,
+        "{s:?}"
+    );
     // 120 events may take less than one clock tick of PostgreSQL's CPU: only the field's form.
     assert!(s["pg_cpu_s_per_1k"].parse::<f64>().unwrap() >= 0.0, "{s:?}");
     // Two replicas on one database: the same load against one first, for the ratio.
