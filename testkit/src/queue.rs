@@ -132,9 +132,18 @@ impl Latencies {
     }
 }
 
+/// One event waiting for its ack.
+struct Queued {
+    event: pb::Event,
+    bytes: u64,
+    enqueued_at: Instant,
+}
+
 /// An agent's queue in memory: what the outbox is, without SQLite.
 pub struct MemoryQueue {
-    events: Mutex<BTreeMap<u64, (pb::Event, u64, Instant)>>,
+    /// Boxed: the map shifts its entries on every insert and removal, and an event is a few
+    /// hundred bytes where a box is eight.
+    events: Mutex<BTreeMap<u64, Box<Queued>>>,
     next_seq: AtomicU64,
     wake: Notify,
     /// Told of every ack (a feeder waiting for its runs' starts to be acknowledged).
@@ -173,10 +182,12 @@ impl MemoryQueue {
         }
         .into();
         let bytes = event.encoded_len() as u64;
-        self.events
-            .lock()
-            .unwrap()
-            .insert(seq, (event, bytes, Instant::now()));
+        let queued = Box::new(Queued {
+            event,
+            bytes,
+            enqueued_at: Instant::now(),
+        });
+        self.events.lock().unwrap().insert(seq, queued);
         self.wake.notify_one();
         seq
     }
@@ -188,10 +199,10 @@ impl Queue for MemoryQueue {
         Ok(events
             .range(after_seq + 1..)
             .take(limit)
-            .map(|(&seq, (event, bytes, _))| Pending {
+            .map(|(&seq, queued)| Pending {
                 seq,
-                event: event.clone(),
-                bytes: *bytes,
+                event: queued.event.clone(),
+                bytes: queued.bytes,
             })
             .collect())
     }
@@ -202,7 +213,7 @@ impl Queue for MemoryQueue {
         let answered: Vec<Duration> = seqs
             .iter()
             .filter_map(|seq| events.remove(seq))
-            .map(|(_, _, at)| now - at)
+            .map(|queued| now - queued.enqueued_at)
             .collect();
         drop(events);
         self.latencies.record(answered);
