@@ -152,15 +152,10 @@ pub async fn out_of_order(
 ) -> anyhow::Result<Ceiling> {
     let mut finishing = results.to_vec();
     fastrand::Rng::with_seed(SHUFFLE_SEED).shuffle(&mut finishing);
-    let finishing = finishing
-        .chunks(STATEMENT_ROWS)
-        .map(|rows| {
-            let mut rows = rows.to_vec();
-            rows.sort_by_key(|r| r.result_id);
-            rows
-        })
-        .collect();
-    let phases = [statements(started), Arc::new(finishing)];
+    for rows in finishing.chunks_mut(STATEMENT_ROWS) {
+        rows.sort_by_key(|r| r.result_id);
+    }
+    let phases = [statements(started), statements(&finishing)];
     measure(store, &phases, started.len() + results.len()).await
 }
 
